@@ -1,0 +1,49 @@
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Stable name of one routable endpoint (a pod's target port, or a static entry), so state
+/// such as in-flight counts survives the endpoint list being replaced.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct EndpointId(Arc<str>);
+
+impl EndpointId {
+    /// Wraps any name; names are compared byte for byte.
+    pub fn new(name: impl Into<Arc<str>>) -> Self {
+        Self(name.into())
+    }
+
+    /// The name as given.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for EndpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One model-server endpoint as the data plane reaches it: Envoy is told `address` verbatim.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Endpoint {
+    /// Identity that outlives address changes of the list it came from.
+    pub id: EndpointId,
+    /// `ip:port` that Envoy's original-destination cluster connects to.
+    pub address: SocketAddr,
+    /// Labels of the pod (or static entry), for filters that select by label.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Endpoint {
+    /// An endpoint named after its address, with no labels: what a static list gives.
+    pub fn from_address(address: SocketAddr) -> Self {
+        Self {
+            id: EndpointId::new(address.to_string()),
+            address,
+            labels: BTreeMap::new(),
+        }
+    }
+}

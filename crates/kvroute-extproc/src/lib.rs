@@ -1,0 +1,19 @@
+//! Envoy ext_proc v3 server speaking the Gateway API Inference Extension's endpoint-picker
+//! protocol.
+//!
+//! Owns the conversation with Envoy for each HTTP request: reading headers and body in every
+//! body-processing mode, asking the scheduler once the body is complete, and answering with
+//! the destination header, the `envoy.lb` metadata, the body handed back as the mode
+//! requires, or a local reply (400, 413, 503). On the response path it passes everything
+//! through and reads token usage for accounting. It never touches Kubernetes and never
+//! blocks: endpoints come from `kvroute-endpoints`, choices from `kvroute-scheduler`.
+
+mod metrics;
+pub mod protocol;
+mod server;
+mod stream;
+pub mod usage;
+
+pub use metrics::{Metrics, Outcome};
+pub use server::{ExtProcService, ResponseStream};
+pub use stream::{DEFAULT_MAX_BODY_BYTES, ExtProcConfig, ExtProcError, Router, StreamState};

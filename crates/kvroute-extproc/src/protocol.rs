@@ -1,0 +1,306 @@
+//! The endpoint-picker protocol's names and the shapes of Envoy messages kvroute sends.
+//! Everything that turns a decision into ext_proc protobufs lives here, so the state machine
+//! reads as the protocol and not as protobuf plumbing.
+
+use std::collections::HashMap;
+
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::{
+    BodySendMode, HeaderSendMode,
+};
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
+    ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation, processing_response,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+
+/// Request header (and `envoy.lb` metadata key) naming the chosen endpoint(s).
+pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+/// Dynamic-metadata namespace of the destination, and of the served endpoint on responses.
+pub const LB_NAMESPACE: &str = "envoy.lb";
+/// Metadata key, under [`LB_NAMESPACE`], of the endpoint that actually served the request.
+pub const SERVED_KEY: &str = "x-gateway-destination-endpoint-served";
+/// Metadata namespace the data plane uses to restrict the candidates.
+pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
+/// Key, under [`SUBSET_NAMESPACE`], of the candidate list.
+pub const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
+/// Largest body chunk sent back to Envoy: below the 64 KiB that some data planes accept,
+/// the same figure the reference endpoint picker uses.
+pub const MAX_CHUNK: usize = 62_000;
+
+/// A header to set, replacing any value the client sent.
+pub(crate) fn set_header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value: String::new(),
+            raw_value: value.as_bytes().to_vec(),
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..HeaderValueOption::default()
+    }
+}
+
+/// The value of header `name` (lower-case) in an Envoy header map.
+pub(crate) fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    let h = headers?.headers.iter().find(|h| h.key == name)?;
+    if h.raw_value.is_empty() {
+        Some(h.value.as_str())
+    } else {
+        std::str::from_utf8(&h.raw_value).ok()
+    }
+}
+
+/// `CommonResponse` that lets the message through unchanged.
+pub(crate) fn pass() -> CommonResponse {
+    CommonResponse::default()
+}
+
+/// The routing mutation: destination header (and content length when known) plus a route
+/// cache clear so Envoy re-matches the route on the new header.
+pub(crate) fn route_to(destination: &str, content_length: Option<usize>) -> CommonResponse {
+    let mut set_headers = vec![set_header(DESTINATION_HEADER, destination)];
+    if let Some(len) = content_length {
+        set_headers.push(set_header("content-length", &len.to_string()));
+    }
+    CommonResponse {
+        header_mutation: Some(HeaderMutation {
+            set_headers,
+            remove_headers: Vec::new(),
+        }),
+        clear_route_cache: true,
+        ..CommonResponse::default()
+    }
+}
+
+/// `dynamic_metadata = {"envoy.lb": {"x-gateway-destination-endpoint": destination}}`.
+pub(crate) fn destination_metadata(destination: &str) -> Struct {
+    let inner = Struct {
+        fields: HashMap::from([(DESTINATION_HEADER.to_owned(), string_value(destination))]),
+    };
+    Struct {
+        fields: HashMap::from([(
+            LB_NAMESPACE.to_owned(),
+            Value {
+                kind: Some(Kind::StructValue(inner)),
+            },
+        )]),
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_owned())),
+    }
+}
+
+/// Strings found at `namespace.key` of a request's metadata: a list of strings, or one string
+/// holding a comma-separated list. `None` when the key is absent.
+pub(crate) fn metadata_strings(
+    metadata: &HashMap<String, Struct>,
+    namespace: &str,
+    key: &str,
+) -> Option<Vec<String>> {
+    let value = metadata.get(namespace)?.fields.get(key)?;
+    let split = |s: &str| -> Vec<String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    match value.kind.as_ref()? {
+        Kind::StringValue(s) => Some(split(s)),
+        Kind::ListValue(list) => Some(
+            list.values
+                .iter()
+                .filter_map(|v| match &v.kind {
+                    Some(Kind::StringValue(s)) => Some(split(s)),
+                    _ => None,
+                })
+                .flatten()
+                .collect(),
+        ),
+        _ => Some(Vec::new()),
+    }
+}
+
+pub(crate) fn headers_response(
+    common: CommonResponse,
+    metadata: Option<Struct>,
+    mode_override: Option<ProcessingMode>,
+) -> ProcessingResponse {
+    ProcessingResponse {
+        dynamic_metadata: metadata,
+        mode_override,
+        response: Some(processing_response::Response::RequestHeaders(
+            HeadersResponse {
+                response: Some(common),
+            },
+        )),
+        ..ProcessingResponse::default()
+    }
+}
+
+pub(crate) fn request_body_response(
+    common: CommonResponse,
+    metadata: Option<Struct>,
+) -> ProcessingResponse {
+    ProcessingResponse {
+        dynamic_metadata: metadata,
+        response: Some(processing_response::Response::RequestBody(BodyResponse {
+            response: Some(common),
+        })),
+        ..ProcessingResponse::default()
+    }
+}
+
+pub(crate) fn response_headers_response() -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(processing_response::Response::ResponseHeaders(
+            HeadersResponse {
+                response: Some(pass()),
+            },
+        )),
+        ..ProcessingResponse::default()
+    }
+}
+
+pub(crate) fn response_body_response(common: CommonResponse) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(processing_response::Response::ResponseBody(BodyResponse {
+            response: Some(common),
+        })),
+        ..ProcessingResponse::default()
+    }
+}
+
+pub(crate) fn trailers_response(request: bool) -> ProcessingResponse {
+    let t = TrailersResponse::default();
+    ProcessingResponse {
+        response: Some(if request {
+            processing_response::Response::RequestTrailers(t)
+        } else {
+            processing_response::Response::ResponseTrailers(t)
+        }),
+        ..ProcessingResponse::default()
+    }
+}
+
+/// A body chunk handed back in full-duplex streamed mode.
+pub(crate) fn streamed_chunk(body: Vec<u8>, end_of_stream: bool) -> CommonResponse {
+    CommonResponse {
+        body_mutation: Some(BodyMutation {
+            mutation: Some(body_mutation::Mutation::StreamedResponse(
+                StreamedBodyResponse {
+                    body,
+                    end_of_stream,
+                    ..StreamedBodyResponse::default()
+                },
+            )),
+        }),
+        ..CommonResponse::default()
+    }
+}
+
+/// Splits `chunks` into pieces of at most [`MAX_CHUNK`] bytes without copying chunks that
+/// already fit; an empty body becomes one empty piece.
+pub(crate) fn rechunk(chunks: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    let mut out = Vec::with_capacity(chunks.len());
+    for chunk in chunks {
+        if chunk.len() <= MAX_CHUNK {
+            if !chunk.is_empty() {
+                out.push(chunk);
+            }
+        } else {
+            out.extend(chunk.chunks(MAX_CHUNK).map(<[u8]>::to_vec));
+        }
+    }
+    if out.is_empty() {
+        out.push(Vec::new());
+    }
+    out
+}
+
+/// A local reply in place of the upstream one: an OpenAI-style JSON error body.
+pub(crate) fn immediate(status: u16, kind: &str, message: &str) -> ProcessingResponse {
+    let body = serde_json::json!({
+        "error": {"message": message, "type": kind, "code": status}
+    });
+    ProcessingResponse {
+        response: Some(processing_response::Response::ImmediateResponse(
+            ImmediateResponse {
+                status: Some(HttpStatus {
+                    code: i32::from(status),
+                }),
+                headers: Some(HeaderMutation {
+                    set_headers: vec![set_header("content-type", "application/json")],
+                    remove_headers: Vec::new(),
+                }),
+                body: body.to_string().into_bytes(),
+                grpc_status: None,
+                details: format!("kvroute_{kind}"),
+            },
+        )),
+        ..ProcessingResponse::default()
+    }
+}
+
+/// The override that asks Envoy to buffer the request body, so a STREAMED-mode filter still
+/// lets kvroute read the whole body before Envoy picks the upstream.
+pub(crate) fn buffer_request_body(response_body_mode: BodySendMode) -> ProcessingMode {
+    ProcessingMode {
+        request_header_mode: HeaderSendMode::Send as i32,
+        response_header_mode: HeaderSendMode::Send as i32,
+        request_body_mode: BodySendMode::Buffered as i32,
+        response_body_mode: response_body_mode as i32,
+        request_trailer_mode: HeaderSendMode::Skip as i32,
+        response_trailer_mode: HeaderSendMode::Skip as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rechunk_keeps_small_chunks_and_splits_large() {
+        let out = rechunk(vec![vec![1; 10], vec![], vec![2; MAX_CHUNK * 2 + 1]]);
+        let sizes: Vec<usize> = out.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![10, MAX_CHUNK, MAX_CHUNK, 1]);
+        assert_eq!(rechunk(vec![]), vec![Vec::<u8>::new()]);
+    }
+
+    #[test]
+    fn metadata_strings_accepts_list_or_comma_string() {
+        let list = Value {
+            kind: Some(Kind::ListValue(
+                envoy_types::pb::google::protobuf::ListValue {
+                    values: vec![string_value("10.0.0.1:8000"), string_value("10.0.0.2:8000")],
+                },
+            )),
+        };
+        let mut md = HashMap::from([(
+            SUBSET_NAMESPACE.to_owned(),
+            Struct {
+                fields: HashMap::from([(SUBSET_KEY.to_owned(), list)]),
+            },
+        )]);
+        assert_eq!(
+            metadata_strings(&md, SUBSET_NAMESPACE, SUBSET_KEY).unwrap(),
+            vec!["10.0.0.1:8000", "10.0.0.2:8000"]
+        );
+        md.get_mut(SUBSET_NAMESPACE)
+            .unwrap()
+            .fields
+            .insert(SUBSET_KEY.to_owned(), string_value("a:1, b:2"));
+        assert_eq!(
+            metadata_strings(&md, SUBSET_NAMESPACE, SUBSET_KEY).unwrap(),
+            vec!["a:1", "b:2"]
+        );
+        assert!(metadata_strings(&md, SUBSET_NAMESPACE, "other").is_none());
+    }
+}

@@ -1,0 +1,636 @@
+//! One ext_proc stream (one HTTP request) as a synchronous state machine: a message in,
+//! the responses Envoy expects out. No I/O here, so every processing mode is testable and
+//! benchmarkable without a socket.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, ProtocolConfiguration,
+    processing_request::Request,
+};
+use envoy_types::pb::google::protobuf::Struct;
+use kvroute_core::{ApiKind, InferenceRequest, RequestHints};
+use kvroute_endpoints::{EndpointState, InFlightGuard, Registry};
+use kvroute_scheduler::{ScheduleError, Scheduler, SchedulingRequest};
+use tracing::{debug, warn};
+
+use crate::metrics::{Metrics, Outcome};
+use crate::protocol::{self, header};
+use crate::usage::UsageScanner;
+
+/// Default limit on a request body kvroute buffers: 16 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
+
+/// Settings of the ext_proc server.
+#[derive(Clone, Debug)]
+pub struct ExtProcConfig {
+    /// Larger request bodies are answered 413 instead of being buffered.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ExtProcConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+/// What every stream shares: where endpoints are, how to choose, how to count.
+#[derive(Debug)]
+pub struct Router {
+    registry: Arc<Registry>,
+    scheduler: Arc<dyn Scheduler>,
+    config: ExtProcConfig,
+    metrics: Metrics,
+}
+
+impl Router {
+    /// Routes over `registry`'s endpoints with `scheduler`.
+    pub fn new(
+        registry: Arc<Registry>,
+        scheduler: Arc<dyn Scheduler>,
+        config: ExtProcConfig,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            registry,
+            scheduler,
+            config,
+            metrics,
+        })
+    }
+
+    /// The server's settings.
+    pub fn config(&self) -> &ExtProcConfig {
+        &self.config
+    }
+}
+
+/// A message Envoy should not have sent at this point of the stream.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExtProcError {
+    /// A `ProcessingRequest` with no request in it.
+    #[error("ext_proc message carries no request")]
+    EmptyMessage,
+    /// A message that the protocol does not allow in the stream's current phase.
+    #[error("{0} arrived out of order")]
+    OutOfOrder(&'static str),
+}
+
+/// Envoy's processing modes for this stream, from the first message's `protocol_config`.
+/// `None` when Envoy did not say (older Envoys): kvroute then answers every message at once.
+#[derive(Clone, Copy, Debug, Default)]
+struct Modes {
+    request_body: Option<BodySendMode>,
+    response_body: Option<BodySendMode>,
+    body_without_waiting: bool,
+}
+
+impl Modes {
+    fn from_config(pc: &ProtocolConfiguration) -> Self {
+        Self {
+            request_body: BodySendMode::try_from(pc.request_body_mode).ok(),
+            response_body: BodySendMode::try_from(pc.response_body_mode).ok(),
+            body_without_waiting: pc.send_body_without_waiting_for_header_response,
+        }
+    }
+
+    fn request_full_duplex(&self) -> bool {
+        self.request_body == Some(BodySendMode::FullDuplexStreamed)
+    }
+
+    fn response_full_duplex(&self) -> bool {
+        self.response_body == Some(BodySendMode::FullDuplexStreamed)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum RequestPhase {
+    /// Nothing seen yet.
+    AwaitHeaders,
+    /// Reading the body; the decision comes when it is complete. With `headers_pending` the
+    /// headers have not been answered yet (full-duplex, or streamed without waiting): the
+    /// routing mutation goes on the headers response. Otherwise it goes on the body response.
+    Collecting { headers_pending: bool },
+    /// Decided; whatever is left of the body flows through.
+    Forwarding,
+    /// Answered with a local reply; nothing more is processed.
+    Done,
+}
+
+/// The state of one ext_proc stream.
+#[derive(Debug)]
+pub struct StreamState {
+    router: Arc<Router>,
+    modes: Modes,
+    phase: RequestPhase,
+    api: ApiKind,
+    hints: RequestHints,
+    subset: Option<Vec<String>>,
+    chunks: Vec<Vec<u8>>,
+    body_len: usize,
+    /// Streamed-mode body messages received while the headers answer was deferred.
+    unanswered_chunks: usize,
+    /// A load-based destination already sent on the headers (streamed mode without waiting).
+    provisional: bool,
+    request_body_done: bool,
+    guard: Option<InFlightGuard>,
+    status: Option<u16>,
+    usage: Option<UsageScanner>,
+    response_done: bool,
+}
+
+impl StreamState {
+    /// A fresh stream.
+    pub fn new(router: Arc<Router>) -> Self {
+        Self {
+            router,
+            modes: Modes::default(),
+            phase: RequestPhase::AwaitHeaders,
+            api: ApiKind::Other,
+            hints: RequestHints::default(),
+            subset: None,
+            chunks: Vec::new(),
+            body_len: 0,
+            unanswered_chunks: 0,
+            provisional: false,
+            request_body_done: false,
+            guard: None,
+            status: None,
+            usage: None,
+            response_done: false,
+        }
+    }
+
+    pub(crate) fn router_metrics(&self) -> &Metrics {
+        &self.router.metrics
+    }
+
+    /// The endpoint this stream's request is counted against, once decided.
+    pub fn target(&self) -> Option<&Arc<EndpointState>> {
+        self.guard.as_ref().map(InFlightGuard::endpoint)
+    }
+
+    /// Handles one message from Envoy, appending the responses it calls for to `out` (in the
+    /// order Envoy must receive them; possibly none while a body is being collected).
+    pub fn on_message(
+        &mut self,
+        msg: ProcessingRequest,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<(), ExtProcError> {
+        if let Some(pc) = &msg.protocol_config {
+            self.modes = Modes::from_config(pc);
+        }
+        let metadata = msg.metadata_context.map(|m| m.filter_metadata);
+        match msg.request.ok_or(ExtProcError::EmptyMessage)? {
+            Request::RequestHeaders(h) => self.on_request_headers(&h, metadata.as_ref(), out),
+            Request::RequestBody(b) => self.on_request_body(b, out),
+            Request::RequestTrailers(_) => self.on_request_trailers(out),
+            Request::ResponseHeaders(h) => {
+                self.on_response_headers(&h, metadata.as_ref(), out);
+                Ok(())
+            }
+            Request::ResponseBody(b) => {
+                self.on_response_body(b, out);
+                Ok(())
+            }
+            Request::ResponseTrailers(_) => {
+                out.push(protocol::trailers_response(false));
+                self.finish_response();
+                Ok(())
+            }
+        }
+    }
+
+    fn on_request_headers(
+        &mut self,
+        h: &HttpHeaders,
+        metadata: Option<&HashMap<String, Struct>>,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<(), ExtProcError> {
+        if self.phase != RequestPhase::AwaitHeaders {
+            return Err(ExtProcError::OutOfOrder("request headers"));
+        }
+        let headers = h.headers.as_ref();
+        self.api = ApiKind::from_path(header(headers, ":path").unwrap_or("/"));
+        self.hints = RequestHints {
+            session_id: header(headers, "x-session-id").map(str::to_owned),
+            objective: header(headers, "x-gateway-inference-objective").map(str::to_owned),
+        };
+        self.subset = metadata.and_then(|m| {
+            protocol::metadata_strings(m, protocol::SUBSET_NAMESPACE, protocol::SUBSET_KEY)
+        });
+        let body_follows = !h.end_of_stream && self.modes.request_body != Some(BodySendMode::None);
+        if !body_follows || self.api == ApiKind::Other {
+            // Nothing to read: route by load now, and let any body flow through.
+            match self.decide(None) {
+                Ok(dest) => {
+                    self.router.metrics.outcome(Outcome::RoutedByLoad);
+                    out.push(protocol::headers_response(
+                        protocol::route_to(&dest, None),
+                        Some(protocol::destination_metadata(&dest)),
+                        None,
+                    ));
+                    self.phase = RequestPhase::Forwarding;
+                    self.request_body_done = !body_follows;
+                }
+                Err(reply) => self.reply(reply, out),
+            }
+            return Ok(());
+        }
+        self.phase = match self.modes.request_body {
+            Some(BodySendMode::FullDuplexStreamed) => RequestPhase::Collecting {
+                headers_pending: true,
+            },
+            Some(BodySendMode::Streamed) if self.modes.body_without_waiting => {
+                RequestPhase::Collecting {
+                    headers_pending: true,
+                }
+            }
+            Some(BodySendMode::Streamed) => {
+                // Envoy waits for this answer before sending the body, and lets the headers
+                // go upstream as soon as it has it. Ask it to buffer the body instead (honoured
+                // when the filter allows mode overrides), and name a load-based destination in
+                // case it does not.
+                match self.decide(None) {
+                    Ok(dest) => {
+                        self.provisional = true;
+                        let response_mode = self.modes.response_body.unwrap_or(BodySendMode::None);
+                        out.push(protocol::headers_response(
+                            protocol::route_to(&dest, None),
+                            Some(protocol::destination_metadata(&dest)),
+                            Some(protocol::buffer_request_body(response_mode)),
+                        ));
+                    }
+                    Err(reply) => {
+                        self.reply(reply, out);
+                        return Ok(());
+                    }
+                }
+                RequestPhase::Collecting {
+                    headers_pending: false,
+                }
+            }
+            _ => {
+                out.push(protocol::headers_response(protocol::pass(), None, None));
+                RequestPhase::Collecting {
+                    headers_pending: false,
+                }
+            }
+        };
+        Ok(())
+    }
+
+    fn on_request_body(
+        &mut self,
+        b: HttpBody,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<(), ExtProcError> {
+        match self.phase {
+            RequestPhase::AwaitHeaders => Err(ExtProcError::OutOfOrder("request body")),
+            RequestPhase::Done => Ok(()),
+            RequestPhase::Forwarding => {
+                if self.request_body_done {
+                    // Envoy has been seen to repeat the end-of-stream chunk of large bodies;
+                    // a second end must not be forwarded twice.
+                    debug!(bytes = b.body.len(), "ignoring request body after its end");
+                    return Ok(());
+                }
+                self.request_body_done = b.end_of_stream;
+                if self.modes.request_full_duplex() {
+                    push_streamed(out, vec![b.body], b.end_of_stream, true);
+                } else {
+                    out.push(protocol::request_body_response(protocol::pass(), None));
+                }
+                Ok(())
+            }
+            RequestPhase::Collecting { headers_pending } => {
+                if self.body_len + b.body.len() > self.router.config.max_body_bytes {
+                    self.router.metrics.outcome(Outcome::BodyTooLarge);
+                    let msg = format!(
+                        "request body exceeds the limit of {} bytes",
+                        self.router.config.max_body_bytes
+                    );
+                    self.reply(protocol::immediate(413, "body_too_large", &msg), out);
+                    return Ok(());
+                }
+                self.body_len += b.body.len();
+                if !b.body.is_empty() {
+                    self.chunks.push(b.body);
+                }
+                // In buffered mode the one body message is the whole body, even when
+                // trailers follow it.
+                let complete =
+                    b.end_of_stream || self.modes.request_body == Some(BodySendMode::Buffered);
+                if headers_pending {
+                    if !self.modes.request_full_duplex() {
+                        self.unanswered_chunks += 1;
+                    }
+                    if complete {
+                        self.complete_request_body(out, false);
+                    }
+                } else if complete {
+                    self.complete_request_body(out, false);
+                } else {
+                    // Envoy wants an answer to this piece before the next, and may send the
+                    // headers upstream meanwhile: route by load now (or keep the provisional
+                    // destination) instead of waiting for a body that ends too late.
+                    self.route_without_body(out);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn on_request_trailers(
+        &mut self,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<(), ExtProcError> {
+        match self.phase {
+            RequestPhase::AwaitHeaders => Err(ExtProcError::OutOfOrder("request trailers")),
+            RequestPhase::Done => Ok(()),
+            RequestPhase::Collecting {
+                headers_pending: true,
+            } => {
+                self.complete_request_body(out, true);
+                if self.phase != RequestPhase::Done {
+                    out.push(protocol::trailers_response(true));
+                }
+                Ok(())
+            }
+            RequestPhase::Collecting {
+                headers_pending: false,
+            } => {
+                // Every body message was answered already; there is no message left to carry
+                // a routing mutation.
+                self.route_without_body(out);
+                out.push(protocol::trailers_response(true));
+                Ok(())
+            }
+            RequestPhase::Forwarding => {
+                self.request_body_done = true;
+                out.push(protocol::trailers_response(true));
+                Ok(())
+            }
+        }
+    }
+
+    /// Routes by load while the body is still incomplete; used only where the protocol leaves
+    /// no later point to route at.
+    fn route_without_body(&mut self, out: &mut Vec<ProcessingResponse>) {
+        self.phase = RequestPhase::Forwarding;
+        self.chunks.clear();
+        if self.provisional {
+            self.router.metrics.outcome(Outcome::RoutedByLoad);
+            out.push(protocol::request_body_response(protocol::pass(), None));
+            return;
+        }
+        warn!(
+            mode = ?self.modes.request_body,
+            "request body arrives in pieces that must each be answered: routing by load"
+        );
+        match self.decide(None) {
+            Ok(dest) => {
+                self.router.metrics.outcome(Outcome::RoutedByLoad);
+                out.push(protocol::request_body_response(
+                    protocol::route_to(&dest, None),
+                    Some(protocol::destination_metadata(&dest)),
+                ));
+            }
+            Err(reply) => self.reply(reply, out),
+        }
+    }
+
+    /// The whole body is here: parse, decide, and release what was held back.
+    fn complete_request_body(&mut self, out: &mut Vec<ProcessingResponse>, trailers_follow: bool) {
+        let RequestPhase::Collecting { headers_pending } = self.phase else {
+            return;
+        };
+        self.request_body_done = true;
+        let started = Instant::now();
+        let body: Cow<'_, [u8]> = match self.chunks.as_slice() {
+            [] => Cow::Borrowed(&[]),
+            [one] => Cow::Borrowed(one),
+            many => Cow::Owned(many.concat()),
+        };
+        let parsed = InferenceRequest::parse(self.api, &body, self.hints.clone());
+        drop(body);
+        let request = match parsed {
+            Ok(r) => r,
+            Err(e) => {
+                self.router.metrics.outcome(Outcome::BadRequest);
+                self.reply(protocol::immediate(400, "bad_request", &e.to_string()), out);
+                return;
+            }
+        };
+        let decided = self.decide(Some(&request));
+        self.router
+            .metrics
+            .decision(started.elapsed().as_secs_f64());
+        let dest = match decided {
+            Ok(dest) => dest,
+            Err(reply) => {
+                self.reply(reply, out);
+                return;
+            }
+        };
+        self.router.metrics.outcome(Outcome::Routed);
+        self.phase = RequestPhase::Forwarding;
+        let metadata = Some(protocol::destination_metadata(&dest));
+        let chunks = std::mem::take(&mut self.chunks);
+        if !headers_pending {
+            out.push(protocol::request_body_response(
+                protocol::route_to(&dest, None),
+                metadata,
+            ));
+        } else if self.modes.request_full_duplex() {
+            out.push(protocol::headers_response(
+                protocol::route_to(&dest, Some(self.body_len)),
+                metadata,
+                None,
+            ));
+            push_streamed(out, chunks, !trailers_follow, true);
+        } else {
+            out.push(protocol::headers_response(
+                protocol::route_to(&dest, None),
+                metadata,
+                None,
+            ));
+            for _ in 0..std::mem::take(&mut self.unanswered_chunks) {
+                out.push(protocol::request_body_response(protocol::pass(), None));
+            }
+        }
+    }
+
+    /// Chooses targets for this request and counts it against the primary. Returns the
+    /// destination value (`ip:port[,ip:port…]`), or the local reply to send instead.
+    fn decide(&mut self, request: Option<&InferenceRequest>) -> Result<String, ProcessingResponse> {
+        let snapshot = self.router.registry.snapshot();
+        let candidates: Cow<'_, [Arc<EndpointState>]> = match &self.subset {
+            None => Cow::Borrowed(snapshot.as_slice()),
+            Some(subset) => Cow::Owned(
+                snapshot
+                    .iter()
+                    .filter(|e| in_subset(subset, e.address()))
+                    .cloned()
+                    .collect(),
+            ),
+        };
+        let scheduled = self.router.scheduler.schedule(
+            &SchedulingRequest {
+                request,
+                hints: &self.hints,
+            },
+            &candidates,
+        );
+        match scheduled {
+            Ok(decision) => {
+                self.guard = Some(decision.primary().acquire());
+                let mut dest = String::with_capacity(24 * decision.targets.len());
+                for (i, t) in decision.targets.iter().enumerate() {
+                    if i > 0 {
+                        dest.push(',');
+                    }
+                    dest.push_str(&t.address().to_string());
+                }
+                debug!(destination = %dest, api = ?self.api, "routed");
+                Ok(dest)
+            }
+            Err(ScheduleError::NoCandidates) => {
+                self.router.metrics.outcome(Outcome::NoEndpoint);
+                let why = if self.subset.is_some() {
+                    "no endpoint available in the data plane's subset"
+                } else {
+                    "no endpoint available"
+                };
+                Err(protocol::immediate(503, "service_unavailable", why))
+            }
+        }
+    }
+
+    fn reply(&mut self, reply: ProcessingResponse, out: &mut Vec<ProcessingResponse>) {
+        out.push(reply);
+        self.phase = RequestPhase::Done;
+        self.chunks = Vec::new();
+        self.guard = None;
+    }
+
+    fn on_response_headers(
+        &mut self,
+        h: &HttpHeaders,
+        metadata: Option<&HashMap<String, Struct>>,
+        out: &mut Vec<ProcessingResponse>,
+    ) {
+        let headers = h.headers.as_ref();
+        self.status = header(headers, ":status").and_then(|s| s.parse().ok());
+        self.usage = Some(UsageScanner::for_content_type(
+            header(headers, "content-type").unwrap_or(""),
+        ));
+        self.follow_served_endpoint(metadata);
+        out.push(protocol::response_headers_response());
+        if h.end_of_stream {
+            self.finish_response();
+        }
+    }
+
+    /// With fallbacks, the endpoint that served may not be the primary: move the in-flight
+    /// count to the one the data plane reports.
+    fn follow_served_endpoint(&mut self, metadata: Option<&HashMap<String, Struct>>) {
+        let Some(served) = metadata
+            .and_then(|m| {
+                protocol::metadata_strings(m, protocol::LB_NAMESPACE, protocol::SERVED_KEY)
+            })
+            .and_then(|v| v.into_iter().next())
+            .and_then(|s| s.parse::<SocketAddr>().ok())
+        else {
+            return;
+        };
+        if self.target().is_some_and(|t| t.address() != served)
+            && let Some(ep) = self.router.registry.find_by_address(served)
+        {
+            self.guard = Some(ep.acquire());
+        }
+    }
+
+    fn on_response_body(&mut self, b: HttpBody, out: &mut Vec<ProcessingResponse>) {
+        if self.response_done {
+            debug!(bytes = b.body.len(), "ignoring response body after its end");
+            return;
+        }
+        if let Some(scanner) = &mut self.usage {
+            scanner.feed(&b.body);
+        }
+        if self.modes.response_full_duplex() {
+            push_streamed(out, vec![b.body], b.end_of_stream, false);
+        } else {
+            out.push(protocol::response_body_response(protocol::pass()));
+        }
+        if b.end_of_stream {
+            self.finish_response();
+        }
+    }
+
+    /// The response has ended: account its usage and give the endpoint's slot back.
+    fn finish_response(&mut self) {
+        if self.response_done {
+            return;
+        }
+        self.response_done = true;
+        let usage = self.usage.take().and_then(UsageScanner::finish);
+        if let Some(guard) = self.guard.take() {
+            if let Some(usage) = usage {
+                self.router
+                    .metrics
+                    .usage(guard.endpoint().id().as_str(), &usage);
+            }
+            self.router.metrics.response(self.status);
+        }
+    }
+}
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        if self.guard.is_some() && !self.response_done {
+            self.router.metrics.response(None);
+        }
+    }
+}
+
+/// Sends body pieces back in streamed form (request or response side), at most
+/// [`protocol::MAX_CHUNK`] bytes each, the last one carrying `end_of_stream`.
+fn push_streamed(
+    out: &mut Vec<ProcessingResponse>,
+    chunks: Vec<Vec<u8>>,
+    end_of_stream: bool,
+    request: bool,
+) {
+    let pieces = protocol::rechunk(chunks);
+    let last = pieces.len() - 1;
+    for (i, piece) in pieces.into_iter().enumerate() {
+        let common = protocol::streamed_chunk(piece, end_of_stream && i == last);
+        out.push(if request {
+            protocol::request_body_response(common, None)
+        } else {
+            protocol::response_body_response(common)
+        });
+    }
+}
+
+/// Whether `addr` is named by the data plane's subset, as `ip:port` or as a bare IP.
+fn in_subset(subset: &[String], addr: SocketAddr) -> bool {
+    subset.iter().any(|s| {
+        s.parse::<SocketAddr>()
+            .map(|a| a == addr)
+            .or_else(|_| s.parse::<IpAddr>().map(|ip| ip == addr.ip()))
+            .unwrap_or(false)
+    })
+}
+
+#[cfg(test)]
+mod tests;

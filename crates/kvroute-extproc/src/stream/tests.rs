@@ -1,0 +1,546 @@
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
+use kvroute_endpoints::Registry;
+use kvroute_scheduler::LeastInFlight;
+use prometheus_client::encoding::text::encode;
+use proptest::prelude::*;
+use test_support::envoy::*;
+use test_support::{chat_body, registry, split};
+
+use super::*;
+
+const CHAT: &str = "/v1/chat/completions";
+const SSE: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n\
+    data: {\"choices\":[],\"usage\":{\"prompt_tokens\":30,\"completion_tokens\":4}}\n\ndata: [DONE]\n\n";
+
+struct Harness {
+    registry: Arc<Registry>,
+    prom: prometheus_client::registry::Registry,
+    router: Arc<Router>,
+}
+
+impl Harness {
+    fn new(ports: &[u16]) -> Self {
+        Self::with(ports, ExtProcConfig::default(), 0)
+    }
+
+    fn with(ports: &[u16], config: ExtProcConfig, fallbacks: usize) -> Self {
+        let registry = registry(ports);
+        let mut prom = prometheus_client::registry::Registry::with_prefix("kvroute");
+        let metrics = Metrics::register(&mut prom);
+        let router = Router::new(
+            Arc::clone(&registry),
+            Arc::new(LeastInFlight::new(fallbacks)),
+            config,
+            metrics,
+        );
+        Self {
+            registry,
+            prom,
+            router,
+        }
+    }
+
+    fn stream(&self) -> StreamState {
+        StreamState::new(Arc::clone(&self.router))
+    }
+
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.prom).unwrap();
+        out
+    }
+
+    fn in_flight(&self) -> usize {
+        self.registry.snapshot().iter().map(|e| e.in_flight()).sum()
+    }
+}
+
+fn send(s: &mut StreamState, msg: ProcessingRequest) -> Vec<ProcessingResponse> {
+    let mut out = Vec::new();
+    s.on_message(msg, &mut out).unwrap();
+    out
+}
+
+fn first(
+    mode: BodySendMode,
+    response: BodySendMode,
+    without_waiting: bool,
+    method: &str,
+    path: &str,
+    eos: bool,
+) -> ProcessingRequest {
+    with_config(
+        request_headers(method, path, &[("x-request-id", "r1")], eos),
+        protocol_config(mode, response, without_waiting),
+    )
+}
+
+fn full_duplex_headers(path: &str) -> ProcessingRequest {
+    first(
+        BodySendMode::FullDuplexStreamed,
+        BodySendMode::FullDuplexStreamed,
+        false,
+        "POST",
+        path,
+        false,
+    )
+}
+
+#[test]
+fn full_duplex_defers_headers_until_the_body_is_complete() {
+    let h = Harness::new(&[8001, 8002]);
+    let mut s = h.stream();
+    let body = chat_body(150_000);
+    assert!(send(&mut s, full_duplex_headers(CHAT)).is_empty());
+    let chunks = split(&body, 3);
+    for c in &chunks[..2] {
+        assert!(send(&mut s, request_body(c, false)).is_empty());
+    }
+    let out = send(&mut s, request_body(&chunks[2], true));
+    assert_eq!(kinds(&out)[0], "request_headers");
+    assert!(kinds(&out)[1..].iter().all(|k| *k == "request_body"));
+    assert!(out.len() >= 4, "150 kB is re-cut into ≤62 kB pieces");
+    let dest = set_header(&out[0], "x-gateway-destination-endpoint").unwrap();
+    assert!(
+        dest == "127.0.0.1:8001" || dest == "127.0.0.1:8002",
+        "{dest}"
+    );
+    assert_eq!(
+        metadata_destination(&out[0]),
+        Some(dest),
+        "header and metadata agree"
+    );
+    let len = body.len().to_string();
+    assert_eq!(set_header(&out[0], "content-length"), Some(len.as_str()));
+    assert!(common(&out[0]).unwrap().clear_route_cache);
+    assert_eq!(streamed_body(&out[1..]), (body.clone(), true));
+    assert!(
+        out[1..]
+            .iter()
+            .all(|r| streamed(r).unwrap().0.len() <= 62_000)
+    );
+    assert_eq!(h.in_flight(), 1);
+    assert_eq!(s.target().unwrap().address().to_string(), dest);
+
+    // Response: headers pass, SSE chunks echoed back, usage read, slot released.
+    let out = send(&mut s, response_headers(200, "text/event-stream", false));
+    assert_eq!(kinds(&out), ["response_headers"]);
+    let (a, b) = SSE.split_at(40);
+    let out = send(&mut s, response_body(a, false));
+    assert_eq!(streamed(&out[0]), Some((a, false)));
+    let out = send(&mut s, response_body(b, true));
+    assert_eq!(streamed(&out[0]), Some((b, true)));
+    assert_eq!(h.in_flight(), 0);
+    let m = h.metrics();
+    assert!(
+        m.contains(r#"kvroute_requests_total{outcome="routed"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"kvroute_responses_total{class="2xx"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            r#"kvroute_endpoint_tokens_total{{endpoint="{dest}",kind="completion"}} 4"#
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains("kvroute_decision_duration_seconds_count 1"),
+        "{m}"
+    );
+}
+
+#[test]
+fn full_duplex_with_trailers_ends_body_at_the_trailers() {
+    let h = Harness::new(&[8001]);
+    let mut s = h.stream();
+    let body = br#"{"model":"m","prompt":"hello"}"#;
+    send(&mut s, full_duplex_headers("/v1/completions"));
+    assert!(send(&mut s, request_body(body, false)).is_empty());
+    let out = send(&mut s, request_trailers());
+    assert_eq!(
+        kinds(&out),
+        ["request_headers", "request_body", "request_trailers"]
+    );
+    assert_eq!(streamed_body(&out[1..2]), (body.to_vec(), false));
+}
+
+#[test]
+fn a_second_end_of_stream_is_ignored() {
+    let h = Harness::new(&[8001]);
+    let mut s = h.stream();
+    let body = br#"{"model":"m","prompt":"hello"}"#;
+    send(&mut s, full_duplex_headers("/v1/completions"));
+    assert_eq!(send(&mut s, request_body(body, true)).len(), 2);
+    assert!(send(&mut s, request_body(b"junk", true)).is_empty());
+}
+
+#[test]
+fn buffered_routes_on_the_body_response() {
+    let h = Harness::new(&[8001]);
+    let mut s = h.stream();
+    let out = send(
+        &mut s,
+        first(
+            BodySendMode::Buffered,
+            BodySendMode::None,
+            false,
+            "POST",
+            CHAT,
+            false,
+        ),
+    );
+    assert_eq!(kinds(&out), ["request_headers"]);
+    assert!(set_header(&out[0], "x-gateway-destination-endpoint").is_none());
+    let out = send(&mut s, request_body(&chat_body(4096), true));
+    assert_eq!(kinds(&out), ["request_body"]);
+    assert_eq!(
+        set_header(&out[0], "x-gateway-destination-endpoint"),
+        Some("127.0.0.1:8001")
+    );
+    assert_eq!(metadata_destination(&out[0]), Some("127.0.0.1:8001"));
+    assert!(streamed(&out[0]).is_none(), "the body is not mutated");
+    assert!(set_header(&out[0], "content-length").is_none());
+    let out = send(&mut s, response_headers(200, "application/json", false));
+    assert_eq!(kinds(&out), ["response_headers"]);
+    let out = send(
+        &mut s,
+        response_body(
+            br#"{"usage":{"prompt_tokens":3,"completion_tokens":2}}"#,
+            true,
+        ),
+    );
+    assert_eq!(kinds(&out), ["response_body"]);
+    assert!(streamed(&out[0]).is_none());
+    assert_eq!(h.in_flight(), 0);
+}
+
+#[test]
+fn streamed_without_waiting_answers_headers_then_each_chunk() {
+    let h = Harness::new(&[8001]);
+    let mut s = h.stream();
+    assert!(
+        send(
+            &mut s,
+            first(
+                BodySendMode::Streamed,
+                BodySendMode::Streamed,
+                true,
+                "POST",
+                CHAT,
+                false
+            )
+        )
+        .is_empty()
+    );
+    let body = chat_body(1000);
+    let chunks = split(&body, 4);
+    for c in &chunks[..3] {
+        assert!(send(&mut s, request_body(c, false)).is_empty());
+    }
+    let out = send(&mut s, request_body(&chunks[3], true));
+    assert_eq!(
+        kinds(&out),
+        [
+            "request_headers",
+            "request_body",
+            "request_body",
+            "request_body",
+            "request_body"
+        ]
+    );
+    assert!(set_header(&out[0], "x-gateway-destination-endpoint").is_some());
+    assert!(out[1..].iter().all(|r| streamed(r).is_none()));
+}
+
+#[test]
+fn streamed_waiting_asks_for_buffering_and_routes_on_the_buffered_body() {
+    let h = Harness::new(&[8001, 8002]);
+    let mut s = h.stream();
+    let out = send(
+        &mut s,
+        first(
+            BodySendMode::Streamed,
+            BodySendMode::None,
+            false,
+            "POST",
+            CHAT,
+            false,
+        ),
+    );
+    assert_eq!(kinds(&out), ["request_headers"]);
+    let provisional = set_header(&out[0], "x-gateway-destination-endpoint")
+        .unwrap()
+        .to_owned();
+    let over = out[0].mode_override.unwrap();
+    assert_eq!(over.request_body_mode, BodySendMode::Buffered as i32);
+    assert_eq!(h.in_flight(), 1);
+    let out = send(&mut s, request_body(&chat_body(500), true));
+    let dest = set_header(&out[0], "x-gateway-destination-endpoint").unwrap();
+    assert_eq!(
+        h.in_flight(),
+        1,
+        "the provisional claim was replaced, not added to"
+    );
+    assert_eq!(s.target().unwrap().address().to_string(), dest);
+    let _ = provisional;
+}
+
+#[test]
+fn streamed_waiting_keeps_the_provisional_destination_when_chunks_keep_coming() {
+    let h = Harness::new(&[8001, 8002]);
+    let mut s = h.stream();
+    let out = send(
+        &mut s,
+        first(
+            BodySendMode::Streamed,
+            BodySendMode::None,
+            false,
+            "POST",
+            CHAT,
+            false,
+        ),
+    );
+    let provisional = set_header(&out[0], "x-gateway-destination-endpoint")
+        .unwrap()
+        .to_owned();
+    let out = send(&mut s, request_body(b"{\"model\":", false));
+    assert_eq!(kinds(&out), ["request_body"]);
+    assert!(set_header(&out[0], "x-gateway-destination-endpoint").is_none());
+    let out = send(&mut s, request_body(b"\"m\"}", true));
+    assert_eq!(kinds(&out), ["request_body"]);
+    assert_eq!(s.target().unwrap().address().to_string(), provisional);
+    assert!(h.metrics().contains(r#"outcome="routed_by_load"} 1"#));
+}
+
+#[test]
+fn without_protocol_config_every_message_is_answered_at_once() {
+    let h = Harness::new(&[8001]);
+    let mut s = h.stream();
+    let out = send(&mut s, request_headers("POST", CHAT, &[], false));
+    assert_eq!(kinds(&out), ["request_headers"]);
+    let out = send(&mut s, request_body(&chat_body(300), true));
+    assert_eq!(kinds(&out), ["request_body"]);
+    assert!(set_header(&out[0], "x-gateway-destination-endpoint").is_some());
+}
+
+#[test]
+fn bodyless_and_non_inference_requests_route_by_load_at_once() {
+    let h = Harness::new(&[8001, 8002]);
+    let mut s = h.stream();
+    let out = send(
+        &mut s,
+        first(
+            BodySendMode::FullDuplexStreamed,
+            BodySendMode::FullDuplexStreamed,
+            false,
+            "GET",
+            "/v1/models",
+            true,
+        ),
+    );
+    assert_eq!(kinds(&out), ["request_headers"]);
+    assert!(set_header(&out[0], "x-gateway-destination-endpoint").is_some());
+
+    let mut s = h.stream();
+    let out = send(&mut s, full_duplex_headers("/v1/embeddings"));
+    assert_eq!(kinds(&out), ["request_headers"]);
+    let out = send(&mut s, request_body(b"{\"input\":", false));
+    assert_eq!(streamed(&out[0]), Some((&b"{\"input\":"[..], false)));
+    let out = send(&mut s, request_body(b"\"x\"}", true));
+    assert_eq!(streamed(&out[0]), Some((&b"\"x\"}"[..], true)));
+    assert!(h.metrics().contains(r#"outcome="routed_by_load"} 2"#));
+}
+
+#[test]
+fn malformed_bodies_get_a_400_with_a_json_error() {
+    for body in [&b"{not json"[..], b"{}", br#"{"model":"m"}"#, b""] {
+        let h = Harness::new(&[8001]);
+        let mut s = h.stream();
+        send(&mut s, full_duplex_headers(CHAT));
+        let out = send(&mut s, request_body(body, true));
+        assert_eq!(kinds(&out), ["immediate"]);
+        let imm = immediate(&out[0]).unwrap();
+        assert_eq!(imm.status.unwrap().code, 400);
+        let json: serde_json::Value = serde_json::from_slice(&imm.body).unwrap();
+        assert_eq!(json["error"]["code"], 400);
+        assert!(json["error"]["message"].as_str().unwrap().len() > 5);
+        assert_eq!(h.in_flight(), 0);
+        assert!(h.metrics().contains(r#"outcome="bad_request"} 1"#));
+        assert!(send(&mut s, request_body(b"more", true)).is_empty());
+    }
+}
+
+#[test]
+fn bodies_over_the_limit_get_a_413_before_buffering_the_rest() {
+    let h = Harness::with(
+        &[8001],
+        ExtProcConfig {
+            max_body_bytes: 100,
+        },
+        0,
+    );
+    let mut s = h.stream();
+    send(&mut s, full_duplex_headers(CHAT));
+    assert!(send(&mut s, request_body(&[b' '; 60], false)).is_empty());
+    let out = send(&mut s, request_body(&[b' '; 60], false));
+    assert_eq!(immediate(&out[0]).unwrap().status.unwrap().code, 413);
+    assert!(h.metrics().contains(r#"outcome="body_too_large"} 1"#));
+}
+
+#[test]
+fn no_endpoint_gets_a_503() {
+    let h = Harness::new(&[]);
+    let mut s = h.stream();
+    send(&mut s, full_duplex_headers(CHAT));
+    let out = send(&mut s, request_body(&chat_body(300), true));
+    assert_eq!(immediate(&out[0]).unwrap().status.unwrap().code, 503);
+    let mut s = h.stream();
+    let out = send(&mut s, request_headers("GET", "/v1/models", &[], true));
+    assert_eq!(immediate(&out[0]).unwrap().status.unwrap().code, 503);
+    assert!(h.metrics().contains(r#"outcome="no_endpoint"} 2"#));
+}
+
+#[test]
+fn the_subset_hint_restricts_candidates() {
+    let h = Harness::new(&[8001, 8002, 8003]);
+    for _ in 0..6 {
+        let mut s = h.stream();
+        let out = send(
+            &mut s,
+            with_subset(
+                request_headers("GET", "/v1/models", &[], true),
+                &["127.0.0.1:8002"],
+            ),
+        );
+        assert_eq!(
+            set_header(&out[0], "x-gateway-destination-endpoint"),
+            Some("127.0.0.1:8002")
+        );
+    }
+    let mut s = h.stream();
+    let out = send(
+        &mut s,
+        with_subset(
+            request_headers("GET", "/v1/models", &[], true),
+            &["127.0.0.1"],
+        ),
+    );
+    assert!(
+        set_header(&out[0], "x-gateway-destination-endpoint").is_some(),
+        "bare IP matches"
+    );
+    for subset in [&[][..], &["10.9.9.9:80"][..]] {
+        let mut s = h.stream();
+        let out = send(
+            &mut s,
+            with_subset(request_headers("GET", "/v1/models", &[], true), subset),
+        );
+        assert_eq!(immediate(&out[0]).unwrap().status.unwrap().code, 503);
+    }
+}
+
+#[test]
+fn fallbacks_are_a_comma_list_in_header_and_metadata() {
+    let h = Harness::with(&[8001, 8002, 8003], ExtProcConfig::default(), 2);
+    let mut s = h.stream();
+    let out = send(&mut s, request_headers("GET", "/v1/models", &[], true));
+    let dest = set_header(&out[0], "x-gateway-destination-endpoint").unwrap();
+    assert_eq!(dest.split(',').count(), 3, "{dest}");
+    assert_eq!(metadata_destination(&out[0]), Some(dest));
+    assert_eq!(h.in_flight(), 1, "only the primary is charged");
+}
+
+#[test]
+fn the_served_endpoint_takes_the_in_flight_count() {
+    let h = Harness::with(&[8001, 8002], ExtProcConfig::default(), 1);
+    let mut s = h.stream();
+    let out = send(&mut s, request_headers("GET", "/v1/models", &[], true));
+    let dest = set_header(&out[0], "x-gateway-destination-endpoint").unwrap();
+    let fallback = dest.split(',').nth(1).unwrap().to_owned();
+    send(
+        &mut s,
+        with_served(response_headers(200, "application/json", false), &fallback),
+    );
+    assert_eq!(s.target().unwrap().address().to_string(), fallback);
+    assert_eq!(h.in_flight(), 1);
+}
+
+#[test]
+fn a_stream_dropped_mid_response_releases_its_slot() {
+    let h = Harness::new(&[8001]);
+    let mut s = h.stream();
+    send(&mut s, full_duplex_headers(CHAT));
+    send(&mut s, request_body(&chat_body(300), true));
+    send(&mut s, response_headers(200, "text/event-stream", false));
+    send(&mut s, response_body(b"data: {}\n\n", false));
+    assert_eq!(h.in_flight(), 1);
+    drop(s);
+    assert_eq!(h.in_flight(), 0);
+    assert!(
+        h.metrics()
+            .contains(r#"kvroute_responses_total{class="aborted"} 1"#)
+    );
+}
+
+#[test]
+fn a_response_without_body_ends_at_its_headers() {
+    let h = Harness::new(&[8001]);
+    let mut s = h.stream();
+    send(&mut s, request_headers("GET", "/health", &[], true));
+    send(&mut s, response_headers(503, "text/plain", true));
+    assert_eq!(h.in_flight(), 0);
+    assert!(
+        h.metrics()
+            .contains(r#"kvroute_responses_total{class="5xx"} 1"#)
+    );
+}
+
+#[test]
+fn out_of_order_messages_are_protocol_errors() {
+    let h = Harness::new(&[8001]);
+    let mut out = Vec::new();
+    let mut s = h.stream();
+    assert_eq!(
+        s.on_message(request_body(b"x", true), &mut out),
+        Err(ExtProcError::OutOfOrder("request body"))
+    );
+    let mut s = h.stream();
+    assert_eq!(
+        s.on_message(ProcessingRequest::default(), &mut out),
+        Err(ExtProcError::EmptyMessage)
+    );
+    let mut s = h.stream();
+    s.on_message(request_headers("GET", "/", &[], true), &mut out)
+        .unwrap();
+    assert_eq!(
+        s.on_message(request_headers("GET", "/", &[], true), &mut out),
+        Err(ExtProcError::OutOfOrder("request headers"))
+    );
+}
+
+proptest! {
+    /// However Envoy cuts a body, in full-duplex mode kvroute hands back exactly the same
+    /// bytes after one headers answer, and routes once.
+    #[test]
+    fn full_duplex_hands_back_the_exact_body(size in 100usize..200_000, pieces in 1usize..40) {
+        let h = Harness::new(&[8001, 8002]);
+        let mut s = h.stream();
+        let body = chat_body(size);
+        let chunks = split(&body, pieces);
+        let mut out = send(&mut s, full_duplex_headers(CHAT));
+        let last = chunks.len() - 1;
+        for (i, c) in chunks.iter().enumerate() {
+            out.extend(send(&mut s, request_body(c, i == last)));
+        }
+        prop_assert_eq!(kinds(&out).iter().filter(|k| **k == "request_headers").count(), 1);
+        prop_assert_eq!(kind(&out[0]), "request_headers");
+        prop_assert_eq!(streamed_body(&out[1..]), (body, true));
+        prop_assert_eq!(h.in_flight(), 1);
+    }
+}

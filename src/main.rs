@@ -1,1 +1,44 @@
-fn main() {}
+//! The `kvroute` binary: parses arguments, installs logging, and runs one subcommand.
+//! Everything it runs lives in the crates; the modules here only wire them together.
+
+mod admin;
+mod serve;
+mod shutdown;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Prefix-cache-aware router for LLM inference: an Envoy ext_proc endpoint picker.
+#[derive(Debug, Parser)]
+#[command(name = "kvroute", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` is used when unset.
+    #[arg(long, global = true, env = "KVROUTE_LOG")]
+    log: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve Envoy's ext_proc API and pick an endpoint for each request.
+    Serve(serve::ServeArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = match &cli.log {
+        Some(f) => EnvFilter::try_new(f)?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve::run(args)),
+    }
+}

@@ -59,16 +59,13 @@ pub(crate) fn pass() -> CommonResponse {
     CommonResponse::default()
 }
 
-/// The routing mutation: destination header (and content length when known) plus a route
-/// cache clear so Envoy re-matches the route on the new header.
-pub(crate) fn route_to(destination: &str, content_length: Option<usize>) -> CommonResponse {
-    let mut set_headers = vec![set_header(DESTINATION_HEADER, destination)];
-    if let Some(len) = content_length {
-        set_headers.push(set_header("content-length", &len.to_string()));
-    }
+/// The routing mutation: the destination header plus a route cache clear, so Envoy matches
+/// the route again on the new header. The body is handed back unchanged, so its length is
+/// left alone (Envoy drops `content-length` itself where a mode streams the body).
+pub(crate) fn route_to(destination: &str) -> CommonResponse {
     CommonResponse {
         header_mutation: Some(HeaderMutation {
-            set_headers,
+            set_headers: vec![set_header(DESTINATION_HEADER, destination)],
             remove_headers: Vec::new(),
         }),
         clear_route_cache: true,

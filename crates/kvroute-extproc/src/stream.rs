@@ -186,6 +186,7 @@ impl StreamState {
     ) -> Result<(), ExtProcError> {
         if let Some(pc) = &msg.protocol_config {
             self.modes = Modes::from_config(pc);
+            debug!(modes = ?self.modes, "protocol configuration");
         }
         let metadata = msg.metadata_context.map(|m| m.filter_metadata);
         match msg.request.ok_or(ExtProcError::EmptyMessage)? {
@@ -233,14 +234,14 @@ impl StreamState {
                 Ok(dest) => {
                     self.router.metrics.outcome(Outcome::RoutedByLoad);
                     out.push(protocol::headers_response(
-                        protocol::route_to(&dest, None),
+                        protocol::route_to(&dest),
                         Some(protocol::destination_metadata(&dest)),
                         None,
                     ));
                     self.phase = RequestPhase::Forwarding;
                     self.request_body_done = !body_follows;
                 }
-                Err(reply) => self.reply(reply, out),
+                Err(none) => self.reply(none.reply(), out),
             }
             return Ok(());
         }
@@ -263,13 +264,13 @@ impl StreamState {
                         self.provisional = true;
                         let response_mode = self.modes.response_body.unwrap_or(BodySendMode::None);
                         out.push(protocol::headers_response(
-                            protocol::route_to(&dest, None),
+                            protocol::route_to(&dest),
                             Some(protocol::destination_metadata(&dest)),
                             Some(protocol::buffer_request_body(response_mode)),
                         ));
                     }
-                    Err(reply) => {
-                        self.reply(reply, out);
+                    Err(none) => {
+                        self.reply(none.reply(), out);
                         return Ok(());
                     }
                 }
@@ -399,11 +400,11 @@ impl StreamState {
             Ok(dest) => {
                 self.router.metrics.outcome(Outcome::RoutedByLoad);
                 out.push(protocol::request_body_response(
-                    protocol::route_to(&dest, None),
+                    protocol::route_to(&dest),
                     Some(protocol::destination_metadata(&dest)),
                 ));
             }
-            Err(reply) => self.reply(reply, out),
+            Err(none) => self.reply(none.reply(), out),
         }
     }
 
@@ -435,8 +436,8 @@ impl StreamState {
             .decision(started.elapsed().as_secs_f64());
         let dest = match decided {
             Ok(dest) => dest,
-            Err(reply) => {
-                self.reply(reply, out);
+            Err(none) => {
+                self.reply(none.reply(), out);
                 return;
             }
         };
@@ -446,19 +447,19 @@ impl StreamState {
         let chunks = std::mem::take(&mut self.chunks);
         if !headers_pending {
             out.push(protocol::request_body_response(
-                protocol::route_to(&dest, None),
+                protocol::route_to(&dest),
                 metadata,
             ));
         } else if self.modes.request_full_duplex() {
             out.push(protocol::headers_response(
-                protocol::route_to(&dest, Some(self.body_len)),
+                protocol::route_to(&dest),
                 metadata,
                 None,
             ));
             push_streamed(out, chunks, !trailers_follow, true);
         } else {
             out.push(protocol::headers_response(
-                protocol::route_to(&dest, None),
+                protocol::route_to(&dest),
                 metadata,
                 None,
             ));
@@ -469,8 +470,8 @@ impl StreamState {
     }
 
     /// Chooses targets for this request and counts it against the primary. Returns the
-    /// destination value (`ip:port[,ip:port…]`), or the local reply to send instead.
-    fn decide(&mut self, request: Option<&InferenceRequest>) -> Result<String, ProcessingResponse> {
+    /// destination value (`ip:port[,ip:port…]`).
+    fn decide(&mut self, request: Option<&InferenceRequest>) -> Result<String, NoEndpoint> {
         let snapshot = self.router.registry.snapshot();
         let candidates: Cow<'_, [Arc<EndpointState>]> = match &self.subset {
             None => Cow::Borrowed(snapshot.as_slice()),
@@ -504,12 +505,9 @@ impl StreamState {
             }
             Err(ScheduleError::NoCandidates) => {
                 self.router.metrics.outcome(Outcome::NoEndpoint);
-                let why = if self.subset.is_some() {
-                    "no endpoint available in the data plane's subset"
-                } else {
-                    "no endpoint available"
-                };
-                Err(protocol::immediate(503, "service_unavailable", why))
+                Err(NoEndpoint {
+                    subset: self.subset.is_some(),
+                })
             }
         }
     }
@@ -599,6 +597,24 @@ impl Drop for StreamState {
         if self.guard.is_some() && !self.response_done {
             self.router.metrics.response(None);
         }
+    }
+}
+
+/// No endpoint could take the request: answered 503, as the endpoint-picker protocol asks.
+#[derive(Clone, Copy, Debug)]
+struct NoEndpoint {
+    /// The data plane restricted the candidates.
+    subset: bool,
+}
+
+impl NoEndpoint {
+    fn reply(self) -> ProcessingResponse {
+        let why = if self.subset {
+            "no endpoint available in the data plane's subset"
+        } else {
+            "no endpoint available"
+        };
+        protocol::immediate(503, "service_unavailable", why)
     }
 }
 

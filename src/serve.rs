@@ -1,0 +1,154 @@
+//! `kvroute serve`: the ext_proc server, its gRPC health service and the admin port, over
+//! endpoints from a static list or file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use kvroute_endpoints::{InFlightCollector, Registry};
+use kvroute_extproc::{DEFAULT_MAX_BODY_BYTES, ExtProcConfig, ExtProcService, Metrics, Router};
+use kvroute_scheduler::LeastInFlight;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tracing::{info, warn};
+
+use crate::{admin, shutdown};
+
+/// The gRPC service name Envoy's health checks ask about.
+const EXT_PROC_SERVICE: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address of the ext_proc gRPC server (and its gRPC health service).
+    #[arg(long, default_value = "0.0.0.0:9002", env = "KVROUTE_GRPC_ADDR")]
+    grpc_addr: SocketAddr,
+    /// Address of the admin HTTP server: /metrics, /healthz, /readyz.
+    #[arg(long, default_value = "0.0.0.0:9090", env = "KVROUTE_ADMIN_ADDR")]
+    admin_addr: SocketAddr,
+    #[command(flatten)]
+    endpoints: EndpointArgs,
+    /// Request bodies larger than this are answered 413.
+    #[arg(long, default_value_t = DEFAULT_MAX_BODY_BYTES, env = "KVROUTE_MAX_BODY_BYTES")]
+    max_body_bytes: usize,
+    /// Fallback endpoints listed after the primary (`ip:port,ip:port…`). Only for data planes
+    /// that walk the list; Envoy's original-destination cluster needs exactly one (0).
+    #[arg(long, default_value_t = 0)]
+    fallback_endpoints: usize,
+    /// Seconds open streams get to finish after SIGTERM before the process exits.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct EndpointArgs {
+    /// Static endpoints: `ip:port` or `name=ip:port`, comma-separated.
+    #[arg(long, env = "KVROUTE_ENDPOINTS")]
+    endpoints: Option<String>,
+    /// A YAML file listing endpoints (`endpoints: [{address, name, labels}]`).
+    #[arg(long)]
+    endpoints_file: Option<PathBuf>,
+}
+
+pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let endpoints = match (&args.endpoints.endpoints, &args.endpoints.endpoints_file) {
+        (Some(list), _) => kvroute_endpoints::parse_list(list)?,
+        (None, Some(path)) => kvroute_endpoints::load_file(path)?,
+        (None, None) => anyhow::bail!("give --endpoints or --endpoints-file"),
+    };
+    let registry = Arc::new(Registry::new());
+    registry.replace(endpoints);
+
+    let mut prom = prometheus_client::registry::Registry::with_prefix("kvroute");
+    let metrics = Metrics::register(&mut prom);
+    prom.register_collector(Box::new(InFlightCollector::new(Arc::clone(&registry))));
+
+    let router = Router::new(
+        Arc::clone(&registry),
+        Arc::new(LeastInFlight::new(args.fallback_endpoints)),
+        ExtProcConfig {
+            max_body_bytes: args.max_body_bytes,
+        },
+        metrics,
+    );
+
+    // Bind both ports before serving anything, so a taken port fails the start cleanly.
+    let grpc_listener = TcpListener::bind(args.grpc_addr)
+        .await
+        .with_context(|| format!("binding ext_proc address {}", args.grpc_addr))?;
+    let admin_listener = TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("binding admin address {}", args.admin_addr))?;
+    info!(
+        grpc = %grpc_listener.local_addr()?,
+        admin = %admin_listener.local_addr()?,
+        endpoints = registry.len(),
+        "kvroute serving"
+    );
+
+    let token = CancellationToken::new();
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_health(&reporter, readiness(&registry)).await;
+
+    let grpc_shutdown = token.clone();
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(ExtProcService::new(router).into_server())
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(grpc_listener),
+                grpc_shutdown.cancelled_owned(),
+            ),
+    );
+    let admin_state = Arc::new(admin::AdminState {
+        metrics: prom,
+        endpoints: Arc::clone(&registry),
+        draining: token.clone(),
+    });
+    let admin = tokio::spawn(admin::serve(admin_listener, admin_state, token.clone()));
+
+    shutdown::on_signal(token.clone()).await?;
+    set_health(&reporter, ServingStatus::NotServing).await;
+
+    let grace = Duration::from_secs(args.shutdown_grace_secs);
+    let drained = tokio::time::timeout(grace, async {
+        let grpc = grpc.await;
+        let admin = admin.await;
+        (grpc, admin)
+    })
+    .await;
+    match drained {
+        Ok((grpc, admin)) => {
+            grpc.context("ext_proc server task")?
+                .context("ext_proc server")?;
+            admin.context("admin server task")?;
+            info!("drained");
+        }
+        Err(_) => warn!(
+            grace_secs = args.shutdown_grace_secs,
+            "grace period over: exiting with streams open"
+        ),
+    }
+    Ok(())
+}
+
+fn readiness(registry: &Registry) -> ServingStatus {
+    if registry.is_empty() {
+        ServingStatus::NotServing
+    } else {
+        ServingStatus::Serving
+    }
+}
+
+/// Health of both the whole server (`""`) and the ext_proc service name, which is what
+/// Envoy's gRPC health check and Kubernetes' gRPC probe ask about.
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(EXT_PROC_SERVICE, status).await;
+}

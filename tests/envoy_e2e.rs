@@ -1,0 +1,378 @@
+//! End to end with real Envoy: requests sent to Envoy reach the endpoint kvroute chose, in
+//! every body mode the shipped config can be switched to; kvroute's local replies come back
+//! through Envoy; Envoy's failure mode holds when kvroute is gone; SIGTERM drains.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use harness::*;
+use tokio::task::JoinSet;
+
+/// One request of the mixed workload: API, streaming or not, body size.
+fn workload(n: usize) -> Vec<(&'static str, Vec<u8>, bool)> {
+    (0..n)
+        .map(|i| {
+            let stream = i % 2 == 0;
+            let big = i % 3 == 0;
+            let text: String = "the quick brown fox jumps over the lazy dog "
+                .repeat(if big { 5_000 } else { 3 });
+            let body = if i % 4 < 2 {
+                serde_json::json!({
+                    "model": "llama",
+                    "stream": stream,
+                    "messages": [
+                        {"role": "system", "content": "You are terse."},
+                        {"role": "user", "content": [{"type": "text", "text": text}]}
+                    ]
+                })
+            } else {
+                serde_json::json!({"model": "llama", "stream": stream, "prompt": text, "max_tokens": 8})
+            };
+            let path = if i % 4 < 2 {
+                "/v1/chat/completions"
+            } else {
+                "/v1/completions"
+            };
+            (path, body.to_string().into_bytes(), stream)
+        })
+        .collect()
+}
+
+async fn routes_every_request_to_the_chosen_endpoint(body_mode: &str) {
+    let dir = scratch(&body_mode.to_lowercase());
+    let backends = Backends::start(3, Duration::from_millis(150)).await;
+    let kvroute = Kvroute::start(&dir, &backends.list(), &[]).await;
+    let envoy = Envoy::start(
+        &dir,
+        &EnvoyOptions {
+            body_mode,
+            fail_open: false,
+            grpc_port: kvroute.grpc_port,
+            pool: &backends.addrs,
+        },
+    )
+    .await;
+
+    let requests = workload(24);
+    let mut set = JoinSet::new();
+    for (i, (path, body, stream)) in requests.into_iter().enumerate() {
+        let port = envoy.port;
+        set.spawn(async move {
+            let id = format!("req-{i}");
+            let hash = body_hash(&body);
+            let reply = http(port, "POST", path, &[("x-request-id", &id)], body).await;
+            (reply, hash, stream)
+        });
+    }
+    let mut served = HashSet::new();
+    while let Some(joined) = set.join_next().await {
+        let (reply, hash, stream) = joined.unwrap();
+        assert_eq!(reply.status, 200, "{reply:?}\n{}", kvroute.log_text());
+        let by = reply.header("x-served-by");
+        assert_eq!(
+            by,
+            reply.header("x-destination-seen"),
+            "served by another endpoint than kvroute chose"
+        );
+        assert_eq!(reply.header("x-body-hash"), hash, "body changed on the way");
+        if stream {
+            let text = reply.text();
+            assert!(text.contains("data: [DONE]"), "{text}");
+            for piece in SSE_PIECES {
+                assert!(text.contains(&format!("\"content\":\"{piece}\"")), "{text}");
+            }
+        } else {
+            let json: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+            assert_eq!(json["served_by"], by);
+        }
+        served.insert(by.to_owned());
+    }
+    assert!(
+        served.len() >= 2,
+        "concurrent requests should spread over endpoints: {served:?}"
+    );
+
+    // A body-less request is routed by load.
+    let reply = http(envoy.port, "GET", "/v1/models", &[], Vec::new()).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.header("x-served-by"),
+        reply.header("x-destination-seen")
+    );
+
+    // A client cannot pick the pod itself: its destination header is replaced.
+    let reply = http(
+        envoy.port,
+        "POST",
+        "/v1/completions",
+        &[("x-gateway-destination-endpoint", "127.0.0.1:1")],
+        br#"{"model":"m","prompt":"hi"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(
+        backends
+            .addrs
+            .iter()
+            .any(|a| a.to_string() == reply.header("x-served-by"))
+    );
+
+    // Envoy's access log: the upstream it used is the destination in kvroute's metadata.
+    let ok = eventually(Duration::from_secs(5), async || {
+        envoy
+            .access_log()
+            .iter()
+            .filter(|l| l["path"].as_str().unwrap_or("").starts_with("/v1/"))
+            .count()
+            == 26
+    })
+    .await;
+    let log = envoy.access_log();
+    assert!(ok, "access log incomplete: {log:?}");
+    for line in &log {
+        assert_eq!(line["upstream"], line["destination"], "{line}");
+    }
+
+    // kvroute's books: every request counted, every slot given back, usage read.
+    let settled = eventually(Duration::from_secs(5), async || {
+        let m = kvroute.metrics().await;
+        m.contains(r#"kvroute_requests_total{outcome="routed"} 25"#)
+            && m.contains(r#"kvroute_responses_total{class="2xx"} 26"#)
+            && !m.lines().any(|l| {
+                l.starts_with("kvroute_endpoint_in_flight_requests{") && !l.ends_with(" 0")
+            })
+    })
+    .await;
+    let m = kvroute.metrics().await;
+    assert!(settled, "{m}");
+    assert!(
+        m.contains(r#"kvroute_requests_total{outcome="routed_by_load"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"kind="completion"} "#),
+        "usage was not read: {m}"
+    );
+    let stats = envoy.stats().await;
+    assert!(stats.contains("ext_proc.streams_started: 26"), "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_duplex_streamed_routes_every_request_to_the_chosen_endpoint() {
+    routes_every_request_to_the_chosen_endpoint("FULL_DUPLEX_STREAMED").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_routes_every_request_to_the_chosen_endpoint() {
+    routes_every_request_to_the_chosen_endpoint("BUFFERED").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_with_mode_override_routes_every_request_to_the_chosen_endpoint() {
+    routes_every_request_to_the_chosen_endpoint("STREAMED").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_bodies_get_kvroutes_400_through_envoy() {
+    let dir = scratch("malformed");
+    let backends = Backends::start(2, Duration::ZERO).await;
+    let kvroute = Kvroute::start(&dir, &backends.list(), &["--max-body-bytes", "100000"]).await;
+    for body_mode in ["FULL_DUPLEX_STREAMED", "BUFFERED"] {
+        let envoy = Envoy::start(
+            &dir,
+            &EnvoyOptions {
+                body_mode,
+                fail_open: false,
+                grpc_port: kvroute.grpc_port,
+                pool: &backends.addrs,
+            },
+        )
+        .await;
+        for (body, want) in [
+            (&b"{\"model\": "[..], "invalid request body"),
+            (br#"{"messages":[]}"#, "model not found"),
+            (br#"{"model":"m"}"#, "messages not found"),
+        ] {
+            let reply = http(
+                envoy.port,
+                "POST",
+                "/v1/chat/completions",
+                &[],
+                body.to_vec(),
+            )
+            .await;
+            assert_eq!(reply.status, 400, "{body_mode}: {reply:?}");
+            let json: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+            assert_eq!(json["error"]["code"], 400);
+            assert!(
+                json["error"]["message"].as_str().unwrap().contains(want),
+                "{json}"
+            );
+            assert!(reply.header("content-type").starts_with("application/json"));
+        }
+        let big = serde_json::json!({"model": "m", "prompt": "x".repeat(200_000)});
+        let reply = http(
+            envoy.port,
+            "POST",
+            "/v1/completions",
+            &[],
+            big.to_string().into_bytes(),
+        )
+        .await;
+        assert_eq!(reply.status, 413, "{body_mode}: {reply:?}");
+    }
+}
+
+/// Envoy's failure mode when kvroute is gone. Fail-closed rejects with 500. Fail-open
+/// serves from the fallback route, but only where Envoy still holds the body: in BUFFERED
+/// mode, or for body-less requests. In FULL_DUPLEX_STREAMED mode Envoy has already handed
+/// the body to the processor, so it cannot fail open and answers 500 (Envoy's behaviour,
+/// asserted here so a change in it is noticed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoys_failure_mode_holds_when_kvroute_is_down() {
+    let dir = scratch("failure-mode");
+    let backends = Backends::start(2, Duration::ZERO).await;
+    let mut kvroute = Kvroute::start(&dir, &backends.list(), &[]).await;
+    let envoy = async |body_mode, fail_open| {
+        Envoy::start(
+            &dir,
+            &EnvoyOptions {
+                body_mode,
+                fail_open,
+                grpc_port: kvroute.grpc_port,
+                pool: &backends.addrs,
+            },
+        )
+        .await
+    };
+    let open_buffered = envoy("BUFFERED", true).await;
+    let open_duplex = envoy("FULL_DUPLEX_STREAMED", true).await;
+    let closed = envoy("FULL_DUPLEX_STREAMED", false).await;
+    let body = br#"{"model":"m","prompt":"hello"}"#;
+    for envoy in [&open_buffered, &open_duplex, &closed] {
+        let reply = http(envoy.port, "POST", "/v1/completions", &[], body.to_vec()).await;
+        assert_eq!(reply.status, 200, "kvroute up: {reply:?}");
+        assert_eq!(
+            reply.header("x-served-by"),
+            reply.header("x-destination-seen")
+        );
+    }
+
+    kvroute.terminate();
+    assert_eq!(kvroute.wait_exit(Duration::from_secs(10)).await, Some(true));
+
+    let served = |reply: &Reply| {
+        backends
+            .addrs
+            .iter()
+            .any(|a| a.to_string() == reply.header("x-served-by"))
+    };
+    for _ in 0..3 {
+        let reply = http(
+            open_buffered.port,
+            "POST",
+            "/v1/completions",
+            &[],
+            body.to_vec(),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "fail-open serves: {reply:?}");
+        assert!(served(&reply), "{reply:?}");
+        assert_eq!(reply.header("x-destination-seen"), "", "nobody chose");
+        assert_eq!(reply.header("x-body-hash"), body_hash(body));
+
+        let reply = http(open_duplex.port, "GET", "/v1/models", &[], Vec::new()).await;
+        assert_eq!(
+            reply.status, 200,
+            "fail-open serves body-less requests: {reply:?}"
+        );
+        assert!(served(&reply), "{reply:?}");
+        let reply = http(
+            open_duplex.port,
+            "POST",
+            "/v1/completions",
+            &[],
+            body.to_vec(),
+        )
+        .await;
+        assert_eq!(
+            reply.status, 500,
+            "full-duplex bodies cannot fail open: {reply:?}"
+        );
+
+        for (method, payload) in [("POST", body.to_vec()), ("GET", Vec::new())] {
+            let reply = http(closed.port, method, "/v1/completions", &[], payload).await;
+            assert_eq!(reply.status, 500, "fail-closed rejects: {reply:?}");
+            assert!(!served(&reply));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_open_streams() {
+    let dir = scratch("drain");
+    let backends = Backends::start(1, Duration::from_millis(1500)).await;
+    let mut kvroute =
+        Kvroute::start(&dir, &backends.list(), &["--shutdown-grace-secs", "20"]).await;
+    let envoy = Envoy::start(
+        &dir,
+        &EnvoyOptions {
+            body_mode: "FULL_DUPLEX_STREAMED",
+            fail_open: false,
+            grpc_port: kvroute.grpc_port,
+            pool: &backends.addrs,
+        },
+    )
+    .await;
+    let port = envoy.port;
+    let slow = tokio::spawn(async move {
+        let body = br#"{"model":"m","stream":true,"prompt":"hello"}"#;
+        http(port, "POST", "/v1/completions", &[], body.to_vec()).await
+    });
+    let started = eventually(Duration::from_secs(5), async || {
+        kvroute
+            .metrics()
+            .await
+            .contains(r#"kvroute_requests_total{outcome="routed"} 1"#)
+    })
+    .await;
+    assert!(started);
+    kvroute.terminate();
+    let reply = slow.await.unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(
+        reply.text().contains("data: [DONE]"),
+        "stream cut: {}",
+        reply.text()
+    );
+    assert_eq!(
+        kvroute.wait_exit(Duration::from_secs(15)).await,
+        Some(true),
+        "{}",
+        kvroute.log_text()
+    );
+    assert!(
+        kvroute.log_text().contains("drained"),
+        "{}",
+        kvroute.log_text()
+    );
+}
+
+#[test]
+fn the_shipped_envoy_config_is_valid() {
+    let out = std::process::Command::new(envoy_bin())
+        .args(["--mode", "validate", "-c"])
+        .arg(shipped_config())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

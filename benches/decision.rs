@@ -18,7 +18,12 @@ const SIZES: [(usize, &str); 3] = [(4 << 10, "4KiB"), (64 << 10, "64KiB"), (1 <<
 
 fn messages(body: &[u8], chunks: usize) -> Vec<ProcessingRequest> {
     let mut msgs = vec![with_config(
-        request_headers("POST", "/v1/chat/completions", &[("x-request-id", "bench")], false),
+        request_headers(
+            "POST",
+            "/v1/chat/completions",
+            &[("x-request-id", "bench")],
+            false,
+        ),
         protocol_config(
             BodySendMode::FullDuplexStreamed,
             BodySendMode::FullDuplexStreamed,

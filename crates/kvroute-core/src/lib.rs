@@ -8,6 +8,12 @@ mod endpoint;
 mod request;
 
 pub use endpoint::{Endpoint, EndpointId};
+
+/// A KV-cache block's identity: a chained hash covering the block's tokens (or text), every
+/// block before it, and the keys that keep caches apart (model, LoRA, `cache_salt`). Equal
+/// hashes name equal prefixes, so a set of hashes is a tree of prefixes.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct BlockHash(pub u64);
 pub use request::{
     ApiKind, ChatMessage, ContentPart, InferenceRequest, MessageContent, ParseError, Prompt,
     RequestHints,

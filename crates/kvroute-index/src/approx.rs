@@ -1,0 +1,236 @@
+use std::collections::{HashMap, VecDeque};
+
+use kvroute_core::{BlockHash, EndpointId};
+
+use crate::hasher::Map;
+use crate::index::{EndpointMatch, PrefixIndex, Tier};
+
+/// Blocks remembered per endpoint unless configured otherwise: the Gateway API Inference
+/// Extension's `lruCapacityPerServer` (31,250 blocks of 64 characters: ~500k tokens, what an
+/// 80 GB GPU holds for an 8B model after its weights).
+pub const DEFAULT_LRU_CAPACITY: usize = 31_250;
+
+/// When a block was last recorded for an endpoint: `seq` orders recency, `at_ms` is for TTL.
+#[derive(Clone, Copy, Debug)]
+struct Stamp {
+    seq: u64,
+    at_ms: u64,
+}
+
+/// One endpoint's recency list: a map of the latest stamp per block, and a queue of every
+/// stamp in recording order. Stale queue entries (the block was recorded again since) are
+/// skipped when popped and swept out when they outnumber live ones.
+#[derive(Debug, Default)]
+struct Lru {
+    latest: Map<Stamp>,
+    queue: VecDeque<(u64, u64)>,
+}
+
+/// A guess of what each endpoint caches, built from where requests were sent: the blocks of
+/// each routed request are recorded against its endpoint, at most `capacity` blocks per
+/// endpoint (least recently recorded evicted first) and, with a TTL, for at most that long.
+#[derive(Debug)]
+pub struct ApproxIndex {
+    index: PrefixIndex,
+    lru: HashMap<EndpointId, Lru>,
+    capacity: usize,
+    ttl_ms: Option<u64>,
+    seq: u64,
+}
+
+impl ApproxIndex {
+    /// At most `capacity` blocks per endpoint; entries older than `ttl_ms` (if given) expire.
+    pub fn new(capacity: usize, ttl_ms: Option<u64>) -> Self {
+        Self {
+            index: PrefixIndex::new(),
+            lru: HashMap::new(),
+            capacity: capacity.max(1),
+            ttl_ms,
+            seq: 0,
+        }
+    }
+
+    /// The exact index underneath (for sizes and matching).
+    pub fn index(&self) -> &PrefixIndex {
+        &self.index
+    }
+
+    /// See [`PrefixIndex::match_prefix`]. Entries past their TTL may still match until the
+    /// next [`Self::record`] or [`Self::expire`] removes them.
+    pub fn match_prefix(&self, blocks: &[BlockHash]) -> Vec<EndpointMatch> {
+        self.index.match_prefix(blocks)
+    }
+
+    /// Records that a request with `blocks` was sent to `endpoint` at `now_ms`. The prefix
+    /// is marked most recent, so an endpoint loses the tails of old prompts before their
+    /// shared beginnings, as a model server's LRU does.
+    pub fn record(&mut self, endpoint: &EndpointId, blocks: &[BlockHash], now_ms: u64) {
+        self.index.store(endpoint, blocks, Tier::Gpu);
+        let lru = self.lru.entry(endpoint.clone()).or_default();
+        for &BlockHash(h) in blocks.iter().rev() {
+            self.seq += 1;
+            lru.latest.insert(
+                h,
+                Stamp {
+                    seq: self.seq,
+                    at_ms: now_ms,
+                },
+            );
+            lru.queue.push_back((h, self.seq));
+        }
+        let evicted = lru.evict(self.capacity, self.ttl_ms.map(|t| now_ms.saturating_sub(t)));
+        self.index.remove(endpoint, &evicted, None);
+        lru.compact();
+    }
+
+    /// Drops, for every endpoint, the entries older than the TTL as of `now_ms`. Call it now
+    /// and then so endpoints that receive no traffic also forget.
+    pub fn expire(&mut self, now_ms: u64) {
+        let Some(ttl) = self.ttl_ms else { return };
+        let before = now_ms.saturating_sub(ttl);
+        for (endpoint, lru) in &mut self.lru {
+            let evicted = lru.evict(usize::MAX, Some(before));
+            self.index.remove(endpoint, &evicted, None);
+            lru.compact();
+        }
+    }
+
+    /// Forgets an endpoint that left the pool.
+    pub fn remove_endpoint(&mut self, endpoint: &EndpointId) {
+        self.lru.remove(endpoint);
+        self.index.remove_endpoint(endpoint);
+    }
+}
+
+impl Lru {
+    /// Pops least recent entries while over `capacity` or recorded before `before_ms`.
+    fn evict(&mut self, capacity: usize, before_ms: Option<u64>) -> Vec<BlockHash> {
+        let mut evicted = Vec::new();
+        while let Some(&(h, seq)) = self.queue.front() {
+            let Some(stamp) = self.latest.get(&h).copied() else {
+                self.queue.pop_front();
+                continue;
+            };
+            if stamp.seq != seq {
+                self.queue.pop_front();
+                continue;
+            }
+            let expired = before_ms.is_some_and(|b| stamp.at_ms < b);
+            if self.latest.len() <= capacity && !expired {
+                break;
+            }
+            self.queue.pop_front();
+            self.latest.remove(&h);
+            evicted.push(BlockHash(h));
+        }
+        evicted
+    }
+
+    /// Rebuilds the queue from live entries when stale ones dominate, so memory stays
+    /// proportional to the blocks held.
+    fn compact(&mut self) {
+        if self.queue.len() <= 2 * self.latest.len() + 64 {
+            return;
+        }
+        let mut live: Vec<(u64, u64)> = self.latest.iter().map(|(&h, s)| (h, s.seq)).collect();
+        live.sort_unstable_by_key(|&(_, seq)| seq);
+        self.queue = live.into();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn ep(n: u32) -> EndpointId {
+        EndpointId::new(format!("ep-{n}"))
+    }
+
+    fn hs(ids: &[u64]) -> Vec<BlockHash> {
+        ids.iter().map(|&i| BlockHash(i)).collect()
+    }
+
+    fn depth(idx: &ApproxIndex, e: u32, blocks: &[u64]) -> u32 {
+        idx.match_prefix(&hs(blocks))
+            .into_iter()
+            .find(|m| m.endpoint == ep(e))
+            .map_or(0, |m| m.blocks)
+    }
+
+    #[test]
+    fn capacity_evicts_tails_of_old_prompts_first() {
+        let mut idx = ApproxIndex::new(4, None);
+        idx.record(&ep(1), &hs(&[1, 2, 3]), 0);
+        idx.record(&ep(1), &hs(&[1, 5, 6]), 1);
+        assert_eq!(
+            idx.index().endpoint_blocks(&ep(1)),
+            4,
+            "5 blocks, capacity 4"
+        );
+        assert_eq!(depth(&idx, 1, &[1, 2, 3]), 2, "the old tail (3) went first");
+        assert_eq!(depth(&idx, 1, &[1, 5, 6]), 3);
+    }
+
+    #[test]
+    fn ttl_expires_on_record_and_on_expire() {
+        let mut idx = ApproxIndex::new(100, Some(1000));
+        idx.record(&ep(1), &hs(&[1, 2]), 0);
+        idx.record(&ep(2), &hs(&[1, 2]), 0);
+        idx.record(&ep(1), &hs(&[7]), 1500);
+        assert_eq!(
+            depth(&idx, 1, &[1, 2]),
+            0,
+            "expired when ep-1 recorded again"
+        );
+        assert_eq!(depth(&idx, 2, &[1, 2]), 2, "ep-2 idle: still there");
+        idx.expire(1500);
+        assert_eq!(depth(&idx, 2, &[1, 2]), 0);
+        assert_eq!(depth(&idx, 1, &[7]), 1);
+        idx.expire(2600);
+        assert_eq!(idx.index().blocks(), 0);
+    }
+
+    #[test]
+    fn re_recording_refreshes_and_queue_stays_bounded() {
+        let mut idx = ApproxIndex::new(3, None);
+        for i in 0..1000 {
+            idx.record(&ep(1), &hs(&[1, 2]), i);
+            idx.record(&ep(1), &hs(&[100 + i]), i);
+        }
+        assert_eq!(depth(&idx, 1, &[1, 2]), 2, "refreshed every time");
+        let lru = &idx.lru[&ep(1)];
+        assert!(lru.queue.len() <= 2 * lru.latest.len() + 64 + 3);
+        idx.remove_endpoint(&ep(1));
+        assert_eq!(idx.index().blocks(), 0);
+    }
+
+    proptest! {
+        /// Against a model that keeps, per endpoint, the `cap` most recently recorded blocks.
+        #[test]
+        fn behaves_like_a_per_endpoint_lru(records in proptest::collection::vec(
+            (0u32..3, proptest::collection::vec(0u64..12, 0..6)), 1..60), cap in 1usize..8) {
+            let mut idx = ApproxIndex::new(cap, None);
+            let mut model: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+            for (t, (e, blocks)) in records.iter().enumerate() {
+                idx.record(&ep(*e), &hs(blocks), t as u64);
+                let list = model.entry(*e).or_default();
+                for b in blocks.iter().rev() {
+                    list.retain(|x| x != b);
+                    list.push(*b);
+                }
+                let excess = list.len().saturating_sub(cap);
+                list.drain(..excess);
+            }
+            for (e, list) in &model {
+                prop_assert_eq!(idx.index().endpoint_blocks(&ep(*e)), list.len());
+                for b in list {
+                    prop_assert_eq!(depth(&idx, *e, &[*b]), 1);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! The hasher of the index's maps. Keys are already good 64-bit hashes, so SipHash would be
+//! wasted work; a multiply with a per-process random key spreads them over the buckets and
+//! keeps crafted prompts from aiming at one bucket.
+
+use std::hash::{BuildHasher, Hasher};
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KeyHasher {
+    key: u64,
+}
+
+impl Default for KeyHasher {
+    fn default() -> Self {
+        // RandomState is seeded from the OS once per process; one draw gives our key.
+        let key =
+            std::collections::hash_map::RandomState::new().hash_one(0x006b_7672_6f75_7465_u64);
+        Self { key: key | 1 }
+    }
+}
+
+impl BuildHasher for KeyHasher {
+    type Hasher = KeyState;
+
+    fn build_hasher(&self) -> KeyState {
+        KeyState {
+            key: self.key,
+            h: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct KeyState {
+    key: u64,
+    h: u64,
+}
+
+impl Hasher for KeyState {
+    fn finish(&self) -> u64 {
+        self.h
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        let m = u128::from(self.h ^ x) * u128::from(self.key);
+        self.h = (m as u64) ^ ((m >> 64) as u64);
+    }
+}
+
+pub(crate) type Map<V> = std::collections::HashMap<u64, V, KeyHasher>;
+pub(crate) type Set = std::collections::HashSet<u64, KeyHasher>;

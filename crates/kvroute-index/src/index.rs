@@ -1,0 +1,291 @@
+use std::collections::HashMap;
+
+use kvroute_core::{BlockHash, EndpointId};
+
+use crate::hasher::{Map, Set};
+use crate::holders::{self, Holders};
+
+/// Where an endpoint keeps a block; a block may sit in several tiers of one endpoint at once
+/// (vLLM's CPU offloading stores a copy of a GPU block).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub enum Tier {
+    /// In accelerator memory: a hit costs nothing.
+    Gpu = 0,
+    /// In host memory: a hit costs a copy back.
+    Cpu = 1,
+    /// On disk or a remote store: a hit costs a load.
+    Disk = 2,
+}
+
+impl Tier {
+    /// All tiers, fastest first.
+    pub const ALL: [Tier; 3] = [Tier::Gpu, Tier::Cpu, Tier::Disk];
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+
+    fn best(mask: u8) -> usize {
+        mask.trailing_zeros() as usize
+    }
+}
+
+/// How much of a request's prefix one endpoint holds.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct EndpointMatch {
+    /// The endpoint.
+    pub endpoint: EndpointId,
+    /// Consecutive blocks from the start of the request that it holds, in any tier.
+    pub blocks: u32,
+    /// Of those blocks, how many are at best in each tier (`[gpu, cpu, disk]`).
+    pub per_tier: [u32; 3],
+}
+
+/// The blocks one endpoint holds; the reverse map that makes clearing or dropping an
+/// endpoint cost O(its blocks).
+#[derive(Debug)]
+struct EndpointBlocks {
+    id: EndpointId,
+    blocks: Set,
+}
+
+/// Which endpoints hold which blocks, in which tiers.
+///
+/// A store is one map entry per block (hash → holders) plus one per (block, endpoint) in the
+/// endpoint's reverse set. Matching looks up the request's hashes in order and keeps the set
+/// of endpoints that held every block so far; it stops when that set is empty.
+#[derive(Debug, Default)]
+pub struct PrefixIndex {
+    nodes: Map<Holders>,
+    endpoints: Vec<Option<EndpointBlocks>>,
+    slots: HashMap<EndpointId, u32>,
+    free: Vec<u32>,
+    entries: usize,
+}
+
+impl PrefixIndex {
+    /// An empty index.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Distinct blocks held by anyone.
+    pub fn blocks(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// (block, endpoint) pairs held.
+    pub fn entries(&self) -> usize {
+        self.entries
+    }
+
+    /// Blocks `endpoint` holds.
+    pub fn endpoint_blocks(&self, endpoint: &EndpointId) -> usize {
+        self.slots
+            .get(endpoint)
+            .and_then(|&s| self.endpoint(s))
+            .map_or(0, |e| e.blocks.len())
+    }
+
+    /// Endpoints known to the index, in no particular order.
+    pub fn endpoints(&self) -> impl Iterator<Item = &EndpointId> {
+        self.slots.keys()
+    }
+
+    /// The tiers `endpoint` holds `block` in (empty when it does not hold it).
+    pub fn tiers(&self, endpoint: &EndpointId, block: BlockHash) -> Vec<Tier> {
+        let mask = self
+            .slots
+            .get(endpoint)
+            .and_then(|&s| self.nodes.get(&block.0).map(|h| h.tiers(s)))
+            .unwrap_or(0);
+        Tier::ALL
+            .into_iter()
+            .filter(|t| mask & t.bit() != 0)
+            .collect()
+    }
+
+    fn endpoint(&self, slot: u32) -> Option<&EndpointBlocks> {
+        self.endpoints.get(slot as usize)?.as_ref()
+    }
+
+    fn slot(&mut self, endpoint: &EndpointId) -> u32 {
+        if let Some(&s) = self.slots.get(endpoint) {
+            return s;
+        }
+        let blocks = EndpointBlocks {
+            id: endpoint.clone(),
+            blocks: Set::default(),
+        };
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.endpoints[s as usize] = Some(blocks);
+                s
+            }
+            None => {
+                self.endpoints.push(Some(blocks));
+                // Slots stay far below 2^29 (the holder word's limit): one per endpoint.
+                u32::try_from(self.endpoints.len() - 1).unwrap_or(u32::MAX >> holders::TIER_BITS)
+            }
+        };
+        self.slots.insert(endpoint.clone(), slot);
+        slot
+    }
+
+    /// Records that `endpoint` holds `blocks` in `tier`. Storing a block again adds the tier
+    /// (or does nothing). Blocks are keyed by their own chained hash, so a block whose parent
+    /// the index has never seen is stored all the same: it is matched once a request's chain
+    /// reaches it through blocks the endpoint also holds.
+    pub fn store(&mut self, endpoint: &EndpointId, blocks: &[BlockHash], tier: Tier) {
+        let slot = self.slot(endpoint);
+        let bit = tier.bit();
+        let mut added = 0;
+        for &BlockHash(h) in blocks {
+            let new = match self.nodes.entry(h) {
+                std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().add(slot, bit),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(Holders::new(slot, bit));
+                    true
+                }
+            };
+            if new {
+                added += 1;
+                if let Some(Some(e)) = self.endpoints.get_mut(slot as usize) {
+                    e.blocks.insert(h);
+                }
+            }
+        }
+        self.entries += added;
+    }
+
+    /// Records that `endpoint` no longer holds `blocks` in `tier` (or in any tier, for
+    /// `None`). Blocks it did not hold are ignored. Returns how many blocks it stopped
+    /// holding altogether.
+    pub fn remove(
+        &mut self,
+        endpoint: &EndpointId,
+        blocks: &[BlockHash],
+        tier: Option<Tier>,
+    ) -> usize {
+        let Some(&slot) = self.slots.get(endpoint) else {
+            return 0;
+        };
+        let mask = tier.map_or(u8::MAX, Tier::bit);
+        let mut gone = 0;
+        for &BlockHash(h) in blocks {
+            if self.remove_one(slot, h, mask) {
+                gone += 1;
+                if let Some(Some(e)) = self.endpoints.get_mut(slot as usize) {
+                    e.blocks.remove(&h);
+                }
+            }
+        }
+        self.entries -= gone;
+        gone
+    }
+
+    /// Removes `mask` tiers of `slot` from block `h`; true when the slot no longer holds it.
+    fn remove_one(&mut self, slot: u32, h: u64, mask: u8) -> bool {
+        let Some(holders) = self.nodes.get_mut(&h) else {
+            return false;
+        };
+        let (_, dropped) = holders.remove(slot, mask);
+        if holders.is_empty() {
+            self.nodes.remove(&h);
+        }
+        dropped
+    }
+
+    /// Forgets every block `endpoint` holds (vLLM's `AllBlocksCleared`, or a restart), in
+    /// O(its blocks). The endpoint stays known.
+    pub fn clear(&mut self, endpoint: &EndpointId) -> usize {
+        let Some(&slot) = self.slots.get(endpoint) else {
+            return 0;
+        };
+        let Some(Some(e)) = self.endpoints.get_mut(slot as usize) else {
+            return 0;
+        };
+        let blocks = std::mem::take(&mut e.blocks);
+        let n = blocks.len();
+        for h in blocks {
+            self.remove_one(slot, h, u8::MAX);
+        }
+        self.entries -= n;
+        n
+    }
+
+    /// Forgets `endpoint` altogether (it left the pool). Returns the blocks it held.
+    pub fn remove_endpoint(&mut self, endpoint: &EndpointId) -> usize {
+        let n = self.clear(endpoint);
+        if let Some(slot) = self.slots.remove(endpoint) {
+            self.endpoints[slot as usize] = None;
+            self.free.push(slot);
+        }
+        n
+    }
+
+    /// For a request whose blocks hash to `blocks`, the endpoints holding at least its first
+    /// block, each with the number of consecutive blocks from the start it holds. One pass
+    /// over the hashes, stopping as soon as no endpoint holds the next block.
+    pub fn match_prefix(&self, blocks: &[BlockHash]) -> Vec<EndpointMatch> {
+        let mut out = Vec::new();
+        let Some((first, rest)) = blocks.split_first() else {
+            return out;
+        };
+        let Some(holders) = self.nodes.get(&first.0) else {
+            return out;
+        };
+        // (slot, per-tier counts), sorted by slot like every holder list.
+        let mut active: Vec<(u32, [u32; 3])> = holders
+            .as_slice()
+            .iter()
+            .map(|&w| {
+                let mut counts = [0; 3];
+                counts[Tier::best(holders::tiers_of(w))] = 1;
+                (holders::slot_of(w), counts)
+            })
+            .collect();
+        for &BlockHash(h) in rest {
+            let Some(holders) = self.nodes.get(&h) else {
+                break;
+            };
+            let words = holders.as_slice();
+            let mut k = 0;
+            let mut kept = 0;
+            for i in 0..active.len() {
+                let (slot, mut counts) = active[i];
+                while k < words.len() && holders::slot_of(words[k]) < slot {
+                    k += 1;
+                }
+                if k < words.len() && holders::slot_of(words[k]) == slot {
+                    counts[Tier::best(holders::tiers_of(words[k]))] += 1;
+                    active[kept] = (slot, counts);
+                    kept += 1;
+                } else {
+                    self.emit(slot, counts, &mut out);
+                }
+            }
+            active.truncate(kept);
+            if active.is_empty() {
+                return out;
+            }
+        }
+        for (slot, counts) in active {
+            self.emit(slot, counts, &mut out);
+        }
+        out
+    }
+
+    fn emit(&self, slot: u32, per_tier: [u32; 3], out: &mut Vec<EndpointMatch>) {
+        if let Some(e) = self.endpoint(slot) {
+            out.push(EndpointMatch {
+                endpoint: e.id.clone(),
+                blocks: per_tier.iter().sum(),
+                per_tier,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,89 @@
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// An index shared between request handlers (readers) and the writers that apply events or
+/// routing records. A reader-writer lock was chosen by measurement (`docs/index.md`,
+/// "Sharing"): writers hold it for one short batch at a time, so readers wait at most one
+/// batch. A panic while holding it leaves a usable index (every operation keeps the
+/// index's invariants between blocks), so poisoning is ignored.
+#[derive(Debug, Default)]
+pub struct Shared<T> {
+    inner: RwLock<T>,
+}
+
+impl<T> Shared<T> {
+    /// Shares `value`.
+    pub fn new(value: T) -> Self {
+        Self {
+            inner: RwLock::new(value),
+        }
+    }
+
+    /// Read access; many readers at once.
+    pub fn read(&self) -> RwLockReadGuard<'_, T> {
+        self.inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Write access; keep the batch short, readers wait for it.
+    pub fn write(&self) -> RwLockWriteGuard<'_, T> {
+        self.inner
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kvroute_core::{BlockHash, EndpointId};
+
+    use super::*;
+    use crate::{PrefixIndex, Tier};
+
+    /// Readers running against a writer that stores and removes chains always see a
+    /// consistent prefix: an endpoint's match never exceeds what any state held.
+    #[test]
+    fn readers_see_consistent_states_under_writes() {
+        let shared = Arc::new(Shared::new(PrefixIndex::new()));
+        let chain: Vec<BlockHash> = (1..=64).map(BlockHash).collect();
+        let writer = {
+            let shared = Arc::clone(&shared);
+            let chain = chain.clone();
+            std::thread::spawn(move || {
+                for round in 0..2000u64 {
+                    let e = EndpointId::new(format!("ep-{}", round % 4));
+                    let n = (round % 64) as usize + 1;
+                    shared.write().store(&e, &chain[..n], Tier::Gpu);
+                    shared.write().remove(&e, &chain[n / 2..n], None);
+                }
+            })
+        };
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let shared = Arc::clone(&shared);
+                let chain = chain.clone();
+                std::thread::spawn(move || {
+                    let mut seen = 0;
+                    for _ in 0..2000 {
+                        for m in shared.read().match_prefix(&chain) {
+                            assert!(m.blocks >= 1 && m.blocks <= 64);
+                            seen += 1;
+                        }
+                    }
+                    seen
+                })
+            })
+            .collect();
+        writer.join().unwrap();
+        for r in readers {
+            r.join().unwrap();
+        }
+        let idx = shared.read();
+        for e in 0..4 {
+            let m = idx.match_prefix(&chain);
+            assert!(m.iter().all(|m| m.blocks <= 32), "ep-{e}: {m:?}");
+        }
+    }
+}

@@ -7,10 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use kvroute_endpoints::{InFlightCollector, Registry};
-use kvroute_extproc::{DEFAULT_MAX_BODY_BYTES, ExtProcConfig, ExtProcService, Metrics, Router};
-use kvroute_scheduler::LeastInFlight;
+use kvroute_extproc::{
+    BodySendMode, DEFAULT_MAX_BODY_BYTES, ExtProcConfig, ExtProcService, Metrics, Router,
+};
+use kvroute_scheduler::{
+    LeastInFlight, LoadScorer, PrefixCacheConfig, PrefixCacheScorer, Profile, Scheduler,
+};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -36,13 +40,63 @@ pub(crate) struct ServeArgs {
     /// Request bodies larger than this are answered 413.
     #[arg(long, default_value_t = DEFAULT_MAX_BODY_BYTES, env = "KVROUTE_MAX_BODY_BYTES")]
     max_body_bytes: usize,
+    /// Routing policy.
+    #[arg(long, value_enum, default_value_t = Policy::Prefix)]
+    policy: Policy,
     /// Fallback endpoints listed after the primary (`ip:port,ip:port…`). Only for data planes
     /// that walk the list; Envoy's original-destination cluster needs exactly one (0).
     #[arg(long, default_value_t = 0)]
     fallback_endpoints: usize,
+    /// Body mode assumed when Envoy does not announce its processing modes (Envoy before
+    /// 1.34 sends no `protocol_config`); set it to what the ext_proc filter is configured with.
+    #[arg(long, value_enum, default_value_t = BodyMode::FullDuplexStreamed)]
+    assume_body_mode: BodyMode,
     /// Seconds open streams get to finish after SIGTERM before the process exits.
     #[arg(long, default_value_t = 30)]
     shutdown_grace_secs: u64,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Policy {
+    /// Approximate prefix-cache affinity (weight 3) balanced against load (weight 4).
+    Prefix,
+    /// Fewest requests in flight.
+    LeastInFlight,
+}
+
+impl Policy {
+    fn scheduler(self, fallbacks: usize) -> Arc<dyn Scheduler> {
+        match self {
+            Self::Prefix => Arc::new(Profile::new(
+                vec![
+                    (
+                        Box::new(PrefixCacheScorer::new(&PrefixCacheConfig::default())),
+                        3.0,
+                    ),
+                    (Box::new(LoadScorer::default()), 4.0),
+                ],
+                fallbacks,
+            )),
+            Self::LeastInFlight => Arc::new(LeastInFlight::new(fallbacks)),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BodyMode {
+    FullDuplexStreamed,
+    Buffered,
+    Streamed,
+}
+
+impl From<BodyMode> for BodySendMode {
+    fn from(m: BodyMode) -> Self {
+        match m {
+            BodyMode::FullDuplexStreamed => Self::FullDuplexStreamed,
+            BodyMode::Buffered => Self::Buffered,
+            BodyMode::Streamed => Self::Streamed,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -71,9 +125,10 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let router = Router::new(
         Arc::clone(&registry),
-        Arc::new(LeastInFlight::new(args.fallback_endpoints)),
+        args.policy.scheduler(args.fallback_endpoints),
         ExtProcConfig {
             max_body_bytes: args.max_body_bytes,
+            assumed_body_mode: args.assume_body_mode.into(),
         },
         metrics,
     );

@@ -42,14 +42,18 @@ fn workload(n: usize) -> Vec<(&'static str, Vec<u8>, bool)> {
         .collect()
 }
 
-async fn routes_every_request_to_the_chosen_endpoint(body_mode: &str) {
-    let dir = scratch(&body_mode.to_lowercase());
+async fn routes_every_request_to_the_chosen_endpoint(
+    request_body_mode: &str,
+    response_body_mode: &str,
+) {
+    let dir = scratch(&request_body_mode.to_lowercase());
     let backends = Backends::start(3, Duration::from_millis(150)).await;
     let kvroute = Kvroute::start(&dir, &backends.list(), &[]).await;
     let envoy = Envoy::start(
         &dir,
         &EnvoyOptions {
-            body_mode,
+            request_body_mode,
+            response_body_mode,
             fail_open: false,
             grpc_port: kvroute.grpc_port,
             pool: &backends.addrs,
@@ -163,17 +167,18 @@ async fn routes_every_request_to_the_chosen_endpoint(body_mode: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_duplex_streamed_routes_every_request_to_the_chosen_endpoint() {
-    routes_every_request_to_the_chosen_endpoint("FULL_DUPLEX_STREAMED").await;
+    routes_every_request_to_the_chosen_endpoint("FULL_DUPLEX_STREAMED", "FULL_DUPLEX_STREAMED")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buffered_routes_every_request_to_the_chosen_endpoint() {
-    routes_every_request_to_the_chosen_endpoint("BUFFERED").await;
+    routes_every_request_to_the_chosen_endpoint("BUFFERED", "STREAMED").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_with_mode_override_routes_every_request_to_the_chosen_endpoint() {
-    routes_every_request_to_the_chosen_endpoint("STREAMED").await;
+    routes_every_request_to_the_chosen_endpoint("STREAMED", "BUFFERED").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,7 +190,8 @@ async fn malformed_bodies_get_kvroutes_400_through_envoy() {
         let envoy = Envoy::start(
             &dir,
             &EnvoyOptions {
-                body_mode,
+                request_body_mode: body_mode,
+                response_body_mode: "FULL_DUPLEX_STREAMED",
                 fail_open: false,
                 grpc_port: kvroute.grpc_port,
                 pool: &backends.addrs,
@@ -237,11 +243,12 @@ async fn envoys_failure_mode_holds_when_kvroute_is_down() {
     let dir = scratch("failure-mode");
     let backends = Backends::start(2, Duration::ZERO).await;
     let mut kvroute = Kvroute::start(&dir, &backends.list(), &[]).await;
-    let envoy = async |body_mode, fail_open| {
+    let envoy = async |request_body_mode, fail_open| {
         Envoy::start(
             &dir,
             &EnvoyOptions {
-                body_mode,
+                request_body_mode,
+                response_body_mode: "FULL_DUPLEX_STREAMED",
                 fail_open,
                 grpc_port: kvroute.grpc_port,
                 pool: &backends.addrs,
@@ -321,7 +328,8 @@ async fn sigterm_drains_open_streams() {
     let envoy = Envoy::start(
         &dir,
         &EnvoyOptions {
-            body_mode: "FULL_DUPLEX_STREAMED",
+            request_body_mode: "FULL_DUPLEX_STREAMED",
+            response_body_mode: "FULL_DUPLEX_STREAMED",
             fail_open: false,
             grpc_port: kvroute.grpc_port,
             pool: &backends.addrs,
@@ -360,6 +368,56 @@ async fn sigterm_drains_open_streams() {
         "{}",
         kvroute.log_text()
     );
+}
+
+/// With the default policy, requests that share a long system prompt keep going to the
+/// endpoint that served the first of them (its prefix cache), and different prompts spread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_prefixes_stick_to_one_endpoint_through_envoy() {
+    let dir = scratch("prefix");
+    let backends = Backends::start(3, Duration::ZERO).await;
+    let kvroute = Kvroute::start(&dir, &backends.list(), &[]).await;
+    let envoy = Envoy::start(
+        &dir,
+        &EnvoyOptions {
+            request_body_mode: "FULL_DUPLEX_STREAMED",
+            response_body_mode: "FULL_DUPLEX_STREAMED",
+            fail_open: false,
+            grpc_port: kvroute.grpc_port,
+            pool: &backends.addrs,
+        },
+    )
+    .await;
+    let tenants: Vec<String> = (0..4)
+        .map(|t| format!("You are the assistant of tenant {t}. Policies follow. ").repeat(30))
+        .collect();
+    let mut homes: Vec<HashSet<String>> = vec![HashSet::new(); tenants.len()];
+    for round in 0..4 {
+        for (t, system) in tenants.iter().enumerate() {
+            let body = serde_json::json!({
+                "model": "llama",
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": format!("question {round}")}
+                ]
+            });
+            let reply = http(
+                envoy.port,
+                "POST",
+                "/v1/chat/completions",
+                &[],
+                body.to_string().into_bytes(),
+            )
+            .await;
+            assert_eq!(reply.status, 200, "{reply:?}");
+            homes[t].insert(reply.header("x-served-by").to_owned());
+        }
+    }
+    for (t, h) in homes.iter().enumerate() {
+        assert_eq!(h.len(), 1, "tenant {t} moved between endpoints: {h:?}");
+    }
+    let distinct: HashSet<_> = homes.iter().flatten().collect();
+    assert!(distinct.len() >= 2, "tenants should spread: {distinct:?}");
 }
 
 #[test]

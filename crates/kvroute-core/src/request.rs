@@ -74,23 +74,6 @@ pub enum Prompt {
     Chat(Vec<ChatMessage>),
 }
 
-impl Prompt {
-    /// Bytes of text (or four bytes per token id) in the prompt: a size measure that needs no
-    /// tokenizer, used for accounting and approximate scoring.
-    pub fn approx_bytes(&self) -> usize {
-        match self {
-            Self::Text(t) => t.len(),
-            Self::Texts(ts) => ts.iter().map(String::len).sum(),
-            Self::Tokens(ids) => ids.len() * 4,
-            Self::TokenBatches(b) => b.iter().map(|ids| ids.len() * 4).sum(),
-            Self::Chat(msgs) => msgs
-                .iter()
-                .map(|m| m.role.len() + m.content.text_len())
-                .sum(),
-        }
-    }
-}
-
 /// One chat message.
 #[derive(Clone, PartialEq, Debug, Deserialize)]
 pub struct ChatMessage {
@@ -111,22 +94,6 @@ pub enum MessageContent {
     Text(String),
     /// `"content": [{"type": "text", "text": "…"}, {"type": "image_url", …}]`.
     Parts(Vec<ContentPart>),
-}
-
-impl MessageContent {
-    fn text_len(&self) -> usize {
-        match self {
-            Self::Empty => 0,
-            Self::Text(t) => t.len(),
-            Self::Parts(parts) => parts
-                .iter()
-                .map(|p| match p {
-                    ContentPart::Text(t) => t.len(),
-                    ContentPart::Other { .. } => 0,
-                })
-                .sum(),
-        }
-    }
 }
 
 /// One part of an array-valued message content.
@@ -185,12 +152,10 @@ impl InferenceRequest {
         }
         let parsed: Body = serde_json::from_slice(body)?;
         let model = parsed.model.ok_or(ParseError::MissingModel)?;
-        let prompt = match api {
-            ApiKind::Completions => parsed.prompt.ok_or(ParseError::MissingPrompt)?,
-            ApiKind::ChatCompletions => {
-                Prompt::Chat(parsed.messages.ok_or(ParseError::MissingMessages)?)
-            }
-            ApiKind::Other => return Err(ParseError::NotInference),
+        let prompt = if api == ApiKind::ChatCompletions {
+            Prompt::Chat(parsed.messages.ok_or(ParseError::MissingMessages)?)
+        } else {
+            parsed.prompt.ok_or(ParseError::MissingPrompt)?
         };
         Ok(Self {
             api,

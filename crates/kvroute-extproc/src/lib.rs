@@ -14,6 +14,8 @@ mod server;
 mod stream;
 pub mod usage;
 
+/// Envoy's body send modes, as [`ExtProcConfig::assumed_body_mode`] names them.
+pub use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 pub use metrics::{Metrics, Outcome};
 pub use server::{ExtProcService, ResponseStream};
 pub use stream::{DEFAULT_MAX_BODY_BYTES, ExtProcConfig, ExtProcError, Router, StreamState};

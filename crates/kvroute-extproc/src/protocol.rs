@@ -7,9 +7,7 @@ use std::collections::HashMap;
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
-use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::{
-    BodySendMode, HeaderSendMode,
-};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
     ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation, processing_response,
@@ -247,15 +245,13 @@ pub(crate) fn immediate(status: u16, kind: &str, message: &str) -> ProcessingRes
 }
 
 /// The override that asks Envoy to buffer the request body, so a STREAMED-mode filter still
-/// lets kvroute read the whole body before Envoy picks the upstream.
+/// lets kvroute read the whole body before Envoy picks the upstream. Header and trailer modes
+/// are left at DEFAULT, which Envoy reads as "keep the configured mode".
 pub(crate) fn buffer_request_body(response_body_mode: BodySendMode) -> ProcessingMode {
     ProcessingMode {
-        request_header_mode: HeaderSendMode::Send as i32,
-        response_header_mode: HeaderSendMode::Send as i32,
         request_body_mode: BodySendMode::Buffered as i32,
         response_body_mode: response_body_mode as i32,
-        request_trailer_mode: HeaderSendMode::Skip as i32,
-        response_trailer_mode: HeaderSendMode::Skip as i32,
+        ..ProcessingMode::default()
     }
 }
 

@@ -31,12 +31,17 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
 pub struct ExtProcConfig {
     /// Larger request bodies are answered 413 instead of being buffered.
     pub max_body_bytes: usize,
+    /// The body mode (both directions) assumed for streams whose first message carries no
+    /// `protocol_config` (Envoy before 1.34). Envoy's configuration must match it.
+    pub assumed_body_mode: BodySendMode,
 }
 
 impl Default for ExtProcConfig {
+    /// The endpoint-picker reference setup: 16 MiB bodies, full-duplex streaming.
     fn default() -> Self {
         Self {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            assumed_body_mode: BodySendMode::FullDuplexStreamed,
         }
     }
 }
@@ -83,9 +88,10 @@ pub enum ExtProcError {
     OutOfOrder(&'static str),
 }
 
-/// Envoy's processing modes for this stream, from the first message's `protocol_config`.
-/// `None` when Envoy did not say (older Envoys): kvroute then answers every message at once.
-#[derive(Clone, Copy, Debug, Default)]
+/// Envoy's processing modes for this stream, from the first message's `protocol_config`, or
+/// the configured assumption when Envoy does not send one. `None` for a mode value this
+/// build does not know: kvroute then answers every message at once.
+#[derive(Clone, Copy, Debug)]
 struct Modes {
     request_body: Option<BodySendMode>,
     response_body: Option<BodySendMode>,
@@ -93,6 +99,14 @@ struct Modes {
 }
 
 impl Modes {
+    fn assumed(config: &ExtProcConfig) -> Self {
+        Self {
+            request_body: Some(config.assumed_body_mode),
+            response_body: Some(config.assumed_body_mode),
+            body_without_waiting: false,
+        }
+    }
+
     fn from_config(pc: &ProtocolConfiguration) -> Self {
         Self {
             request_body: BodySendMode::try_from(pc.request_body_mode).ok(),
@@ -131,6 +145,7 @@ pub struct StreamState {
     modes: Modes,
     phase: RequestPhase,
     api: ApiKind,
+    request_id: String,
     hints: RequestHints,
     subset: Option<Vec<String>>,
     chunks: Vec<Vec<u8>>,
@@ -150,10 +165,11 @@ impl StreamState {
     /// A fresh stream.
     pub fn new(router: Arc<Router>) -> Self {
         Self {
+            modes: Modes::assumed(&router.config),
             router,
-            modes: Modes::default(),
             phase: RequestPhase::AwaitHeaders,
             api: ApiKind::Other,
+            request_id: String::new(),
             hints: RequestHints::default(),
             subset: None,
             chunks: Vec::new(),
@@ -220,6 +236,7 @@ impl StreamState {
         }
         let headers = h.headers.as_ref();
         self.api = ApiKind::from_path(header(headers, ":path").unwrap_or("/"));
+        self.request_id = header(headers, "x-request-id").unwrap_or("").to_owned();
         self.hints = RequestHints {
             session_id: header(headers, "x-session-id").map(str::to_owned),
             objective: header(headers, "x-gateway-inference-objective").map(str::to_owned),
@@ -368,9 +385,21 @@ impl StreamState {
             RequestPhase::Collecting {
                 headers_pending: false,
             } => {
-                // Every body message was answered already; there is no message left to carry
-                // a routing mutation.
-                self.route_without_body(out);
+                // Every body message was answered already and the headers have gone upstream:
+                // no answer is left that could carry a destination. Only a provisional one
+                // (streamed mode) stands.
+                self.phase = RequestPhase::Forwarding;
+                self.request_body_done = true;
+                self.chunks = Vec::new();
+                if self.provisional {
+                    self.router.metrics.outcome(Outcome::RoutedByLoad);
+                } else {
+                    warn!(
+                        request_id = %self.request_id,
+                        mode = ?self.modes.request_body,
+                        "trailers ended a body whose answers were all sent: request not routed"
+                    );
+                }
                 out.push(protocol::trailers_response(true));
                 Ok(())
             }
@@ -393,6 +422,7 @@ impl StreamState {
             return;
         }
         warn!(
+            request_id = %self.request_id,
             mode = ?self.modes.request_body,
             "request body arrives in pieces that must each be answered: routing by load"
         );
@@ -472,6 +502,8 @@ impl StreamState {
     /// Chooses targets for this request and counts it against the primary. Returns the
     /// destination value (`ip:port[,ip:port…]`).
     fn decide(&mut self, request: Option<&InferenceRequest>) -> Result<String, NoEndpoint> {
+        // A provisional claim must not weigh against its own endpoint in the final choice.
+        self.guard = None;
         let snapshot = self.router.registry.snapshot();
         let candidates: Cow<'_, [Arc<EndpointState>]> = match &self.subset {
             None => Cow::Borrowed(snapshot.as_slice()),
@@ -483,24 +515,21 @@ impl StreamState {
                     .collect(),
             ),
         };
-        let scheduled = self.router.scheduler.schedule(
-            &SchedulingRequest {
-                request,
-                hints: &self.hints,
-            },
-            &candidates,
-        );
+        let scheduled = self
+            .router
+            .scheduler
+            .schedule(&SchedulingRequest::new(request, &self.hints), &candidates);
         match scheduled {
             Ok(decision) => {
                 self.guard = Some(decision.primary().acquire());
-                let mut dest = String::with_capacity(24 * decision.targets.len());
-                for (i, t) in decision.targets.iter().enumerate() {
+                let mut dest = String::with_capacity(24 * decision.targets().len());
+                for (i, t) in decision.targets().iter().enumerate() {
                     if i > 0 {
                         dest.push(',');
                     }
                     dest.push_str(&t.address().to_string());
                 }
-                debug!(destination = %dest, api = ?self.api, "routed");
+                debug!(request_id = %self.request_id, destination = %dest, api = ?self.api, "routed");
                 Ok(dest)
             }
             Err(ScheduleError::NoCandidates) => {
@@ -593,9 +622,13 @@ impl StreamState {
 }
 
 impl Drop for StreamState {
+    /// The stream ended before the response did: the client went away, Envoy reset the
+    /// stream, or Envoy sends no more of the response (response body mode NONE, or response
+    /// headers SKIP). The slot is given back either way; the response is counted by its
+    /// status if it was seen, else as aborted.
     fn drop(&mut self) {
         if self.guard.is_some() && !self.response_done {
-            self.router.metrics.response(None);
+            self.router.metrics.response(self.status);
         }
     }
 }

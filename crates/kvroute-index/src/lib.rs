@@ -16,4 +16,4 @@ mod shared;
 pub use approx::{ApproxIndex, DEFAULT_LRU_CAPACITY};
 pub use index::{EndpointMatch, PrefixIndex, Tier};
 pub use kvroute_core::BlockHash;
-pub use shared::Shared;
+pub use shared::{Shared, WRITE_BATCH_BLOCKS};

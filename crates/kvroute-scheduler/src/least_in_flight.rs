@@ -37,24 +37,23 @@ impl Scheduler for LeastInFlight {
         }
         let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
         let rotated = (0..n).map(|i| (start + i) % n);
-        let targets = if self.targets == 1 {
+        if self.targets == 1 {
             let best = rotated
                 .min_by_key(|&i| candidates[i].in_flight())
                 .unwrap_or(start);
-            vec![Arc::clone(&candidates[best])]
-        } else {
-            let mut order: Vec<(usize, usize)> = rotated
-                .enumerate()
-                .map(|(rank, i)| (candidates[i].in_flight(), rank))
-                .collect();
-            order.sort_unstable();
-            order
-                .iter()
-                .take(self.targets)
-                .map(|&(_, rank)| Arc::clone(&candidates[(start + rank) % n]))
-                .collect()
-        };
-        Ok(Decision { targets })
+            return Ok(Decision::new(Arc::clone(&candidates[best]), []));
+        }
+        let mut order: Vec<(usize, usize)> = rotated
+            .enumerate()
+            .map(|(rank, i)| (candidates[i].in_flight(), rank))
+            .collect();
+        order.sort_unstable();
+        let mut picked = order
+            .iter()
+            .take(self.targets)
+            .map(|&(_, rank)| Arc::clone(&candidates[(start + rank) % n]));
+        let primary = picked.next().ok_or(ScheduleError::NoCandidates)?;
+        Ok(Decision::new(primary, picked))
     }
 }
 
@@ -77,13 +76,7 @@ mod tests {
 
     fn pick(s: &LeastInFlight, c: &[Arc<EndpointState>]) -> Result<Decision, ScheduleError> {
         let hints = RequestHints::default();
-        s.schedule(
-            &SchedulingRequest {
-                request: None,
-                hints: &hints,
-            },
-            c,
-        )
+        s.schedule(&SchedulingRequest::new(None, &hints), c)
     }
 
     #[test]
@@ -132,7 +125,7 @@ mod tests {
         let s = LeastInFlight::new(5);
         let _g = [c[0].acquire(), c[0].acquire(), c[2].acquire()];
         let d = pick(&s, &c).unwrap();
-        let ports: Vec<u16> = d.targets.iter().map(|e| e.address().port()).collect();
+        let ports: Vec<u16> = d.targets().iter().map(|e| e.address().port()).collect();
         assert_eq!(ports, vec![2, 3, 1], "all three, least loaded first");
     }
 }

@@ -6,37 +6,70 @@
 //! list: the primary target, then fallbacks. It does no I/O and never blocks.
 
 mod least_in_flight;
+mod prefix;
+mod profile;
 
+use std::cell::OnceCell;
 use std::fmt::Debug;
 use std::sync::Arc;
 
-use kvroute_core::{InferenceRequest, RequestHints};
+use kvroute_core::{BlockHash, InferenceRequest, RequestHints};
 use kvroute_endpoints::EndpointState;
 
 pub use least_in_flight::LeastInFlight;
+pub use prefix::{PrefixCacheConfig, PrefixCacheScorer};
+pub use profile::{LoadScorer, Profile, Scorer};
 
 /// What a scheduler is asked about one request.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub struct SchedulingRequest<'a> {
     /// The parsed body; `None` for requests routed by load alone (no body, or not an
     /// inference API).
     pub request: Option<&'a InferenceRequest>,
     /// Header-borne hints, present even without a body.
     pub hints: &'a RequestHints,
+    /// The prompt's approximate block hashes, computed at most once per request by
+    /// whichever plugin needs them first (scoring, then recording the decision).
+    pub approx_blocks: OnceCell<Vec<BlockHash>>,
 }
 
-/// Where a request goes: `targets[0]` is the primary, the rest are fallbacks in order.
+impl<'a> SchedulingRequest<'a> {
+    /// A request to schedule.
+    pub fn new(request: Option<&'a InferenceRequest>, hints: &'a RequestHints) -> Self {
+        Self {
+            request,
+            hints,
+            approx_blocks: OnceCell::new(),
+        }
+    }
+}
+
+/// Where a request goes: the primary, then fallbacks in order. Never empty.
 #[derive(Clone, Debug)]
 pub struct Decision {
-    /// Never empty.
-    pub targets: Vec<Arc<EndpointState>>,
+    targets: Vec<Arc<EndpointState>>,
 }
 
 impl Decision {
+    /// A decision for `primary`, then `fallbacks`.
+    pub fn new(
+        primary: Arc<EndpointState>,
+        fallbacks: impl IntoIterator<Item = Arc<EndpointState>>,
+    ) -> Self {
+        let mut targets = vec![primary];
+        targets.extend(fallbacks);
+        Self { targets }
+    }
+
     /// The endpoint the request is sent to first.
     pub fn primary(&self) -> &Arc<EndpointState> {
-        // Invariant: a Decision is only built with at least one target.
+        // Invariant: `new` is the only constructor and always puts a primary first.
         &self.targets[0]
+    }
+
+    /// The primary, then the fallbacks.
+    pub fn targets(&self) -> &[Arc<EndpointState>] {
+        &self.targets
     }
 }
 

@@ -316,8 +316,103 @@ fn streamed_waiting_keeps_the_provisional_destination_when_chunks_keep_coming() 
 }
 
 #[test]
-fn without_protocol_config_every_message_is_answered_at_once() {
+fn trailers_after_answered_body_messages_get_only_a_trailers_answer() {
     let h = Harness::new(&[8001]);
+    let mut s = h.stream();
+    let out = send(
+        &mut s,
+        first(
+            BodySendMode::BufferedPartial,
+            BodySendMode::None,
+            false,
+            "POST",
+            CHAT,
+            false,
+        ),
+    );
+    assert_eq!(kinds(&out), ["request_headers"]);
+    let out = send(&mut s, request_trailers());
+    assert_eq!(kinds(&out), ["request_trailers"]);
+    assert_eq!(h.in_flight(), 0, "nothing routed, nothing charged");
+
+    let mut s = h.stream();
+    send(
+        &mut s,
+        first(
+            BodySendMode::Streamed,
+            BodySendMode::None,
+            false,
+            "POST",
+            CHAT,
+            false,
+        ),
+    );
+    let out = send(&mut s, request_trailers());
+    assert_eq!(kinds(&out), ["request_trailers"]);
+    assert_eq!(h.in_flight(), 1, "the provisional destination stands");
+}
+
+#[test]
+fn a_truncated_buffered_partial_body_is_routed_by_load_on_its_answer() {
+    let h = Harness::new(&[8001]);
+    let mut s = h.stream();
+    send(
+        &mut s,
+        first(
+            BodySendMode::BufferedPartial,
+            BodySendMode::None,
+            false,
+            "POST",
+            CHAT,
+            false,
+        ),
+    );
+    let out = send(
+        &mut s,
+        request_body(b"{\"model\":\"m\",\"messages\":[", false),
+    );
+    assert_eq!(kinds(&out), ["request_body"]);
+    assert_eq!(
+        set_header(&out[0], "x-gateway-destination-endpoint"),
+        Some("127.0.0.1:8001")
+    );
+    assert!(h.metrics().contains(r#"outcome="routed_by_load"} 1"#));
+}
+
+#[test]
+fn no_endpoint_for_a_provisional_pick_is_a_503() {
+    let h = Harness::new(&[]);
+    let mut s = h.stream();
+    let out = send(
+        &mut s,
+        first(
+            BodySendMode::Streamed,
+            BodySendMode::None,
+            false,
+            "POST",
+            CHAT,
+            false,
+        ),
+    );
+    assert_eq!(immediate(&out[0]).unwrap().status.unwrap().code, 503);
+    assert!(send(&mut s, request_body(b"{}", true)).is_empty());
+    assert!(send(&mut s, request_trailers()).is_empty());
+}
+
+#[test]
+fn without_protocol_config_the_assumed_mode_applies() {
+    let h = Harness::new(&[8001]);
+    let mut s = h.stream();
+    assert!(send(&mut s, request_headers("POST", CHAT, &[], false)).is_empty());
+    let out = send(&mut s, request_body(&chat_body(300), true));
+    assert_eq!(kinds(&out), ["request_headers", "request_body"]);
+    assert!(streamed(&out[1]).is_some(), "full duplex by default");
+
+    let config = ExtProcConfig {
+        assumed_body_mode: BodySendMode::Buffered,
+        ..ExtProcConfig::default()
+    };
+    let h = Harness::with(&[8001], config, 0);
     let mut s = h.stream();
     let out = send(&mut s, request_headers("POST", CHAT, &[], false));
     assert_eq!(kinds(&out), ["request_headers"]);
@@ -375,13 +470,11 @@ fn malformed_bodies_get_a_400_with_a_json_error() {
 
 #[test]
 fn bodies_over_the_limit_get_a_413_before_buffering_the_rest() {
-    let h = Harness::with(
-        &[8001],
-        ExtProcConfig {
-            max_body_bytes: 100,
-        },
-        0,
-    );
+    let config = ExtProcConfig {
+        max_body_bytes: 100,
+        ..ExtProcConfig::default()
+    };
+    let h = Harness::with(&[8001], config, 0);
     let mut s = h.stream();
     send(&mut s, full_duplex_headers(CHAT));
     assert!(send(&mut s, request_body(&[b' '; 60], false)).is_empty());
@@ -481,7 +574,19 @@ fn a_stream_dropped_mid_response_releases_its_slot() {
     assert_eq!(h.in_flight(), 0);
     assert!(
         h.metrics()
-            .contains(r#"kvroute_responses_total{class="aborted"} 1"#)
+            .contains(r#"kvroute_responses_total{class="2xx"} 1"#),
+        "counted by the status it had"
+    );
+
+    let mut s = h.stream();
+    send(&mut s, full_duplex_headers(CHAT));
+    send(&mut s, request_body(&chat_body(300), true));
+    drop(s);
+    assert_eq!(h.in_flight(), 0);
+    assert!(
+        h.metrics()
+            .contains(r#"kvroute_responses_total{class="aborted"} 1"#),
+        "no response seen"
     );
 }
 

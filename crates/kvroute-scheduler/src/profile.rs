@@ -1,0 +1,221 @@
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use kvroute_endpoints::EndpointState;
+
+use crate::{Decision, ScheduleError, Scheduler, SchedulingRequest};
+
+/// One opinion about where a request should go. Scores are in [0, 1], higher is better; a
+/// profile clamps whatever a scorer returns into that range.
+pub trait Scorer: Send + Sync + Debug + 'static {
+    /// The plugin name, as an `EndpointPickerConfig` would write it.
+    fn name(&self) -> &'static str;
+
+    /// Writes one score per candidate into `scores` (same order as `candidates`; zeroed).
+    fn score(
+        &self,
+        request: &SchedulingRequest<'_>,
+        candidates: &[Arc<EndpointState>],
+        scores: &mut [f64],
+    );
+
+    /// Called once a decision is made, so a scorer can remember it (the approximate prefix
+    /// scorer records the prompt's blocks against the primary).
+    fn decided(&self, _request: &SchedulingRequest<'_>, _decision: &Decision) {}
+}
+
+/// A scheduling profile: weighted scorers summed per endpoint, then the highest total wins.
+/// Ties go to a rotating start position, so equal endpoints take turns; the next best
+/// totals become the fallbacks.
+#[derive(Debug)]
+pub struct Profile {
+    scorers: Vec<(Box<dyn Scorer>, f64)>,
+    fallbacks: usize,
+    cursor: AtomicUsize,
+}
+
+impl Profile {
+    /// A profile of `(scorer, weight)` pairs choosing `fallbacks` extra endpoints.
+    pub fn new(scorers: Vec<(Box<dyn Scorer>, f64)>, fallbacks: usize) -> Self {
+        Self {
+            scorers,
+            fallbacks,
+            cursor: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Totals closer than this are ties: they differ only by float noise.
+const TIE: f64 = 1e-9;
+
+impl Scheduler for Profile {
+    fn schedule(
+        &self,
+        request: &SchedulingRequest<'_>,
+        candidates: &[Arc<EndpointState>],
+    ) -> Result<Decision, ScheduleError> {
+        let n = candidates.len();
+        if n == 0 {
+            return Err(ScheduleError::NoCandidates);
+        }
+        let mut totals = vec![0.0; n];
+        let mut scores = vec![0.0; n];
+        for (scorer, weight) in &self.scorers {
+            scores.iter_mut().for_each(|s| *s = 0.0);
+            scorer.score(request, candidates, &mut scores);
+            for (t, s) in totals.iter_mut().zip(&scores) {
+                let s = if s.is_finite() {
+                    s.clamp(0.0, 1.0)
+                } else {
+                    0.0
+                };
+                *t += weight * s;
+            }
+        }
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+        // Candidates in rotated order, then a stable sort by total: equal totals keep the
+        // rotation, which is the tie-break.
+        let mut order: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
+        order.sort_by(|&a, &b| {
+            let (ta, tb) = (totals[a], totals[b]);
+            if (ta - tb).abs() <= TIE {
+                std::cmp::Ordering::Equal
+            } else {
+                tb.total_cmp(&ta)
+            }
+        });
+        let mut picked = order
+            .iter()
+            .take(self.fallbacks + 1)
+            .map(|&i| Arc::clone(&candidates[i]));
+        let primary = picked.next().ok_or(ScheduleError::NoCandidates)?;
+        let decision = Decision::new(primary, picked);
+        for (scorer, _) in &self.scorers {
+            scorer.decided(request, &decision);
+        }
+        Ok(decision)
+    }
+}
+
+/// Prefers endpoints with fewer requests in flight: `(max − n) / max(max − min, headroom)`
+/// over the candidates. Like the Inference Extension's min–max queue scorer, but a spread
+/// smaller than `headroom` requests only costs its share, so a prefix-cache hit is not
+/// given up for one request of imbalance. Uses kvroute's own in-flight counts.
+#[derive(Debug)]
+pub struct LoadScorer {
+    headroom: usize,
+}
+
+impl LoadScorer {
+    /// In-flight spread (requests) that counts in full; at least 1.
+    pub fn new(headroom: usize) -> Self {
+        Self {
+            headroom: headroom.max(1),
+        }
+    }
+}
+
+impl Default for LoadScorer {
+    /// A headroom of 8 requests.
+    fn default() -> Self {
+        Self::new(8)
+    }
+}
+
+impl Scorer for LoadScorer {
+    fn name(&self) -> &'static str {
+        "load-scorer"
+    }
+
+    fn score(
+        &self,
+        _request: &SchedulingRequest<'_>,
+        candidates: &[Arc<EndpointState>],
+        scores: &mut [f64],
+    ) {
+        let loads: Vec<usize> = candidates.iter().map(|c| c.in_flight()).collect();
+        let (Some(&min), Some(&max)) = (loads.iter().min(), loads.iter().max()) else {
+            return;
+        };
+        let spread = (max - min).max(self.headroom) as f64;
+        for (s, &l) in scores.iter_mut().zip(&loads) {
+            *s = (max - l) as f64 / spread;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kvroute_core::{Endpoint, RequestHints};
+    use kvroute_endpoints::Registry;
+
+    use super::*;
+
+    /// Scores by port: a fixed opinion to check weighting and clamping.
+    #[derive(Debug)]
+    struct ByPort(f64);
+
+    impl Scorer for ByPort {
+        fn name(&self) -> &'static str {
+            "by-port"
+        }
+
+        fn score(&self, _: &SchedulingRequest<'_>, c: &[Arc<EndpointState>], scores: &mut [f64]) {
+            for (s, e) in scores.iter_mut().zip(c) {
+                *s = f64::from(e.address().port()) * self.0;
+            }
+        }
+    }
+
+    fn registry(n: u16) -> Registry {
+        let reg = Registry::new();
+        reg.replace(
+            (1..=n)
+                .map(|p| Endpoint::from_address(([127, 0, 0, 1], p).into()))
+                .collect(),
+        );
+        reg
+    }
+
+    fn ports(p: &Profile, reg: &Registry) -> Vec<u16> {
+        let hints = RequestHints::default();
+        p.schedule(&SchedulingRequest::new(None, &hints), &reg.snapshot())
+            .unwrap()
+            .targets()
+            .iter()
+            .map(|e| e.address().port())
+            .collect()
+    }
+
+    #[test]
+    fn highest_weighted_total_wins_and_fallbacks_follow() {
+        let reg = registry(3);
+        let p = Profile::new(vec![(Box::new(ByPort(0.1)), 1.0)], 2);
+        assert_eq!(ports(&p, &reg), [3, 2, 1]);
+        let p = Profile::new(vec![(Box::new(ByPort(-0.1)), 1.0)], 0);
+        let first: Vec<u16> = (0..3).map(|_| ports(&p, &reg)[0]).collect();
+        assert_eq!(first.len(), 3);
+        let mut sorted = first.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(
+            sorted.len(),
+            3,
+            "negative scores clamp to 0: all tie and take turns"
+        );
+    }
+
+    #[test]
+    fn load_scorer_counts_spread_within_headroom_partially() {
+        let reg = registry(3);
+        let snap = reg.snapshot();
+        let _g = [snap[0].acquire(), snap[0].acquire()];
+        let hints = RequestHints::default();
+        let mut scores = [0.0; 3];
+        LoadScorer::new(8).score(&SchedulingRequest::new(None, &hints), &snap, &mut scores);
+        assert_eq!(scores, [0.0, 0.25, 0.25]);
+        LoadScorer::new(1).score(&SchedulingRequest::new(None, &hints), &snap, &mut scores);
+        assert_eq!(scores, [0.0, 1.0, 1.0]);
+    }
+}

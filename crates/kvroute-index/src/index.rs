@@ -227,6 +227,10 @@ impl PrefixIndex {
     /// For a request whose blocks hash to `blocks`, the endpoints holding at least its first
     /// block, each with the number of consecutive blocks from the start it holds. One pass
     /// over the hashes, stopping as soon as no endpoint holds the next block.
+    ///
+    /// Consecutive blocks with exactly the same holders (a shared system prompt cached on
+    /// many endpoints) are counted as a run, so their cost is one slice comparison each
+    /// rather than a pass over every endpoint still matching.
     pub fn match_prefix(&self, blocks: &[BlockHash]) -> Vec<EndpointMatch> {
         let mut out = Vec::new();
         let Some((first, rest)) = blocks.split_first() else {
@@ -235,43 +239,58 @@ impl PrefixIndex {
         let Some(holders) = self.nodes.get(&first.0) else {
             return out;
         };
-        // (slot, per-tier counts), sorted by slot like every holder list.
-        let mut active: Vec<(u32, [u32; 3])> = holders
-            .as_slice()
+        let mut prev = holders.as_slice();
+        // Endpoints that held every block so far, sorted by slot like every holder list.
+        let mut active: Vec<Active> = prev
             .iter()
             .map(|&w| {
+                let tier = Tier::best(holders::tiers_of(w));
                 let mut counts = [0; 3];
-                counts[Tier::best(holders::tiers_of(w))] = 1;
-                (holders::slot_of(w), counts)
+                counts[tier] = 1;
+                Active {
+                    slot: holders::slot_of(w),
+                    tier,
+                    counts,
+                }
             })
             .collect();
+        // Blocks since `prev` changed whose holders equal `prev`: not yet counted.
+        let mut run = 0;
         for &BlockHash(h) in rest {
             let Some(holders) = self.nodes.get(&h) else {
                 break;
             };
             let words = holders.as_slice();
+            if words == prev {
+                run += 1;
+                continue;
+            }
+            flush(&mut active, &mut run);
             let mut k = 0;
             let mut kept = 0;
             for i in 0..active.len() {
-                let (slot, mut counts) = active[i];
-                while k < words.len() && holders::slot_of(words[k]) < slot {
+                let mut a = active[i];
+                while k < words.len() && holders::slot_of(words[k]) < a.slot {
                     k += 1;
                 }
-                if k < words.len() && holders::slot_of(words[k]) == slot {
-                    counts[Tier::best(holders::tiers_of(words[k]))] += 1;
-                    active[kept] = (slot, counts);
+                if k < words.len() && holders::slot_of(words[k]) == a.slot {
+                    a.tier = Tier::best(holders::tiers_of(words[k]));
+                    a.counts[a.tier] += 1;
+                    active[kept] = a;
                     kept += 1;
                 } else {
-                    self.emit(slot, counts, &mut out);
+                    self.emit(a.slot, a.counts, &mut out);
                 }
             }
             active.truncate(kept);
             if active.is_empty() {
                 return out;
             }
+            prev = words;
         }
-        for (slot, counts) in active {
-            self.emit(slot, counts, &mut out);
+        flush(&mut active, &mut run);
+        for a in active {
+            self.emit(a.slot, a.counts, &mut out);
         }
         out
     }
@@ -284,6 +303,25 @@ impl PrefixIndex {
                 per_tier,
             });
         }
+    }
+}
+
+/// An endpoint still matching: its slot, the tier of the last block counted, and the
+/// blocks counted per tier.
+#[derive(Clone, Copy)]
+struct Active {
+    slot: u32,
+    tier: usize,
+    counts: [u32; 3],
+}
+
+/// Adds a run of blocks identical in holders and tiers to the last counted one.
+fn flush(active: &mut [Active], run: &mut u32) {
+    if *run > 0 {
+        for a in active.iter_mut() {
+            a.counts[a.tier] += *run;
+        }
+        *run = 0;
     }
 }
 

@@ -1,9 +1,9 @@
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Most blocks a writer should apply per write hold. Measured (`docs/index.md`, "Sharing"):
-/// at 1M block events/s, holds of up to 64 blocks keep the p99 of a 512-block match within
-/// 2x of an idle index; holds of 256 blocks make it ~15x.
-pub const WRITE_BATCH_BLOCKS: usize = 64;
+/// at 1M block events/s, holds of 16 blocks kept the p99 of a 512-block match within 2x of
+/// an idle index in every run; holds of 64 in one run of three, 256 in none.
+pub const WRITE_BATCH_BLOCKS: usize = 16;
 
 /// An index shared between request handlers (readers) and the writers that apply events or
 /// routing records. A reader-writer lock was chosen by measurement (`docs/index.md`,

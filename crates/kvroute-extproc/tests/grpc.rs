@@ -1,0 +1,140 @@
+//! The ext_proc service over a real gRPC socket (tonic client and server in process): the
+//! answers arrive in order, a protocol violation ends the stream with INVALID_ARGUMENT and
+//! is counted, and a stream the client drops gives its endpoint slot back.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use kvroute_endpoints::Registry;
+use kvroute_extproc::{ExtProcConfig, ExtProcService, Metrics, Router};
+use kvroute_scheduler::LeastInFlight;
+use prometheus_client::encoding::text::encode;
+use test_support::envoy::*;
+use test_support::{chat_body, registry};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::Code;
+use tonic::transport::{Channel, Server};
+
+struct Served {
+    client: ExternalProcessorClient<Channel>,
+    registry: Arc<Registry>,
+    prom: prometheus_client::registry::Registry,
+}
+
+async fn serve() -> Served {
+    let registry = registry(&[8001, 8002]);
+    let mut prom = prometheus_client::registry::Registry::with_prefix("kvroute");
+    let router = Router::new(
+        Arc::clone(&registry),
+        Arc::new(LeastInFlight::new(0)),
+        ExtProcConfig::default(),
+        Metrics::register(&mut prom),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        Server::builder()
+            .add_service(ExtProcService::new(router).into_server())
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let client = ExternalProcessorClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    Served {
+        client,
+        registry,
+        prom,
+    }
+}
+
+fn metrics(prom: &prometheus_client::registry::Registry) -> String {
+    let mut out = String::new();
+    encode(&mut out, prom).unwrap();
+    out
+}
+
+fn in_flight(r: &Registry) -> usize {
+    r.snapshot().iter().map(|e| e.in_flight()).sum()
+}
+
+#[tokio::test]
+async fn a_full_duplex_request_is_answered_over_grpc() {
+    let mut s = serve().await;
+    let body = chat_body(100_000);
+    let (tx, rx) = mpsc::channel::<ProcessingRequest>(8);
+    let mut answers = s
+        .client
+        .process(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(with_config(
+        request_headers("POST", "/v1/chat/completions", &[], false),
+        protocol_config(
+            BodySendMode::FullDuplexStreamed,
+            BodySendMode::FullDuplexStreamed,
+            false,
+        ),
+    ))
+    .await
+    .unwrap();
+    tx.send(request_body(&body[..50_000], false)).await.unwrap();
+    tx.send(request_body(&body[50_000..], true)).await.unwrap();
+    let first = answers.message().await.unwrap().unwrap();
+    assert_eq!(kind(&first), "request_headers");
+    assert!(set_header(&first, "x-gateway-destination-endpoint").is_some());
+    let mut rest = Vec::new();
+    while rest.len() < 2 {
+        rest.push(answers.message().await.unwrap().unwrap());
+    }
+    assert_eq!(streamed_body(&rest), (body, true));
+    assert_eq!(in_flight(&s.registry), 1);
+
+    // The client goes away mid-response: the slot comes back.
+    tx.send(response_headers(200, "text/event-stream", false))
+        .await
+        .unwrap();
+    assert_eq!(
+        kind(&answers.message().await.unwrap().unwrap()),
+        "response_headers"
+    );
+    drop(tx);
+    drop(answers);
+    let mut released = false;
+    for _ in 0..100 {
+        if in_flight(&s.registry) == 0 {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(released, "slot still held after the stream ended");
+}
+
+#[tokio::test]
+async fn a_protocol_violation_ends_the_stream_with_invalid_argument() {
+    let mut s = serve().await;
+    let (tx, rx) = mpsc::channel::<ProcessingRequest>(8);
+    let mut answers = s
+        .client
+        .process(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(request_body(b"{}", true)).await.unwrap();
+    let status = answers.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("out of order"), "{status}");
+    assert!(
+        metrics(&s.prom).contains("kvroute_extproc_stream_errors_total 1"),
+        "{}",
+        metrics(&s.prom)
+    );
+}

@@ -1,0 +1,263 @@
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use crate::engine::{Engine, RequestId, SimRequest, StepReport};
+use crate::profile::Profile;
+
+/// What a router may know of a pod when it routes: what vLLM's `/metrics` shows, plus the
+/// requests it sent there and that have not finished.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PodView {
+    /// `vllm:num_requests_waiting`.
+    pub waiting: usize,
+    /// `vllm:num_requests_running`.
+    pub running: usize,
+    /// `vllm:kv_cache_usage_perc`.
+    pub kv_usage: f64,
+    /// Routed here and not finished.
+    pub in_flight: usize,
+}
+
+/// A routing policy driven by the cluster: asked once per arrival, told what every step did.
+pub trait RouteFn {
+    /// The pod for `request`, arriving at `now_us`.
+    fn route(&mut self, now_us: u64, request: &SimRequest, pods: &[PodView]) -> usize;
+
+    /// A step of `pod` ended at `now_us` with `report` (its KV events, finished requests).
+    fn observe(&mut self, _now_us: u64, _pod: usize, _report: &StepReport) {}
+}
+
+impl<F: FnMut(u64, &SimRequest, &[PodView]) -> usize> RouteFn for F {
+    fn route(&mut self, now_us: u64, request: &SimRequest, pods: &[PodView]) -> usize {
+        self(now_us, request, pods)
+    }
+}
+
+/// How one request went, in virtual microseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestResult {
+    /// Arrival order (the cluster numbers requests itself).
+    pub id: RequestId,
+    /// The pod it was routed to.
+    pub pod: usize,
+    /// When it arrived.
+    pub arrival_us: u64,
+    /// When its first token was produced; `None` if it was rejected (its prompt cannot fit
+    /// the pod's KV cache).
+    pub first_token_us: Option<u64>,
+    /// When its last token was produced.
+    pub finish_us: Option<u64>,
+    /// Prompt length.
+    pub prompt_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
+    /// Tokens generated.
+    pub output_tokens: usize,
+}
+
+/// Pods stepped by a discrete-event loop in virtual time: no sockets, no sleeping, and the
+/// same results for the same inputs.
+#[derive(Debug)]
+pub struct Cluster {
+    pods: Vec<Engine>,
+    views: Vec<PodView>,
+    pending: Vec<Option<StepReport>>,
+}
+
+impl Cluster {
+    /// `n` idle pods of `profile`; with `events`, steps report KV events to the router.
+    pub fn new(profile: &Profile, n: usize, events: bool) -> Self {
+        Self {
+            pods: (0..n)
+                .map(|_| Engine::new(profile.clone(), events))
+                .collect(),
+            views: vec![PodView::default(); n],
+            pending: vec![None; n],
+        }
+    }
+
+    /// The pods (for inspection after a run).
+    pub fn pods(&self) -> &[Engine] {
+        &self.pods
+    }
+
+    /// Replays `arrivals` (`(arrival µs, request)`, in time order) through `router` until
+    /// every request has finished. Requests are renumbered in arrival order, and results
+    /// come back in that order. A step that ends at the same instant as an arrival is
+    /// processed first.
+    pub fn run(
+        &mut self,
+        arrivals: impl IntoIterator<Item = (u64, SimRequest)>,
+        router: &mut dyn RouteFn,
+    ) -> Vec<RequestResult> {
+        let mut results: Vec<RequestResult> = Vec::new();
+        let mut steps: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
+        let mut arrivals = arrivals.into_iter().peekable();
+        let mut now = 0;
+        loop {
+            let next_step = steps.peek().map(|Reverse((t, _))| *t);
+            let next_arrival = arrivals.peek().map(|(t, _)| (*t).max(now));
+            match (next_step, next_arrival) {
+                (None, None) => break,
+                (Some(t), a) if a.is_none_or(|a| t <= a) => {
+                    let Some(Reverse((t, pod))) = steps.pop() else {
+                        break;
+                    };
+                    now = t;
+                    self.end_step(pod, now, &mut results, router);
+                    self.start_step(pod, now, &mut steps);
+                }
+                _ => {
+                    let Some((t, mut req)) = arrivals.next() else {
+                        break;
+                    };
+                    now = t.max(now);
+                    let id = results.len() as RequestId;
+                    req.id = id;
+                    let pod = router
+                        .route(now, &req, &self.views)
+                        .min(self.pods.len() - 1);
+                    results.push(RequestResult {
+                        id,
+                        pod,
+                        arrival_us: now,
+                        first_token_us: None,
+                        finish_us: None,
+                        prompt_tokens: req.prompt.len(),
+                        cached_tokens: 0,
+                        output_tokens: 0,
+                    });
+                    if self.pods[pod].add(req) {
+                        self.views[pod].in_flight += 1;
+                        self.refresh(pod);
+                        if self.pending[pod].is_none() {
+                            self.start_step(pod, now, &mut steps);
+                        }
+                    }
+                }
+            }
+        }
+        results
+    }
+
+    fn start_step(&mut self, pod: usize, now: u64, steps: &mut BinaryHeap<Reverse<(u64, usize)>>) {
+        if self.pending[pod].is_some() || !self.pods[pod].has_work() {
+            return;
+        }
+        let report = self.pods[pod].step();
+        self.refresh(pod);
+        steps.push(Reverse((now + report.duration_us.max(1), pod)));
+        self.pending[pod] = Some(report);
+    }
+
+    fn end_step(
+        &mut self,
+        pod: usize,
+        now: u64,
+        results: &mut [RequestResult],
+        router: &mut dyn RouteFn,
+    ) {
+        let Some(report) = self.pending[pod].take() else {
+            return;
+        };
+        for &id in &report.first_tokens {
+            if let Some(r) = results.get_mut(id as usize) {
+                r.first_token_us = Some(now);
+            }
+        }
+        for f in &report.finished {
+            if let Some(r) = results.get_mut(f.id as usize) {
+                r.finish_us = Some(now);
+                r.cached_tokens = f.cached_tokens;
+                r.output_tokens = f.output_tokens;
+            }
+            self.views[pod].in_flight = self.views[pod].in_flight.saturating_sub(1);
+        }
+        router.observe(now, pod, &report);
+    }
+
+    fn refresh(&mut self, pod: usize) {
+        let e = &self.pods[pod];
+        let v = &mut self.views[pod];
+        v.waiting = e.waiting();
+        v.running = e.running();
+        v.kv_usage = e.kv_usage();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::PromptTokens;
+
+    fn req(tokens: Vec<u32>, max_tokens: usize) -> SimRequest {
+        SimRequest {
+            id: 0,
+            prompt: PromptTokens::Explicit(Arc::from(tokens)),
+            max_tokens,
+        }
+    }
+
+    #[test]
+    fn replays_in_virtual_time_deterministically() {
+        let profile = Profile::tiny(64, 4, 16);
+        let arrivals = || {
+            (0..40u64).map(|i| {
+                let prefix = (i % 3) as u32 * 1000;
+                let tokens: Vec<u32> = (prefix..prefix + 12)
+                    .chain(i as u32 * 7..i as u32 * 7 + 5)
+                    .collect();
+                (i * 150, req(tokens, 1 + (i % 4) as usize))
+            })
+        };
+        let run = || {
+            let mut c = Cluster::new(&profile, 2, true);
+            let mut rr = 0usize;
+            let mut route = |_: u64, _: &SimRequest, pods: &[PodView]| {
+                rr += 1;
+                rr % pods.len()
+            };
+            c.run(arrivals(), &mut route)
+        };
+        let a = run();
+        assert_eq!(a, run(), "same inputs, same results");
+        assert_eq!(a.len(), 40);
+        for r in &a {
+            let first = r.first_token_us.unwrap();
+            let done = r.finish_us.unwrap();
+            assert!(r.arrival_us < first && first <= done, "{r:?}");
+        }
+        assert!(a.iter().any(|r| r.cached_tokens > 0), "shared prefixes hit");
+        assert_eq!(a.iter().filter(|r| r.pod == 0).count(), 20);
+    }
+
+    #[test]
+    fn one_request_alone_takes_exactly_its_steps() {
+        let mut c = Cluster::new(&Profile::tiny(64, 4, 64), 1, false);
+        let mut route = |_: u64, _: &SimRequest, _: &[PodView]| 0;
+        let r = c.run([(1_000, req((0..10).collect(), 3))], &mut route);
+        // 110 µs prefill (first token), then two 110 µs decode steps.
+        assert_eq!(r[0].first_token_us, Some(1_110));
+        assert_eq!(r[0].finish_us, Some(1_330));
+    }
+
+    #[test]
+    fn a_prompt_larger_than_the_cache_is_rejected() {
+        let mut c = Cluster::new(&Profile::tiny(2, 4, 64), 1, false);
+        let mut route = |_: u64, _: &SimRequest, _: &[PodView]| 0;
+        let r = c.run(
+            [
+                (0, req((0..100).collect(), 1)),
+                (5, req((0..4).collect(), 1)),
+            ],
+            &mut route,
+        );
+        assert_eq!(r[0].first_token_us, None);
+        assert!(
+            r[1].finish_us.is_some(),
+            "the next request is not stuck behind it"
+        );
+    }
+}

@@ -1,0 +1,429 @@
+use std::collections::VecDeque;
+
+use crate::pool::Pool;
+use crate::profile::Profile;
+use crate::prompt::PromptTokens;
+
+/// A request's id, unique within one engine.
+pub type RequestId = u64;
+
+/// The parent of a chain's first block (vLLM's `NONE_HASH`, fixed as with a pinned
+/// `PYTHONHASHSEED`).
+const ROOT: u64 = 0x766c_6c6d_5f6e_6f6e;
+
+/// A request as the engine receives it.
+#[derive(Clone, Debug)]
+pub struct SimRequest {
+    /// Unique within the engine.
+    pub id: RequestId,
+    /// The prompt's token ids.
+    pub prompt: PromptTokens,
+    /// Tokens to generate (at least 1).
+    pub max_tokens: usize,
+}
+
+/// A KV-cache event, as vLLM's block pool reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvEvent {
+    /// Newly cached full blocks, in chain order.
+    BlockStored {
+        /// The engine's hashes of the blocks.
+        block_hashes: Vec<u64>,
+        /// The hash of the block before the first one; `None` at the root.
+        parent_block_hash: Option<u64>,
+        /// The blocks' tokens, `block_size` per block.
+        token_ids: Vec<u32>,
+        /// Tokens per block.
+        block_size: usize,
+    },
+    /// Cached blocks whose content was evicted.
+    BlockRemoved {
+        /// The engine's hashes of the blocks.
+        block_hashes: Vec<u64>,
+    },
+    /// The whole prefix cache was reset.
+    AllBlocksCleared,
+}
+
+/// What one engine step did; its effects happen `duration_us` after it starts.
+#[derive(Clone, Debug, Default)]
+pub struct StepReport {
+    /// How long the step takes.
+    pub duration_us: u64,
+    /// Prompt (or recomputed) tokens processed.
+    pub prefill_tokens: usize,
+    /// Sequences that generated a token this step.
+    pub decode_seqs: usize,
+    /// Requests whose first token this step produced.
+    pub first_tokens: Vec<RequestId>,
+    /// Requests that generated a token this step (first ones included).
+    pub generated: Vec<RequestId>,
+    /// Requests that finished this step.
+    pub finished: Vec<Finished>,
+    /// Requests preempted (their blocks freed, to be recomputed).
+    pub preempted: Vec<RequestId>,
+    /// KV events of the step, in order (empty unless events are enabled).
+    pub events: Vec<KvEvent>,
+}
+
+/// A request that has generated all its tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finished {
+    /// The request.
+    pub id: RequestId,
+    /// Its prompt length.
+    pub prompt_tokens: usize,
+    /// Prompt tokens found in the prefix cache at its (first) admission.
+    pub cached_tokens: usize,
+    /// Tokens generated.
+    pub output_tokens: usize,
+}
+
+#[derive(Debug)]
+struct Seq {
+    req: SimRequest,
+    /// Hashes of the prompt's full blocks, computed on first admission.
+    hashes: Vec<u64>,
+    blocks: Vec<u32>,
+    /// Tokens whose KV is computed.
+    computed: usize,
+    /// Tokens generated so far.
+    output: usize,
+    /// Tokens to prefill: the prompt, plus generated tokens being recomputed after a
+    /// preemption.
+    prefill_len: usize,
+    /// Prompt blocks already announced as cached by this sequence.
+    cached_blocks: usize,
+    /// Prompt tokens that were prefix-cache hits at first admission.
+    cached_tokens: Option<usize>,
+    started: bool,
+}
+
+/// One simulated vLLM engine.
+#[derive(Debug)]
+pub struct Engine {
+    profile: Profile,
+    pool: Pool,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    events: bool,
+    prefix_queries: u64,
+    prefix_hits: u64,
+}
+
+impl Engine {
+    /// An idle engine with an empty cache. With `events`, steps report KV events.
+    pub fn new(profile: Profile, events: bool) -> Self {
+        Self {
+            pool: Pool::new(profile.kv_blocks),
+            profile,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            events,
+            prefix_queries: 0,
+            prefix_hits: 0,
+        }
+    }
+
+    /// The engine's profile.
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
+    /// Queues a request. Refuses (false) one whose prompt and output could never fit the
+    /// KV cache, as vLLM refuses prompts over its maximum model length.
+    pub fn add(&mut self, req: SimRequest) -> bool {
+        let prefill_len = req.prompt.len().max(1);
+        let blocks = (prefill_len + req.max_tokens).div_ceil(self.profile.block_size);
+        if blocks > self.profile.kv_blocks {
+            return false;
+        }
+        self.waiting.push_back(Seq {
+            req,
+            hashes: Vec::new(),
+            blocks: Vec::new(),
+            computed: 0,
+            output: 0,
+            prefill_len,
+            cached_blocks: 0,
+            cached_tokens: None,
+            started: false,
+        });
+        true
+    }
+
+    /// Whether a step would do anything.
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+
+    /// Requests waiting to be admitted (`vllm:num_requests_waiting`).
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Requests admitted and not finished (`vllm:num_requests_running`).
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Share of KV blocks in use by running requests (`vllm:kv_cache_usage_perc`).
+    pub fn kv_usage(&self) -> f64 {
+        self.pool.used_blocks() as f64 / self.pool.capacity().max(1) as f64
+    }
+
+    /// Prompt tokens looked up in, and found in, the prefix cache so far
+    /// (`vllm:prefix_cache_queries` / `vllm:prefix_cache_hits`).
+    pub fn prefix_cache_counts(&self) -> (u64, u64) {
+        (self.prefix_queries, self.prefix_hits)
+    }
+
+    /// The content hashes currently cached, sorted (for comparing engines).
+    pub fn cached_hashes(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.pool.hashes().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Forgets every cached block (vLLM's `reset_prefix_cache`); reports
+    /// `AllBlocksCleared`.
+    pub fn clear_cache(&mut self) -> Vec<KvEvent> {
+        self.pool.clear();
+        // Blocks still in use are cached again as their sequences go on.
+        for s in self.running.iter_mut().chain(self.waiting.iter_mut()) {
+            s.cached_blocks = 0;
+        }
+        if self.events {
+            vec![KvEvent::AllBlocksCleared]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Runs one scheduler step: decides what runs, applies its effects, and reports how
+    /// long it takes. Decode tokens of running requests go first, then their unfinished
+    /// prefills, then new requests, within `max_num_batched_tokens` (chunked prefill) and
+    /// `max_num_seqs`. A sequence that needs a block when none is free preempts the most
+    /// recently admitted one, as vLLM's V1 scheduler does.
+    pub fn step(&mut self) -> StepReport {
+        let mut report = StepReport::default();
+        let mut budget = self.profile.max_batched_tokens;
+        let bs = self.profile.block_size;
+        let mut plan: Vec<usize> = Vec::new(); // tokens per running sequence, by index
+        let mut preempted_any = false;
+
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let s = &self.running[i];
+            let want = if s.computed < s.prefill_len {
+                (s.prefill_len - s.computed).min(budget)
+            } else {
+                1
+            };
+            let need = (s.computed + want)
+                .div_ceil(bs)
+                .saturating_sub(s.blocks.len());
+            while self.pool.free_blocks() < need && self.running.len() > i + 1 {
+                self.preempt_last(&mut report);
+                preempted_any = true;
+            }
+            if self.pool.free_blocks() < need {
+                // Not even alone does it fit: it waits for blocks to free up.
+                self.preempt_last(&mut report);
+                preempted_any = true;
+                break;
+            }
+            self.allocate(i, need, &mut report);
+            plan.push(want);
+            budget -= want;
+            i += 1;
+        }
+
+        while !preempted_any
+            && budget > 0
+            && self.running.len() < self.profile.max_num_seqs
+            && !self.waiting.is_empty()
+        {
+            if !self.admit(&mut budget, &mut plan, &mut report) {
+                break;
+            }
+        }
+
+        // Execute the plan.
+        let mut done = Vec::new();
+        for (idx, &tokens) in plan.iter().enumerate() {
+            let s = &mut self.running[idx];
+            let was_prefill = s.computed < s.prefill_len;
+            s.computed += tokens;
+            if was_prefill {
+                report.prefill_tokens += tokens;
+            } else {
+                report.decode_seqs += 1;
+            }
+            let full = (s.computed.min(s.req.prompt.len()) / bs).min(s.hashes.len());
+            if full > s.cached_blocks {
+                let (from, to) = (s.cached_blocks, full);
+                s.cached_blocks = full;
+                self.cache_blocks(idx, from, to, &mut report);
+            }
+            let s = &mut self.running[idx];
+            if s.computed >= s.prefill_len {
+                s.output += 1;
+                report.generated.push(s.req.id);
+                if !s.started {
+                    s.started = true;
+                    report.first_tokens.push(s.req.id);
+                }
+                if s.output >= s.req.max_tokens.max(1) {
+                    done.push(idx);
+                }
+            }
+        }
+        for &idx in done.iter().rev() {
+            let s = self.running.remove(idx);
+            for &b in s.blocks.iter().rev() {
+                self.pool.release(b);
+            }
+            report.finished.push(Finished {
+                id: s.req.id,
+                prompt_tokens: s.req.prompt.len(),
+                cached_tokens: s.cached_tokens.unwrap_or(0),
+                output_tokens: s.output,
+            });
+        }
+        report.finished.reverse();
+        if report.prefill_tokens > 0 || report.decode_seqs > 0 {
+            report.duration_us = self
+                .profile
+                .step_us(report.prefill_tokens, report.decode_seqs);
+        }
+        report
+    }
+
+    /// Admits the first waiting request if its blocks fit; false when it does not.
+    fn admit(
+        &mut self,
+        budget: &mut usize,
+        plan: &mut Vec<usize>,
+        report: &mut StepReport,
+    ) -> bool {
+        let bs = self.profile.block_size;
+        let Some(s) = self.waiting.front_mut() else {
+            return false;
+        };
+        if s.hashes.is_empty() {
+            let n = s.req.prompt.len() / bs;
+            let mut parent = ROOT;
+            s.hashes = (0..n)
+                .map(|b| {
+                    parent = s.req.prompt.block_hash(b, bs, parent);
+                    parent
+                })
+                .collect();
+        }
+        let hits: Vec<u32> = s
+            .hashes
+            .iter()
+            .map_while(|h| self.pool.lookup(*h))
+            .collect();
+        // The last prompt token is always computed, so its logits exist.
+        let computed = (hits.len() * bs).min(s.prefill_len - 1);
+        let want = (s.prefill_len - computed).min(*budget);
+        let need_new = (computed + want).div_ceil(bs).saturating_sub(hits.len());
+        // Hit blocks nobody uses sit in the free queue: taking them leaves fewer for new ones.
+        let hits_free = hits.iter().filter(|&&b| self.pool.is_free(b)).count();
+        if self.pool.free_blocks() < need_new + hits_free {
+            return false;
+        }
+        let Some(mut s) = self.waiting.pop_front() else {
+            return false;
+        };
+        if s.cached_tokens.is_none() {
+            let prompt = s.req.prompt.len();
+            self.prefix_queries += prompt as u64;
+            self.prefix_hits += (hits.len() * bs).min(prompt) as u64;
+            s.cached_tokens = Some((hits.len() * bs).min(prompt));
+        }
+        for &b in &hits {
+            self.pool.touch(b);
+        }
+        s.blocks = hits;
+        s.cached_blocks = s.blocks.len();
+        s.computed = computed;
+        self.running.push(s);
+        let idx = self.running.len() - 1;
+        self.allocate(idx, need_new, report);
+        plan.push(want);
+        *budget -= want;
+        true
+    }
+
+    fn allocate(&mut self, idx: usize, n: usize, report: &mut StepReport) {
+        let mut removed = Vec::new();
+        for _ in 0..n {
+            if let Some((b, evicted)) = self.pool.allocate() {
+                self.running[idx].blocks.push(b);
+                if let Some(h) = evicted {
+                    removed.push(h);
+                }
+            }
+        }
+        if self.events && !removed.is_empty() {
+            report.events.push(KvEvent::BlockRemoved {
+                block_hashes: removed,
+            });
+        }
+    }
+
+    fn cache_blocks(&mut self, idx: usize, from: usize, to: usize, report: &mut StepReport) {
+        let bs = self.profile.block_size;
+        let mut run: Vec<usize> = Vec::new();
+        for b in from..to {
+            let s = &self.running[idx];
+            let (block, hash) = (s.blocks[b], s.hashes[b]);
+            if self.pool.cache(block, hash) {
+                run.push(b);
+            }
+        }
+        if !self.events || run.is_empty() {
+            return;
+        }
+        // One event per consecutive run, as vLLM's `cache_full_blocks` reports.
+        let s = &self.running[idx];
+        let mut start = 0;
+        while start < run.len() {
+            let mut end = start + 1;
+            while end < run.len() && run[end] == run[end - 1] + 1 {
+                end += 1;
+            }
+            let (first, last) = (run[start], run[end - 1]);
+            report.events.push(KvEvent::BlockStored {
+                block_hashes: s.hashes[first..=last].to_vec(),
+                parent_block_hash: first.checked_sub(1).map(|p| s.hashes[p]),
+                token_ids: s.req.prompt.tokens(first * bs, (last + 1) * bs),
+                block_size: bs,
+            });
+            start = end;
+        }
+    }
+
+    /// Frees the most recently admitted sequence's blocks and puts it back at the front of
+    /// the queue, to recompute its prompt and what it generated.
+    fn preempt_last(&mut self, report: &mut StepReport) {
+        let Some(mut s) = self.running.pop() else {
+            return;
+        };
+        for &b in s.blocks.iter().rev() {
+            self.pool.release(b);
+        }
+        s.blocks.clear();
+        s.prefill_len = s.req.prompt.len().max(1) + s.output;
+        s.computed = 0;
+        s.cached_blocks = 0;
+        report.preempted.push(s.req.id);
+        self.waiting.push_front(s);
+    }
+}
+
+#[cfg(test)]
+mod tests;

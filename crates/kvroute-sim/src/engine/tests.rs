@@ -1,0 +1,228 @@
+use std::sync::Arc;
+
+use super::*;
+
+fn req(id: RequestId, tokens: &[u32], max_tokens: usize) -> SimRequest {
+    SimRequest {
+        id,
+        prompt: PromptTokens::Explicit(Arc::from(tokens)),
+        max_tokens,
+    }
+}
+
+fn seq(start: u32, n: u32) -> Vec<u32> {
+    (start..start + n).collect()
+}
+
+fn run_to_end(e: &mut Engine) -> Vec<StepReport> {
+    let mut out = Vec::new();
+    while e.has_work() {
+        out.push(e.step());
+        assert!(out.len() < 10_000, "no progress");
+    }
+    out
+}
+
+#[test]
+fn prefill_then_decode_timed_by_the_profile() {
+    // Blocks of 4; base 100 µs, 10 µs per decoding sequence, 1 µs per prefill token.
+    let mut e = Engine::new(Profile::tiny(100, 8, 64), true);
+    assert!(e.add(req(1, &seq(0, 10), 3)));
+    let steps = run_to_end(&mut e);
+    let durations: Vec<u64> = steps.iter().map(|s| s.duration_us).collect();
+    assert_eq!(
+        durations,
+        [110, 110, 110],
+        "10-token prefill, then two decodes"
+    );
+    assert_eq!(steps[0].first_tokens, [1]);
+    assert_eq!(steps[2].finished[0].output_tokens, 3);
+    match &steps[0].events[..] {
+        [
+            KvEvent::BlockStored {
+                block_hashes,
+                parent_block_hash: None,
+                token_ids,
+                block_size: 4,
+            },
+        ] => {
+            assert_eq!(block_hashes.len(), 2, "only the 2 full prompt blocks");
+            assert_eq!(token_ids, &seq(0, 8));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(e.cached_hashes().len(), 2);
+    assert_eq!(e.kv_usage(), 0.0, "finished: nothing in use, content kept");
+}
+
+#[test]
+fn chunked_prefill_spreads_a_long_prompt_over_steps() {
+    let mut e = Engine::new(Profile::tiny(100, 8, 8), true);
+    assert!(e.add(req(1, &seq(0, 20), 1)));
+    let steps = run_to_end(&mut e);
+    let prefill: Vec<usize> = steps.iter().map(|s| s.prefill_tokens).collect();
+    assert_eq!(prefill, [8, 8, 4]);
+    assert_eq!(
+        steps.iter().map(|s| s.duration_us).collect::<Vec<_>>(),
+        [108, 108, 104]
+    );
+    assert!(steps[1].first_tokens.is_empty());
+    assert_eq!(
+        steps[2].first_tokens,
+        [1],
+        "first token once the whole prompt is in"
+    );
+    let stored: Vec<usize> = steps
+        .iter()
+        .flat_map(|s| &s.events)
+        .map(|ev| match ev {
+            KvEvent::BlockStored { block_hashes, .. } => block_hashes.len(),
+            _ => 0,
+        })
+        .collect();
+    assert_eq!(
+        stored,
+        [2, 2, 1],
+        "each step announces the blocks it filled"
+    );
+}
+
+#[test]
+fn a_shared_prefix_is_served_from_the_cache() {
+    let mut e = Engine::new(Profile::tiny(100, 8, 64), true);
+    assert!(e.add(req(1, &seq(0, 16), 1)));
+    run_to_end(&mut e);
+    let mut b = seq(0, 12);
+    b.extend(seq(100, 4));
+    assert!(e.add(req(2, &b, 1)));
+    let steps = run_to_end(&mut e);
+    assert_eq!(steps[0].prefill_tokens, 4, "12 of 16 tokens were cached");
+    assert_eq!(steps[0].finished[0].cached_tokens, 12);
+    match &steps[0].events[..] {
+        [
+            KvEvent::BlockStored {
+                block_hashes,
+                parent_block_hash: Some(_),
+                ..
+            },
+        ] => {
+            assert_eq!(block_hashes.len(), 1)
+        }
+        other => panic!("{other:?}"),
+    }
+    // A fully cached prompt still computes its last token.
+    assert!(e.add(req(3, &seq(0, 16), 1)));
+    let steps = run_to_end(&mut e);
+    assert_eq!(steps[0].prefill_tokens, 1);
+    assert!(steps[0].events.is_empty(), "nothing new to cache");
+    assert_eq!(e.prefix_cache_counts(), (48, 28));
+}
+
+#[test]
+fn eviction_takes_unused_blocks_then_the_oldest_tails() {
+    // 4 blocks of 4 tokens.
+    let mut e = Engine::new(Profile::tiny(4, 8, 64), true);
+    assert!(e.add(req(1, &seq(0, 8), 1))); // blocks a0 a1, both cached
+    let first = run_to_end(&mut e);
+    let KvEvent::BlockStored {
+        block_hashes: a, ..
+    } = &first[0].events[0]
+    else {
+        panic!()
+    };
+    let a = a.clone();
+    assert!(e.add(req(2, &seq(50, 8), 1))); // takes the two never-used blocks
+    let s = run_to_end(&mut e);
+    assert!(
+        s.iter()
+            .flat_map(|s| &s.events)
+            .all(|ev| !matches!(ev, KvEvent::BlockRemoved { .. }))
+    );
+    assert!(e.add(req(3, &seq(90, 4), 1))); // one block: the oldest freed tail, a1
+    let s = run_to_end(&mut e);
+    assert_eq!(
+        s[0].events[0],
+        KvEvent::BlockRemoved {
+            block_hashes: vec![a[1]]
+        },
+        "the tail of the oldest sequence goes first"
+    );
+    assert!(e.cached_hashes().contains(&a[0]));
+}
+
+#[test]
+fn requests_queue_when_the_batch_is_full() {
+    let mut e = Engine::new(Profile::tiny(100, 1, 64), false);
+    assert!(e.add(req(1, &seq(0, 4), 2)));
+    assert!(e.add(req(2, &seq(10, 4), 1)));
+    let s1 = e.step();
+    assert_eq!((e.running(), e.waiting()), (1, 1));
+    assert!(s1.events.is_empty(), "events off");
+    let s2 = e.step();
+    assert_eq!(s2.finished[0].id, 1);
+    let s3 = e.step();
+    assert_eq!(s3.first_tokens, [2]);
+    assert!(!e.has_work());
+}
+
+#[test]
+fn a_sequence_short_of_blocks_preempts_the_newest() {
+    // 3 blocks. Two 4-token prompts fill 2 blocks; their decodes need 2 more: one must go.
+    let mut e = Engine::new(Profile::tiny(3, 8, 64), false);
+    assert!(e.add(req(1, &seq(0, 4), 3)));
+    assert!(e.add(req(2, &seq(10, 4), 3)));
+    let s1 = e.step();
+    assert_eq!(s1.first_tokens, [1, 2]);
+    let s2 = e.step();
+    assert_eq!(s2.preempted, [2], "the most recently admitted yields");
+    let all = run_to_end(&mut e);
+    let finished: Vec<RequestId> = all
+        .iter()
+        .flat_map(|s| s.finished.iter().map(|f| f.id))
+        .collect();
+    assert_eq!(finished, [1, 2], "both complete; 2 after recomputing");
+    let f2 = all
+        .iter()
+        .flat_map(|s| &s.finished)
+        .find(|f| f.id == 2)
+        .unwrap();
+    assert_eq!(f2.output_tokens, 3);
+}
+
+#[test]
+fn clearing_the_cache_reports_it() {
+    let mut e = Engine::new(Profile::tiny(10, 8, 64), true);
+    assert!(e.add(req(1, &seq(0, 8), 1)));
+    run_to_end(&mut e);
+    assert_eq!(e.clear_cache(), [KvEvent::AllBlocksCleared]);
+    assert!(e.cached_hashes().is_empty());
+    assert!(e.add(req(2, &seq(0, 8), 1)));
+    assert_eq!(
+        run_to_end(&mut e)[0].prefill_tokens,
+        8,
+        "nothing cached any more"
+    );
+}
+
+#[test]
+fn synthetic_prompts_share_blocks_by_content_id() {
+    let mut e = Engine::new(Profile::tiny(100, 8, 512), false);
+    let p = |ids: &[u64], len| PromptTokens::Synthetic {
+        ids: Arc::from(ids),
+        unit: 8,
+        len,
+    };
+    assert!(e.add(SimRequest {
+        id: 1,
+        prompt: p(&[7, 8, 9], 24),
+        max_tokens: 1
+    }));
+    run_to_end(&mut e);
+    assert!(e.add(SimRequest {
+        id: 2,
+        prompt: p(&[7, 8, 5], 24),
+        max_tokens: 1
+    }));
+    assert_eq!(run_to_end(&mut e)[0].finished[0].cached_tokens, 16);
+    assert_eq!(p(&[7], 8).tokens(0, 8), p(&[7, 1], 16).tokens(0, 8));
+}

@@ -1,0 +1,95 @@
+/// How one simulated pod performs: the figures of a model on some hardware, each with its
+/// source in `docs/simulator.md`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Profile {
+    /// Name, `<hardware>-<model>[-tp<N>]`.
+    pub name: &'static str,
+    /// Tokens per KV block (vLLM's default 16).
+    pub block_size: usize,
+    /// KV-cache capacity in blocks.
+    pub kv_blocks: usize,
+    /// Most sequences in one batch (vLLM's `max_num_seqs`).
+    pub max_num_seqs: usize,
+    /// Token budget of one step (vLLM's `max_num_batched_tokens`, chunked prefill).
+    pub max_batched_tokens: usize,
+    /// Fixed cost of a forward pass (weights streamed once), µs.
+    pub step_base_us: f64,
+    /// Extra cost per sequence decoding in the step, µs.
+    pub decode_us_per_seq: f64,
+    /// Cost per prompt token prefilled in the step, µs.
+    pub prefill_us_per_token: f64,
+}
+
+impl Profile {
+    /// Duration of a step that prefills `prefill_tokens` and decodes `decode_seqs`.
+    pub fn step_us(&self, prefill_tokens: usize, decode_seqs: usize) -> u64 {
+        let us = self.step_base_us
+            + self.decode_us_per_seq * decode_seqs as f64
+            + self.prefill_us_per_token * prefill_tokens as f64;
+        us.round().max(1.0) as u64
+    }
+
+    /// The profiles this build knows, by name.
+    pub fn named(name: &str) -> Option<Self> {
+        Self::all().into_iter().find(|p| p.name == name)
+    }
+
+    /// Every built-in profile.
+    pub fn all() -> Vec<Self> {
+        vec![Self::h100_llama31_8b(), Self::mi300x_llama31_70b_tp4()]
+    }
+
+    /// Llama 3.1 8B (bf16) on one H100 80 GB SXM with vLLM's V1 defaults. Figures and
+    /// sources: `docs/simulator.md`.
+    pub fn h100_llama31_8b() -> Self {
+        Self {
+            name: "h100-llama3.1-8b",
+            block_size: 16,
+            kv_blocks: 26_306,
+            max_num_seqs: 1024,
+            max_batched_tokens: 8192,
+            step_base_us: 7_400.0,
+            decode_us_per_seq: 50.0,
+            prefill_us_per_token: 38.0,
+        }
+    }
+
+    /// Llama 3.1 70B (bf16) on four MI300X 192 GB, tensor parallel 4, vLLM's V1 defaults:
+    /// the setting of the published 3x throughput / 2x TTFT prefix-routing result.
+    pub fn mi300x_llama31_70b_tp4() -> Self {
+        Self {
+            name: "mi300x-llama3.1-70b-tp4",
+            block_size: 16,
+            kv_blocks: 108_000,
+            max_num_seqs: 1024,
+            max_batched_tokens: 8192,
+            step_base_us: 14_000.0,
+            decode_us_per_seq: 310.0,
+            prefill_us_per_token: 80.0,
+        }
+    }
+
+    /// The same figures with cache blocks of `block_size` tokens (capacity kept in tokens):
+    /// coarser blocks make virtual time much faster where prompts share content only in
+    /// large units (a Mooncake trace's 512 tokens), at the cost of caching no partial unit.
+    pub fn with_block_size(mut self, block_size: usize) -> Self {
+        let tokens = self.kv_blocks * self.block_size;
+        self.block_size = block_size.max(1);
+        self.kv_blocks = tokens / self.block_size;
+        self
+    }
+
+    /// A tiny profile for hand-computed tests: 4-token blocks, round numbers.
+    pub fn tiny(kv_blocks: usize, max_num_seqs: usize, max_batched_tokens: usize) -> Self {
+        Self {
+            name: "tiny",
+            block_size: 4,
+            kv_blocks,
+            max_num_seqs,
+            max_batched_tokens,
+            step_base_us: 100.0,
+            decode_us_per_seq: 10.0,
+            prefill_us_per_token: 1.0,
+        }
+    }
+}

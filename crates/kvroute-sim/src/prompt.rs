@@ -1,0 +1,93 @@
+use std::sync::Arc;
+
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+/// Vocabulary the synthetic token ids are drawn from (Llama 3's size).
+const VOCAB: u64 = 128_256;
+
+/// A prompt's token ids, either given or derived from content ids (a Mooncake trace's
+/// `hash_ids`: each id names `unit` tokens of shared content), without materialising them:
+/// a million trace requests of 15k tokens would otherwise need 60 GB.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PromptTokens {
+    /// Token ids as sent.
+    Explicit(Arc<[u32]>),
+    /// `len` tokens whose `i`-th is a deterministic function of `(ids[i / unit], i % unit)`,
+    /// so equal content ids give equal tokens.
+    Synthetic {
+        /// Content ids, one per `unit` tokens.
+        ids: Arc<[u64]>,
+        /// Tokens per content id.
+        unit: usize,
+        /// Prompt length in tokens.
+        len: usize,
+    },
+}
+
+impl PromptTokens {
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Explicit(t) => t.len(),
+            Self::Synthetic { len, .. } => *len,
+        }
+    }
+
+    /// Whether the prompt is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Token `i` (`i < len`).
+    pub fn token(&self, i: usize) -> u32 {
+        match self {
+            Self::Explicit(t) => t[i],
+            Self::Synthetic { ids, unit, .. } => {
+                let id = ids.get(i / unit).copied().unwrap_or(u64::MAX);
+                let h = xxh3_64_with_seed(&((i % unit) as u64).to_le_bytes(), id);
+                (h % VOCAB) as u32
+            }
+        }
+    }
+
+    /// Tokens `start..end`.
+    pub fn tokens(&self, start: usize, end: usize) -> Vec<u32> {
+        match self {
+            Self::Explicit(t) => t[start..end].to_vec(),
+            Self::Synthetic { .. } => (start..end).map(|i| self.token(i)).collect(),
+        }
+    }
+
+    /// The engine's chained hash of full block `b` (`block_size` tokens) after `parent`.
+    /// Explicit prompts hash their tokens; synthetic ones hash what determines the tokens
+    /// (content id and offset), which names the same content without generating it.
+    pub(crate) fn block_hash(&self, b: usize, block_size: usize, parent: u64) -> u64 {
+        match self {
+            Self::Explicit(t) => {
+                let mut bytes = Vec::with_capacity(block_size * 4);
+                for tok in &t[b * block_size..(b + 1) * block_size] {
+                    bytes.extend_from_slice(&tok.to_le_bytes());
+                }
+                xxh3_64_with_seed(&bytes, parent)
+            }
+            Self::Synthetic { ids, unit, .. } => {
+                let start = b * block_size;
+                // A block inside one content unit is named by (id, offset); one straddling
+                // two units (unit not a multiple of the block size) by its tokens.
+                if start / unit == (start + block_size - 1) / unit {
+                    // A multiply-fold of (parent, id, offset): a million 15k-token prompts
+                    // need 10^9 block hashes, so this one is kept cheap.
+                    let id = ids.get(start / unit).copied().unwrap_or(u64::MAX);
+                    let x = parent ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (start % unit) as u64;
+                    let m = u128::from(x) * u128::from(0xff51_afd7_ed55_8ccd_u64);
+                    (m as u64) ^ ((m >> 64) as u64)
+                } else {
+                    let bytes: Vec<u8> = (start..start + block_size)
+                        .flat_map(|i| self.token(i).to_le_bytes())
+                        .collect();
+                    xxh3_64_with_seed(&bytes, parent)
+                }
+            }
+        }
+    }
+}

@@ -4,6 +4,7 @@
 mod admin;
 mod serve;
 mod shutdown;
+mod sim;
 
 use std::io::IsTerminal;
 
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Serve Envoy's ext_proc API and pick an endpoint for each request.
     Serve(serve::ServeArgs),
+    /// Run one simulated vLLM pod (OpenAI API, /metrics, KV events on ZMQ).
+    Sim(sim::SimArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve::run(args)),
+        Command::Sim(args) => runtime.block_on(sim::run(args)),
     }
 }

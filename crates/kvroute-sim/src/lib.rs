@@ -4,7 +4,9 @@
 //! chunked-prefill token budget, a KV cache of fixed-size blocks with prefix caching and
 //! LRU eviction of freed blocks, preemption, and the KV events vLLM publishes), the
 //! hardware profiles that time it ([`Profile`]), and a virtual-time cluster of engines
-//! ([`Cluster`]) that replays a workload deterministically with no sockets and no sleeping.
+//! ([`Cluster`]) that replays a workload deterministically with no sockets and no sleeping,
+//! and the same engine as a real server ([`server`]: vLLM's OpenAI API, `/metrics` and KV
+//! events on ZMQ in vLLM's wire format, [`wire`]).
 //! It never imports the router: it must behave like vLLM, not like what kvroute expects.
 //! Where it departs from vLLM is written down in `docs/simulator.md`.
 
@@ -13,7 +15,9 @@ mod engine;
 mod pool;
 mod profile;
 mod prompt;
+pub mod server;
 mod table;
+pub mod wire;
 
 pub use cluster::{Cluster, PodView, RequestResult, RouteFn};
 pub use engine::{Engine, KvEvent, RequestId, SimRequest, StepReport};

@@ -1,0 +1,736 @@
+//! The simulator as a real server, for end-to-end tests and demos: vLLM's OpenAI API
+//! (`/v1/completions`, `/v1/chat/completions`, streaming or not, `/v1/models`, `/health`),
+//! `/metrics` with vLLM's metric names, and KV events on ZMQ (a PUB socket and a replay
+//! ROUTER socket) in vLLM's wire format. The engine steps in real time, each step sleeping
+//! for its modelled duration divided by `speed`.
+//!
+//! Test hooks under `/sim/`: `POST /sim/fault` with `{"fault": ...}` (`stall`,
+//! `drop-events`, `restart`, `errors`, `none`) and `GET /sim/cache` (the cached hashes).
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use kvroute_core::{ApiKind, ContentPart, InferenceRequest, MessageContent, Prompt, RequestHints};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use xxhash_rust::xxh3::xxh3_64;
+use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::engine::{Engine, KvEvent, RequestId, SimRequest};
+use crate::profile::Profile;
+use crate::prompt::PromptTokens;
+use crate::wire::{self, EventEncoding};
+
+/// Replay buffer length, as vLLM's `buffer_steps` default.
+const REPLAY_BATCHES: usize = 10_000;
+/// Vocabulary of the byte-chunk tokenizer (Llama 3's size).
+const VOCAB: u64 = 128_256;
+/// Tokens generated when a request does not say (vLLM's default for completions).
+const DEFAULT_MAX_TOKENS: u64 = 16;
+
+/// How to run one simulated pod.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// HTTP address (OpenAI API, `/metrics`).
+    pub http: SocketAddr,
+    /// KV-event PUB address.
+    pub events: SocketAddr,
+    /// KV-event replay ROUTER address.
+    pub replay: SocketAddr,
+    /// Frame 0 of every event message.
+    pub topic: String,
+    /// Model name served.
+    pub model: String,
+    /// Engine figures.
+    pub profile: Profile,
+    /// Steps take their modelled time divided by this.
+    pub speed: f64,
+    /// Event encoding (vLLM release family).
+    pub encoding: EventEncoding,
+}
+
+/// Where a started server listens.
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    /// HTTP.
+    pub http: SocketAddr,
+    /// KV-event PUB.
+    pub events: SocketAddr,
+    /// KV-event replay.
+    pub replay: SocketAddr,
+}
+
+/// Why the server could not start.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// A fault to act out, for tests of what a router does when a pod misbehaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// Back to normal.
+    None,
+    /// The engine stops stepping (requests hang).
+    Stall,
+    /// Event messages are not sent (sequence numbers still advance; replay still has them).
+    DropEvents,
+    /// Answer every inference request 500.
+    Errors,
+}
+
+/// What streams back to one request's HTTP handler.
+enum Tok {
+    Token(u32),
+    Done {
+        prompt: usize,
+        cached: usize,
+        output: usize,
+    },
+}
+
+enum Command {
+    Submit {
+        req: SimRequest,
+        out: mpsc::UnboundedSender<Tok>,
+    },
+    Restart,
+    Cache(oneshot::Sender<Vec<u64>>),
+}
+
+/// Gauges and counters `/metrics` shows.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stats {
+    running: usize,
+    waiting: usize,
+    kv_usage: f64,
+    prefix_queries: u64,
+    prefix_hits: u64,
+    prompt_tokens: u64,
+    generation_tokens: u64,
+    finished: u64,
+}
+
+struct Shared {
+    config: ServerConfig,
+    commands: mpsc::UnboundedSender<Command>,
+    stats: Mutex<Stats>,
+    fault: Mutex<Fault>,
+    next_id: Mutex<RequestId>,
+}
+
+impl Shared {
+    fn fault(&self) -> Fault {
+        *self.fault.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stats(&self) -> Stats {
+        *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Binds every socket and starts the engine, HTTP and event tasks; they run until `stop`
+/// is cancelled. Returns where they listen (ports may be 0 in `config`).
+pub async fn start(config: ServerConfig, stop: CancellationToken) -> Result<Bound, StartError> {
+    let http = TcpListener::bind(config.http)
+        .await
+        .map_err(|e| StartError(format!("binding HTTP {}: {e}", config.http)))?;
+    let mut publisher = zeromq::PubSocket::new();
+    let events = bind_zmq(&mut publisher, config.events).await?;
+    let mut router = zeromq::RouterSocket::new();
+    let replay = bind_zmq(&mut router, config.replay).await?;
+    let bound = Bound {
+        http: http
+            .local_addr()
+            .map_err(|e| StartError(format!("HTTP address: {e}")))?,
+        events,
+        replay,
+    };
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (batches, batch_rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        config,
+        commands,
+        stats: Mutex::new(Stats::default()),
+        fault: Mutex::new(Fault::None),
+        next_id: Mutex::new(0),
+    });
+    tokio::spawn(drive(
+        Arc::clone(&shared),
+        command_rx,
+        batches,
+        stop.clone(),
+    ));
+    tokio::spawn(publish(
+        Arc::clone(&shared),
+        publisher,
+        router,
+        batch_rx,
+        stop.clone(),
+    ));
+    tokio::spawn(serve_http(shared, http, stop));
+    Ok(bound)
+}
+
+async fn bind_zmq<S: Socket>(socket: &mut S, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    let endpoint = socket
+        .bind(&format!("tcp://{addr}"))
+        .await
+        .map_err(|e| StartError(format!("binding ZMQ {addr}: {e}")))?;
+    match endpoint {
+        zeromq::Endpoint::Tcp(_, port) => Ok(SocketAddr::new(addr.ip(), port)),
+        other => Err(StartError(format!("unexpected ZMQ endpoint {other}"))),
+    }
+}
+
+/// One event batch on its way to the publisher; `None` resets the sequence (a restart).
+type Batch = Option<Vec<KvEvent>>;
+
+/// The engine loop: admit commands, step, sleep the step's time, deliver its effects.
+async fn drive(
+    shared: Arc<Shared>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    batches: mpsc::UnboundedSender<Batch>,
+    stop: CancellationToken,
+) {
+    let mut engine = Engine::new(shared.config.profile.clone(), true);
+    let mut streams: HashMap<RequestId, (mpsc::UnboundedSender<Tok>, u64)> = HashMap::new();
+    let speed = shared.config.speed.max(1e-6);
+    loop {
+        if !engine.has_work() || shared.fault() == Fault::Stall {
+            let next = tokio::select! {
+                () = stop.cancelled() => return,
+                c = commands.recv() => c,
+                () = tokio::time::sleep(Duration::from_millis(20)), if shared.fault() == Fault::Stall => continue,
+            };
+            let Some(c) = next else { return };
+            handle(c, &mut engine, &mut streams, &batches, &shared);
+        }
+        while let Ok(c) = commands.try_recv() {
+            handle(c, &mut engine, &mut streams, &batches, &shared);
+        }
+        if shared.fault() == Fault::Stall || !engine.has_work() {
+            continue;
+        }
+        let report = engine.step();
+        let pause = Duration::from_secs_f64(report.duration_us as f64 / 1e6 / speed);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+        for id in &report.generated {
+            if let Some((s, n)) = streams.get_mut(id) {
+                let _ = s.send(Tok::Token(synthetic_token(*id, *n)));
+                *n += 1;
+            }
+        }
+        for f in &report.finished {
+            if let Some((s, _)) = streams.remove(&f.id) {
+                let _ = s.send(Tok::Done {
+                    prompt: f.prompt_tokens,
+                    cached: f.cached_tokens,
+                    output: f.output_tokens,
+                });
+            }
+        }
+        if !report.events.is_empty() {
+            let _ = batches.send(Some(report.events));
+        }
+        let mut stats = shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        stats.running = engine.running();
+        stats.waiting = engine.waiting();
+        stats.kv_usage = engine.kv_usage();
+        (stats.prefix_queries, stats.prefix_hits) = engine.prefix_cache_counts();
+        stats.prompt_tokens += report.prefill_tokens as u64;
+        stats.generation_tokens += report.generated.len() as u64;
+        stats.finished += report.finished.len() as u64;
+    }
+}
+
+fn handle(
+    c: Command,
+    engine: &mut Engine,
+    streams: &mut HashMap<RequestId, (mpsc::UnboundedSender<Tok>, u64)>,
+    batches: &mpsc::UnboundedSender<Batch>,
+    shared: &Shared,
+) {
+    match c {
+        Command::Submit { req, out } => {
+            let id = req.id;
+            if engine.add(req) {
+                streams.insert(id, (out, 0));
+            }
+        }
+        Command::Restart => {
+            // A restarted pod: empty cache, no requests, sequence numbers from 0.
+            *engine = Engine::new(shared.config.profile.clone(), true);
+            streams.clear();
+            let _ = batches.send(None);
+            *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = Stats::default();
+        }
+        Command::Cache(reply) => {
+            let _ = reply.send(engine.cached_hashes());
+        }
+    }
+}
+
+fn synthetic_token(id: RequestId, i: u64) -> u32 {
+    (xxh3_64(&[id.to_le_bytes(), i.to_le_bytes()].concat()) % VOCAB) as u32
+}
+
+/// The PUB socket and the replay ROUTER, in one task as in vLLM's publisher thread.
+async fn publish(
+    shared: Arc<Shared>,
+    mut publisher: zeromq::PubSocket,
+    mut router: zeromq::RouterSocket,
+    mut batches: mpsc::UnboundedReceiver<Batch>,
+    stop: CancellationToken,
+) {
+    let topic = Bytes::from(shared.config.topic.clone());
+    let mut seq: u64 = 0;
+    let mut buffer: VecDeque<(u64, Bytes)> = VecDeque::new();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            b = batches.recv() => {
+                let Some(batch) = b else { return };
+                let Some(events) = batch else {
+                    seq = 0;
+                    buffer.clear();
+                    continue;
+                };
+                let ts = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+                let payload = Bytes::from(wire::encode_batch(ts, &events, 0, shared.config.encoding));
+                let this = seq;
+                seq += 1;
+                buffer.push_back((this, payload.clone()));
+                if buffer.len() > REPLAY_BATCHES {
+                    buffer.pop_front();
+                }
+                if shared.fault() == Fault::DropEvents {
+                    continue;
+                }
+                let frames = vec![topic.clone(), Bytes::copy_from_slice(&wire::seq_frame(this)), payload];
+                if let Ok(msg) = ZmqMessage::try_from(frames)
+                    && let Err(e) = publisher.send(msg).await
+                {
+                    warn!(error = %e, "publishing KV events failed");
+                }
+            }
+            r = router.recv() => {
+                let Ok(msg) = r else { continue };
+                replay(&mut router, msg, &topic, &buffer).await;
+            }
+        }
+    }
+}
+
+/// Answers `[identity, "", start_seq]` with every buffered batch from `start_seq` on, each
+/// `[identity, "", topic, seq, payload]`, then `[identity, "", topic, -1, ""]`.
+async fn replay(
+    router: &mut zeromq::RouterSocket,
+    msg: ZmqMessage,
+    topic: &Bytes,
+    buffer: &VecDeque<(u64, Bytes)>,
+) {
+    let frames = msg.into_vec();
+    let (Some(identity), Some(start)) = (frames.first(), frames.last()) else {
+        return;
+    };
+    let Ok(start) = <[u8; 8]>::try_from(start.as_ref()).map(u64::from_be_bytes) else {
+        debug!(frames = frames.len(), "invalid replay request");
+        return;
+    };
+    let empty = Bytes::new();
+    let reply = |seq: [u8; 8], payload: Bytes| {
+        ZmqMessage::try_from(vec![
+            identity.clone(),
+            empty.clone(),
+            topic.clone(),
+            Bytes::copy_from_slice(&seq),
+            payload,
+        ])
+    };
+    for (seq, payload) in buffer.iter().filter(|(s, _)| *s >= start) {
+        if let Ok(m) = reply(wire::seq_frame(*seq), payload.clone()) {
+            let _ = router.send(m).await;
+        }
+    }
+    if let Ok(m) = reply(wire::END_SEQ, Bytes::new()) {
+        let _ = router.send(m).await;
+    }
+}
+
+async fn serve_http(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let shared = Arc::clone(&shared);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let shared = Arc::clone(&shared);
+                async move { Ok::<_, Infallible>(route(&shared, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                r = conn => { if let Err(e) = r { debug!(error = %e, "sim connection ended"); } }
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(value.to_string())).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    json(
+        status,
+        &serde_json::json!({"error": {"message": message, "type": "BadRequestError", "code": status.as_u16()}}),
+    )
+}
+
+async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/health") => Response::new(Full::new(Bytes::new()).boxed()),
+        (Method::GET, "/v1/models") => json(
+            StatusCode::OK,
+            &serde_json::json!({"object": "list", "data": [
+                {"id": shared.config.model, "object": "model", "owned_by": "kvroute-sim", "max_model_len": shared.config.profile.kv_blocks * shared.config.profile.block_size}
+            ]}),
+        ),
+        (Method::GET, "/metrics") => {
+            let mut r = Response::new(Full::new(Bytes::from(metrics(shared))).boxed());
+            r.headers_mut().insert(
+                "content-type",
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        (Method::GET, "/sim/cache") => {
+            let (tx, rx) = oneshot::channel();
+            let _ = shared.commands.send(Command::Cache(tx));
+            let hashes = rx.await.unwrap_or_default();
+            json(StatusCode::OK, &serde_json::json!({ "hashes": hashes }))
+        }
+        (Method::POST, "/sim/fault") => {
+            let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+                return error(StatusCode::BAD_REQUEST, "unreadable body");
+            };
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let fault = match v["fault"].as_str() {
+                Some("none") => Fault::None,
+                Some("stall") => Fault::Stall,
+                Some("drop-events") => Fault::DropEvents,
+                Some("errors") => Fault::Errors,
+                Some("restart") => {
+                    let _ = shared.commands.send(Command::Restart);
+                    Fault::None
+                }
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "fault: none|stall|drop-events|errors|restart",
+                    );
+                }
+            };
+            *shared.fault.lock().unwrap_or_else(PoisonError::into_inner) = fault;
+            json(StatusCode::OK, &serde_json::json!({"fault": v["fault"]}))
+        }
+        (Method::POST, p) if ApiKind::from_path(p) != ApiKind::Other => {
+            if shared.fault() == Fault::Errors {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, "simulated failure");
+            }
+            let api = ApiKind::from_path(p);
+            let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+                return error(StatusCode::BAD_REQUEST, "unreadable body");
+            };
+            match InferenceRequest::parse(api, &body, RequestHints::default()) {
+                Ok(parsed) => generate(shared, api, &parsed).await,
+                Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+            }
+        }
+        _ => error(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+/// Token ids of a prompt without a tokenizer: given ids as they are; text cut into 4-byte
+/// chunks of its UTF-8, each chunk one token (`xxh3(chunk) mod 128256`). About four bytes
+/// per token, like real tokenizers on English; equal text prefixes give equal token
+/// prefixes (to the last whole chunk). Chat messages are rendered `<|role|>\n{content}\n`.
+pub fn tokenize(prompt: &Prompt) -> Vec<u32> {
+    fn text(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(s.as_bytes());
+    }
+    let mut bytes = Vec::new();
+    match prompt {
+        Prompt::Tokens(ids) => return ids.clone(),
+        Prompt::TokenBatches(b) => return b.first().cloned().unwrap_or_default(),
+        Prompt::Text(t) => text(&mut bytes, t),
+        Prompt::Texts(ts) => ts.first().iter().for_each(|t| text(&mut bytes, t)),
+        Prompt::Chat(messages) => {
+            for m in messages {
+                text(&mut bytes, &format!("<|{}|>\n", m.role));
+                match &m.content {
+                    MessageContent::Empty => {}
+                    MessageContent::Text(t) => text(&mut bytes, t),
+                    MessageContent::Parts(parts) => {
+                        for p in parts {
+                            match p {
+                                ContentPart::Text(t) => text(&mut bytes, t),
+                                ContentPart::Other { kind } => {
+                                    text(&mut bytes, &format!("<{kind}>"))
+                                }
+                            }
+                        }
+                    }
+                }
+                text(&mut bytes, "\n");
+            }
+            text(&mut bytes, "<|assistant|>\n");
+        }
+    }
+    bytes
+        .chunks(4)
+        .map(|c| (xxh3_64(c) % VOCAB) as u32)
+        .collect()
+}
+
+async fn generate(shared: &Shared, api: ApiKind, parsed: &InferenceRequest) -> Response<Body> {
+    let tokens = tokenize(&parsed.prompt);
+    let max_tokens = parsed.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).max(1);
+    let id = {
+        let mut next = shared
+            .next_id
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *next += 1;
+        *next
+    };
+    let req = SimRequest {
+        id,
+        prompt: PromptTokens::Explicit(Arc::from(tokens)),
+        max_tokens: max_tokens as usize,
+    };
+    let needed = (req.prompt.len() + req.max_tokens).div_ceil(shared.config.profile.block_size);
+    if needed > shared.config.profile.kv_blocks {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "prompt and max_tokens exceed the KV cache",
+        );
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    if shared
+        .commands
+        .send(Command::Submit { req, out: tx })
+        .is_err()
+    {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "engine stopped");
+    }
+    let chat = api == ApiKind::ChatCompletions;
+    let model = parsed.model.clone();
+    let rid = format!("{}-{id}", if chat { "chatcmpl" } else { "cmpl" });
+    let object = if chat {
+        "chat.completion"
+    } else {
+        "text_completion"
+    };
+    let piece = |tok: u32| format!("t{tok} ");
+    let choice = move |text: &str, finish: Option<&str>| {
+        if chat {
+            serde_json::json!({"index": 0, "delta": {"content": text}, "finish_reason": finish})
+        } else {
+            serde_json::json!({"index": 0, "text": text, "finish_reason": finish})
+        }
+    };
+    let usage = |prompt: usize, cached: usize, output: usize| {
+        serde_json::json!({"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output,
+            "prompt_tokens_details": {"cached_tokens": cached}})
+    };
+    if parsed.stream {
+        let chunk_object = if chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let stream = UnboundedReceiverStream::new(rx).map(move |t| {
+            let data = match t {
+                Tok::Token(tok) => serde_json::json!({"id": rid, "object": chunk_object, "model": model,
+                    "choices": [choice(&piece(tok), None)]}),
+                Tok::Done { prompt, cached, output } => {
+                    let last = serde_json::json!({"id": rid, "object": chunk_object, "model": model,
+                        "choices": [choice("", Some("length"))], "usage": usage(prompt, cached, output)});
+                    return Ok(Frame::data(Bytes::from(format!("data: {last}\n\ndata: [DONE]\n\n"))));
+                }
+            };
+            Ok(Frame::data(Bytes::from(format!("data: {data}\n\n"))))
+        });
+        let mut r = Response::new(BoxBody::new(StreamBody::new(stream)));
+        r.headers_mut().insert(
+            "content-type",
+            hyper::header::HeaderValue::from_static("text/event-stream"),
+        );
+        return r;
+    }
+    let mut rx = rx;
+    let mut text = String::new();
+    while let Some(t) = rx.recv().await {
+        match t {
+            Tok::Token(tok) => text.push_str(&piece(tok)),
+            Tok::Done {
+                prompt,
+                cached,
+                output,
+            } => {
+                let message = if chat {
+                    serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
+                } else {
+                    serde_json::json!({"index": 0, "text": text, "finish_reason": "length"})
+                };
+                return json(
+                    StatusCode::OK,
+                    &serde_json::json!({"id": rid, "object": object, "model": model, "choices": [message],
+                        "usage": usage(prompt, cached, output)}),
+                );
+            }
+        }
+    }
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "request aborted (engine restarted)",
+    )
+}
+
+/// `/metrics` in Prometheus text format, with vLLM's names and labels.
+fn metrics(shared: &Shared) -> String {
+    let s = shared.stats();
+    let p = &shared.config.profile;
+    let m = &shared.config.model;
+    let mut out = String::new();
+    // Text format 0.0.4, as Python's prometheus_client writes it: a counter's family is
+    // named with its `_total` suffix.
+    let mut metric = |name: &str, kind: &str, help: &str, labels: &str, value: String| {
+        let name = if kind == "counter" {
+            format!("{name}_total")
+        } else {
+            name.to_owned()
+        };
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        out.push_str(&format!("{name}{{model_name=\"{m}\"{labels}}} {value}\n"));
+    };
+    metric(
+        "vllm:num_requests_running",
+        "gauge",
+        "Requests in model execution batches.",
+        "",
+        s.running.to_string(),
+    );
+    metric(
+        "vllm:num_requests_waiting",
+        "gauge",
+        "Requests waiting to be processed.",
+        "",
+        s.waiting.to_string(),
+    );
+    metric(
+        "vllm:kv_cache_usage_perc",
+        "gauge",
+        "KV-cache usage. 1 means 100 percent usage.",
+        "",
+        s.kv_usage.to_string(),
+    );
+    metric(
+        "vllm:gpu_cache_usage_perc",
+        "gauge",
+        "GPU KV-cache usage (name before vLLM 0.10).",
+        "",
+        s.kv_usage.to_string(),
+    );
+    metric(
+        "vllm:prefix_cache_queries",
+        "counter",
+        "Prefix-cache queries, in tokens.",
+        "",
+        s.prefix_queries.to_string(),
+    );
+    metric(
+        "vllm:prefix_cache_hits",
+        "counter",
+        "Prefix-cache hits, in tokens.",
+        "",
+        s.prefix_hits.to_string(),
+    );
+    metric(
+        "vllm:prompt_tokens",
+        "counter",
+        "Prefill tokens processed.",
+        "",
+        s.prompt_tokens.to_string(),
+    );
+    metric(
+        "vllm:generation_tokens",
+        "counter",
+        "Generation tokens processed.",
+        "",
+        s.generation_tokens.to_string(),
+    );
+    metric(
+        "vllm:request_success",
+        "counter",
+        "Successfully processed requests.",
+        ",finished_reason=\"length\"",
+        s.finished.to_string(),
+    );
+    metric(
+        "vllm:cache_config_info",
+        "gauge",
+        "Information of the LLMEngine CacheConfig.",
+        &format!(
+            ",block_size=\"{}\",num_gpu_blocks=\"{}\",enable_prefix_caching=\"True\"",
+            p.block_size, p.kv_blocks
+        ),
+        "1".into(),
+    );
+    metric(
+        "vllm:lora_requests_info",
+        "gauge",
+        "Running stats on LoRA requests.",
+        ",max_lora=\"0\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"",
+        "1".into(),
+    );
+    out
+}

@@ -1,0 +1,350 @@
+//! The simulator as a server, over real sockets: OpenAI API (JSON and SSE), `/metrics`
+//! parsed by a Prometheus text parser, KV events on ZMQ decoded as generic msgpack and
+//! checked field by field against vLLM's definitions, replay, faults, and the real-time
+//! engine's cache equal to the virtual-time engine's for the same requests.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use kvroute_core::{ApiKind, InferenceRequest, RequestHints};
+use kvroute_sim::server::{self, Bound, ServerConfig};
+use kvroute_sim::wire::EventEncoding;
+use kvroute_sim::{Engine, Profile, PromptTokens, SimRequest};
+use openmetrics_parser::PrometheusValue;
+use rmpv::Value;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
+
+fn profile() -> Profile {
+    Profile::h100_llama31_8b()
+}
+
+async fn start() -> (Bound, CancellationToken) {
+    let stop = CancellationToken::new();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let bound = server::start(
+        ServerConfig {
+            http: any,
+            events: any,
+            replay: any,
+            topic: "kv@sim@m".into(),
+            model: "m".into(),
+            profile: profile(),
+            speed: 1000.0,
+            encoding: EventEncoding::Map,
+        },
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    (bound, stop)
+}
+
+async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "sim")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn completion(prompt: &str, stream: bool) -> String {
+    serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 3, "stream": stream})
+        .to_string()
+}
+
+/// A 1,000-byte shared document: 250 tokens, 15 full blocks, under the byte-chunk tokenizer.
+fn document() -> String {
+    "The quick brown fox jumps over the lazy dog. ".repeat(23)[..1000].to_owned()
+}
+
+fn field<'a>(map: &'a Value, key: &str) -> &'a Value {
+    map.as_map()
+        .unwrap()
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| panic!("no {key} in {map}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_the_openai_api_metrics_and_kv_events() {
+    let (bound, stop) = start().await;
+    let mut sub = zeromq::SubSocket::new();
+    sub.connect(&format!("tcp://{}", bound.events))
+        .await
+        .unwrap();
+    sub.subscribe("").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let doc = document();
+    let prompts = [
+        format!("{doc} first question?"),
+        format!("{doc} second one, a longer question?"),
+        "unrelated".repeat(40),
+    ];
+    let mut usages = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let (status, body) = http(
+            bound.http,
+            "POST",
+            "/v1/completions",
+            &completion(p, i == 1),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        if i == 1 {
+            assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+            let last = body.lines().rfind(|l| l.starts_with("data: {")).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&last[6..]).unwrap();
+            usages.push(v["usage"].clone());
+            assert_eq!(
+                body.matches("\"text\":\"t").count(),
+                3,
+                "three token chunks"
+            );
+        } else {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            usages.push(v["usage"].clone());
+        }
+    }
+    assert_eq!(usages[0]["prompt_tokens"], 254);
+    assert_eq!(usages[0]["completion_tokens"], 3);
+    assert_eq!(
+        usages[1]["prompt_tokens_details"]["cached_tokens"], 240,
+        "15 shared blocks"
+    );
+
+    // Events: three frames, sequence from 0, map-encoded BlockStored with vLLM's fields.
+    let mut stored_blocks = 0;
+    for expect_seq in 0u64..3 {
+        let msg = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let frames = msg.into_vec();
+        assert_eq!(frames.len(), 3);
+        assert_eq!(&frames[0][..], b"kv@sim@m");
+        assert_eq!(
+            u64::from_be_bytes(frames[1][..].try_into().unwrap()),
+            expect_seq
+        );
+        let batch = rmpv::decode::read_value(&mut &frames[2][..]).unwrap();
+        let batch = batch.as_array().unwrap();
+        assert_eq!(batch.len(), 3, "[ts, events, data_parallel_rank]");
+        assert!(batch[0].as_f64().unwrap() > 1.7e9, "wall-clock ts");
+        assert_eq!(batch[2].as_u64(), Some(0));
+        for ev in batch[1].as_array().unwrap() {
+            assert_eq!(field(ev, "type").as_str(), Some("BlockStored"));
+            let hashes = field(ev, "block_hashes").as_array().unwrap();
+            let tokens = field(ev, "token_ids").as_array().unwrap();
+            assert_eq!(field(ev, "block_size").as_u64(), Some(16));
+            assert_eq!(tokens.len(), hashes.len() * 16);
+            assert_eq!(field(ev, "medium").as_str(), Some("GPU"));
+            assert!(field(ev, "lora_id").is_nil() && field(ev, "lora_name").is_nil());
+            let parent = field(ev, "parent_block_hash");
+            assert_eq!(
+                parent.is_nil(),
+                expect_seq != 1,
+                "the 2nd request extends the cached document"
+            );
+            stored_blocks += hashes.len();
+        }
+    }
+    assert_eq!(
+        stored_blocks,
+        15 + 1 + 5,
+        "document, the 2nd request's new block, the 3rd prompt"
+    );
+
+    // /metrics through a Prometheus text parser.
+    let (_, text) = http(bound.http, "GET", "/metrics", "").await;
+    let scrape = openmetrics_parser::prometheus::parse_prometheus(&text).unwrap();
+    let sample = |family: &str| {
+        scrape
+            .families
+            .get(family)
+            .unwrap_or_else(|| panic!("no {family} in {:?}", scrape.families.keys()))
+            .iter_samples()
+            .next()
+            .unwrap()
+            .clone()
+    };
+    let value = |family: &str| match sample(family).value {
+        PrometheusValue::Counter(c) => c.value.as_f64(),
+        PrometheusValue::Gauge(g) | PrometheusValue::Unknown(g) => g.as_f64(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(value("vllm:prefix_cache_hits_total"), 240.0);
+    assert_eq!(value("vllm:num_requests_running"), 0.0);
+    assert_eq!(value("vllm:request_success_total"), 3.0);
+    let info = sample("vllm:cache_config_info");
+    let labels = info.get_labelset().unwrap();
+    assert_eq!(labels.get_label_value("block_size"), Some("16"));
+    assert_eq!(labels.get_label_value("num_gpu_blocks"), Some("26306"));
+    assert_eq!(labels.get_label_value("model_name"), Some("m"));
+
+    // Replay from sequence 1: batches 1 and 2, then the end marker.
+    let mut dealer = zeromq::DealerSocket::new();
+    dealer
+        .connect(&format!("tcp://{}", bound.replay))
+        .await
+        .unwrap();
+    let req = ZmqMessage::try_from(vec![
+        Bytes::new(),
+        Bytes::copy_from_slice(&1u64.to_be_bytes()),
+    ])
+    .unwrap();
+    dealer.send(req).await.unwrap();
+    let mut seqs = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), dealer.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let frames = msg.into_vec();
+        // [empty delimiter, topic, seq, payload]
+        assert_eq!(frames.len(), 4, "{frames:?}");
+        let seq = i64::from_be_bytes(frames[2][..].try_into().unwrap());
+        if seq == -1 {
+            assert!(frames[3].is_empty());
+            break;
+        }
+        seqs.push(seq);
+    }
+    assert_eq!(seqs, [1, 2]);
+
+    // The same requests through the virtual-time engine leave the same cache.
+    let mut engine = Engine::new(profile(), false);
+    for (i, p) in prompts.iter().enumerate() {
+        let parsed = InferenceRequest::parse(
+            ApiKind::Completions,
+            completion(p, false).as_bytes(),
+            RequestHints::default(),
+        )
+        .unwrap();
+        assert!(engine.add(SimRequest {
+            id: i as u64,
+            prompt: PromptTokens::Explicit(Arc::from(server::tokenize(&parsed.prompt))),
+            max_tokens: 3,
+        }));
+        while engine.has_work() {
+            engine.step();
+        }
+    }
+    let (_, cache) = http(bound.http, "GET", "/sim/cache", "").await;
+    let cache: serde_json::Value = serde_json::from_str(&cache).unwrap();
+    let live: Vec<u64> = cache["hashes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_u64().unwrap())
+        .collect();
+    assert_eq!(live, engine.cached_hashes());
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_on_demand() {
+    let (bound, stop) = start().await;
+    let fault = |f: &str| serde_json::json!({"fault": f}).to_string();
+    assert_eq!(
+        http(bound.http, "POST", "/sim/fault", &fault("errors"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        http(
+            bound.http,
+            "POST",
+            "/v1/completions",
+            &completion("hi", false)
+        )
+        .await
+        .0,
+        500
+    );
+    assert_eq!(
+        http(bound.http, "POST", "/sim/fault", &fault("none"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        http(
+            bound.http,
+            "POST",
+            "/v1/completions",
+            &completion(&document(), false)
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        http(bound.http, "POST", "/sim/fault", &fault("bogus"))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        http(bound.http, "POST", "/v1/completions", "{not json")
+            .await
+            .0,
+        400
+    );
+
+    // A stalled engine answers nothing until it resumes.
+    assert_eq!(
+        http(bound.http, "POST", "/sim/fault", &fault("stall"))
+            .await
+            .0,
+        200
+    );
+    let addr = bound.http;
+    let pending = tokio::spawn(async move {
+        http(addr, "POST", "/v1/completions", &completion("later", false)).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pending.is_finished(), "stalled");
+    assert_eq!(
+        http(bound.http, "POST", "/sim/fault", &fault("none"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(pending.await.unwrap().0, 200);
+
+    // A restart empties the cache.
+    let (_, cache) = http(bound.http, "GET", "/sim/cache", "").await;
+    assert!(cache.len() > 20, "{cache}");
+    assert_eq!(
+        http(bound.http, "POST", "/sim/fault", &fault("restart"))
+            .await
+            .0,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_, cache) = http(bound.http, "GET", "/sim/cache", "").await;
+    assert_eq!(cache, r#"{"hashes":[]}"#);
+    stop.cancel();
+}

@@ -1,0 +1,80 @@
+//! `kvroute sim`: one simulated vLLM pod on real sockets.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use kvroute_sim::Profile;
+use kvroute_sim::server::{self, ServerConfig};
+use kvroute_sim::wire::EventEncoding;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::shutdown;
+
+#[derive(Debug, Args)]
+pub(crate) struct SimArgs {
+    /// Address to listen on (HTTP and ZMQ).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// HTTP port: OpenAI API, /health, /metrics.
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Hardware/model profile (`docs/simulator.md`): h100-llama3.1-8b, mi300x-llama3.1-70b-tp4.
+    #[arg(long, default_value = "h100-llama3.1-8b")]
+    profile: String,
+    /// Model name served.
+    #[arg(long, default_value = "meta-llama/Llama-3.1-8B-Instruct")]
+    model: String,
+    /// KV-event PUB port (vLLM's default endpoint is tcp://*:5557).
+    #[arg(long, default_value_t = 5557)]
+    kv_events_port: u16,
+    /// KV-event replay port.
+    #[arg(long, default_value_t = 5657)]
+    kv_replay_port: u16,
+    /// Topic (frame 0) of every event message.
+    #[arg(long, default_value = "")]
+    topic: String,
+    /// Run this many times faster than the modelled hardware.
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// How events are encoded: maps (vLLM since mid-2026) or arrays (earlier releases).
+    #[arg(long, value_enum, default_value_t = Encoding::Map)]
+    event_encoding: Encoding,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Encoding {
+    Map,
+    Array,
+}
+
+pub(crate) async fn run(args: SimArgs) -> anyhow::Result<()> {
+    let profile = Profile::named(&args.profile).with_context(|| {
+        let names: Vec<&str> = Profile::all().iter().map(|p| p.name).collect();
+        format!(
+            "unknown profile {:?}; known: {}",
+            args.profile,
+            names.join(", ")
+        )
+    })?;
+    anyhow::ensure!(args.speed > 0.0, "--speed must be positive");
+    let config = ServerConfig {
+        http: SocketAddr::new(args.host, args.port),
+        events: SocketAddr::new(args.host, args.kv_events_port),
+        replay: SocketAddr::new(args.host, args.kv_replay_port),
+        topic: args.topic,
+        model: args.model,
+        profile,
+        speed: args.speed,
+        encoding: match args.event_encoding {
+            Encoding::Map => EventEncoding::Map,
+            Encoding::Array => EventEncoding::Array,
+        },
+    };
+    let token = CancellationToken::new();
+    let bound = server::start(config, token.clone()).await?;
+    info!(http = %bound.http, kv_events = %bound.events, kv_replay = %bound.replay, "kvroute sim serving");
+    shutdown::on_signal(token).await?;
+    Ok(())
+}

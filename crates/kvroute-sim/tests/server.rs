@@ -334,6 +334,68 @@ async fn faults_on_demand() {
     );
     assert_eq!(pending.await.unwrap().0, 200);
 
+    // Dropped event messages: none arrive, but replay still has them.
+    let mut sub = zeromq::SubSocket::new();
+    sub.connect(&format!("tcp://{}", bound.events))
+        .await
+        .unwrap();
+    sub.subscribe("").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        http(bound.http, "POST", "/sim/fault", &fault("drop-events"))
+            .await
+            .0,
+        200
+    );
+    let fresh = "never seen before, a prompt of its own. ".repeat(4);
+    assert_eq!(
+        http(
+            bound.http,
+            "POST",
+            "/v1/completions",
+            &completion(&fresh, false)
+        )
+        .await
+        .0,
+        200
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sub.recv())
+            .await
+            .is_err(),
+        "the event message was dropped"
+    );
+    assert_eq!(
+        http(bound.http, "POST", "/sim/fault", &fault("none"))
+            .await
+            .0,
+        200
+    );
+    let mut dealer = zeromq::DealerSocket::new();
+    dealer
+        .connect(&format!("tcp://{}", bound.replay))
+        .await
+        .unwrap();
+    let req = ZmqMessage::try_from(vec![
+        Bytes::new(),
+        Bytes::copy_from_slice(&0u64.to_be_bytes()),
+    ])
+    .unwrap();
+    dealer.send(req).await.unwrap();
+    let mut replayed = 0;
+    loop {
+        let frames = tokio::time::timeout(Duration::from_secs(5), dealer.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .into_vec();
+        if i64::from_be_bytes(frames[2][..].try_into().unwrap()) == -1 {
+            break;
+        }
+        replayed += 1;
+    }
+    assert!(replayed >= 2, "the dropped batch is in the replay buffer");
+
     // A restart empties the cache.
     let (_, cache) = http(bound.http, "GET", "/sim/cache", "").await;
     assert!(cache.len() > 20, "{cache}");

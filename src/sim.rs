@@ -41,6 +41,10 @@ pub(crate) struct SimArgs {
     /// How events are encoded: maps (vLLM since mid-2026) or arrays (earlier releases).
     #[arg(long, value_enum, default_value_t = Encoding::Map)]
     event_encoding: Encoding,
+    /// A Hugging Face `tokenizer.json` to tokenize text prompts with (read once, never
+    /// downloaded); without it text is tokenized by 4-byte chunks.
+    #[arg(long)]
+    tokenizer: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -59,6 +63,13 @@ pub(crate) async fn run(args: SimArgs) -> anyhow::Result<()> {
         )
     })?;
     anyhow::ensure!(args.speed > 0.0, "--speed must be positive");
+    let tokenizer = match &args.tokenizer {
+        Some(path) => Some(std::sync::Arc::new(
+            tokenizers::Tokenizer::from_file(path)
+                .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", path.display()))?,
+        )),
+        None => None,
+    };
     let config = ServerConfig {
         http: SocketAddr::new(args.host, args.port),
         events: SocketAddr::new(args.host, args.kv_events_port),
@@ -71,6 +82,7 @@ pub(crate) async fn run(args: SimArgs) -> anyhow::Result<()> {
             Encoding::Map => EventEncoding::Map,
             Encoding::Array => EventEncoding::Array,
         },
+        tokenizer,
     };
     let token = CancellationToken::new();
     let bound = server::start(config, token.clone()).await?;

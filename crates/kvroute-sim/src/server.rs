@@ -60,6 +60,8 @@ pub struct ServerConfig {
     pub speed: f64,
     /// Event encoding (vLLM release family).
     pub encoding: EventEncoding,
+    /// A real tokenizer (`tokenizer.json`); without one, text is tokenized by byte chunks.
+    pub tokenizer: Option<Arc<tokenizers::Tokenizer>>,
 }
 
 /// Where a started server listens.
@@ -488,18 +490,23 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// Token ids of a prompt without a tokenizer: given ids as they are; text cut into 4-byte
-/// chunks of its UTF-8, each chunk one token (`xxh3(chunk) mod 128256`). About four bytes
-/// per token, like real tokenizers on English; equal text prefixes give equal token
-/// prefixes (to the last whole chunk). Chat messages are rendered `<|role|>\n{content}\n`.
-pub fn tokenize(prompt: &Prompt) -> Vec<u32> {
+/// Token ids of a prompt. Given ids are used as they are. Text goes through `tokenizer`
+/// when there is one (no special tokens added); without one it is cut into 4-byte chunks
+/// of its UTF-8, each chunk one token (`xxh3(chunk) mod 128256`): about four bytes per
+/// token, like real tokenizers on English, and equal text prefixes give equal token
+/// prefixes (to the last whole chunk). Chat messages are rendered `<|role|>\n{content}\n`
+/// then `<|assistant|>\n` (not the model's own chat template).
+pub fn tokenize(
+    prompt: &Prompt,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+) -> Result<Vec<u32>, String> {
     fn text(out: &mut Vec<u8>, s: &str) {
         out.extend_from_slice(s.as_bytes());
     }
     let mut bytes = Vec::new();
     match prompt {
-        Prompt::Tokens(ids) => return ids.clone(),
-        Prompt::TokenBatches(b) => return b.first().cloned().unwrap_or_default(),
+        Prompt::Tokens(ids) => return Ok(ids.clone()),
+        Prompt::TokenBatches(b) => return Ok(b.first().cloned().unwrap_or_default()),
         Prompt::Text(t) => text(&mut bytes, t),
         Prompt::Texts(ts) => ts.first().iter().for_each(|t| text(&mut bytes, t)),
         Prompt::Chat(messages) => {
@@ -524,14 +531,24 @@ pub fn tokenize(prompt: &Prompt) -> Vec<u32> {
             text(&mut bytes, "<|assistant|>\n");
         }
     }
-    bytes
+    if let Some(t) = tokenizer {
+        let text = String::from_utf8_lossy(&bytes);
+        return t
+            .encode(text.as_ref(), false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| format!("tokenizing the prompt: {e}"));
+    }
+    Ok(bytes
         .chunks(4)
         .map(|c| (xxh3_64(c) % VOCAB) as u32)
-        .collect()
+        .collect())
 }
 
 async fn generate(shared: &Shared, api: ApiKind, parsed: &InferenceRequest) -> Response<Body> {
-    let tokens = tokenize(&parsed.prompt);
+    let tokens = match tokenize(&parsed.prompt, shared.config.tokenizer.as_deref()) {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
     let max_tokens = parsed.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).max(1);
     let id = {
         let mut next = shared

@@ -40,6 +40,7 @@ async fn start() -> (Bound, CancellationToken) {
             profile: profile(),
             speed: 1000.0,
             encoding: EventEncoding::Map,
+            tokenizer: None,
         },
         stop.clone(),
     )
@@ -243,7 +244,9 @@ async fn serves_the_openai_api_metrics_and_kv_events() {
         .unwrap();
         assert!(engine.add(SimRequest {
             id: i as u64,
-            prompt: PromptTokens::Explicit(Arc::from(server::tokenize(&parsed.prompt))),
+            prompt: PromptTokens::Explicit(Arc::from(
+                server::tokenize(&parsed.prompt, None).unwrap()
+            )),
             max_tokens: 3,
         }));
         while engine.has_work() {
@@ -408,5 +411,43 @@ async fn faults_on_demand() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (_, cache) = http(bound.http, "GET", "/sim/cache", "").await;
     assert_eq!(cache, r#"{"hashes":[]}"#);
+    // ... and numbers event batches from 0 again, as a restarted vLLM does.
+    assert_eq!(
+        http(
+            bound.http,
+            "POST",
+            "/v1/completions",
+            &completion(&fresh, false)
+        )
+        .await
+        .0,
+        200
+    );
+    let frames = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .into_vec();
+    assert_eq!(u64::from_be_bytes(frames[1][..].try_into().unwrap()), 0);
     stop.cancel();
+}
+
+/// With a real `tokenizer.json` (Qwen3's, fetched by `tests/run`), prompts are tokenized
+/// exactly as Hugging Face's tokenizers do.
+#[test]
+fn a_real_tokenizer_gives_the_models_token_ids() {
+    let path = std::env::var("KVROUTE_TEST_TOKENIZER")
+        .expect("KVROUTE_TEST_TOKENIZER: run tests/run, which fetches Qwen3's tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&path).unwrap();
+    let ids = server::tokenize(
+        &kvroute_core::Prompt::Text("Hello, my dog is cute. 日本語も".into()),
+        Some(&tokenizer),
+    )
+    .unwrap();
+    assert_eq!(
+        ids,
+        [
+            9707, 11, 847, 5562, 374, 18838, 13, 75402, 21894, 102819, 31877
+        ]
+    );
 }

@@ -8,10 +8,17 @@
 
 const EMPTY: u64 = 0;
 
+/// A key and its value side by side, so a probe and the write that follows touch one cache
+/// line, not two.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    key: u64,
+    value: u32,
+}
+
 #[derive(Debug)]
 pub(crate) struct HashTable {
-    keys: Vec<u64>,
-    values: Vec<u32>,
+    entries: Vec<Entry>,
     mask: usize,
     len: usize,
     /// The value for key 0, which marks empty slots.
@@ -23,8 +30,7 @@ impl HashTable {
     pub(crate) fn with_capacity(n: usize) -> Self {
         let size = (n.max(1) * 2).next_power_of_two();
         Self {
-            keys: vec![EMPTY; size],
-            values: vec![0; size],
+            entries: vec![Entry { key: EMPTY, value: 0 }; size],
             mask: size - 1,
             len: 0,
             zero: None,
@@ -44,7 +50,7 @@ impl HashTable {
     fn find(&self, key: u64) -> (usize, bool) {
         let mut i = self.home(key);
         loop {
-            let k = self.keys[i];
+            let k = self.entries[i].key;
             if k == key {
                 return (i, true);
             }
@@ -60,7 +66,7 @@ impl HashTable {
             return self.zero;
         }
         match self.find(key) {
-            (i, true) => Some(self.values[i]),
+            (i, true) => Some(self.entries[i].value),
             _ => None,
         }
     }
@@ -77,8 +83,7 @@ impl HashTable {
         match self.find(key) {
             (_, true) => false,
             (i, false) => {
-                self.keys[i] = key;
-                self.values[i] = value;
+                self.entries[i] = Entry { key, value };
                 self.len += 1;
                 true
             }
@@ -94,30 +99,29 @@ impl HashTable {
             return;
         };
         let mut j = (hole + 1) & self.mask;
-        while self.keys[j] != EMPTY {
-            let home = self.home(self.keys[j]);
+        while self.entries[j].key != EMPTY {
+            let home = self.home(self.entries[j].key);
             // Move j into the hole unless its home lies after the hole (cyclically).
             if j.wrapping_sub(home) & self.mask >= j.wrapping_sub(hole) & self.mask {
-                self.keys[hole] = self.keys[j];
-                self.values[hole] = self.values[j];
+                self.entries[hole] = self.entries[j];
                 hole = j;
             }
             j = (j + 1) & self.mask;
         }
-        self.keys[hole] = EMPTY;
+        self.entries[hole].key = EMPTY;
         self.len -= 1;
     }
 
     pub(crate) fn clear(&mut self) {
-        self.keys.iter_mut().for_each(|k| *k = EMPTY);
+        self.entries.iter_mut().for_each(|e| e.key = EMPTY);
         self.len = 0;
         self.zero = None;
     }
 
     pub(crate) fn keys(&self) -> impl Iterator<Item = u64> + '_ {
-        self.keys
+        self.entries
             .iter()
-            .copied()
+            .map(|e| e.key)
             .filter(|&k| k != EMPTY)
             .chain(self.zero.map(|_| EMPTY))
     }

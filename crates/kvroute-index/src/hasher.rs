@@ -18,6 +18,14 @@ impl Default for KeyHasher {
     }
 }
 
+impl KeyHasher {
+    /// The keyed mix of one 64-bit key: a folded 64×64→128-bit multiply.
+    pub(crate) fn mix(&self, x: u64) -> u64 {
+        let m = u128::from(x) * u128::from(self.key);
+        (m as u64) ^ ((m >> 64) as u64)
+    }
+}
+
 impl BuildHasher for KeyHasher {
     type Hasher = KeyState;
 

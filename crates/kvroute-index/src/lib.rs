@@ -12,6 +12,7 @@ mod hasher;
 mod holders;
 mod index;
 mod shared;
+mod table;
 
 pub use approx::{ApproxIndex, DEFAULT_LRU_CAPACITY};
 pub use index::{EndpointMatch, PrefixIndex, Tier};

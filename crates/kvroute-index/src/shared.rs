@@ -1,15 +1,18 @@
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
 /// Most blocks a writer should apply per write hold. Measured (`docs/index.md`, "Sharing"):
-/// at 1M block events/s, holds of 16 blocks kept the p99 of a 512-block match within 2x of
-/// an idle index in every run; holds of 64 in one run of three, 256 in none.
-pub const WRITE_BATCH_BLOCKS: usize = 16;
+/// at 1M block events/s, with spinning readers, holds of 64 blocks kept the p99 of a
+/// 512-block match within 2x of idle in three runs of three; 256 in none.
+pub const WRITE_BATCH_BLOCKS: usize = 64;
+
+/// Attempts a reader makes before it sleeps: ~20 µs of spinning, several write holds.
+const READ_SPINS: usize = 2_000;
 
 /// An index shared between request handlers (readers) and the writers that apply events or
 /// routing records. A reader-writer lock was chosen by measurement (`docs/index.md`,
 /// "Sharing"): writers hold it for at most [`WRITE_BATCH_BLOCKS`] blocks at a time, so a
-/// reader waits at most one short batch. A panic while holding it leaves a usable index (every operation keeps the
-/// index's invariants between blocks), so poisoning is ignored.
+/// reader waits at most one short batch. A panic while holding it leaves a usable index
+/// (every operation keeps the index's invariants between blocks), so poisoning is ignored.
 #[derive(Debug, Default)]
 pub struct Shared<T> {
     inner: RwLock<T>,
@@ -23,8 +26,17 @@ impl<T> Shared<T> {
         }
     }
 
-    /// Read access; many readers at once.
+    /// Read access; many readers at once. A reader that finds a writer in spins for a
+    /// while before sleeping: write holds are a few microseconds, and being put to sleep and
+    /// woken by the kernel can cost more than that (`docs/index.md`, "Sharing").
     pub fn read(&self) -> RwLockReadGuard<'_, T> {
+        for _ in 0..READ_SPINS {
+            match self.inner.try_read() {
+                Ok(guard) => return guard,
+                Err(TryLockError::Poisoned(p)) => return p.into_inner(),
+                Err(TryLockError::WouldBlock) => std::hint::spin_loop(),
+            }
+        }
         self.inner
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

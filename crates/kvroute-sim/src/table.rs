@@ -30,7 +30,13 @@ impl HashTable {
     pub(crate) fn with_capacity(n: usize) -> Self {
         let size = (n.max(1) * 2).next_power_of_two();
         Self {
-            entries: vec![Entry { key: EMPTY, value: 0 }; size],
+            entries: vec![
+                Entry {
+                    key: EMPTY,
+                    value: 0
+                };
+                size
+            ],
             mask: size - 1,
             len: 0,
             zero: None,

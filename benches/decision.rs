@@ -10,7 +10,7 @@ use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_
 use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use kvroute_core::{ApiKind, InferenceRequest, RequestHints};
 use kvroute_extproc::{ExtProcConfig, Metrics, Router, StreamState};
-use kvroute_scheduler::LeastInFlight;
+use kvroute_scheduler::Profile;
 use test_support::envoy::{protocol_config, request_body, request_headers, with_config};
 use test_support::{chat_body, registry, split};
 
@@ -45,7 +45,7 @@ fn decision(c: &mut Criterion) {
     let mut prom = prometheus_client::registry::Registry::default();
     let router = Router::new(
         registry(&[8001, 8002, 8003, 8004, 8005, 8006, 8007, 8008]),
-        Arc::new(LeastInFlight::new(0)),
+        Arc::new(Profile::least_in_flight(0)),
         ExtProcConfig::default(),
         Metrics::register(&mut prom),
     );

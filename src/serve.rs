@@ -12,9 +12,7 @@ use kvroute_endpoints::{InFlightCollector, Registry};
 use kvroute_extproc::{
     BodySendMode, DEFAULT_MAX_BODY_BYTES, ExtProcConfig, ExtProcService, Metrics, Router,
 };
-use kvroute_scheduler::{
-    LeastInFlight, LoadScorer, PrefixCacheConfig, PrefixCacheScorer, Profile, Scheduler,
-};
+use kvroute_scheduler::{LoadScorer, PrefixCacheConfig, PrefixCacheScorer, Profile, Scheduler};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -77,7 +75,7 @@ impl Policy {
                 ],
                 fallbacks,
             )),
-            Self::LeastInFlight => Arc::new(LeastInFlight::new(fallbacks)),
+            Self::LeastInFlight => Arc::new(Profile::least_in_flight(fallbacks)),
         }
     }
 }

@@ -5,7 +5,6 @@
 //! routed by load alone) and a snapshot of candidate endpoints, and answers with an ordered
 //! list: the primary target, then fallbacks. It does no I/O and never blocks.
 
-mod least_in_flight;
 mod prefix;
 mod profile;
 
@@ -16,7 +15,6 @@ use std::sync::Arc;
 use kvroute_core::{BlockHash, InferenceRequest, RequestHints};
 use kvroute_endpoints::EndpointState;
 
-pub use least_in_flight::LeastInFlight;
 pub use prefix::{PrefixCacheConfig, PrefixCacheScorer};
 pub use profile::{LoadScorer, Profile, Scorer};
 

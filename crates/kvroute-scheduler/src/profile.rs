@@ -36,6 +36,13 @@ pub struct Profile {
 }
 
 impl Profile {
+    /// Fewest requests in flight wins (a load scorer that counts every request of spread in
+    /// full); equal endpoints take turns, so a quiet period does not send everything to the
+    /// first one. Given the same calls and loads, the same choices.
+    pub fn least_in_flight(fallbacks: usize) -> Self {
+        Self::new(vec![(Box::new(LoadScorer::new(1)), 1.0)], fallbacks)
+    }
+
     /// A profile of `(scorer, weight)` pairs choosing `fallbacks` extra endpoints.
     pub fn new(scorers: Vec<(Box<dyn Scorer>, f64)>, fallbacks: usize) -> Self {
         Self {
@@ -217,5 +224,80 @@ mod tests {
         assert_eq!(scores, [0.0, 0.25, 0.25]);
         LoadScorer::new(1).score(&SchedulingRequest::new(None, &hints), &snap, &mut scores);
         assert_eq!(scores, [0.0, 1.0, 1.0]);
+    }
+}
+
+#[cfg(test)]
+mod least_in_flight_tests {
+    use std::sync::Arc;
+
+    use kvroute_core::{Endpoint, RequestHints};
+    use kvroute_endpoints::{EndpointState, Registry};
+
+    use crate::{Decision, Profile, ScheduleError, Scheduler, SchedulingRequest};
+
+    fn registry(n: u16) -> Registry {
+        let reg = Registry::new();
+        reg.replace(
+            (1..=n)
+                .map(|p| Endpoint::from_address(([127, 0, 0, 1], p).into()))
+                .collect(),
+        );
+        reg
+    }
+
+    fn pick(s: &Profile, c: &[Arc<EndpointState>]) -> Result<Decision, ScheduleError> {
+        let hints = RequestHints::default();
+        s.schedule(&SchedulingRequest::new(None, &hints), c)
+    }
+
+    #[test]
+    fn empty_candidates_is_an_error() {
+        assert_eq!(
+            pick(&Profile::least_in_flight(0), &[]).unwrap_err(),
+            ScheduleError::NoCandidates
+        );
+    }
+
+    #[test]
+    fn least_loaded_wins_and_ties_rotate() {
+        let reg = registry(3);
+        let c = reg.snapshot();
+        let s = Profile::least_in_flight(0);
+        let _busy: Vec<_> = (0..2).map(|_| c[0].acquire()).collect();
+        let _one = c[1].acquire();
+        for _ in 0..5 {
+            assert_eq!(pick(&s, &c).unwrap().primary().address().port(), 3);
+        }
+        drop(_one);
+        let ports: Vec<u16> = (0..4)
+            .map(|_| pick(&s, &c).unwrap().primary().address().port())
+            .collect();
+        assert!(ports.contains(&2) && ports.contains(&3), "{ports:?}");
+        assert!(!ports.contains(&1), "{ports:?}");
+    }
+
+    #[test]
+    fn holding_guards_spreads_load_evenly() {
+        let reg = registry(4);
+        let c = reg.snapshot();
+        let s = Profile::least_in_flight(0);
+        let guards: Vec<_> = (0..40)
+            .map(|_| pick(&s, &c).unwrap().primary().acquire())
+            .collect();
+        assert!(c.iter().all(|e| e.in_flight() == 10));
+        drop(guards);
+        assert!(c.iter().all(|e| e.in_flight() == 0));
+    }
+
+    #[test]
+    fn fallbacks_are_ordered_by_load() {
+        let reg = registry(3);
+        let c = reg.snapshot();
+        let s = Profile::least_in_flight(5);
+        let _g = [c[0].acquire(), c[0].acquire(), c[2].acquire()];
+        let d = pick(&s, &c).unwrap();
+        let ports: Vec<u16> = d.targets().iter().map(|e| e.address().port()).collect();
+        assert_eq!(ports, vec![2, 3, 1], "all three, least loaded first");
     }
 }

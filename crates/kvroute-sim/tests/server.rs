@@ -77,6 +77,38 @@ fn document() -> String {
     "The quick brown fox jumps over the lazy dog. ".repeat(23)[..1000].to_owned()
 }
 
+/// Asks the replay socket for every batch from `start` and returns their sequence numbers,
+/// checking the frames and the end marker on the way.
+async fn replay(bound: &Bound, start: u64) -> Vec<i64> {
+    let mut dealer = zeromq::DealerSocket::new();
+    dealer
+        .connect(&format!("tcp://{}", bound.replay))
+        .await
+        .unwrap();
+    let req = ZmqMessage::try_from(vec![
+        Bytes::new(),
+        Bytes::copy_from_slice(&start.to_be_bytes()),
+    ])
+    .unwrap();
+    dealer.send(req).await.unwrap();
+    let mut seqs = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), dealer.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let frames = msg.into_vec();
+        // [empty delimiter, topic, seq, payload]
+        assert_eq!(frames.len(), 4, "{frames:?}");
+        let seq = i64::from_be_bytes(frames[2][..].try_into().unwrap());
+        if seq == -1 {
+            assert!(frames[3].is_empty(), "the end marker has an empty payload");
+            return seqs;
+        }
+        seqs.push(seq);
+    }
+}
+
 fn field<'a>(map: &'a Value, key: &str) -> &'a Value {
     map.as_map()
         .unwrap()
@@ -204,34 +236,7 @@ async fn serves_the_openai_api_metrics_and_kv_events() {
     assert_eq!(labels.get_label_value("model_name"), Some("m"));
 
     // Replay from sequence 1: batches 1 and 2, then the end marker.
-    let mut dealer = zeromq::DealerSocket::new();
-    dealer
-        .connect(&format!("tcp://{}", bound.replay))
-        .await
-        .unwrap();
-    let req = ZmqMessage::try_from(vec![
-        Bytes::new(),
-        Bytes::copy_from_slice(&1u64.to_be_bytes()),
-    ])
-    .unwrap();
-    dealer.send(req).await.unwrap();
-    let mut seqs = Vec::new();
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(5), dealer.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        let frames = msg.into_vec();
-        // [empty delimiter, topic, seq, payload]
-        assert_eq!(frames.len(), 4, "{frames:?}");
-        let seq = i64::from_be_bytes(frames[2][..].try_into().unwrap());
-        if seq == -1 {
-            assert!(frames[3].is_empty());
-            break;
-        }
-        seqs.push(seq);
-    }
-    assert_eq!(seqs, [1, 2]);
+    assert_eq!(replay(&bound, 1).await, [1, 2]);
 
     // The same requests through the virtual-time engine leave the same cache.
     let mut engine = Engine::new(profile(), false);
@@ -374,29 +379,7 @@ async fn faults_on_demand() {
             .0,
         200
     );
-    let mut dealer = zeromq::DealerSocket::new();
-    dealer
-        .connect(&format!("tcp://{}", bound.replay))
-        .await
-        .unwrap();
-    let req = ZmqMessage::try_from(vec![
-        Bytes::new(),
-        Bytes::copy_from_slice(&0u64.to_be_bytes()),
-    ])
-    .unwrap();
-    dealer.send(req).await.unwrap();
-    let mut replayed = 0;
-    loop {
-        let frames = tokio::time::timeout(Duration::from_secs(5), dealer.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .into_vec();
-        if i64::from_be_bytes(frames[2][..].try_into().unwrap()) == -1 {
-            break;
-        }
-        replayed += 1;
-    }
+    let replayed = replay(&bound, 0).await.len();
     assert!(replayed >= 2, "the dropped batch is in the replay buffer");
 
     // A restart empties the cache.

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use kvroute_endpoints::Registry;
-use kvroute_scheduler::LeastInFlight;
+use kvroute_scheduler::Profile;
 use prometheus_client::encoding::text::encode;
 use proptest::prelude::*;
 use test_support::envoy::*;
@@ -32,7 +32,7 @@ impl Harness {
         let metrics = Metrics::register(&mut prom);
         let router = Router::new(
             Arc::clone(&registry),
-            Arc::new(LeastInFlight::new(fallbacks)),
+            Arc::new(Profile::least_in_flight(fallbacks)),
             config,
             metrics,
         );

@@ -72,16 +72,28 @@ impl PromptTokens {
             }
             Self::Synthetic { ids, unit, .. } => {
                 let start = b * block_size;
-                // A block inside one content unit is named by (id, offset); one straddling
-                // two units (unit not a multiple of the block size) by its tokens.
-                if start / unit == (start + block_size - 1) / unit {
-                    // A multiply-fold of (parent, id, offset): a million 15k-token prompts
-                    // need 10^9 block hashes, so this one is kept cheap.
-                    let id = ids.get(start / unit).copied().unwrap_or(u64::MAX);
-                    let x = parent ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (start % unit) as u64;
-                    let m = u128::from(x) * u128::from(0xff51_afd7_ed55_8ccd_u64);
-                    (m as u64) ^ ((m >> 64) as u64)
+                if unit % block_size == 0 {
+                    // Units split into whole blocks: a unit is named by a multiply-fold of
+                    // (parent, content id) in the high bits, and its blocks by their index in
+                    // the low bits. The name is cheap (a million 15k-token prompts need 10^9
+                    // of them), and a unit's blocks get neighbouring slots in the block
+                    // table, so caching or evicting them touches a few cache lines rather
+                    // than one per block.
+                    let index_bits = (unit / block_size).next_power_of_two().trailing_zeros();
+                    let low = (1u64 << index_bits) - 1;
+                    let offset = ((start % unit) / block_size) as u64;
+                    let unit_name = if offset == 0 {
+                        let id = ids.get(start / unit).copied().unwrap_or(u64::MAX);
+                        let x = parent ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                        let m = u128::from(x) * u128::from(0xff51_afd7_ed55_8ccd_u64);
+                        (m as u64) ^ ((m >> 64) as u64)
+                    } else {
+                        // The parent is the previous block of the same unit.
+                        parent
+                    };
+                    (unit_name & !low) | offset
                 } else {
+                    // Blocks straddle units: named by their tokens.
                     let bytes: Vec<u8> = (start..start + block_size)
                         .flat_map(|i| self.token(i).to_le_bytes())
                         .collect();

@@ -48,9 +48,10 @@ impl HashTable {
         self.len + usize::from(self.zero.is_some())
     }
 
+    /// Keys are already well mixed (XXH3 of tokens, or a unit name above a block index), so
+    /// their low bits are the home slot: the blocks of one synthetic unit land side by side.
     fn home(&self, key: u64) -> usize {
-        let m = u128::from(key) * u128::from(0x9e37_79b9_7f4a_7c15_u64);
-        ((m as u64) ^ ((m >> 64) as u64)) as usize & self.mask
+        key as usize & self.mask
     }
 
     fn find(&self, key: u64) -> (usize, bool) {

@@ -1,6 +1,6 @@
 //! The node table: block hash → holders, open addressing with linear probing and
 //! backward-shift deletion, with the key beside its holders, so a lookup touches one cache
-//! line, and a `prefetch` that lets a match ask for the lines of blocks it will look up
+//! line (two when a 24-byte slot straddles lines), and a `prefetch` that lets a match ask for the lines of blocks it will look up
 //! next while it works on the current one (`docs/index.md`, "Node table").
 
 use crate::hasher::KeyHasher;

@@ -84,14 +84,10 @@ impl Scheduler for Profile {
         // Candidates in rotated order, then a stable sort by total: equal totals keep the
         // rotation, which is the tie-break.
         let mut order: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
-        order.sort_by(|&a, &b| {
-            let (ta, tb) = (totals[a], totals[b]);
-            if (ta - tb).abs() <= TIE {
-                std::cmp::Ordering::Equal
-            } else {
-                tb.total_cmp(&ta)
-            }
-        });
+        // Totals are compared at a resolution of TIE, so float noise ties (and the order
+        // stays a total order for the sort); equal keys keep the rotation.
+        let key = |i: usize| (totals[i] / TIE).round();
+        order.sort_by(|&a, &b| key(b).total_cmp(&key(a)));
         let mut picked = order
             .iter()
             .take(self.fallbacks + 1)

@@ -134,8 +134,10 @@ impl Engine {
     /// KV cache, as vLLM refuses prompts over its maximum model length.
     pub fn add(&mut self, req: SimRequest) -> bool {
         let prefill_len = req.prompt.len().max(1);
-        let blocks = (prefill_len + req.max_tokens).div_ceil(self.profile.block_size);
-        if blocks > self.profile.kv_blocks {
+        let fits = prefill_len
+            .checked_add(req.max_tokens)
+            .is_some_and(|t| t.div_ceil(self.profile.block_size) <= self.profile.kv_blocks);
+        if !fits {
             return false;
         }
         self.waiting.push_back(Seq {
@@ -321,13 +323,17 @@ impl Engine {
                 })
                 .collect();
         }
+        // As vLLM, a hit covers at most all but the last prompt token, in whole blocks: the
+        // last token is always computed so its logits exist, and a fully cached prompt
+        // recomputes its last block.
+        let max_hit_blocks = (s.prefill_len - 1) / bs;
         let hits: Vec<u32> = s
             .hashes
             .iter()
+            .take(max_hit_blocks)
             .map_while(|h| self.pool.lookup(*h))
             .collect();
-        // The last prompt token is always computed, so its logits exist.
-        let computed = (hits.len() * bs).min(s.prefill_len - 1);
+        let computed = hits.len() * bs;
         let want = (s.prefill_len - computed).min(*budget);
         let need_new = (computed + want).div_ceil(bs).saturating_sub(hits.len());
         // Hit blocks nobody uses sit in the free queue: taking them leaves fewer for new ones.

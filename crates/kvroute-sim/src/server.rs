@@ -34,6 +34,10 @@ use crate::profile::Profile;
 use crate::prompt::PromptTokens;
 use crate::wire::{self, EventEncoding};
 
+/// How long one replay message may wait for a slow client.
+const REPLAY_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+/// Largest request body read.
+const MAX_BODY_BYTES: usize = 64 << 20;
 /// Replay buffer length, as vLLM's `buffer_steps` default.
 const REPLAY_BATCHES: usize = 10_000;
 /// Vocabulary of the byte-chunk tokenizer (Llama 3's size).
@@ -116,6 +120,7 @@ enum Command {
         out: mpsc::UnboundedSender<Tok>,
     },
     Restart,
+    ResetPrefixCache,
     Cache(oneshot::Sender<Vec<u64>>),
 }
 
@@ -289,6 +294,9 @@ fn handle(
             let _ = batches.send(None);
             *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = Stats::default();
         }
+        Command::ResetPrefixCache => {
+            let _ = batches.send(Some(engine.clear_cache()));
+        }
         Command::Cache(reply) => {
             let _ = reply.send(engine.cached_hashes());
         }
@@ -355,11 +363,16 @@ async fn replay(
     buffer: &VecDeque<(u64, Bytes)>,
 ) {
     let frames = msg.into_vec();
-    let (Some(identity), Some(start)) = (frames.first(), frames.last()) else {
+    // Exactly [identity, "", start_seq (8 bytes)], as vLLM's publisher requires.
+    let [identity, delimiter, start] = frames.as_slice() else {
+        debug!(frames = frames.len(), "invalid replay request");
         return;
     };
-    let Ok(start) = <[u8; 8]>::try_from(start.as_ref()).map(u64::from_be_bytes) else {
-        debug!(frames = frames.len(), "invalid replay request");
+    let (true, Ok(start)) = (
+        delimiter.is_empty(),
+        <[u8; 8]>::try_from(start.as_ref()).map(u64::from_be_bytes),
+    ) else {
+        debug!("invalid replay request");
         return;
     };
     let empty = Bytes::new();
@@ -372,13 +385,24 @@ async fn replay(
             payload,
         ])
     };
+    // A client that stops reading must not stall live publishing: give up on it (libzmq's
+    // ROUTER would drop at its high-water mark instead of waiting).
+    let send = async |router: &mut zeromq::RouterSocket, m: ZmqMessage| {
+        matches!(
+            tokio::time::timeout(REPLAY_SEND_TIMEOUT, router.send(m)).await,
+            Ok(Ok(()))
+        )
+    };
     for (seq, payload) in buffer.iter().filter(|(s, _)| *s >= start) {
-        if let Ok(m) = reply(wire::seq_frame(*seq), payload.clone()) {
-            let _ = router.send(m).await;
+        if let Ok(m) = reply(wire::seq_frame(*seq), payload.clone())
+            && !send(router, m).await
+        {
+            warn!("replay client not reading: replay abandoned");
+            return;
         }
     }
     if let Ok(m) = reply(wire::END_SEQ, Bytes::new()) {
-        let _ = router.send(m).await;
+        send(router, m).await;
     }
 }
 
@@ -407,6 +431,15 @@ async fn serve_http(shared: Arc<Shared>, listener: TcpListener, stop: Cancellati
 }
 
 type Body = BoxBody<Bytes, Infallible>;
+
+/// The request body, up to [`MAX_BODY_BYTES`].
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ()> {
+    http_body_util::Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|_| ())
+}
 
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(value.to_string())).boxed());
@@ -443,6 +476,10 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             );
             r
         }
+        (Method::POST, "/reset_prefix_cache") => {
+            let _ = shared.commands.send(Command::ResetPrefixCache);
+            Response::new(Full::new(Bytes::new()).boxed())
+        }
         (Method::GET, "/sim/cache") => {
             let (tx, rx) = oneshot::channel();
             let _ = shared.commands.send(Command::Cache(tx));
@@ -450,8 +487,8 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             json(StatusCode::OK, &serde_json::json!({ "hashes": hashes }))
         }
         (Method::POST, "/sim/fault") => {
-            let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
-                return error(StatusCode::BAD_REQUEST, "unreadable body");
+            let Ok(body) = read_body(req).await else {
+                return error(StatusCode::BAD_REQUEST, "unreadable or oversized body");
             };
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             let fault = match v["fault"].as_str() {
@@ -478,8 +515,11 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                 return error(StatusCode::INTERNAL_SERVER_ERROR, "simulated failure");
             }
             let api = ApiKind::from_path(p);
-            let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
-                return error(StatusCode::BAD_REQUEST, "unreadable body");
+            let Ok(body) = read_body(req).await else {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "unreadable or oversized body",
+                );
             };
             match InferenceRequest::parse(api, &body, RequestHints::default()) {
                 Ok(parsed) => generate(shared, api, &parsed).await,
@@ -561,10 +601,17 @@ async fn generate(shared: &Shared, api: ApiKind, parsed: &InferenceRequest) -> R
     let req = SimRequest {
         id,
         prompt: PromptTokens::Explicit(Arc::from(tokens)),
-        max_tokens: max_tokens as usize,
+        max_tokens: usize::try_from(max_tokens).unwrap_or(usize::MAX),
     };
-    let needed = (req.prompt.len() + req.max_tokens).div_ceil(shared.config.profile.block_size);
-    if needed > shared.config.profile.kv_blocks {
+    let fits = req
+        .prompt
+        .len()
+        .max(1)
+        .checked_add(req.max_tokens)
+        .is_some_and(|t| {
+            t.div_ceil(shared.config.profile.block_size) <= shared.config.profile.kv_blocks
+        });
+    if !fits {
         return error(
             StatusCode::BAD_REQUEST,
             "prompt and max_tokens exceed the KV cache",
@@ -604,14 +651,27 @@ async fn generate(shared: &Shared, api: ApiKind, parsed: &InferenceRequest) -> R
         } else {
             "text_completion"
         };
+        let mut first = true;
         let stream = UnboundedReceiverStream::new(rx).map(move |t| {
             let data = match t {
-                Tok::Token(tok) => serde_json::json!({"id": rid, "object": chunk_object, "model": model,
-                    "choices": [choice(&piece(tok), None)]}),
+                Tok::Token(tok) => {
+                    let mut c = choice(&piece(tok), None);
+                    if chat && std::mem::take(&mut first) {
+                        // The first chat chunk names the role, as OpenAI's stream does.
+                        c["delta"]["role"] = serde_json::json!("assistant");
+                    }
+                    serde_json::json!({"id": rid, "object": chunk_object, "model": model, "choices": [c]})
+                }
                 Tok::Done { prompt, cached, output } => {
+                    // The finish reason, then usage in a chunk of its own with no choices (as
+                    // OpenAI's `stream_options.include_usage`), then the end marker.
                     let last = serde_json::json!({"id": rid, "object": chunk_object, "model": model,
-                        "choices": [choice("", Some("length"))], "usage": usage(prompt, cached, output)});
-                    return Ok(Frame::data(Bytes::from(format!("data: {last}\n\ndata: [DONE]\n\n"))));
+                        "choices": [choice("", Some("length"))]});
+                    let counts = serde_json::json!({"id": rid, "object": chunk_object, "model": model,
+                        "choices": [], "usage": usage(prompt, cached, output)});
+                    return Ok(Frame::data(Bytes::from(format!(
+                        "data: {last}\n\ndata: {counts}\n\ndata: [DONE]\n\n"
+                    ))));
                 }
             };
             Ok(Frame::data(Bytes::from(format!("data: {data}\n\n"))))

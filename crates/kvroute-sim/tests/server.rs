@@ -396,6 +396,10 @@ async fn faults_on_demand() {
     assert_eq!(cache, r#"{"hashes":[]}"#);
     // ... and numbers event batches from 0 again, as a restarted vLLM does.
     assert_eq!(
+        http(bound.http, "POST", "/reset_prefix_cache", "").await.0,
+        200
+    );
+    assert_eq!(
         http(
             bound.http,
             "POST",

@@ -10,7 +10,7 @@ use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_
 use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use kvroute_core::{ApiKind, InferenceRequest, RequestHints};
 use kvroute_extproc::{ExtProcConfig, Metrics, Router, StreamState};
-use kvroute_scheduler::Profile;
+use kvroute_scheduler::{LoadScorer, PrefixCacheConfig, PrefixCacheScorer, Profile, Scheduler};
 use test_support::envoy::{protocol_config, request_body, request_headers, with_config};
 use test_support::{chat_body, registry, split};
 
@@ -41,15 +41,44 @@ fn messages(body: &[u8], chunks: usize) -> Vec<ProcessingRequest> {
     msgs
 }
 
-fn decision(c: &mut Criterion) {
+/// `kvroute serve`'s default policy: approximate prefix affinity (3) and load (4).
+fn prefix_profile() -> Arc<dyn Scheduler> {
+    Arc::new(Profile::new(
+        vec![
+            (
+                Box::new(PrefixCacheScorer::new(&PrefixCacheConfig::default())),
+                3.0,
+            ),
+            (Box::new(LoadScorer::default()), 4.0),
+        ],
+        0,
+    ))
+}
+
+fn router(scheduler: Arc<dyn Scheduler>) -> Arc<Router> {
     let mut prom = prometheus_client::registry::Registry::default();
-    let router = Router::new(
+    Router::new(
         registry(&[8001, 8002, 8003, 8004, 8005, 8006, 8007, 8008]),
-        Arc::new(Profile::least_in_flight(0)),
+        scheduler,
         ExtProcConfig::default(),
         Metrics::register(&mut prom),
+    )
+}
+
+fn decision(c: &mut Criterion) {
+    bench_decisions(
+        c,
+        "decision",
+        &router(Arc::new(Profile::least_in_flight(0))),
     );
-    let mut group = c.benchmark_group("decision");
+    // The same bodies through the default policy: the prompt is hashed (its first 256
+    // blocks of 64 bytes), matched against the approximate index and recorded against the
+    // chosen endpoint, which is what the benchmark's repeated prompt then hits.
+    bench_decisions(c, "decision-prefix-policy", &router(prefix_profile()));
+}
+
+fn bench_decisions(c: &mut Criterion, name: &str, router: &Arc<Router>) {
+    let mut group = c.benchmark_group(name);
     for (size, name) in SIZES {
         let body = chat_body(size);
         for chunks in [1, 4, 64] {
@@ -63,7 +92,7 @@ fn decision(c: &mut Criterion) {
                     b.iter_batched(
                         || msgs.clone(),
                         |msgs| {
-                            let mut state = StreamState::new(Arc::clone(&router));
+                            let mut state = StreamState::new(Arc::clone(router));
                             for m in msgs {
                                 state.on_message(m, &mut out).ok();
                             }

@@ -32,10 +32,11 @@ impl ExtProcService {
         Self { router }
     }
 
-    /// The tonic server for this service, accepting messages as large as a whole buffered
-    /// body may make them.
+    /// The tonic server for this service, accepting messages up to twice the body limit: a
+    /// buffered-mode body over the limit then still reaches the state machine, which answers
+    /// it 413, instead of failing gRPC decoding (which Envoy would turn into a 500).
     pub fn into_server(self) -> ExternalProcessorServer<Self> {
-        let limit = self.router.config().max_body_bytes + MESSAGE_OVERHEAD;
+        let limit = self.router.config().max_body_bytes.saturating_mul(2) + MESSAGE_OVERHEAD;
         ExternalProcessorServer::new(self)
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit)

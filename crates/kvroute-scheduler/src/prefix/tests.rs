@@ -2,17 +2,8 @@ use kvroute_core::{ApiKind, InferenceRequest, RequestHints};
 use kvroute_endpoints::{InFlightGuard, Registry};
 
 use super::*;
+use crate::test_util::registry;
 use crate::{LoadScorer, Profile, ScheduleError, Scheduler};
-
-fn registry(n: u16) -> Registry {
-    let reg = Registry::new();
-    reg.replace(
-        (1..=n)
-            .map(|p| kvroute_core::Endpoint::from_address(([127, 0, 0, 1], p).into()))
-            .collect(),
-    );
-    reg
-}
 
 fn chat(system: &str, question: &str) -> InferenceRequest {
     let body = serde_json::json!({

@@ -2,6 +2,7 @@
 //! Everything it runs lives in the crates; the modules here only wire them together.
 
 mod admin;
+mod bench;
 mod serve;
 mod shutdown;
 mod sim;
@@ -28,6 +29,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run one simulated vLLM pod (OpenAI API, /metrics, KV events on ZMQ).
     Sim(sim::SimArgs),
+    /// Compare routing policies on a simulated cluster, in virtual time.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,5 +50,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve::run(args)),
         Command::Sim(args) => runtime.block_on(sim::run(args)),
+        Command::Bench(args) => bench::run_bench(&args),
     }
 }

@@ -1,0 +1,14 @@
+//! The routing benchmark: workloads replayed through a simulated cluster, in virtual time,
+//! under each routing policy, with the numbers users choose a router by (TTFT, throughput,
+//! prefix-cache hit rate, balance) and the router's own decision time.
+//!
+//! Policies route through the same scheduler code `kvroute serve` uses; the cluster is
+//! `kvroute-sim`'s, which never sees the router's internals.
+
+mod policy;
+mod report;
+mod trace;
+
+pub use policy::{Policy, PolicyRouter};
+pub use report::{PolicyReport, run};
+pub use trace::{BenchError, TraceRequest, arrivals, load_mooncake};

@@ -1,0 +1,205 @@
+use std::time::Instant;
+
+use kvroute_sim::{Cluster, Profile};
+use serde::Serialize;
+
+use crate::policy::{Policy, PolicyRouter};
+use crate::trace::{TraceRequest, arrivals};
+
+/// What one policy did to one workload on one cluster. Times in milliseconds unless named
+/// otherwise.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyReport {
+    /// The policy.
+    pub policy: &'static str,
+    /// Requests replayed.
+    pub requests: usize,
+    /// Requests that finished (the rest were refused: prompt larger than the KV cache).
+    pub finished: usize,
+    /// Time to first token, percentiles.
+    pub ttft_p50_ms: f64,
+    /// 90th percentile TTFT.
+    pub ttft_p90_ms: f64,
+    /// 99th percentile TTFT.
+    pub ttft_p99_ms: f64,
+    /// Mean time per output token after the first.
+    pub tpot_mean_ms: f64,
+    /// End-to-end latency, median.
+    pub e2e_p50_ms: f64,
+    /// End-to-end latency, 99th percentile.
+    pub e2e_p99_ms: f64,
+    /// Output tokens per second of simulated time, over the whole run.
+    pub output_tokens_per_s: f64,
+    /// Finished requests per second of simulated time.
+    pub requests_per_s: f64,
+    /// Prompt tokens served from the prefix cache / prompt tokens.
+    pub hit_rate: f64,
+    /// Busiest pod's busy time / mean busy time (1 = perfectly even).
+    pub imbalance: f64,
+    /// The router's own decision time, median, microseconds.
+    pub decision_p50_us: f64,
+    /// The router's own decision time, 99th percentile, microseconds.
+    pub decision_p99_us: f64,
+    /// Wall time of the run, seconds.
+    pub wall_s: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Replays `trace` (time divided by `speedup`, repeated `copies` times) through `pods`
+/// simulated pods of `profile` under `policy`.
+pub fn run(
+    trace: &[TraceRequest],
+    profile: &Profile,
+    pods: usize,
+    policy: Policy,
+    speedup: f64,
+    copies: usize,
+) -> PolicyReport {
+    let started = Instant::now();
+    let mut router = PolicyRouter::new(policy, pods);
+    let mut cluster = Cluster::new(profile, pods, false);
+    let results = cluster.run(arrivals(trace, speedup, copies), &mut router);
+    let wall_s = started.elapsed().as_secs_f64();
+
+    let done: Vec<_> = results.iter().filter(|r| r.finish_us.is_some()).collect();
+    let ms = |us: u64| us as f64 / 1000.0;
+    let mut ttft: Vec<f64> = done
+        .iter()
+        .filter_map(|r| Some(ms(r.first_token_us? - r.arrival_us)))
+        .collect();
+    ttft.sort_by(f64::total_cmp);
+    let mut e2e: Vec<f64> = done
+        .iter()
+        .filter_map(|r| Some(ms(r.finish_us? - r.arrival_us)))
+        .collect();
+    e2e.sort_by(f64::total_cmp);
+    let tpot: Vec<f64> = done
+        .iter()
+        .filter(|r| r.output_tokens > 1)
+        .filter_map(|r| Some(ms(r.finish_us? - r.first_token_us?) / (r.output_tokens - 1) as f64))
+        .collect();
+    let first = results.iter().map(|r| r.arrival_us).min().unwrap_or(0);
+    let last = done
+        .iter()
+        .filter_map(|r| r.finish_us)
+        .max()
+        .unwrap_or(first);
+    let span_s = ((last - first) as f64 / 1e6).max(1e-9);
+    let output: usize = done.iter().map(|r| r.output_tokens).sum();
+    let prompt: usize = done.iter().map(|r| r.prompt_tokens).sum();
+    let cached: usize = done.iter().map(|r| r.cached_tokens).sum();
+    let busy = &router.busy_us;
+    let mean_busy = busy.iter().sum::<u64>() as f64 / busy.len().max(1) as f64;
+    let max_busy = busy.iter().copied().max().unwrap_or(0) as f64;
+    let mut decisions: Vec<f64> = router
+        .decision_ns
+        .iter()
+        .map(|&n| n as f64 / 1000.0)
+        .collect();
+    decisions.sort_by(f64::total_cmp);
+    PolicyReport {
+        policy: policy.name(),
+        requests: results.len(),
+        finished: done.len(),
+        ttft_p50_ms: percentile(&ttft, 0.5),
+        ttft_p90_ms: percentile(&ttft, 0.9),
+        ttft_p99_ms: percentile(&ttft, 0.99),
+        tpot_mean_ms: tpot.iter().sum::<f64>() / tpot.len().max(1) as f64,
+        e2e_p50_ms: percentile(&e2e, 0.5),
+        e2e_p99_ms: percentile(&e2e, 0.99),
+        output_tokens_per_s: output as f64 / span_s,
+        requests_per_s: done.len() as f64 / span_s,
+        hit_rate: cached as f64 / prompt.max(1) as f64,
+        imbalance: if mean_busy > 0.0 {
+            max_busy / mean_busy
+        } else {
+            1.0
+        },
+        decision_p50_us: percentile(&decisions, 0.5),
+        decision_p99_us: percentile(&decisions, 0.99),
+        wall_s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 24 tenants, each with a shared 8-block (4k-token) document, asking questions, on 4
+    /// pods that hold 48 blocks each: one pod cannot keep every tenant's document (round
+    /// robin thrashes), but tenants split over the pods fit.
+    fn trace() -> Vec<TraceRequest> {
+        (0..400u64)
+            .map(|i| {
+                // Tenants in a scrambled order, so no policy gets affinity by accident.
+                let tenant = (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) % 24;
+                let mut hash_ids: Vec<u64> = (0..8).map(|b| tenant * 100 + b).collect();
+                hash_ids.push(10_000 + i);
+                TraceRequest {
+                    timestamp: i * 40,
+                    input_length: 8 * 512 + 200,
+                    output_length: 20,
+                    hash_ids,
+                }
+            })
+            .collect()
+    }
+
+    fn small_cache() -> Profile {
+        Profile {
+            kv_blocks: 48,
+            ..Profile::h100_llama31_8b().with_block_size(512)
+        }
+    }
+
+    #[test]
+    fn prefix_policies_hit_the_cache_more_and_books_balance() {
+        let trace = trace();
+        let profile = small_cache();
+        let reports: Vec<PolicyReport> = Policy::ALL
+            .into_iter()
+            .map(|p| run(&trace, &profile, 4, p, 1.0, 1))
+            .collect();
+        let by = |name: &str| reports.iter().find(|r| r.policy == name).unwrap();
+        for r in &reports {
+            assert_eq!(r.requests, 400, "{r:?}");
+            assert_eq!(r.finished, 400, "{r:?}");
+            for v in [
+                r.ttft_p50_ms,
+                r.ttft_p99_ms,
+                r.tpot_mean_ms,
+                r.output_tokens_per_s,
+                r.hit_rate,
+                r.imbalance,
+            ] {
+                assert!(v.is_finite() && v >= 0.0, "{r:?}");
+            }
+            assert!(r.ttft_p50_ms <= r.ttft_p90_ms && r.ttft_p90_ms <= r.ttft_p99_ms);
+            assert!(r.imbalance >= 1.0);
+        }
+        assert!(
+            by("kvroute").hit_rate > by("round-robin").hit_rate + 0.2,
+            "{reports:#?}"
+        );
+        assert!(by("approx-prefix").hit_rate > by("round-robin").hit_rate);
+        assert!(by("kvroute").ttft_p50_ms < by("round-robin").ttft_p50_ms);
+    }
+
+    #[test]
+    fn the_same_run_gives_the_same_numbers() {
+        let trace = trace();
+        let profile = small_cache();
+        let a = run(&trace, &profile, 3, Policy::Random, 1.0, 1);
+        let b = run(&trace, &profile, 3, Policy::Random, 1.0, 1);
+        assert_eq!(
+            (a.ttft_p50_ms, a.hit_rate, a.imbalance),
+            (b.ttft_p50_ms, b.hit_rate, b.imbalance)
+        );
+    }
+}

@@ -1,0 +1,111 @@
+//! `kvroute bench`: compare routing policies on a simulated cluster, in virtual time.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use kvroute_bench::{Policy, PolicyReport, load_mooncake, run};
+use kvroute_sim::Profile;
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// A Mooncake-format trace (JSON lines: timestamp ms, input_length, output_length,
+    /// hash_ids of 512-token blocks).
+    #[arg(long)]
+    trace: PathBuf,
+    /// Simulated pods.
+    #[arg(long, default_value_t = 16)]
+    pods: usize,
+    /// Pod profile (`docs/simulator.md`).
+    #[arg(long, default_value = "h100-llama3.1-8b")]
+    profile: String,
+    /// KV-cache block size of the simulated pods, in tokens. The default, 512, is a Mooncake
+    /// trace's unit of shared content (no sharing is lost, and runs are ~20x faster than
+    /// with vLLM's 16).
+    #[arg(long, default_value_t = 512)]
+    block_size: usize,
+    /// Policies to compare, comma-separated: round-robin, random, least-load,
+    /// approx-prefix, kvroute.
+    #[arg(
+        long,
+        default_value = "round-robin,random,least-load,approx-prefix,kvroute"
+    )]
+    policies: String,
+    /// Divide the trace's arrival times by this (load goes up).
+    #[arg(long, default_value_t = 1.0)]
+    speedup: f64,
+    /// Replay the trace this many times back to back (content shifted per copy).
+    #[arg(long, default_value_t = 1)]
+    copies: usize,
+    /// Also write the reports as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let profile = Profile::named(&args.profile)
+        .with_context(|| format!("unknown profile {:?}", args.profile))?
+        .with_block_size(args.block_size);
+    anyhow::ensure!(args.pods > 0, "--pods must be at least 1");
+    anyhow::ensure!(args.speedup > 0.0, "--speedup must be positive");
+    let policies = args
+        .policies
+        .split(',')
+        .map(|p| Policy::parse(p.trim()).with_context(|| format!("unknown policy {p:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let trace = load_mooncake(&args.trace)?;
+    let reports: Vec<PolicyReport> = policies
+        .into_iter()
+        .map(|p| run(&trace, &profile, args.pods, p, args.speedup, args.copies))
+        .collect();
+    let mut out = format!(
+        "{} requests x{} on {} pods of {} ({}-token blocks), speedup {}\n\n",
+        trace.len(),
+        args.copies,
+        args.pods,
+        profile.name,
+        profile.block_size,
+        args.speedup
+    );
+    out.push_str(&format!(
+        "{:<14} {:>10} {:>10} {:>10} {:>9} {:>12} {:>9} {:>9} {:>10} {:>8}\n",
+        "policy",
+        "TTFT p50",
+        "TTFT p90",
+        "TTFT p99",
+        "TPOT",
+        "output tok/s",
+        "hit rate",
+        "imbalance",
+        "decide p99",
+        "wall"
+    ));
+    for r in &reports {
+        // Policies that do not use kvroute's scheduler have no decision time to show.
+        let decide = if r.decision_p99_us.is_nan() {
+            "-".to_owned()
+        } else {
+            format!("{:.1}us", r.decision_p99_us)
+        };
+        out.push_str(&format!(
+            "{:<14} {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>7.1}ms {:>12.0} {:>8.1}% {:>9.2} {:>10} {:>7.1}s\n",
+            r.policy,
+            r.ttft_p50_ms,
+            r.ttft_p90_ms,
+            r.ttft_p99_ms,
+            r.tpot_mean_ms,
+            r.output_tokens_per_s,
+            100.0 * r.hit_rate,
+            r.imbalance,
+            decide,
+            r.wall_s
+        ));
+    }
+    use std::io::Write;
+    std::io::stdout().write_all(out.as_bytes())?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&reports)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,4 +1,4 @@
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 use kvroute_core::{BlockHash, EndpointId};
 
@@ -10,20 +10,39 @@ use crate::index::{EndpointMatch, PrefixIndex, Tier};
 /// 80 GB GPU holds for an 8B model after its weights).
 pub const DEFAULT_LRU_CAPACITY: usize = 31_250;
 
-/// When a block was last recorded for an endpoint: `seq` orders recency, `at_ms` is for TTL.
+const NIL: u32 = u32::MAX;
+
+/// One recorded block in an endpoint's recency list.
 #[derive(Clone, Copy, Debug)]
-struct Stamp {
-    seq: u64,
+struct Node {
+    hash: u64,
     at_ms: u64,
+    prev: u32,
+    next: u32,
 }
 
-/// One endpoint's recency list: a map of the latest stamp per block, and a queue of every
-/// stamp in recording order. Stale queue entries (the block was recorded again since) are
-/// skipped when popped and swept out when they outnumber live ones.
-#[derive(Debug, Default)]
+/// One endpoint's recency list: a doubly linked list in a slab (least recent at `head`)
+/// and a map from block to its node, so recording, refreshing and evicting a block each cost
+/// O(1) with no periodic clean-up under the write lock.
+#[derive(Debug)]
 struct Lru {
-    latest: Map<Stamp>,
-    queue: VecDeque<(u64, u64)>,
+    index: Map<u32>,
+    nodes: Vec<Node>,
+    free: Vec<u32>,
+    head: u32,
+    tail: u32,
+}
+
+impl Default for Lru {
+    fn default() -> Self {
+        Self {
+            index: Map::default(),
+            nodes: Vec::new(),
+            free: Vec::new(),
+            head: NIL,
+            tail: NIL,
+        }
+    }
 }
 
 /// A guess of what each endpoint caches, built from where requests were sent: the blocks of
@@ -35,7 +54,6 @@ pub struct ApproxIndex {
     lru: HashMap<EndpointId, Lru>,
     capacity: usize,
     ttl_ms: Option<u64>,
-    seq: u64,
 }
 
 impl ApproxIndex {
@@ -46,7 +64,6 @@ impl ApproxIndex {
             lru: HashMap::new(),
             capacity: capacity.max(1),
             ttl_ms,
-            seq: 0,
         }
     }
 
@@ -68,19 +85,10 @@ impl ApproxIndex {
         self.index.store(endpoint, blocks, Tier::Gpu);
         let lru = self.lru.entry(endpoint.clone()).or_default();
         for &BlockHash(h) in blocks.iter().rev() {
-            self.seq += 1;
-            lru.latest.insert(
-                h,
-                Stamp {
-                    seq: self.seq,
-                    at_ms: now_ms,
-                },
-            );
-            lru.queue.push_back((h, self.seq));
+            lru.touch(h, now_ms);
         }
         let evicted = lru.evict(self.capacity, self.ttl_ms.map(|t| now_ms.saturating_sub(t)));
         self.index.remove(endpoint, &evicted, None);
-        lru.compact();
     }
 
     /// Drops, for every endpoint, the entries older than the TTL as of `now_ms`. Call it now
@@ -91,7 +99,6 @@ impl ApproxIndex {
         for (endpoint, lru) in &mut self.lru {
             let evicted = lru.evict(usize::MAX, Some(before));
             self.index.remove(endpoint, &evicted, None);
-            lru.compact();
         }
     }
 
@@ -103,38 +110,88 @@ impl ApproxIndex {
 }
 
 impl Lru {
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Makes `h` the most recent entry, recorded at `at_ms`.
+    fn touch(&mut self, h: u64, at_ms: u64) {
+        let id = match self.index.get(&h) {
+            Some(&id) => {
+                self.unlink(id);
+                self.nodes[id as usize].at_ms = at_ms;
+                id
+            }
+            None => {
+                let node = Node {
+                    hash: h,
+                    at_ms,
+                    prev: NIL,
+                    next: NIL,
+                };
+                let id = match self.free.pop() {
+                    Some(id) => {
+                        self.nodes[id as usize] = node;
+                        id
+                    }
+                    None => {
+                        self.nodes.push(node);
+                        // Fewer than 2^32 blocks per endpoint: capacities are far smaller.
+                        u32::try_from(self.nodes.len() - 1).unwrap_or(NIL - 1)
+                    }
+                };
+                self.index.insert(h, id);
+                id
+            }
+        };
+        self.push_back(id);
+    }
+
     /// Pops least recent entries while over `capacity` or recorded before `before_ms`.
     fn evict(&mut self, capacity: usize, before_ms: Option<u64>) -> Vec<BlockHash> {
         let mut evicted = Vec::new();
-        while let Some(&(h, seq)) = self.queue.front() {
-            let Some(stamp) = self.latest.get(&h).copied() else {
-                self.queue.pop_front();
-                continue;
-            };
-            if stamp.seq != seq {
-                self.queue.pop_front();
-                continue;
-            }
-            let expired = before_ms.is_some_and(|b| stamp.at_ms < b);
-            if self.latest.len() <= capacity && !expired {
+        while self.head != NIL {
+            let id = self.head;
+            let node = self.nodes[id as usize];
+            let expired = before_ms.is_some_and(|b| node.at_ms < b);
+            if self.len() <= capacity && !expired {
                 break;
             }
-            self.queue.pop_front();
-            self.latest.remove(&h);
-            evicted.push(BlockHash(h));
+            self.unlink(id);
+            self.index.remove(&node.hash);
+            self.free.push(id);
+            evicted.push(BlockHash(node.hash));
         }
         evicted
     }
 
-    /// Rebuilds the queue from live entries when stale ones dominate, so memory stays
-    /// proportional to the blocks held.
-    fn compact(&mut self) {
-        if self.queue.len() <= 2 * self.latest.len() + 64 {
-            return;
+    fn unlink(&mut self, id: u32) {
+        let Node { prev, next, .. } = self.nodes[id as usize];
+        if prev == NIL {
+            self.head = next;
+        } else {
+            self.nodes[prev as usize].next = next;
         }
-        let mut live: Vec<(u64, u64)> = self.latest.iter().map(|(&h, s)| (h, s.seq)).collect();
-        live.sort_unstable_by_key(|&(_, seq)| seq);
-        self.queue = live.into();
+        if next == NIL {
+            self.tail = prev;
+        } else {
+            self.nodes[next as usize].prev = prev;
+        }
+    }
+
+    fn push_back(&mut self, id: u32) {
+        let tail = self.tail;
+        {
+            let n = &mut self.nodes[id as usize];
+            n.prev = tail;
+            n.next = NIL;
+        }
+        if tail == NIL {
+            self.head = id;
+        } else {
+            self.nodes[tail as usize].next = id;
+        }
+        self.tail = id;
     }
 }
 
@@ -195,7 +252,7 @@ mod tests {
     }
 
     #[test]
-    fn re_recording_refreshes_and_queue_stays_bounded() {
+    fn re_recording_refreshes_and_memory_stays_bounded() {
         let mut idx = ApproxIndex::new(3, None);
         for i in 0..1000 {
             idx.record(&ep(1), &hs(&[1, 2]), i);
@@ -203,7 +260,8 @@ mod tests {
         }
         assert_eq!(depth(&idx, 1, &[1, 2]), 2, "refreshed every time");
         let lru = &idx.lru[&ep(1)];
-        assert!(lru.queue.len() <= 2 * lru.latest.len() + 64 + 3);
+        assert_eq!(lru.len(), 3);
+        assert!(lru.nodes.len() <= 4, "freed nodes are reused");
         idx.remove_endpoint(&ep(1));
         assert_eq!(idx.index().blocks(), 0);
     }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use kvroute_bench::{Policy, PolicyReport, load_mooncake, run};
+use kvroute_bench::{Load, Policy, PolicyReport, load_mooncake, run};
 use kvroute_sim::Profile;
 
 #[derive(Debug, Args)]
@@ -37,6 +37,13 @@ pub(crate) struct BenchArgs {
     /// Replay the trace this many times back to back (content shifted per copy).
     #[arg(long, default_value_t = 1)]
     copies: usize,
+    /// Closed loop instead: this many users, each sending the trace's next request when
+    /// their last one has finished (arrival times ignored). Measures throughput.
+    #[arg(long)]
+    users: Option<usize>,
+    /// With --users: pause between a user's requests, milliseconds.
+    #[arg(long, default_value_t = 0)]
+    think_ms: u64,
     /// Also write the reports as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -54,18 +61,37 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         .map(|p| Policy::parse(p.trim()).with_context(|| format!("unknown policy {p:?}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let trace = load_mooncake(&args.trace)?;
+    let (load, how) = match args.users {
+        Some(users) => {
+            anyhow::ensure!(users > 0, "--users must be at least 1");
+            (
+                Load::Closed {
+                    users,
+                    think_ms: args.think_ms,
+                    copies: args.copies,
+                },
+                format!("closed loop, {users} users, think {} ms", args.think_ms),
+            )
+        }
+        None => (
+            Load::Open {
+                speedup: args.speedup,
+                copies: args.copies,
+            },
+            format!("open loop, speedup {}", args.speedup),
+        ),
+    };
     let reports: Vec<PolicyReport> = policies
         .into_iter()
-        .map(|p| run(&trace, &profile, args.pods, p, args.speedup, args.copies))
+        .map(|p| run(&trace, &profile, args.pods, p, load))
         .collect();
     let mut out = format!(
-        "{} requests x{} on {} pods of {} ({}-token blocks), speedup {}\n\n",
+        "{} requests x{} on {} pods of {} ({}-token blocks), {how}\n\n",
         trace.len(),
         args.copies,
         args.pods,
         profile.name,
         profile.block_size,
-        args.speedup
     );
     out.push_str(&format!(
         "{:<14} {:>10} {:>10} {:>10} {:>9} {:>12} {:>9} {:>9} {:>10} {:>8}\n",

@@ -10,5 +10,5 @@ mod report;
 mod trace;
 
 pub use policy::{Policy, PolicyRouter};
-pub use report::{PolicyReport, run};
+pub use report::{Load, PolicyReport, run};
 pub use trace::{BenchError, TraceRequest, arrivals, load_mooncake};

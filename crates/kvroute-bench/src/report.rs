@@ -6,6 +6,29 @@ use serde::Serialize;
 use crate::policy::{Policy, PolicyRouter};
 use crate::trace::{TraceRequest, arrivals};
 
+/// How load is offered to the cluster.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Load {
+    /// The trace's own arrival times, divided by `speedup`, the trace repeated `copies`
+    /// times. TTFT at a stated load; throughput only shows once the cluster saturates.
+    Open {
+        /// Time compression.
+        speedup: f64,
+        /// Repetitions of the trace.
+        copies: usize,
+    },
+    /// `users` users each sending the trace's next request `think_ms` after their last one
+    /// finished, the trace repeated `copies` times: throughput at a fixed concurrency.
+    Closed {
+        /// Concurrent users.
+        users: usize,
+        /// Pause between a user's requests.
+        think_ms: u64,
+        /// Repetitions of the trace.
+        copies: usize,
+    },
+}
+
 /// What one policy did to one workload on one cluster. Times in milliseconds unless named
 /// otherwise.
 #[derive(Clone, Debug, Serialize)]
@@ -51,20 +74,32 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Replays `trace` (time divided by `speedup`, repeated `copies` times) through `pods`
-/// simulated pods of `profile` under `policy`.
+/// Replays `trace` under `load` through `pods` simulated pods of `profile` under `policy`.
 pub fn run(
     trace: &[TraceRequest],
     profile: &Profile,
     pods: usize,
     policy: Policy,
-    speedup: f64,
-    copies: usize,
+    load: Load,
 ) -> PolicyReport {
     let started = Instant::now();
     let mut router = PolicyRouter::new(policy, pods);
     let mut cluster = Cluster::new(profile, pods, false);
-    let results = cluster.run(arrivals(trace, speedup, copies), &mut router);
+    let results = match load {
+        Load::Open { speedup, copies } => {
+            cluster.run(arrivals(trace, speedup, copies), &mut router)
+        }
+        Load::Closed {
+            users,
+            think_ms,
+            copies,
+        } => cluster.run_closed(
+            users,
+            think_ms * 1000,
+            arrivals(trace, 1.0, copies).map(|(_, r)| r),
+            &mut router,
+        ),
+    };
     let wall_s = started.elapsed().as_secs_f64();
 
     let done: Vec<_> = results.iter().filter(|r| r.finish_us.is_some()).collect();
@@ -151,6 +186,28 @@ mod tests {
             .collect()
     }
 
+    const OPEN: Load = Load::Open {
+        speedup: 1.0,
+        copies: 1,
+    };
+
+    #[test]
+    fn closed_loop_shows_throughput() {
+        let trace = trace();
+        let load = Load::Closed {
+            users: 16,
+            think_ms: 0,
+            copies: 1,
+        };
+        let rr = run(&trace, &small_cache(), 4, Policy::RoundRobin, load);
+        let kv = run(&trace, &small_cache(), 4, Policy::Kvroute, load);
+        assert_eq!((rr.finished, kv.finished), (400, 400));
+        assert!(
+            kv.output_tokens_per_s > rr.output_tokens_per_s * 1.2,
+            "cache hits free prefill time for more output: {kv:?} vs {rr:?}"
+        );
+    }
+
     fn small_cache() -> Profile {
         Profile {
             kv_blocks: 48,
@@ -164,7 +221,7 @@ mod tests {
         let profile = small_cache();
         let reports: Vec<PolicyReport> = Policy::ALL
             .into_iter()
-            .map(|p| run(&trace, &profile, 4, p, 1.0, 1))
+            .map(|p| run(&trace, &profile, 4, p, OPEN))
             .collect();
         let by = |name: &str| reports.iter().find(|r| r.policy == name).unwrap();
         for r in &reports {
@@ -195,8 +252,8 @@ mod tests {
     fn the_same_run_gives_the_same_numbers() {
         let trace = trace();
         let profile = small_cache();
-        let a = run(&trace, &profile, 3, Policy::Random, 1.0, 1);
-        let b = run(&trace, &profile, 3, Policy::Random, 1.0, 1);
+        let a = run(&trace, &profile, 3, Policy::Random, OPEN);
+        let b = run(&trace, &profile, 3, Policy::Random, OPEN);
         assert_eq!(
             (a.ttft_p50_ms, a.hit_rate, a.imbalance),
             (b.ttft_p50_ms, b.hit_rate, b.imbalance)

@@ -82,21 +82,49 @@ impl Cluster {
     }
 
     /// Replays `arrivals` (`(arrival µs, request)`, in time order) through `router` until
-    /// every request has finished. Requests are renumbered in arrival order, and results
-    /// come back in that order. A step that ends at the same instant as an arrival is
-    /// processed first.
+    /// every request has finished (open loop: arrivals do not wait for answers). Requests are
+    /// renumbered in arrival order, and results come back in that order. A step that ends at
+    /// the same instant as an arrival is processed first.
     pub fn run(
         &mut self,
         arrivals: impl IntoIterator<Item = (u64, SimRequest)>,
         router: &mut dyn RouteFn,
     ) -> Vec<RequestResult> {
+        let mut source = OpenLoop(arrivals.into_iter().peekable());
+        self.drive(&mut source, router)
+    }
+
+    /// Closed loop: `users` users each send a request (the next from `requests`) at time 0,
+    /// and their next one `think_us` after the previous one finishes, until `requests` runs
+    /// out. This is how throughput is measured: the cluster is kept as busy as its users can
+    /// make it, rather than fed at a rate fixed in advance.
+    pub fn run_closed(
+        &mut self,
+        users: usize,
+        think_us: u64,
+        requests: impl IntoIterator<Item = SimRequest>,
+        router: &mut dyn RouteFn,
+    ) -> Vec<RequestResult> {
+        let mut source = ClosedLoop {
+            requests: requests.into_iter().peekable(),
+            ready: (0..users).map(|u| Reverse((0, u))).collect(),
+            user_of: Vec::new(),
+            think_us,
+        };
+        self.drive(&mut source, router)
+    }
+
+    fn drive(&mut self, source: &mut dyn Source, router: &mut dyn RouteFn) -> Vec<RequestResult> {
         let mut results: Vec<RequestResult> = Vec::new();
         let mut steps: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
-        let mut arrivals = arrivals.into_iter().peekable();
+        let mut finished: Vec<RequestId> = Vec::new();
         let mut now = 0;
+        if self.pods.is_empty() {
+            return results;
+        }
         loop {
             let next_step = steps.peek().map(|Reverse((t, _))| *t);
-            let next_arrival = arrivals.peek().map(|(t, _)| (*t).max(now));
+            let next_arrival = source.next_time().map(|t| t.max(now));
             match (next_step, next_arrival) {
                 (None, None) => break,
                 (Some(t), a) if a.is_none_or(|a| t <= a) => {
@@ -104,11 +132,14 @@ impl Cluster {
                         break;
                     };
                     now = t;
-                    self.end_step(pod, now, &mut results, router);
+                    self.end_step(pod, now, &mut results, &mut finished, router);
+                    for id in finished.drain(..) {
+                        source.finished(id, now);
+                    }
                     self.start_step(pod, now, &mut steps);
                 }
                 _ => {
-                    let Some((t, mut req)) = arrivals.next() else {
+                    let Some((t, mut req)) = source.pop() else {
                         break;
                     };
                     now = t.max(now);
@@ -133,6 +164,9 @@ impl Cluster {
                         if self.pending[pod].is_none() {
                             self.start_step(pod, now, &mut steps);
                         }
+                    } else {
+                        // Refused: it ends now (its user, in a closed loop, goes on).
+                        source.finished(id, now);
                     }
                 }
             }
@@ -155,6 +189,7 @@ impl Cluster {
         pod: usize,
         now: u64,
         results: &mut [RequestResult],
+        finished: &mut Vec<RequestId>,
         router: &mut dyn RouteFn,
     ) {
         let Some(report) = self.pending[pod].take() else {
@@ -166,6 +201,7 @@ impl Cluster {
             }
         }
         for f in &report.finished {
+            finished.push(f.id);
             if let Some(r) = results.get_mut(f.id as usize) {
                 r.finish_us = Some(now);
                 r.cached_tokens = f.cached_tokens;
@@ -182,6 +218,60 @@ impl Cluster {
         v.waiting = e.waiting();
         v.running = e.running();
         v.kv_usage = e.kv_usage();
+    }
+}
+
+/// Where requests come from, and when.
+trait Source {
+    /// When the next request arrives, if one is due at all.
+    fn next_time(&mut self) -> Option<u64>;
+    /// The next request and its arrival time.
+    fn pop(&mut self) -> Option<(u64, SimRequest)>;
+    /// Request `id` (numbered in `pop` order from 0) finished at `now`.
+    fn finished(&mut self, id: RequestId, now: u64);
+}
+
+struct OpenLoop<I: Iterator<Item = (u64, SimRequest)>>(std::iter::Peekable<I>);
+
+impl<I: Iterator<Item = (u64, SimRequest)>> Source for OpenLoop<I> {
+    fn next_time(&mut self) -> Option<u64> {
+        self.0.peek().map(|(t, _)| *t)
+    }
+
+    fn pop(&mut self) -> Option<(u64, SimRequest)> {
+        self.0.next()
+    }
+
+    fn finished(&mut self, _id: RequestId, _now: u64) {}
+}
+
+struct ClosedLoop<I: Iterator<Item = SimRequest>> {
+    requests: std::iter::Peekable<I>,
+    /// Users ready to send, by the time they are ready.
+    ready: BinaryHeap<Reverse<(u64, usize)>>,
+    /// The user of each request sent, by request id.
+    user_of: Vec<usize>,
+    think_us: u64,
+}
+
+impl<I: Iterator<Item = SimRequest>> Source for ClosedLoop<I> {
+    fn next_time(&mut self) -> Option<u64> {
+        // No request left to send: ready users have nothing to arrive with.
+        self.requests.peek()?;
+        self.ready.peek().map(|Reverse((t, _))| *t)
+    }
+
+    fn pop(&mut self) -> Option<(u64, SimRequest)> {
+        let req = self.requests.next()?;
+        let Reverse((t, user)) = self.ready.pop()?;
+        self.user_of.push(user);
+        Some((t, req))
+    }
+
+    fn finished(&mut self, id: RequestId, now: u64) {
+        if let Some(&user) = self.user_of.get(id as usize) {
+            self.ready.push(Reverse((now + self.think_us, user)));
+        }
     }
 }
 
@@ -241,6 +331,38 @@ mod tests {
         // 110 µs prefill (first token), then two 110 µs decode steps.
         assert_eq!(r[0].first_token_us, Some(1_110));
         assert_eq!(r[0].finish_us, Some(1_330));
+    }
+
+    #[test]
+    fn closed_loop_keeps_each_user_to_one_request_at_a_time() {
+        let mut c = Cluster::new(&Profile::tiny(64, 8, 64), 1, false);
+        let mut route = |_: u64, _: &SimRequest, _: &[PodView]| 0;
+        let requests = (0..9).map(|i| req((i * 10..i * 10 + 8).collect(), 2));
+        let r = c.run_closed(3, 50, requests, &mut route);
+        assert_eq!(r.len(), 9);
+        assert!(r.iter().all(|x| x.finish_us.is_some()));
+        // Three start at 0; every later request arrives 50 µs after some earlier one ended.
+        assert_eq!(r.iter().filter(|x| x.arrival_us == 0).count(), 3);
+        for later in r.iter().skip(3) {
+            assert!(
+                r.iter()
+                    .any(|e| e.finish_us.map(|f| f + 50) == Some(later.arrival_us)),
+                "{later:?}"
+            );
+        }
+        // Never more than three in flight.
+        for x in &r {
+            let in_flight = r
+                .iter()
+                .filter(|o| o.arrival_us <= x.arrival_us && o.finish_us.unwrap() > x.arrival_us)
+                .count();
+            assert!(in_flight <= 3, "{x:?}");
+        }
+        let mut none = Cluster::new(&Profile::tiny(64, 8, 64), 0, false);
+        assert!(
+            none.run_closed(2, 0, [req(vec![1, 2, 3], 1)], &mut route)
+                .is_empty()
+        );
     }
 
     #[test]

@@ -3,16 +3,32 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Args;
-use kvroute_bench::{Load, Policy, PolicyReport, load_mooncake, run};
+use clap::{Args, ValueEnum};
+use kvroute_bench::{Load, Policy, PolicyReport, Workload, load_mooncake, run};
 use kvroute_sim::Profile;
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["trace", "workload"])))]
 pub(crate) struct BenchArgs {
     /// A Mooncake-format trace (JSON lines: timestamp ms, input_length, output_length,
     /// hash_ids of 512-token blocks).
     #[arg(long)]
-    trace: PathBuf,
+    trace: Option<PathBuf>,
+    /// A synthetic workload instead of a trace (seeded, see --requests, --rate, --seed).
+    #[arg(long, value_enum)]
+    workload: Option<WorkloadKind>,
+    /// Synthetic workload: number of requests.
+    #[arg(long, default_value_t = 4000)]
+    requests: usize,
+    /// Synthetic workload: mean arrival rate, requests per second (Poisson).
+    #[arg(long, default_value_t = 4.0)]
+    rate: f64,
+    /// Synthetic workload: output tokens per request.
+    #[arg(long, default_value_t = 128)]
+    output_tokens: usize,
+    /// Synthetic workload: random seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
     /// Simulated pods.
     #[arg(long, default_value_t = 16)]
     pods: usize,
@@ -49,6 +65,36 @@ pub(crate) struct BenchArgs {
     json: Option<PathBuf>,
 }
 
+/// The synthetic workloads, with the parameters `kvroute bench` uses.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum WorkloadKind {
+    /// 32 tenants, 2k-token system prompts, a fresh question each.
+    SharedPrompts,
+    /// 64 conversations of up to 8 turns whose history grows each turn.
+    MultiTurn,
+    /// 8 documents of 16k tokens, many questions.
+    DocQa,
+}
+
+impl WorkloadKind {
+    fn workload(self) -> Workload {
+        match self {
+            Self::SharedPrompts => Workload::SharedPrompts {
+                tenants: 32,
+                system_units: 4,
+            },
+            Self::MultiTurn => Workload::MultiTurn {
+                conversations: 64,
+                turns: 8,
+            },
+            Self::DocQa => Workload::DocQa {
+                docs: 8,
+                doc_units: 32,
+            },
+        }
+    }
+}
+
 pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     let profile = Profile::named(&args.profile)
         .with_context(|| format!("unknown profile {:?}", args.profile))?
@@ -60,7 +106,15 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         .split(',')
         .map(|p| Policy::parse(p.trim()).with_context(|| format!("unknown policy {p:?}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let trace = load_mooncake(&args.trace)?;
+    let trace = match (&args.trace, args.workload) {
+        (Some(path), _) => load_mooncake(path)?,
+        (None, Some(kind)) => {
+            anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
+            kind.workload()
+                .generate(args.requests, args.rate, args.output_tokens, args.seed)
+        }
+        (None, None) => anyhow::bail!("give --trace or --workload"),
+    };
     let (load, how) = match args.users {
         Some(users) => {
             anyhow::ensure!(users > 0, "--users must be at least 1");

@@ -7,8 +7,10 @@
 
 mod policy;
 mod report;
+mod synthetic;
 mod trace;
 
 pub use policy::{Policy, PolicyRouter};
 pub use report::{Load, PolicyReport, run};
+pub use synthetic::Workload;
 pub use trace::{BenchError, TraceRequest, arrivals, load_mooncake};

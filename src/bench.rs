@@ -139,14 +139,27 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         .into_iter()
         .map(|p| run(&trace, &profile, args.pods, p, load))
         .collect();
-    let mut out = format!(
-        "{} requests x{} on {} pods of {} ({}-token blocks), {how}\n\n",
+    let title = format!(
+        "{} requests x{} on {} pods of {} ({}-token blocks), {how}",
         trace.len(),
         args.copies,
         args.pods,
         profile.name,
         profile.block_size,
     );
+    let out = table(&title, &reports);
+    use std::io::Write;
+    std::io::stdout().write_all(out.as_bytes())?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&reports)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The comparison table, one policy a row.
+fn table(title: &str, reports: &[PolicyReport]) -> String {
+    let mut out = format!("{title}\n\n");
     out.push_str(&format!(
         "{:<14} {:>10} {:>10} {:>10} {:>9} {:>12} {:>9} {:>9} {:>10} {:>8}\n",
         "policy",
@@ -160,7 +173,7 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         "decide p99",
         "wall"
     ));
-    for r in &reports {
+    for r in reports {
         // Policies that do not use kvroute's scheduler have no decision time to show.
         let decide = if r.decision_p99_us.is_nan() {
             "-".to_owned()
@@ -181,11 +194,81 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
             r.wall_s
         ));
     }
+    out
+}
+
+/// The shipped Mooncake-format trace (3,993 requests), built into the binary for the demo.
+const SHIPPED_TRACE: &str = include_str!("../benches/traces/mooncake_synthetic_trace.jsonl");
+
+/// `kvroute demo`: the shipped trace and a multi-turn chat workload on 8 simulated pods,
+/// every policy side by side, and the headline against round robin.
+pub(crate) fn run_demo() -> anyhow::Result<()> {
+    let trace: Vec<kvroute_bench::TraceRequest> = SHIPPED_TRACE
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("parsing the built-in trace")?;
+    let profile = Profile::h100_llama31_8b().with_block_size(512);
+    let chats = WorkloadKind::MultiTurn
+        .workload()
+        .generate(4000, 4.0, 128, 1);
+    let runs = [
+        (
+            "The shipped Mooncake trace (3,993 requests), arrivals 4x faster, open loop, 8 pods",
+            &trace,
+            Load::Open {
+                speedup: 4.0,
+                copies: 1,
+            },
+        ),
+        (
+            "Multi-turn chat (64 users, growing histories), closed loop, 8 pods",
+            &chats,
+            Load::Closed {
+                users: 64,
+                think_ms: 0,
+                copies: 1,
+            },
+        ),
+    ];
+    let mut out = String::new();
+    for (title, workload, load) in runs {
+        let reports: Vec<PolicyReport> = Policy::ALL
+            .into_iter()
+            .map(|p| run(workload, &profile, 8, p, load))
+            .collect();
+        out.push_str(&table(title, &reports));
+        let by = |name: &str| reports.iter().find(|r| r.policy == name);
+        if let (Some(rr), Some(kv)) = (by("round-robin"), by("kvroute")) {
+            out.push_str(&format!(
+                "kvroute vs round-robin: TTFT p50 {:.1}x lower, output tokens/s {:.2}x, prefix-cache hit rate {:.1}% vs {:.1}%\n\n",
+                rr.ttft_p50_ms / kv.ttft_p50_ms,
+                kv.output_tokens_per_s / rr.output_tokens_per_s,
+                100.0 * kv.hit_rate,
+                100.0 * rr.hit_rate,
+            ));
+        }
+    }
+    out.push_str("Simulated h100-llama3.1-8b pods in virtual time (docs/simulator.md); more in docs/benchmarks.md.\n");
     use std::io::Write;
     std::io::stdout().write_all(out.as_bytes())?;
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&reports)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_built_in_trace_is_the_shipped_one() {
+        let n = SHIPPED_TRACE
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count();
+        assert_eq!(n, 3993);
+        let first: kvroute_bench::TraceRequest =
+            serde_json::from_str(SHIPPED_TRACE.lines().next().unwrap_or_default()).unwrap();
+        assert_eq!(first.input_length, 40160);
+    }
 }

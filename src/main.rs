@@ -31,6 +31,8 @@ enum Command {
     Sim(sim::SimArgs),
     /// Compare routing policies on a simulated cluster, in virtual time.
     Bench(bench::BenchArgs),
+    /// Every routing policy side by side on the shipped trace and a chat workload.
+    Demo,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,5 +53,6 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => runtime.block_on(serve::run(args)),
         Command::Sim(args) => runtime.block_on(sim::run(args)),
         Command::Bench(args) => bench::run_bench(&args),
+        Command::Demo => bench::run_demo(),
     }
 }

@@ -9,6 +9,8 @@ use kvroute_scheduler::{
 };
 use kvroute_sim::{PodView, RequestId, RouteFn, SimRequest, StepReport};
 
+use crate::synthetic::Rng;
+
 /// Prompt tokens handed to the router: the approximate scorer hashes at most 256 blocks of
 /// 64 bytes, which token ids (4 bytes each) fill after 4,096 tokens.
 const ROUTED_PROMPT_TOKENS: usize = 4096;
@@ -63,7 +65,7 @@ impl Policy {
 pub struct PolicyRouter {
     policy: Policy,
     next: usize,
-    rng: u64,
+    rng: Rng,
     scheduler: Option<Box<dyn Scheduler>>,
     endpoints: Arc<Vec<Arc<EndpointState>>>,
     claims: HashMap<RequestId, InFlightGuard>,
@@ -113,7 +115,7 @@ impl PolicyRouter {
         Self {
             policy,
             next: 0,
-            rng: 0x9e37_79b9_7f4a_7c15,
+            rng: Rng::new(0x9e37_79b9_7f4a_7c15),
             scheduler,
             endpoints: registry.snapshot(),
             claims: HashMap::new(),
@@ -129,11 +131,8 @@ impl PolicyRouter {
                 self.next
             }
             Policy::Random => {
-                // xorshift64*: seeded, so runs repeat.
-                self.rng ^= self.rng >> 12;
-                self.rng ^= self.rng << 25;
-                self.rng ^= self.rng >> 27;
-                (self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % pods as u64) as usize
+                // Seeded, so runs repeat.
+                self.rng.below(pods as u64) as usize
             }
             _ => self.schedule(request),
         }

@@ -6,9 +6,14 @@ use crate::trace::TraceRequest;
 
 /// A small, seeded generator (xorshift64*): runs repeat exactly.
 #[derive(Debug)]
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
+    /// A generator seeded with `seed` (0 is replaced: xorshift would stay at 0).
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -16,7 +21,8 @@ impl Rng {
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    /// Uniform in `0..n` (n at least 1).
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
 
@@ -65,7 +71,7 @@ impl Workload {
         output: usize,
         seed: u64,
     ) -> Vec<TraceRequest> {
-        let mut rng = Rng(seed | 1);
+        let mut rng = Rng::new(seed);
         let mean_gap = 1000.0 / rate.max(1e-6);
         let mut t = 0;
         let mut fresh = 1u64 << 40;

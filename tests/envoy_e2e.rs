@@ -327,13 +327,7 @@ async fn sigterm_drains_open_streams() {
         Kvroute::start(&dir, &backends.list(), &["--shutdown-grace-secs", "20"]).await;
     let envoy = Envoy::start(
         &dir,
-        &EnvoyOptions {
-            request_body_mode: "FULL_DUPLEX_STREAMED",
-            response_body_mode: "FULL_DUPLEX_STREAMED",
-            fail_open: false,
-            grpc_port: kvroute.grpc_port,
-            pool: &backends.addrs,
-        },
+        &EnvoyOptions::full_duplex(kvroute.grpc_port, &backends.addrs),
     )
     .await;
     let port = envoy.port;
@@ -379,13 +373,7 @@ async fn shared_prefixes_stick_to_one_endpoint_through_envoy() {
     let kvroute = Kvroute::start(&dir, &backends.list(), &[]).await;
     let envoy = Envoy::start(
         &dir,
-        &EnvoyOptions {
-            request_body_mode: "FULL_DUPLEX_STREAMED",
-            response_body_mode: "FULL_DUPLEX_STREAMED",
-            fail_open: false,
-            grpc_port: kvroute.grpc_port,
-            pool: &backends.addrs,
-        },
+        &EnvoyOptions::full_duplex(kvroute.grpc_port, &backends.addrs),
     )
     .await;
     let tenants: Vec<String> = (0..4)

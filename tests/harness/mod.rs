@@ -387,6 +387,19 @@ pub struct EnvoyOptions<'a> {
     pub pool: &'a [SocketAddr],
 }
 
+impl<'a> EnvoyOptions<'a> {
+    /// The shipped config as it is: full-duplex both ways, fail-closed.
+    pub fn full_duplex(grpc_port: u16, pool: &'a [SocketAddr]) -> Self {
+        Self {
+            request_body_mode: "FULL_DUPLEX_STREAMED",
+            response_body_mode: "FULL_DUPLEX_STREAMED",
+            fail_open: false,
+            grpc_port,
+            pool,
+        }
+    }
+}
+
 /// A real Envoy running the shipped example config with this test's ports.
 pub struct Envoy {
     child: Child,

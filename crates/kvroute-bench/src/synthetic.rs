@@ -83,20 +83,22 @@ impl Workload {
             Self::SharedPrompts {
                 tenants,
                 system_units,
-            } => (0..requests)
-                .map(|_| {
+            } => {
+                let prefix = |tenant: u64, u: u64| tenant * 1000 + u;
+                let mut arrive = || {
                     t += rng.gap_ms(mean_gap);
-                    let tenant = rng.below(tenants);
-                    let mut ids: Vec<u64> = (0..system_units).map(|u| tenant * 1000 + u).collect();
-                    ids.push(next_fresh());
-                    TraceRequest {
-                        timestamp: t,
-                        input_length: ids.len() * 512 - 200,
-                        output_length: output,
-                        hash_ids: ids,
-                    }
-                })
-                .collect(),
+                    (t, rng.below(tenants))
+                };
+                shared_prefix(
+                    requests,
+                    system_units,
+                    200,
+                    output,
+                    prefix,
+                    &mut arrive,
+                    &mut next_fresh,
+                )
+            }
             Self::MultiTurn {
                 conversations,
                 turns,
@@ -127,24 +129,51 @@ impl Workload {
                 }
                 out
             }
-            Self::DocQa { docs, doc_units } => (0..requests)
-                .map(|_| {
+            Self::DocQa { docs, doc_units } => {
+                let prefix = |doc: u64, u: u64| 2_000_000 + doc * 10_000 + u;
+                let mut arrive = || {
                     t += rng.gap_ms(mean_gap);
-                    let doc = rng.below(docs);
-                    let mut ids: Vec<u64> = (0..doc_units)
-                        .map(|u| 2_000_000 + doc * 10_000 + u)
-                        .collect();
-                    ids.push(next_fresh());
-                    TraceRequest {
-                        timestamp: t,
-                        input_length: ids.len() * 512 - 300,
-                        output_length: output,
-                        hash_ids: ids,
-                    }
-                })
-                .collect(),
+                    (t, rng.below(docs))
+                };
+                shared_prefix(
+                    requests,
+                    doc_units,
+                    300,
+                    output,
+                    prefix,
+                    &mut arrive,
+                    &mut next_fresh,
+                )
+            }
         }
     }
+}
+
+/// Requests that each open with one group's `units` shared units (`prefix(group, unit)`)
+/// and end with a fresh unit cut `cut` tokens short; `arrive` gives each request's arrival
+/// time and group.
+fn shared_prefix(
+    requests: usize,
+    units: u64,
+    cut: usize,
+    output: usize,
+    prefix: impl Fn(u64, u64) -> u64,
+    arrive: &mut dyn FnMut() -> (u64, u64),
+    fresh: &mut dyn FnMut() -> u64,
+) -> Vec<TraceRequest> {
+    (0..requests)
+        .map(|_| {
+            let (timestamp, group) = arrive();
+            let mut ids: Vec<u64> = (0..units).map(|u| prefix(group, u)).collect();
+            ids.push(fresh());
+            TraceRequest {
+                timestamp,
+                input_length: ids.len() * 512 - cut,
+                output_length: output,
+                hash_ids: ids,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

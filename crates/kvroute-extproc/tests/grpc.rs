@@ -54,6 +54,25 @@ async fn serve() -> Served {
     }
 }
 
+impl Served {
+    /// Opens one ext_proc stream, as Envoy does per HTTP request.
+    async fn open(
+        &mut self,
+    ) -> (
+        mpsc::Sender<ProcessingRequest>,
+        tonic::Streaming<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse>,
+    ) {
+        let (tx, rx) = mpsc::channel::<ProcessingRequest>(8);
+        let answers = self
+            .client
+            .process(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        (tx, answers)
+    }
+}
+
 fn metrics(prom: &prometheus_client::registry::Registry) -> String {
     let mut out = String::new();
     encode(&mut out, prom).unwrap();
@@ -68,13 +87,7 @@ fn in_flight(r: &Registry) -> usize {
 async fn a_full_duplex_request_is_answered_over_grpc() {
     let mut s = serve().await;
     let body = chat_body(100_000);
-    let (tx, rx) = mpsc::channel::<ProcessingRequest>(8);
-    let mut answers = s
-        .client
-        .process(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut answers) = s.open().await;
     tx.send(with_config(
         request_headers("POST", "/v1/chat/completions", &[], false),
         protocol_config(
@@ -121,13 +134,7 @@ async fn a_full_duplex_request_is_answered_over_grpc() {
 #[tokio::test]
 async fn a_protocol_violation_ends_the_stream_with_invalid_argument() {
     let mut s = serve().await;
-    let (tx, rx) = mpsc::channel::<ProcessingRequest>(8);
-    let mut answers = s
-        .client
-        .process(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut answers) = s.open().await;
     tx.send(request_body(b"{}", true)).await.unwrap();
     let status = answers.message().await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);

@@ -1,4 +1,6 @@
 //! Hash → block id, open addressing with linear probing and backward-shift deletion.
+//! `kvroute-index` has a table of the same design for its nodes; the simulator keeps its
+//! own because it must not import the router's crates (DESIGN.md, "Boundaries").
 //!
 //! The simulator caches and evicts about as many blocks as it computes (10^9 for a million
 //! trace requests). With std's `HashMap`, that churn fills the table with tombstones and

@@ -77,6 +77,24 @@ fn document() -> String {
     "The quick brown fox jumps over the lazy dog. ".repeat(23)[..1000].to_owned()
 }
 
+/// A non-streaming completion of `prompt`; returns the HTTP status.
+async fn complete(bound: &Bound, prompt: &str) -> u16 {
+    http(
+        bound.http,
+        "POST",
+        "/v1/completions",
+        &completion(prompt, false),
+    )
+    .await
+    .0
+}
+
+/// Sets a fault through the test hook; returns the HTTP status.
+async fn set_fault(bound: &Bound, fault: &str) -> u16 {
+    let body = serde_json::json!({ "fault": fault }).to_string();
+    http(bound.http, "POST", "/sim/fault", &body).await.0
+}
+
 /// Asks the replay socket for every batch from `start` and returns their sequence numbers,
 /// checking the frames and the end marker on the way.
 async fn replay(bound: &Bound, start: u64) -> Vec<i64> {
@@ -273,47 +291,11 @@ async fn serves_the_openai_api_metrics_and_kv_events() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_on_demand() {
     let (bound, stop) = start().await;
-    let fault = |f: &str| serde_json::json!({"fault": f}).to_string();
-    assert_eq!(
-        http(bound.http, "POST", "/sim/fault", &fault("errors"))
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        http(
-            bound.http,
-            "POST",
-            "/v1/completions",
-            &completion("hi", false)
-        )
-        .await
-        .0,
-        500
-    );
-    assert_eq!(
-        http(bound.http, "POST", "/sim/fault", &fault("none"))
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        http(
-            bound.http,
-            "POST",
-            "/v1/completions",
-            &completion(&document(), false)
-        )
-        .await
-        .0,
-        200
-    );
-    assert_eq!(
-        http(bound.http, "POST", "/sim/fault", &fault("bogus"))
-            .await
-            .0,
-        400
-    );
+    assert_eq!(set_fault(&bound, "errors").await, 200);
+    assert_eq!(complete(&bound, "hi").await, 500);
+    assert_eq!(set_fault(&bound, "none").await, 200);
+    assert_eq!(complete(&bound, &document()).await, 200);
+    assert_eq!(set_fault(&bound, "bogus").await, 400);
     assert_eq!(
         http(bound.http, "POST", "/v1/completions", "{not json")
             .await
@@ -322,24 +304,14 @@ async fn faults_on_demand() {
     );
 
     // A stalled engine answers nothing until it resumes.
-    assert_eq!(
-        http(bound.http, "POST", "/sim/fault", &fault("stall"))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(set_fault(&bound, "stall").await, 200);
     let addr = bound.http;
     let pending = tokio::spawn(async move {
         http(addr, "POST", "/v1/completions", &completion("later", false)).await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!pending.is_finished(), "stalled");
-    assert_eq!(
-        http(bound.http, "POST", "/sim/fault", &fault("none"))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(set_fault(&bound, "none").await, 200);
     assert_eq!(pending.await.unwrap().0, 200);
 
     // Dropped event messages: none arrive, but replay still has them.
@@ -349,48 +321,23 @@ async fn faults_on_demand() {
         .unwrap();
     sub.subscribe("").await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        http(bound.http, "POST", "/sim/fault", &fault("drop-events"))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(set_fault(&bound, "drop-events").await, 200);
     let fresh = "never seen before, a prompt of its own. ".repeat(4);
-    assert_eq!(
-        http(
-            bound.http,
-            "POST",
-            "/v1/completions",
-            &completion(&fresh, false)
-        )
-        .await
-        .0,
-        200
-    );
+    assert_eq!(complete(&bound, &fresh).await, 200);
     assert!(
         tokio::time::timeout(Duration::from_millis(300), sub.recv())
             .await
             .is_err(),
         "the event message was dropped"
     );
-    assert_eq!(
-        http(bound.http, "POST", "/sim/fault", &fault("none"))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(set_fault(&bound, "none").await, 200);
     let replayed = replay(&bound, 0).await.len();
     assert!(replayed >= 2, "the dropped batch is in the replay buffer");
 
     // A restart empties the cache.
     let (_, cache) = http(bound.http, "GET", "/sim/cache", "").await;
     assert!(cache.len() > 20, "{cache}");
-    assert_eq!(
-        http(bound.http, "POST", "/sim/fault", &fault("restart"))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(set_fault(&bound, "restart").await, 200);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (_, cache) = http(bound.http, "GET", "/sim/cache", "").await;
     assert_eq!(cache, r#"{"hashes":[]}"#);
@@ -399,17 +346,7 @@ async fn faults_on_demand() {
         http(bound.http, "POST", "/reset_prefix_cache", "").await.0,
         200
     );
-    assert_eq!(
-        http(
-            bound.http,
-            "POST",
-            "/v1/completions",
-            &completion(&fresh, false)
-        )
-        .await
-        .0,
-        200
-    );
+    assert_eq!(complete(&bound, &fresh).await, 200);
     let frames = tokio::time::timeout(Duration::from_secs(5), sub.recv())
         .await
         .unwrap()

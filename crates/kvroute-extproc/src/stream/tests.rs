@@ -78,6 +78,15 @@ fn first(
     )
 }
 
+/// A chat request's headers (a body follows) in the given modes.
+fn chat_headers(
+    request: BodySendMode,
+    response: BodySendMode,
+    without_waiting: bool,
+) -> ProcessingRequest {
+    first(request, response, without_waiting, "POST", CHAT, false)
+}
+
 fn full_duplex_headers(path: &str) -> ProcessingRequest {
     first(
         BodySendMode::FullDuplexStreamed,
@@ -184,14 +193,7 @@ fn buffered_routes_on_the_body_response() {
     let mut s = h.stream();
     let out = send(
         &mut s,
-        first(
-            BodySendMode::Buffered,
-            BodySendMode::None,
-            false,
-            "POST",
-            CHAT,
-            false,
-        ),
+        chat_headers(BodySendMode::Buffered, BodySendMode::None, false),
     );
     assert_eq!(kinds(&out), ["request_headers"]);
     assert!(set_header(&out[0], "x-gateway-destination-endpoint").is_none());
@@ -224,14 +226,7 @@ fn streamed_without_waiting_answers_headers_then_each_chunk() {
     assert!(
         send(
             &mut s,
-            first(
-                BodySendMode::Streamed,
-                BodySendMode::Streamed,
-                true,
-                "POST",
-                CHAT,
-                false
-            )
+            chat_headers(BodySendMode::Streamed, BodySendMode::Streamed, true)
         )
         .is_empty()
     );
@@ -261,14 +256,7 @@ fn streamed_waiting_asks_for_buffering_and_routes_on_the_buffered_body() {
     let mut s = h.stream();
     let out = send(
         &mut s,
-        first(
-            BodySendMode::Streamed,
-            BodySendMode::None,
-            false,
-            "POST",
-            CHAT,
-            false,
-        ),
+        chat_headers(BodySendMode::Streamed, BodySendMode::None, false),
     );
     assert_eq!(kinds(&out), ["request_headers"]);
     let provisional = set_header(&out[0], "x-gateway-destination-endpoint")
@@ -294,14 +282,7 @@ fn streamed_waiting_keeps_the_provisional_destination_when_chunks_keep_coming() 
     let mut s = h.stream();
     let out = send(
         &mut s,
-        first(
-            BodySendMode::Streamed,
-            BodySendMode::None,
-            false,
-            "POST",
-            CHAT,
-            false,
-        ),
+        chat_headers(BodySendMode::Streamed, BodySendMode::None, false),
     );
     let provisional = set_header(&out[0], "x-gateway-destination-endpoint")
         .unwrap()
@@ -321,14 +302,7 @@ fn trailers_after_answered_body_messages_get_only_a_trailers_answer() {
     let mut s = h.stream();
     let out = send(
         &mut s,
-        first(
-            BodySendMode::BufferedPartial,
-            BodySendMode::None,
-            false,
-            "POST",
-            CHAT,
-            false,
-        ),
+        chat_headers(BodySendMode::BufferedPartial, BodySendMode::None, false),
     );
     assert_eq!(kinds(&out), ["request_headers"]);
     let out = send(&mut s, request_trailers());
@@ -338,14 +312,7 @@ fn trailers_after_answered_body_messages_get_only_a_trailers_answer() {
     let mut s = h.stream();
     send(
         &mut s,
-        first(
-            BodySendMode::Streamed,
-            BodySendMode::None,
-            false,
-            "POST",
-            CHAT,
-            false,
-        ),
+        chat_headers(BodySendMode::Streamed, BodySendMode::None, false),
     );
     let out = send(&mut s, request_trailers());
     assert_eq!(kinds(&out), ["request_trailers"]);
@@ -358,14 +325,7 @@ fn a_truncated_buffered_partial_body_is_routed_by_load_on_its_answer() {
     let mut s = h.stream();
     send(
         &mut s,
-        first(
-            BodySendMode::BufferedPartial,
-            BodySendMode::None,
-            false,
-            "POST",
-            CHAT,
-            false,
-        ),
+        chat_headers(BodySendMode::BufferedPartial, BodySendMode::None, false),
     );
     let out = send(
         &mut s,
@@ -385,14 +345,7 @@ fn no_endpoint_for_a_provisional_pick_is_a_503() {
     let mut s = h.stream();
     let out = send(
         &mut s,
-        first(
-            BodySendMode::Streamed,
-            BodySendMode::None,
-            false,
-            "POST",
-            CHAT,
-            false,
-        ),
+        chat_headers(BodySendMode::Streamed, BodySendMode::None, false),
     );
     assert_eq!(immediate(&out[0]).unwrap().status.unwrap().code, 503);
     assert!(send(&mut s, request_body(b"{}", true)).is_empty());

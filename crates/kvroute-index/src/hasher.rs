@@ -4,8 +4,10 @@
 
 use std::hash::{BuildHasher, Hasher};
 
+/// Builds the hasher of maps keyed by 64-bit hashes: one keyed multiply per key instead of
+/// SipHash's rounds, still unpredictable to whoever crafts the keys.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct KeyHasher {
+pub struct KeyHasher {
     key: u64,
 }
 
@@ -37,8 +39,9 @@ impl BuildHasher for KeyHasher {
     }
 }
 
+/// The state of one [`KeyHasher`] hash.
 #[derive(Debug)]
-pub(crate) struct KeyState {
+pub struct KeyState {
     key: u64,
     h: u64,
 }
@@ -62,5 +65,7 @@ impl Hasher for KeyState {
     }
 }
 
-pub(crate) type Map<V> = std::collections::HashMap<u64, V, KeyHasher>;
-pub(crate) type Set = std::collections::HashSet<u64, KeyHasher>;
+/// A map keyed by 64-bit hashes.
+pub type Map<V> = std::collections::HashMap<u64, V, KeyHasher>;
+/// A set of 64-bit hashes.
+pub type Set = std::collections::HashSet<u64, KeyHasher>;

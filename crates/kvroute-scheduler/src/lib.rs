@@ -5,6 +5,7 @@
 //! routed by load alone) and a snapshot of candidate endpoints, and answers with an ordered
 //! list: the primary target, then fallbacks. It does no I/O and never blocks.
 
+mod precise;
 mod prefix;
 mod profile;
 
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use kvroute_core::{BlockHash, InferenceRequest, RequestHints};
 use kvroute_endpoints::EndpointState;
 
+pub use precise::{PrecisePrefixConfig, PrecisePrefixScorer};
 pub use prefix::{PrefixCacheConfig, PrefixCacheScorer};
 pub use profile::{LoadScorer, Profile, Scorer};
 
@@ -29,6 +31,8 @@ pub struct SchedulingRequest<'a> {
     /// The prompt's approximate block hashes, computed at most once per request by
     /// whichever plugin needs them first (scoring, then recording the decision).
     pub approx_blocks: OnceCell<Vec<BlockHash>>,
+    /// The prompt's token-block hashes, computed at most once per request.
+    pub token_blocks: OnceCell<Vec<BlockHash>>,
 }
 
 impl<'a> SchedulingRequest<'a> {
@@ -38,6 +42,7 @@ impl<'a> SchedulingRequest<'a> {
             request,
             hints,
             approx_blocks: OnceCell::new(),
+            token_blocks: OnceCell::new(),
         }
     }
 }

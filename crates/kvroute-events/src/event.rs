@@ -1,0 +1,57 @@
+use kvroute_index::Tier;
+
+/// Where the engine keeps a block (vLLM's `medium`: `"GPU"` from the block pool, other
+/// values from offloading connectors).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Medium {
+    /// Not given (older vLLM releases): the block pool's, GPU.
+    Unspecified,
+    /// A named medium, as sent.
+    Named(String),
+}
+
+impl Medium {
+    /// The index tier the medium maps to: `GPU` (and unspecified) → GPU, `CPU` → CPU, any
+    /// other named store (disk, remote, LMCache, …) → disk, the slowest tier.
+    pub fn tier(&self) -> Tier {
+        match self {
+            Self::Unspecified => Tier::Gpu,
+            Self::Named(m) if m.eq_ignore_ascii_case("gpu") => Tier::Gpu,
+            Self::Named(m) if m.eq_ignore_ascii_case("cpu") => Tier::Cpu,
+            Self::Named(_) => Tier::Disk,
+        }
+    }
+}
+
+/// vLLM's `BlockStored`: full blocks newly cached, in chain order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockStored {
+    /// The engine's hashes of the blocks (byte-string hashes folded to 64 bits).
+    pub block_hashes: Vec<u64>,
+    /// The engine hash of the block before the first; `None` at the root of a chain.
+    pub parent_block_hash: Option<u64>,
+    /// The blocks' token ids, `block_size` per block.
+    pub token_ids: Vec<u32>,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// The LoRA adapter the blocks were computed under.
+    pub lora_name: Option<String>,
+    /// Where the blocks are kept.
+    pub medium: Medium,
+}
+
+/// One KV-cache event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvEvent {
+    /// Blocks cached.
+    BlockStored(BlockStored),
+    /// Blocks evicted from `medium`.
+    BlockRemoved {
+        /// The engine's hashes of the blocks.
+        block_hashes: Vec<u64>,
+        /// Where they were evicted from.
+        medium: Medium,
+    },
+    /// The whole prefix cache was reset.
+    AllBlocksCleared,
+}

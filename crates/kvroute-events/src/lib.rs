@@ -1,0 +1,13 @@
+//! vLLM KV events → the prefix index.
+//!
+//! Owns the decoded shape of vLLM's `KVEventBatch` ([`KvEvent`]) and the [`Applier`], which
+//! turns each endpoint's events into kvroute's own chained block hashes (computed from the
+//! events' token ids, so routing never depends on the engine's hash algorithm or seed) and
+//! applies them to a shared [`kvroute_index::PrefixIndex`]. It keeps, per endpoint, the map
+//! from engine hash to kvroute hash that `BlockRemoved` (engine hashes only) needs.
+
+mod apply;
+mod event;
+
+pub use apply::{Applied, Applier};
+pub use event::{BlockStored, KvEvent, Medium};

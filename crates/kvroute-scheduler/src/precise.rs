@@ -1,0 +1,165 @@
+use std::sync::Arc;
+
+use kvroute_core::{BlockHash, Prompt};
+use kvroute_endpoints::EndpointState;
+use kvroute_index::{PrefixIndex, Shared};
+use kvroute_tokens::{BlockHasher, ExtraKeys};
+
+use crate::{SchedulingRequest, Scorer};
+
+/// Settings of the precise prefix-cache scorer.
+#[derive(Clone, Debug)]
+pub struct PrecisePrefixConfig {
+    /// Tokens per block: the pool's engine block size (vLLM's default is 16).
+    pub block_size: usize,
+    /// What a block held in each tier is worth (`[gpu, cpu, disk]`): a GPU hit costs nothing,
+    /// a CPU hit a copy back, a disk hit a load.
+    pub tier_weights: [f64; 3],
+}
+
+impl Default for PrecisePrefixConfig {
+    /// Blocks of 16 tokens; tiers weighted 1.0 / 0.8 / 0.5.
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            tier_weights: [1.0, 0.8, 0.5],
+        }
+    }
+}
+
+/// Scores each endpoint by the longest prefix of the prompt's token blocks that its KV
+/// cache really holds, as its KV events report (`precise-prefix-cache-scorer`): held blocks
+/// weighted by tier, over the prompt's blocks. Prompts it cannot tokenize score nothing, so
+/// a profile's other scorers (the approximate one) decide for them.
+#[derive(Debug)]
+pub struct PrecisePrefixScorer {
+    index: Arc<Shared<PrefixIndex>>,
+    hasher: BlockHasher,
+    weights: [f64; 3],
+}
+
+impl PrecisePrefixScorer {
+    /// A scorer reading `index`, which an event applier keeps up to date.
+    pub fn new(index: Arc<Shared<PrefixIndex>>, config: &PrecisePrefixConfig) -> Self {
+        Self {
+            index,
+            hasher: BlockHasher::new(config.block_size),
+            weights: config.tier_weights,
+        }
+    }
+
+    /// The prompt's block hashes, as the engine's events would name them; `None` for
+    /// prompts given as text (they need the model's tokenizer) or as a batch.
+    fn blocks<'r>(&self, request: &'r SchedulingRequest<'_>) -> Option<&'r [BlockHash]> {
+        let req = request.request?;
+        let Prompt::Tokens(tokens) = &req.prompt else {
+            return None;
+        };
+        Some(request.token_blocks.get_or_init(|| {
+            let mut out = Vec::new();
+            let extra = ExtraKeys {
+                lora: None,
+                cache_salt: req.cache_salt.as_deref(),
+            };
+            self.hasher.hash_tokens(tokens, &extra, &mut out);
+            out
+        }))
+    }
+}
+
+impl Scorer for PrecisePrefixScorer {
+    fn name(&self) -> &'static str {
+        "precise-prefix-cache-scorer"
+    }
+
+    fn score(
+        &self,
+        request: &SchedulingRequest<'_>,
+        candidates: &[Arc<EndpointState>],
+        scores: &mut [f64],
+    ) {
+        let Some(blocks) = self.blocks(request).filter(|b| !b.is_empty()) else {
+            return;
+        };
+        let matches = self.index.read().match_prefix(blocks);
+        let total = blocks.len() as f64;
+        for m in matches {
+            if let Ok(i) = candidates.binary_search_by(|c| c.id().cmp(&m.endpoint)) {
+                let held: f64 = m
+                    .per_tier
+                    .iter()
+                    .zip(&self.weights)
+                    .map(|(&n, w)| f64::from(n) * w)
+                    .sum();
+                scores[i] = held / total;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kvroute_core::{ApiKind, InferenceRequest, RequestHints};
+    use kvroute_index::Tier;
+
+    use super::*;
+    use crate::test_util::registry;
+
+    fn request(tokens: Vec<u32>, salt: Option<&str>) -> InferenceRequest {
+        InferenceRequest {
+            api: ApiKind::Completions,
+            model: "m".into(),
+            prompt: Prompt::Tokens(tokens),
+            cache_salt: salt.map(Into::into),
+            stream: false,
+            max_tokens: None,
+            hints: RequestHints::default(),
+        }
+    }
+
+    fn hashes(tokens: &[u32]) -> Vec<BlockHash> {
+        let mut out = Vec::new();
+        BlockHasher::new(4).hash_tokens(tokens, &ExtraKeys::default(), &mut out);
+        out
+    }
+
+    fn scores(scorer: &PrecisePrefixScorer, req: &InferenceRequest, n: u16) -> Vec<f64> {
+        let eps = registry(n).snapshot();
+        let hints = RequestHints::default();
+        let mut out = vec![0.0; eps.len()];
+        scorer.score(&SchedulingRequest::new(Some(req), &hints), &eps, &mut out);
+        out
+    }
+
+    #[test]
+    fn longest_held_prefix_weighted_by_tier() {
+        let index = Arc::new(Shared::new(PrefixIndex::new()));
+        let eps = registry(3).snapshot();
+        let tokens: Vec<u32> = (0..16).collect();
+        let h = hashes(&tokens);
+        {
+            let mut w = index.write();
+            w.store(eps[0].id(), &h[..2], Tier::Gpu);
+            w.store(eps[1].id(), &h, Tier::Gpu);
+            w.store(eps[2].id(), &h[..2], Tier::Cpu);
+            // A block held beyond a gap does not count.
+            w.store(eps[0].id(), &h[3..], Tier::Gpu);
+        }
+        let config = PrecisePrefixConfig {
+            block_size: 4,
+            ..PrecisePrefixConfig::default()
+        };
+        let scorer = PrecisePrefixScorer::new(Arc::clone(&index), &config);
+        let s = scores(&scorer, &request(tokens.clone(), None), 3);
+        assert_eq!(s[0], 0.5);
+        assert_eq!(s[1], 1.0);
+        assert!((s[2] - 0.4).abs() < 1e-12, "{s:?}");
+        // A salted request names other blocks: nothing held.
+        assert_eq!(
+            scores(&scorer, &request(tokens, Some("tenant")), 3),
+            [0.0; 3]
+        );
+        // Shorter than a block, or text: no opinion.
+        assert_eq!(scores(&scorer, &request(vec![1, 2], None), 3), [0.0; 3]);
+    }
+}

@@ -10,7 +10,7 @@ use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_
 use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use kvroute_core::{ApiKind, InferenceRequest, RequestHints};
 use kvroute_extproc::{ExtProcConfig, Metrics, Router, StreamState};
-use kvroute_scheduler::{LoadScorer, PrefixCacheConfig, PrefixCacheScorer, Profile, Scheduler};
+use kvroute_scheduler::{Profile, Scheduler};
 use test_support::envoy::{protocol_config, request_body, request_headers, with_config};
 use test_support::{chat_body, registry, split};
 
@@ -43,16 +43,7 @@ fn messages(body: &[u8], chunks: usize) -> Vec<ProcessingRequest> {
 
 /// `kvroute serve`'s default policy: approximate prefix affinity (3) and load (4).
 fn prefix_profile() -> Arc<dyn Scheduler> {
-    Arc::new(Profile::new(
-        vec![
-            (
-                Box::new(PrefixCacheScorer::new(&PrefixCacheConfig::default())),
-                3.0,
-            ),
-            (Box::new(LoadScorer::default()), 4.0),
-        ],
-        0,
-    ))
+    Arc::new(Profile::kvroute(None, 0))
 }
 
 fn router(scheduler: Arc<dyn Scheduler>) -> Arc<Router> {

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use kvroute_bench::{Load, Policy, PolicyReport, Workload, load_mooncake, run};
+use kvroute_bench::{
+    BenchReport, Load, Policy, PolicyReport, Workload, load_mooncake, render_svg, run,
+};
 use kvroute_sim::Profile;
 
 #[derive(Debug, Args)]
@@ -40,12 +42,10 @@ pub(crate) struct BenchArgs {
     /// with vLLM's 16).
     #[arg(long, default_value_t = 512)]
     block_size: usize,
-    /// Policies to compare, comma-separated: round-robin, random, least-load,
-    /// approx-prefix, kvroute.
-    #[arg(
-        long,
-        default_value = "round-robin,random,least-load,approx-prefix,kvroute"
-    )]
+    /// Policies to compare, comma-separated, or `all`: round-robin, random, least-load,
+    /// sglang-cache-aware, dynamo-kv, approx-prefix, precise-prefix, kvroute-approx,
+    /// kvroute.
+    #[arg(long, default_value = "all")]
     policies: String,
     /// Divide the trace's arrival times by this (load goes up).
     #[arg(long, default_value_t = 1.0)]
@@ -60,9 +60,19 @@ pub(crate) struct BenchArgs {
     /// With --users: pause between a user's requests, milliseconds.
     #[arg(long, default_value_t = 0)]
     think_ms: u64,
-    /// Also write the reports as JSON here.
+    /// Also write the reports as JSON here (schema in docs/benchmarks.md).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also draw the TTFT CDF and throughput of each policy here, as SVG.
+    #[arg(long)]
+    chart: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// Directory the charts are written to.
+    #[arg(long, default_value = ".")]
+    out: PathBuf,
 }
 
 /// The synthetic workloads, with the parameters `kvroute bench` uses.
@@ -101,11 +111,14 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         .with_block_size(args.block_size);
     anyhow::ensure!(args.pods > 0, "--pods must be at least 1");
     anyhow::ensure!(args.speedup > 0.0, "--speedup must be positive");
-    let policies = args
-        .policies
-        .split(',')
-        .map(|p| Policy::parse(p.trim()).with_context(|| format!("unknown policy {p:?}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let policies = if args.policies == "all" {
+        Policy::ALL.to_vec()
+    } else {
+        args.policies
+            .split(',')
+            .map(|p| Policy::parse(p.trim()).with_context(|| format!("unknown policy {p:?}")))
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
     let trace = match (&args.trace, args.workload) {
         (Some(path), _) => load_mooncake(path)?,
         (None, Some(kind)) => {
@@ -147,21 +160,57 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         profile.name,
         profile.block_size,
     );
-    let out = table(&title, &reports);
+    let mut out = table(&title, &reports);
+    if let Some(path) = &args.chart {
+        write_chart(path, &title, &reports)?;
+        out.push_str(&format!("chart: {}\n", path.display()));
+    }
+    if let Some(path) = &args.json {
+        let doc = BenchReport {
+            schema: BenchReport::SCHEMA.into(),
+            title: title.clone(),
+            profile: profile.name.into(),
+            pods: args.pods,
+            block_size: profile.block_size,
+            policies: reports,
+        };
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        out.push_str(&format!("json: {}\n", path.display()));
+    }
+    if let Some(peak) = peak_rss_bytes() {
+        out.push_str(&format!(
+            "peak memory: {:.0} MiB\n",
+            peak as f64 / (1 << 20) as f64
+        ));
+    }
     use std::io::Write;
     std::io::stdout().write_all(out.as_bytes())?;
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&reports)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
     Ok(())
+}
+
+fn write_chart(
+    path: &std::path::Path,
+    title: &str,
+    reports: &[PolicyReport],
+) -> anyhow::Result<()> {
+    let svg = render_svg(title, reports)?;
+    std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))
+}
+
+/// This process's peak resident memory (Linux `VmHWM`), if the system says.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The comparison table, one policy a row.
 fn table(title: &str, reports: &[PolicyReport]) -> String {
     let mut out = format!("{title}\n\n");
     out.push_str(&format!(
-        "{:<14} {:>10} {:>10} {:>10} {:>9} {:>12} {:>9} {:>9} {:>10} {:>8}\n",
+        "{:<18} {:>10} {:>10} {:>10} {:>9} {:>12} {:>9} {:>9} {:>10} {:>8}\n",
         "policy",
         "TTFT p50",
         "TTFT p90",
@@ -175,13 +224,11 @@ fn table(title: &str, reports: &[PolicyReport]) -> String {
     ));
     for r in reports {
         // Policies that do not use kvroute's scheduler have no decision time to show.
-        let decide = if r.decision_p99_us.is_nan() {
-            "-".to_owned()
-        } else {
-            format!("{:.1}us", r.decision_p99_us)
-        };
+        let decide = r
+            .decision_p99_us
+            .map_or_else(|| "-".to_owned(), |us| format!("{us:.1}us"));
         out.push_str(&format!(
-            "{:<14} {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>7.1}ms {:>12.0} {:>8.1}% {:>9.2} {:>10} {:>7.1}s\n",
+            "{:<18} {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>7.1}ms {:>12.0} {:>8.1}% {:>9.2} {:>10} {:>7.1}s\n",
             r.policy,
             r.ttft_p50_ms,
             r.ttft_p90_ms,
@@ -202,7 +249,7 @@ const SHIPPED_TRACE: &str = include_str!("../benches/traces/mooncake_synthetic_t
 
 /// `kvroute demo`: the shipped trace and a multi-turn chat workload on 8 simulated pods,
 /// every policy side by side, and the headline against round robin.
-pub(crate) fn run_demo() -> anyhow::Result<()> {
+pub(crate) fn run_demo(args: &DemoArgs) -> anyhow::Result<()> {
     let trace: Vec<kvroute_bench::TraceRequest> = SHIPPED_TRACE
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -215,6 +262,7 @@ pub(crate) fn run_demo() -> anyhow::Result<()> {
         .generate(4000, 4.0, 128, 1);
     let runs = [
         (
+            "kvroute-demo-trace.svg",
             "The shipped Mooncake trace (3,993 requests), arrivals 4x faster, open loop, 8 pods",
             &trace,
             Load::Open {
@@ -223,6 +271,7 @@ pub(crate) fn run_demo() -> anyhow::Result<()> {
             },
         ),
         (
+            "kvroute-demo-chat.svg",
             "Multi-turn chat (64 users, growing histories), closed loop, 8 pods",
             &chats,
             Load::Closed {
@@ -233,12 +282,17 @@ pub(crate) fn run_demo() -> anyhow::Result<()> {
         ),
     ];
     let mut out = String::new();
-    for (title, workload, load) in runs {
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    for (file, title, workload, load) in runs {
         let reports: Vec<PolicyReport> = Policy::ALL
             .into_iter()
             .map(|p| run(workload, &profile, 8, p, load))
             .collect();
         out.push_str(&table(title, &reports));
+        let chart = args.out.join(file);
+        write_chart(&chart, title, &reports)?;
+        out.push_str(&format!("chart: {}\n", chart.display()));
         let by = |name: &str| reports.iter().find(|r| r.policy == name);
         if let (Some(rr), Some(kv)) = (by("round-robin"), by("kvroute")) {
             out.push_str(&format!(

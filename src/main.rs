@@ -32,7 +32,7 @@ enum Command {
     /// Compare routing policies on a simulated cluster, in virtual time.
     Bench(bench::BenchArgs),
     /// Every routing policy side by side on the shipped trace and a chat workload.
-    Demo,
+    Demo(bench::DemoArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +53,6 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => runtime.block_on(serve::run(args)),
         Command::Sim(args) => runtime.block_on(sim::run(args)),
         Command::Bench(args) => bench::run_bench(&args),
-        Command::Demo => bench::run_demo(),
+        Command::Demo(args) => bench::run_demo(&args),
     }
 }

@@ -12,7 +12,7 @@ use kvroute_endpoints::{InFlightCollector, Registry};
 use kvroute_extproc::{
     BodySendMode, DEFAULT_MAX_BODY_BYTES, ExtProcConfig, ExtProcService, Metrics, Router,
 };
-use kvroute_scheduler::{LoadScorer, PrefixCacheConfig, PrefixCacheScorer, Profile, Scheduler};
+use kvroute_scheduler::{Profile, Scheduler};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -65,16 +65,7 @@ enum Policy {
 impl Policy {
     fn scheduler(self, fallbacks: usize) -> Arc<dyn Scheduler> {
         match self {
-            Self::Prefix => Arc::new(Profile::new(
-                vec![
-                    (
-                        Box::new(PrefixCacheScorer::new(&PrefixCacheConfig::default())),
-                        3.0,
-                    ),
-                    (Box::new(LoadScorer::default()), 4.0),
-                ],
-                fallbacks,
-            )),
+            Self::Prefix => Arc::new(Profile::kvroute(None, fallbacks)),
             Self::LeastInFlight => Arc::new(Profile::least_in_flight(fallbacks)),
         }
     }

@@ -5,12 +5,16 @@
 //! Policies route through the same scheduler code `kvroute serve` uses; the cluster is
 //! `kvroute-sim`'s, which never sees the router's internals.
 
+mod baselines;
+mod chart;
 mod policy;
 mod report;
 mod synthetic;
 mod trace;
 
+pub use baselines::{DynamoCost, SglangCacheAware, SglangConfig};
+pub use chart::{ChartError, render_svg};
 pub use policy::{Policy, PolicyRouter};
-pub use report::{Load, PolicyReport, run};
+pub use report::{BenchReport, Load, PolicyReport, run};
 pub use synthetic::Workload;
 pub use trace::{BenchError, TraceRequest, arrivals, load_mooncake};

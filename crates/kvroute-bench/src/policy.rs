@@ -4,11 +4,16 @@ use std::time::Instant;
 
 use kvroute_core::{ApiKind, Endpoint, EndpointId, InferenceRequest, Prompt, RequestHints};
 use kvroute_endpoints::{EndpointState, InFlightGuard, Registry};
+use kvroute_events::{Applier, BlockStored, KvEvent, Medium};
+use kvroute_index::{PrefixIndex, Shared};
 use kvroute_scheduler::{
-    LoadScorer, PrefixCacheConfig, PrefixCacheScorer, Profile, Scheduler, SchedulingRequest,
+    LoadScorer, PrecisePrefixConfig, PrecisePrefixScorer, PrefixCacheConfig, PrefixCacheScorer,
+    Profile, Scheduler, SchedulingRequest,
 };
-use kvroute_sim::{PodView, RequestId, RouteFn, SimRequest, StepReport};
+use kvroute_sim::{KvEvent as SimEvent, PodView, RequestId, RouteFn, SimRequest, StepReport};
+use kvroute_tokens::{BlockHasher, ExtraKeys};
 
+use crate::baselines::{DynamoCost, SglangCacheAware, SglangConfig};
 use crate::synthetic::Rng;
 
 /// Prompt tokens handed to the router: the approximate scorer hashes at most 256 blocks of
@@ -24,21 +29,38 @@ pub enum Policy {
     Random,
     /// Fewest requests in flight (kvroute's `--policy least-in-flight`).
     LeastLoad,
+    /// SGLang router's `cache_aware` policy, re-implemented (`baselines::sglang`).
+    SglangCacheAware,
+    /// NVIDIA Dynamo's KV-router cost function, re-implemented, fed by the pods' KV events
+    /// (`baselines::dynamo`).
+    DynamoKv,
     /// Approximate prefix affinity with the Inference Extension's weights: prefix 3 against
     /// load 4 (its queue 2 + KV-utilisation 2, both stood in for by in-flight counts), load
     /// normalised min–max as its queue scorer does.
     ApproxPrefix,
-    /// `kvroute serve`'s default profile: prefix 3, load 4 with an 8-request headroom.
+    /// Precise prefix affinity alone, from the pods' KV events through `kvroute-events`
+    /// (as llm-d's precise scorer without speculative entries): precise prefix 3, load 4
+    /// with an 8-request headroom.
+    PrecisePrefix,
+    /// kvroute's default profile for a pool without KV events (`Profile::kvroute(None)`):
+    /// approximate prefix 3, load 4 with an 8-request headroom.
+    KvrouteApprox,
+    /// kvroute's default profile for a pool publishing KV events
+    /// (`Profile::kvroute(Some(index))`): precise 2, approximate 2, load 4.
     Kvroute,
 }
 
 impl Policy {
     /// Every policy, in report order.
-    pub const ALL: [Policy; 5] = [
+    pub const ALL: [Policy; 9] = [
         Policy::RoundRobin,
         Policy::Random,
         Policy::LeastLoad,
+        Policy::SglangCacheAware,
+        Policy::DynamoKv,
         Policy::ApproxPrefix,
+        Policy::PrecisePrefix,
+        Policy::KvrouteApprox,
         Policy::Kvroute,
     ];
 
@@ -48,7 +70,11 @@ impl Policy {
             Self::RoundRobin => "round-robin",
             Self::Random => "random",
             Self::LeastLoad => "least-load",
+            Self::SglangCacheAware => "sglang-cache-aware",
+            Self::DynamoKv => "dynamo-kv",
             Self::ApproxPrefix => "approx-prefix",
+            Self::PrecisePrefix => "precise-prefix",
+            Self::KvrouteApprox => "kvroute-approx",
             Self::Kvroute => "kvroute",
         }
     }
@@ -56,6 +82,62 @@ impl Policy {
     /// The policy named `name`.
     pub fn parse(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// Whether the policy reads the pods' KV events.
+    pub fn uses_events(self) -> bool {
+        matches!(self, Self::DynamoKv | Self::PrecisePrefix | Self::Kvroute)
+    }
+
+    /// Whether the policy reads the whole prompt (precise hashing, SGLang's text tree)
+    /// rather than its first [`ROUTED_PROMPT_TOKENS`].
+    fn whole_prompt(self) -> bool {
+        matches!(
+            self,
+            Self::DynamoKv | Self::PrecisePrefix | Self::Kvroute | Self::SglangCacheAware
+        )
+    }
+}
+
+/// The pods' KV events, applied by `kvroute-events` to the index the precise policies read.
+struct EventFeed {
+    index: Arc<Shared<PrefixIndex>>,
+    applier: Applier,
+    ids: Vec<EndpointId>,
+    hasher: BlockHasher,
+}
+
+impl EventFeed {
+    fn apply(&mut self, pod: usize, events: &[SimEvent]) {
+        let Some(id) = self.ids.get(pod) else {
+            return;
+        };
+        let events: Vec<KvEvent> = events.iter().map(convert).collect();
+        self.applier.apply(&self.index, id, &events);
+    }
+}
+
+/// The simulator's event as vLLM's wire would carry it to kvroute (all GPU blocks, no LoRA).
+fn convert(e: &SimEvent) -> KvEvent {
+    match e {
+        SimEvent::BlockStored {
+            block_hashes,
+            parent_block_hash,
+            token_ids,
+            block_size,
+        } => KvEvent::BlockStored(BlockStored {
+            block_hashes: block_hashes.clone(),
+            parent_block_hash: *parent_block_hash,
+            token_ids: token_ids.clone(),
+            block_size: *block_size,
+            lora_name: None,
+            medium: Medium::Named("GPU".into()),
+        }),
+        SimEvent::BlockRemoved { block_hashes } => KvEvent::BlockRemoved {
+            block_hashes: block_hashes.clone(),
+            medium: Medium::Named("GPU".into()),
+        },
+        SimEvent::AllBlocksCleared => KvEvent::AllBlocksCleared,
     }
 }
 
@@ -67,9 +149,12 @@ pub struct PolicyRouter {
     next: usize,
     rng: Rng,
     scheduler: Option<Box<dyn Scheduler>>,
+    events: Option<EventFeed>,
+    sglang: Option<SglangCacheAware>,
+    dynamo: Option<DynamoCost>,
     endpoints: Arc<Vec<Arc<EndpointState>>>,
     claims: HashMap<RequestId, InFlightGuard>,
-    /// Nanoseconds each scheduling call took (policies that use kvroute's scheduler).
+    /// Nanoseconds each routing decision took (every policy but round-robin and random).
     pub decision_ns: Vec<u64>,
     /// Simulated microseconds each pod spent stepping.
     pub busy_us: Vec<u64>,
@@ -85,8 +170,9 @@ impl std::fmt::Debug for PolicyRouter {
 }
 
 impl PolicyRouter {
-    /// A router over `pods` pods (endpoint `pod-0000` is pod 0, and so on).
-    pub fn new(policy: Policy, pods: usize) -> Self {
+    /// A router over `pods` pods (endpoint `pod-0000` is pod 0, and so on) whose engines
+    /// cache blocks of `block_size` tokens.
+    pub fn new(policy: Policy, pods: usize, block_size: usize) -> Self {
         let registry = Registry::new();
         registry.replace(
             (0..pods)
@@ -97,71 +183,124 @@ impl PolicyRouter {
                 })
                 .collect(),
         );
-        let prefix = || -> Box<dyn kvroute_scheduler::Scorer> {
-            Box::new(PrefixCacheScorer::new(&PrefixCacheConfig::default()))
+        let endpoints = registry.snapshot();
+        let events = policy.uses_events().then(|| EventFeed {
+            index: Arc::new(Shared::new(PrefixIndex::new())),
+            applier: Applier::new(block_size),
+            ids: endpoints.iter().map(|e| e.id().clone()).collect(),
+            hasher: BlockHasher::new(block_size),
+        });
+        let precise_config = PrecisePrefixConfig {
+            block_size,
+            ..PrecisePrefixConfig::default()
         };
         let scheduler: Option<Box<dyn Scheduler>> = match policy {
-            Policy::RoundRobin | Policy::Random => None,
             Policy::LeastLoad => Some(Box::new(Profile::least_in_flight(0))),
             Policy::ApproxPrefix => Some(Box::new(Profile::new(
-                vec![(prefix(), 3.0), (Box::new(LoadScorer::new(1)), 4.0)],
+                vec![
+                    (
+                        Box::new(PrefixCacheScorer::new(&PrefixCacheConfig::default())),
+                        3.0,
+                    ),
+                    (Box::new(LoadScorer::new(1)), 4.0),
+                ],
                 0,
             ))),
-            Policy::Kvroute => Some(Box::new(Profile::new(
-                vec![(prefix(), 3.0), (Box::new(LoadScorer::default()), 4.0)],
+            Policy::PrecisePrefix => events.as_ref().map(|feed| -> Box<dyn Scheduler> {
+                let precise = PrecisePrefixScorer::new(Arc::clone(&feed.index), &precise_config);
+                Box::new(Profile::new(
+                    vec![
+                        (Box::new(precise), 3.0),
+                        (Box::new(LoadScorer::default()), 4.0),
+                    ],
+                    0,
+                ))
+            }),
+            Policy::KvrouteApprox => Some(Box::new(Profile::kvroute(None, 0))),
+            Policy::Kvroute => Some(Box::new(Profile::kvroute(
+                events
+                    .as_ref()
+                    .map(|feed| (Arc::clone(&feed.index), &precise_config)),
                 0,
             ))),
+            _ => None,
         };
         Self {
             policy,
             next: 0,
             rng: Rng::new(0x9e37_79b9_7f4a_7c15),
             scheduler,
-            endpoints: registry.snapshot(),
+            events,
+            sglang: (policy == Policy::SglangCacheAware)
+                .then(|| SglangCacheAware::new(SglangConfig::default(), pods)),
+            dynamo: (policy == Policy::DynamoKv).then(|| DynamoCost::new(pods, block_size)),
+            endpoints,
             claims: HashMap::new(),
             decision_ns: Vec::new(),
             busy_us: vec![0; pods],
         }
     }
 
-    fn pick(&mut self, request: &SimRequest, pods: usize) -> usize {
+    fn pick(&mut self, now_us: u64, request: &SimRequest, pods: &[PodView]) -> usize {
+        let n = pods.len().max(1);
         match self.policy {
             Policy::RoundRobin => {
-                self.next = (self.next + 1) % pods;
-                self.next
+                self.next = (self.next + 1) % n;
+                return self.next;
             }
-            Policy::Random => {
-                // Seeded, so runs repeat.
-                self.rng.below(pods as u64) as usize
-            }
-            _ => self.schedule(request),
+            // Seeded, so runs repeat.
+            Policy::Random => return self.rng.below(n as u64) as usize,
+            _ => {}
         }
+        let routed = if self.policy.whole_prompt() {
+            request.prompt.len()
+        } else {
+            request.prompt.len().min(ROUTED_PROMPT_TOKENS)
+        };
+        // What a real request would carry; generating it from content ids is not the
+        // router's cost, so the clock starts after.
+        let tokens = request.prompt.tokens(0, routed);
+        let started = Instant::now();
+        let pod = if let Some(sglang) = &mut self.sglang {
+            let loads: Vec<usize> = pods.iter().map(|p| p.in_flight).collect();
+            sglang.route(now_us, &tokens, &loads)
+        } else if let (Some(dynamo), Some(feed)) = (&mut self.dynamo, &self.events) {
+            let mut blocks = Vec::new();
+            feed.hasher
+                .hash_tokens(&tokens, &ExtraKeys::default(), &mut blocks);
+            let mut overlap = vec![0; n];
+            for m in feed.index.read().match_prefix(&blocks) {
+                if let Some(i) = feed.ids.iter().position(|id| *id == m.endpoint) {
+                    overlap[i] = m.blocks;
+                }
+            }
+            dynamo.route(request.id, tokens.len(), &blocks, &overlap)
+        } else {
+            self.schedule(request, tokens)
+        };
+        self.decision_ns
+            .push(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        pod
     }
 
-    fn schedule(&mut self, request: &SimRequest) -> usize {
+    fn schedule(&mut self, request: &SimRequest, tokens: Vec<u32>) -> usize {
         let Some(scheduler) = &self.scheduler else {
             return 0;
         };
-        let routed = request.prompt.len().min(ROUTED_PROMPT_TOKENS);
         let parsed = InferenceRequest {
             api: ApiKind::Completions,
             model: "bench".into(),
-            prompt: Prompt::Tokens(request.prompt.tokens(0, routed)),
+            prompt: Prompt::Tokens(tokens),
             cache_salt: None,
             stream: true,
             max_tokens: Some(request.max_tokens as u64),
             hints: RequestHints::default(),
         };
         let hints = RequestHints::default();
-        // The router's own cost: the scheduling call, not building the request above (token
-        // ids that a real request would carry, generated here from content ids).
-        let started = Instant::now();
         let decided = scheduler.schedule(
             &SchedulingRequest::new(Some(&parsed), &hints),
             &self.endpoints,
         );
-        self.decision_ns
-            .push(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
         let Ok(decision) = decided else {
             return 0;
         };
@@ -175,13 +314,24 @@ impl PolicyRouter {
 }
 
 impl RouteFn for PolicyRouter {
-    fn route(&mut self, _now_us: u64, request: &SimRequest, pods: &[PodView]) -> usize {
-        self.pick(request, pods.len().max(1))
+    fn route(&mut self, now_us: u64, request: &SimRequest, pods: &[PodView]) -> usize {
+        self.pick(now_us, request, pods)
     }
 
     fn observe(&mut self, _now_us: u64, pod: usize, report: &StepReport) {
         if let Some(b) = self.busy_us.get_mut(pod) {
             *b += report.duration_us;
+        }
+        if let Some(feed) = &mut self.events {
+            feed.apply(pod, &report.events);
+        }
+        if let Some(dynamo) = &mut self.dynamo {
+            for &id in &report.first_tokens {
+                dynamo.first_token(id);
+            }
+            for f in &report.finished {
+                dynamo.finished(f.id);
+            }
         }
         for f in &report.finished {
             self.claims.remove(&f.id);
@@ -211,7 +361,7 @@ mod tests {
 
     #[test]
     fn kvroute_sends_a_shared_prefix_home() {
-        let mut r = PolicyRouter::new(Policy::Kvroute, 4);
+        let mut r = PolicyRouter::new(Policy::Kvroute, 4, 512);
         let views = vec![PodView::default(); 4];
         let first = r.route(0, &req(0, &[1, 2, 3, 4]), &views);
         for i in 1..4 {

@@ -1,7 +1,7 @@
 use std::time::Instant;
 
 use kvroute_sim::{Cluster, Profile};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::policy::{Policy, PolicyRouter};
 use crate::trace::{TraceRequest, arrivals};
@@ -29,12 +29,36 @@ pub enum Load {
     },
 }
 
+/// The JSON document `kvroute bench --json` writes: one workload on one cluster, every
+/// policy's report. Its schema is documented in `docs/benchmarks.md` ("JSON output") and
+/// named by [`BenchReport::SCHEMA`]; fields are only ever added.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BenchReport {
+    /// Always [`BenchReport::SCHEMA`].
+    pub schema: String,
+    /// What was replayed and how (the table's title).
+    pub title: String,
+    /// The simulated pods' profile.
+    pub profile: String,
+    /// Simulated pods.
+    pub pods: usize,
+    /// Their KV-cache block size, tokens.
+    pub block_size: usize,
+    /// One report per policy, in the order run.
+    pub policies: Vec<PolicyReport>,
+}
+
+impl BenchReport {
+    /// The schema's name and version.
+    pub const SCHEMA: &'static str = "kvroute-bench/1";
+}
+
 /// What one policy did to one workload on one cluster. Times in milliseconds unless named
-/// otherwise.
-#[derive(Clone, Debug, Serialize)]
+/// otherwise; latency figures are 0 when no request finished.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PolicyReport {
     /// The policy.
-    pub policy: &'static str,
+    pub policy: String,
     /// Requests replayed.
     pub requests: usize,
     /// Requests that finished (the rest were refused: prompt larger than the KV cache).
@@ -45,6 +69,8 @@ pub struct PolicyReport {
     pub ttft_p90_ms: f64,
     /// 99th percentile TTFT.
     pub ttft_p99_ms: f64,
+    /// TTFT at each percentile 0, 1, …, 100 (101 values): the CDF the chart draws.
+    pub ttft_cdf_ms: Vec<f64>,
     /// Mean time per output token after the first.
     pub tpot_mean_ms: f64,
     /// End-to-end latency, median.
@@ -57,21 +83,28 @@ pub struct PolicyReport {
     pub requests_per_s: f64,
     /// Prompt tokens served from the prefix cache / prompt tokens.
     pub hit_rate: f64,
+    /// Prompt tokens of the finished requests.
+    pub prompt_tokens: u64,
+    /// Of those, tokens served from the prefix cache.
+    pub cached_tokens: u64,
+    /// Tokens generated.
+    pub output_tokens: u64,
     /// Busiest pod's busy time / mean busy time (1 = perfectly even).
     pub imbalance: f64,
-    /// The router's own decision time, median, microseconds.
-    pub decision_p50_us: f64,
+    /// The router's own decision time, median, microseconds; `null` for policies that
+    /// decide without looking (round-robin, random).
+    pub decision_p50_us: Option<f64>,
     /// The router's own decision time, 99th percentile, microseconds.
-    pub decision_p99_us: f64,
+    pub decision_p99_us: Option<f64>,
     /// Wall time of the run, seconds.
     pub wall_s: f64,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
-        return f64::NAN;
+        return None;
     }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+    Some(sorted[((sorted.len() - 1) as f64 * p).round() as usize])
 }
 
 /// Replays `trace` under `load` through `pods` simulated pods of `profile` under `policy`.
@@ -83,8 +116,8 @@ pub fn run(
     load: Load,
 ) -> PolicyReport {
     let started = Instant::now();
-    let mut router = PolicyRouter::new(policy, pods);
-    let mut cluster = Cluster::new(profile, pods, false);
+    let mut router = PolicyRouter::new(policy, pods, profile.block_size);
+    let mut cluster = Cluster::new(profile, pods, policy.uses_events());
     let results = match load {
         Load::Open { speedup, copies } => {
             cluster.run(arrivals(trace, speedup, copies), &mut router)
@@ -138,19 +171,26 @@ pub fn run(
         .map(|&n| n as f64 / 1000.0)
         .collect();
     decisions.sort_by(f64::total_cmp);
+    let pct = |v: &[f64], p: f64| percentile(v, p).unwrap_or(0.0);
     PolicyReport {
-        policy: policy.name(),
+        policy: policy.name().to_owned(),
         requests: results.len(),
         finished: done.len(),
-        ttft_p50_ms: percentile(&ttft, 0.5),
-        ttft_p90_ms: percentile(&ttft, 0.9),
-        ttft_p99_ms: percentile(&ttft, 0.99),
+        ttft_p50_ms: pct(&ttft, 0.5),
+        ttft_p90_ms: pct(&ttft, 0.9),
+        ttft_p99_ms: pct(&ttft, 0.99),
+        ttft_cdf_ms: (0..=100)
+            .map(|p| pct(&ttft, f64::from(p) / 100.0))
+            .collect(),
         tpot_mean_ms: tpot.iter().sum::<f64>() / tpot.len().max(1) as f64,
-        e2e_p50_ms: percentile(&e2e, 0.5),
-        e2e_p99_ms: percentile(&e2e, 0.99),
+        e2e_p50_ms: pct(&e2e, 0.5),
+        e2e_p99_ms: pct(&e2e, 0.99),
         output_tokens_per_s: output as f64 / span_s,
         requests_per_s: done.len() as f64 / span_s,
         hit_rate: cached as f64 / prompt.max(1) as f64,
+        prompt_tokens: prompt as u64,
+        cached_tokens: cached as u64,
+        output_tokens: output as u64,
         imbalance: if mean_busy > 0.0 {
             max_busy / mean_busy
         } else {
@@ -240,12 +280,57 @@ mod tests {
             assert!(r.ttft_p50_ms <= r.ttft_p90_ms && r.ttft_p90_ms <= r.ttft_p99_ms);
             assert!(r.imbalance >= 1.0);
         }
-        assert!(
-            by("kvroute").hit_rate > by("round-robin").hit_rate + 0.2,
-            "{reports:#?}"
-        );
-        assert!(by("approx-prefix").hit_rate > by("round-robin").hit_rate);
+        // Every policy serves the same tokens: what went in came out.
+        let prompt = trace.iter().map(|t| t.input_length as u64).sum::<u64>();
+        let output = trace.iter().map(|t| t.output_length as u64).sum::<u64>();
+        for r in &reports {
+            assert_eq!(
+                (r.prompt_tokens, r.output_tokens),
+                (prompt, output),
+                "{r:?}"
+            );
+            assert!(r.cached_tokens <= r.prompt_tokens);
+            assert_eq!(r.ttft_cdf_ms.len(), 101);
+            assert!(r.ttft_cdf_ms.windows(2).all(|w| w[0] <= w[1]));
+            assert_eq!(r.ttft_cdf_ms[50], r.ttft_p50_ms);
+            let looks = !matches!(r.policy.as_str(), "round-robin" | "random");
+            assert_eq!(r.decision_p99_us.is_some(), looks, "{r:?}");
+        }
+        let rr = by("round-robin").hit_rate;
+        assert!(by("kvroute").hit_rate > rr + 0.2, "{reports:#?}");
+        for cache_aware in [
+            "approx-prefix",
+            "precise-prefix",
+            "kvroute-approx",
+            "sglang-cache-aware",
+            "dynamo-kv",
+        ] {
+            assert!(by(cache_aware).hit_rate > rr, "{cache_aware}: {reports:#?}");
+        }
         assert!(by("kvroute").ttft_p50_ms < by("round-robin").ttft_p50_ms);
+    }
+
+    #[test]
+    fn the_json_document_round_trips() {
+        let trace = trace();
+        let report = BenchReport {
+            schema: BenchReport::SCHEMA.into(),
+            title: "test".into(),
+            profile: "small".into(),
+            pods: 2,
+            block_size: 512,
+            policies: [Policy::RoundRobin, Policy::Kvroute]
+                .into_iter()
+                .map(|p| run(&trace[..50], &small_cache(), 2, p, OPEN))
+                .collect(),
+        };
+        let json = serde_json::to_string(&report).unwrap();
+        let back: BenchReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, report);
+        // Round-robin decides without looking: its decision time is null, not NaN.
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(value["policies"][0]["decision_p99_us"].is_null());
+        assert!(value["policies"][1]["decision_p99_us"].is_f64());
     }
 
     #[test]

@@ -3,8 +3,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kvroute_endpoints::EndpointState;
+use kvroute_index::{PrefixIndex, Shared};
 
-use crate::{Decision, ScheduleError, Scheduler, SchedulingRequest};
+use crate::{
+    Decision, PrecisePrefixConfig, PrecisePrefixScorer, PrefixCacheConfig, PrefixCacheScorer,
+    ScheduleError, Scheduler, SchedulingRequest,
+};
 
 /// One opinion about where a request should go. Scores are in [0, 1], higher is better; a
 /// profile clamps whatever a scorer returns into that range.
@@ -41,6 +45,29 @@ impl Profile {
     /// first one. Given the same calls and loads, the same choices.
     pub fn least_in_flight(fallbacks: usize) -> Self {
         Self::new(vec![(Box::new(LoadScorer::new(1)), 1.0)], fallbacks)
+    }
+
+    /// kvroute's default profile. Without KV events: approximate prefix 3, load 4 (an
+    /// 8-request headroom). With a precise index (`precise`, kept by the pool's KV events):
+    /// precise prefix 2, approximate prefix 2, load 4 — the approximate index stands in for
+    /// what the events have not reported yet (blocks of requests still queued or in
+    /// prefill), which the precise index alone misses. Weights chosen by `kvroute bench`
+    /// (`docs/benchmarks.md`, "Choosing the default profile").
+    pub fn kvroute(
+        precise: Option<(Arc<Shared<PrefixIndex>>, &PrecisePrefixConfig)>,
+        fallbacks: usize,
+    ) -> Self {
+        let approx = Box::new(PrefixCacheScorer::new(&PrefixCacheConfig::default()));
+        let load = Box::new(LoadScorer::default());
+        let scorers: Vec<(Box<dyn Scorer>, f64)> = match precise {
+            Some((index, config)) => vec![
+                (Box::new(PrecisePrefixScorer::new(index, config)), 2.0),
+                (approx, 2.0),
+                (load, 4.0),
+            ],
+            None => vec![(approx, 3.0), (load, 4.0)],
+        };
+        Self::new(scorers, fallbacks)
     }
 
     /// A profile of `(scorer, weight)` pairs choosing `fallbacks` extra endpoints.

@@ -305,7 +305,10 @@ impl PolicyRouter {
             return 0;
         };
         let primary = decision.primary();
-        self.claims.insert(request.id, primary.acquire());
+        self.claims.insert(
+            request.id,
+            primary.acquire_with_prefill(decision.prefill_tokens()),
+        );
         self.endpoints
             .iter()
             .position(|e| Arc::ptr_eq(e, primary))
@@ -331,6 +334,11 @@ impl RouteFn for PolicyRouter {
             }
             for f in &report.finished {
                 dynamo.finished(f.id);
+            }
+        }
+        for id in &report.first_tokens {
+            if let Some(claim) = self.claims.get_mut(id) {
+                claim.prefilled();
             }
         }
         for f in &report.finished {

@@ -1,7 +1,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 use kvroute_core::{Endpoint, EndpointId};
@@ -12,6 +12,7 @@ use kvroute_core::{Endpoint, EndpointId};
 pub struct EndpointState {
     endpoint: Endpoint,
     in_flight: AtomicUsize,
+    prefill_backlog: AtomicU64,
 }
 
 impl EndpointState {
@@ -19,6 +20,7 @@ impl EndpointState {
         Self {
             endpoint,
             in_flight: AtomicUsize::new(0),
+            prefill_backlog: AtomicU64::new(0),
         }
     }
 
@@ -42,28 +44,59 @@ impl EndpointState {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Prompt tokens routed here that are expected to need computing (not cached) and whose
+    /// first output token has not come back yet: the prefill work queued ahead of the next
+    /// request, which is most of its time to first token.
+    pub fn prefill_backlog(&self) -> u64 {
+        self.prefill_backlog.load(Ordering::Relaxed)
+    }
+
     /// Counts one more request against this endpoint until the guard is dropped, so that a
     /// request that ends any way at all (completion, error, client gone) gives its slot back.
     pub fn acquire(self: &Arc<Self>) -> InFlightGuard {
+        self.acquire_with_prefill(0)
+    }
+
+    /// As [`EndpointState::acquire`], also counting `prefill_tokens` in the prefill backlog
+    /// until [`InFlightGuard::prefilled`] is called or the guard dropped.
+    pub fn acquire_with_prefill(self: &Arc<Self>, prefill_tokens: u64) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlightGuard(Arc::clone(self))
+        self.prefill_backlog
+            .fetch_add(prefill_tokens, Ordering::Relaxed);
+        InFlightGuard {
+            endpoint: Arc::clone(self),
+            prefill_tokens,
+        }
     }
 }
 
-/// One request's claim on an endpoint's in-flight count; dropping it releases the claim.
+/// One request's claim on an endpoint's in-flight count (and prefill backlog); dropping it
+/// releases the claim.
 #[derive(Debug)]
-pub struct InFlightGuard(Arc<EndpointState>);
+pub struct InFlightGuard {
+    endpoint: Arc<EndpointState>,
+    prefill_tokens: u64,
+}
 
 impl InFlightGuard {
     /// The endpoint the claim is on.
     pub fn endpoint(&self) -> &Arc<EndpointState> {
-        &self.0
+        &self.endpoint
+    }
+
+    /// The request's first token came back: its prefill no longer waits ahead of others.
+    pub fn prefilled(&mut self) {
+        let n = std::mem::take(&mut self.prefill_tokens);
+        self.endpoint
+            .prefill_backlog
+            .fetch_sub(n, Ordering::Relaxed);
     }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.prefilled();
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -151,6 +184,14 @@ mod tests {
         assert_eq!(snap[0].id().as_str(), "a", "sorted by id");
         let guard = snap[1].acquire();
         assert_eq!(snap[1].in_flight(), 1);
+        let mut long = snap[1].acquire_with_prefill(500);
+        assert_eq!((snap[1].in_flight(), snap[1].prefill_backlog()), (2, 500));
+        long.prefilled();
+        long.prefilled();
+        assert_eq!((snap[1].in_flight(), snap[1].prefill_backlog()), (2, 0));
+        let dropped = snap[1].acquire_with_prefill(70);
+        drop((long, dropped));
+        assert_eq!((snap[1].in_flight(), snap[1].prefill_backlog()), (1, 0));
 
         assert!(!reg.replace(vec![ep("a", "127.0.0.1:1"), ep("b", "127.0.0.1:2")]));
         assert_eq!(reg.snapshot()[1].in_flight(), 1, "state carried over");

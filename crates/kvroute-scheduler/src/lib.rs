@@ -8,10 +8,12 @@
 mod precise;
 mod prefix;
 mod profile;
+mod ttft;
 
 use std::cell::OnceCell;
 use std::fmt::Debug;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use kvroute_core::{BlockHash, InferenceRequest, RequestHints};
 use kvroute_endpoints::EndpointState;
@@ -19,6 +21,7 @@ use kvroute_endpoints::EndpointState;
 pub use precise::{PrecisePrefixConfig, PrecisePrefixScorer};
 pub use prefix::{PrefixCacheConfig, PrefixCacheScorer};
 pub use profile::{LoadScorer, Profile, Scorer};
+pub use ttft::TtftScorer;
 
 /// What a scheduler is asked about one request.
 #[derive(Debug)]
@@ -48,9 +51,19 @@ impl<'a> SchedulingRequest<'a> {
 }
 
 /// Where a request goes: the primary, then fallbacks in order. Never empty.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Decision {
     targets: Vec<Arc<EndpointState>>,
+    prefill_tokens: AtomicU64,
+}
+
+impl Clone for Decision {
+    fn clone(&self) -> Self {
+        Self {
+            targets: self.targets.clone(),
+            prefill_tokens: AtomicU64::new(self.prefill_tokens()),
+        }
+    }
 }
 
 impl Decision {
@@ -61,7 +74,22 @@ impl Decision {
     ) -> Self {
         let mut targets = vec![primary];
         targets.extend(fallbacks);
-        Self { targets }
+        Self {
+            targets,
+            prefill_tokens: AtomicU64::new(0),
+        }
+    }
+
+    /// Prompt tokens the primary is expected to compute (those it does not hold cached), as
+    /// estimated by a scorer that knows (0 if none did): the caller counts them in the
+    /// primary's prefill backlog (`EndpointState::acquire_with_prefill`).
+    pub fn prefill_tokens(&self) -> u64 {
+        self.prefill_tokens.load(Ordering::Relaxed)
+    }
+
+    /// Records the primary's expected prefill, for the caller to account.
+    pub fn set_prefill_tokens(&self, tokens: u64) {
+        self.prefill_tokens.store(tokens, Ordering::Relaxed);
     }
 
     /// The endpoint the request is sent to first.

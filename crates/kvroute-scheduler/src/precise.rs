@@ -48,14 +48,27 @@ impl PrecisePrefixScorer {
         }
     }
 
-    /// The prompt's block hashes, as the engine's events would name them; `None` for
-    /// prompts given as text (they need the model's tokenizer) or as a batch.
-    fn blocks<'r>(&self, request: &'r SchedulingRequest<'_>) -> Option<&'r [BlockHash]> {
+    /// The index read.
+    pub fn index(&self) -> &Arc<Shared<PrefixIndex>> {
+        &self.index
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        self.hasher.block_size()
+    }
+
+    /// The prompt's token count and block hashes, as the engine's events would name them;
+    /// `None` for prompts given as text (they need the model's tokenizer) or as a batch.
+    pub(crate) fn blocks<'r>(
+        &self,
+        request: &'r SchedulingRequest<'_>,
+    ) -> Option<(usize, &'r [BlockHash])> {
         let req = request.request?;
         let Prompt::Tokens(tokens) = &req.prompt else {
             return None;
         };
-        Some(request.token_blocks.get_or_init(|| {
+        let blocks = request.token_blocks.get_or_init(|| {
             let mut out = Vec::new();
             let extra = ExtraKeys {
                 lora: None,
@@ -63,7 +76,8 @@ impl PrecisePrefixScorer {
             };
             self.hasher.hash_tokens(tokens, &extra, &mut out);
             out
-        }))
+        });
+        Some((tokens.len(), blocks))
     }
 }
 
@@ -78,7 +92,7 @@ impl Scorer for PrecisePrefixScorer {
         candidates: &[Arc<EndpointState>],
         scores: &mut [f64],
     ) {
-        let Some(blocks) = self.blocks(request).filter(|b| !b.is_empty()) else {
+        let Some((_, blocks)) = self.blocks(request).filter(|(_, b)| !b.is_empty()) else {
             return;
         };
         let matches = self.index.read().match_prefix(blocks);

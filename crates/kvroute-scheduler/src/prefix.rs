@@ -40,7 +40,7 @@ impl Default for PrefixCacheConfig {
 #[derive(Debug)]
 pub struct PrefixCacheScorer {
     hasher: ApproxHasher,
-    index: Shared<ApproxIndex>,
+    index: Arc<Shared<ApproxIndex>>,
     epoch: Instant,
 }
 
@@ -49,20 +49,27 @@ impl PrefixCacheScorer {
     pub fn new(config: &PrefixCacheConfig) -> Self {
         Self {
             hasher: ApproxHasher::new(config.chunk_bytes, config.max_blocks),
-            index: Shared::new(ApproxIndex::new(
+            index: Arc::new(Shared::new(ApproxIndex::new(
                 config.capacity_per_endpoint,
                 config.ttl_ms,
-            )),
+            ))),
             epoch: Instant::now(),
         }
     }
 
-    /// The index (for sizes, and for dropping endpoints that left).
-    pub fn index(&self) -> &Shared<ApproxIndex> {
+    /// The index (for sizes, for dropping endpoints that left, and for other scorers that
+    /// read what it guesses).
+    pub fn index(&self) -> &Arc<Shared<ApproxIndex>> {
         &self.index
     }
 
-    fn blocks<'r>(&self, request: &'r SchedulingRequest<'_>) -> Option<&'r [BlockHash]> {
+    /// Bytes of prompt text per block.
+    pub fn chunk_bytes(&self) -> usize {
+        self.hasher.chunk_bytes()
+    }
+
+    /// The prompt's approximate block hashes, computed once per request.
+    pub(crate) fn blocks<'r>(&self, request: &'r SchedulingRequest<'_>) -> Option<&'r [BlockHash]> {
         let req = request.request?;
         Some(request.approx_blocks.get_or_init(|| {
             let mut out = Vec::new();

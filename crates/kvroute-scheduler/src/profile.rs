@@ -7,7 +7,7 @@ use kvroute_index::{PrefixIndex, Shared};
 
 use crate::{
     Decision, PrecisePrefixConfig, PrecisePrefixScorer, PrefixCacheConfig, PrefixCacheScorer,
-    ScheduleError, Scheduler, SchedulingRequest,
+    ScheduleError, Scheduler, SchedulingRequest, TtftScorer,
 };
 
 /// One opinion about where a request should go. Scores are in [0, 1], higher is better; a
@@ -27,6 +27,27 @@ pub trait Scorer: Send + Sync + Debug + 'static {
     /// Called once a decision is made, so a scorer can remember it (the approximate prefix
     /// scorer records the prompt's blocks against the primary).
     fn decided(&self, _request: &SchedulingRequest<'_>, _decision: &Decision) {}
+}
+
+/// A scorer shared with another plugin that reads its state (the TTFT scorer reads the
+/// prefix scorers' indexes).
+impl<S: Scorer> Scorer for Arc<S> {
+    fn name(&self) -> &'static str {
+        S::name(self)
+    }
+
+    fn score(
+        &self,
+        request: &SchedulingRequest<'_>,
+        candidates: &[Arc<EndpointState>],
+        scores: &mut [f64],
+    ) {
+        S::score(self, request, candidates, scores);
+    }
+
+    fn decided(&self, request: &SchedulingRequest<'_>, decision: &Decision) {
+        S::decided(self, request, decision);
+    }
 }
 
 /// A scheduling profile: weighted scorers summed per endpoint, then the highest total wins.
@@ -49,23 +70,29 @@ impl Profile {
 
     /// kvroute's default profile. Without KV events: approximate prefix 3, load 4 (an
     /// 8-request headroom). With a precise index (`precise`, kept by the pool's KV events):
-    /// precise prefix 2, approximate prefix 2, load 4 — the approximate index stands in for
-    /// what the events have not reported yet (blocks of requests still queued or in
-    /// prefill), which the precise index alone misses. Weights chosen by `kvroute bench`
-    /// (`docs/benchmarks.md`, "Choosing the default profile").
+    /// precise prefix 2, approximate prefix 2, predicted TTFT 4, load 2. The approximate
+    /// index stands in for what the events have not reported yet (blocks of requests still
+    /// queued or in prefill), which the precise index alone misses; the TTFT scorer weighs
+    /// each endpoint's queued prefill against what it holds of this prompt. Weights chosen
+    /// with `kvroute bench` (`docs/benchmarks.md`, "Choosing the default profile").
     pub fn kvroute(
         precise: Option<(Arc<Shared<PrefixIndex>>, &PrecisePrefixConfig)>,
         fallbacks: usize,
     ) -> Self {
-        let approx = Box::new(PrefixCacheScorer::new(&PrefixCacheConfig::default()));
+        let approx = Arc::new(PrefixCacheScorer::new(&PrefixCacheConfig::default()));
         let load = Box::new(LoadScorer::default());
         let scorers: Vec<(Box<dyn Scorer>, f64)> = match precise {
-            Some((index, config)) => vec![
-                (Box::new(PrecisePrefixScorer::new(index, config)), 2.0),
-                (approx, 2.0),
-                (load, 4.0),
-            ],
-            None => vec![(approx, 3.0), (load, 4.0)],
+            Some((index, config)) => {
+                let precise = Arc::new(PrecisePrefixScorer::new(index, config));
+                let ttft = TtftScorer::new(Some(Arc::clone(&precise)), Some(Arc::clone(&approx)));
+                vec![
+                    (Box::new(precise), 2.0),
+                    (Box::new(approx), 2.0),
+                    (Box::new(ttft), 4.0),
+                    (load, 2.0),
+                ]
+            }
+            None => vec![(Box::new(approx), 3.0), (load, 4.0)],
         };
         Self::new(scorers, fallbacks)
     }

@@ -38,6 +38,11 @@ impl ApproxHasher {
         }
     }
 
+    /// Bytes of prompt text per block.
+    pub fn chunk_bytes(&self) -> usize {
+        self.chunk_bytes
+    }
+
     /// Appends the prompt's block hashes to `out`. The text is read where it lies: a chunk is
     /// copied only when it straddles two strings.
     pub fn hash_prompt(

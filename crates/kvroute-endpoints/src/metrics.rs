@@ -34,6 +34,17 @@ impl Collector for InFlightCollector {
             let gauge = ConstGauge::new(i64::try_from(ep.in_flight()).unwrap_or(i64::MAX));
             gauge.encode(metric.encode_family(&labels)?)?;
         }
+        let mut metric = encoder.encode_descriptor(
+            "endpoint_prefill_backlog_tokens",
+            "Prompt tokens routed to the endpoint, expected uncached, whose first output token has not come back.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ep in snapshot.iter() {
+            let labels = [("endpoint", ep.id().as_str())];
+            let gauge = ConstGauge::new(i64::try_from(ep.prefill_backlog()).unwrap_or(i64::MAX));
+            gauge.encode(metric.encode_family(&labels)?)?;
+        }
         let metric = encoder.encode_descriptor(
             "endpoints",
             "Endpoints currently known to the router.",
@@ -58,11 +69,15 @@ mod tests {
         reg.replace(vec![Endpoint::from_address(([127, 0, 0, 1], 1).into())]);
         let mut prom = prometheus_client::registry::Registry::with_prefix("kvroute");
         prom.register_collector(Box::new(InFlightCollector::new(Arc::clone(&reg))));
-        let _g = reg.snapshot()[0].acquire();
+        let _g = reg.snapshot()[0].acquire_with_prefill(42);
         let mut out = String::new();
         encode(&mut out, &prom).unwrap();
         assert!(
             out.contains(r#"kvroute_endpoint_in_flight_requests{endpoint="127.0.0.1:1"} 1"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"kvroute_endpoint_prefill_backlog_tokens{endpoint="127.0.0.1:1"} 42"#),
             "{out}"
         );
         assert!(out.contains("kvroute_endpoints 1"), "{out}");

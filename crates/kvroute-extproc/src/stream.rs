@@ -521,7 +521,11 @@ impl StreamState {
             .schedule(&SchedulingRequest::new(request, &self.hints), &candidates);
         match scheduled {
             Ok(decision) => {
-                self.guard = Some(decision.primary().acquire());
+                self.guard = Some(
+                    decision
+                        .primary()
+                        .acquire_with_prefill(decision.prefill_tokens()),
+                );
                 let mut dest = String::with_capacity(24 * decision.targets().len());
                 for (i, t) in decision.targets().iter().enumerate() {
                     if i > 0 {
@@ -592,6 +596,12 @@ impl StreamState {
         }
         if let Some(scanner) = &mut self.usage {
             scanner.feed(&b.body);
+        }
+        if !b.body.is_empty()
+            && let Some(guard) = &mut self.guard
+        {
+            // The first bytes of the answer: the prompt has been computed.
+            guard.prefilled();
         }
         if self.modes.response_full_duplex() {
             push_streamed(out, vec![b.body], b.end_of_stream, false);

@@ -27,15 +27,18 @@ impl Harness {
     }
 
     fn with(ports: &[u16], config: ExtProcConfig, fallbacks: usize) -> Self {
+        Self::with_scheduler(ports, config, Arc::new(Profile::least_in_flight(fallbacks)))
+    }
+
+    fn with_scheduler(
+        ports: &[u16],
+        config: ExtProcConfig,
+        scheduler: Arc<dyn kvroute_scheduler::Scheduler>,
+    ) -> Self {
         let registry = registry(ports);
         let mut prom = prometheus_client::registry::Registry::with_prefix("kvroute");
         let metrics = Metrics::register(&mut prom);
-        let router = Router::new(
-            Arc::clone(&registry),
-            Arc::new(Profile::least_in_flight(fallbacks)),
-            config,
-            metrics,
-        );
+        let router = Router::new(Arc::clone(&registry), scheduler, config, metrics);
         Self {
             registry,
             prom,
@@ -512,6 +515,54 @@ fn the_served_endpoint_takes_the_in_flight_count() {
     );
     assert_eq!(s.target().unwrap().address().to_string(), fallback);
     assert_eq!(h.in_flight(), 1);
+}
+
+/// Sends everything to the first candidate, expecting `0` prompt tokens to compute there.
+#[derive(Debug)]
+struct ExpectsPrefill(u64);
+
+impl kvroute_scheduler::Scheduler for ExpectsPrefill {
+    fn schedule(
+        &self,
+        _request: &kvroute_scheduler::SchedulingRequest<'_>,
+        candidates: &[Arc<kvroute_endpoints::EndpointState>],
+    ) -> Result<kvroute_scheduler::Decision, kvroute_scheduler::ScheduleError> {
+        let first = candidates
+            .first()
+            .ok_or(kvroute_scheduler::ScheduleError::NoCandidates)?;
+        let decision = kvroute_scheduler::Decision::new(Arc::clone(first), []);
+        decision.set_prefill_tokens(self.0);
+        Ok(decision)
+    }
+}
+
+#[test]
+fn the_prefill_backlog_lasts_until_the_first_bytes_of_the_answer() {
+    let h = Harness::with_scheduler(
+        &[8001],
+        ExtProcConfig::default(),
+        Arc::new(ExpectsPrefill(700)),
+    );
+    let backlog = || h.registry.snapshot()[0].prefill_backlog();
+    let mut s = h.stream();
+    send(&mut s, full_duplex_headers(CHAT));
+    send(&mut s, request_body(&chat_body(300), true));
+    assert_eq!(backlog(), 700);
+    send(&mut s, response_headers(200, "text/event-stream", false));
+    send(&mut s, response_body(b"", false));
+    assert_eq!(backlog(), 700, "headers and empty chunks are not tokens");
+    send(&mut s, response_body(b"data: {}\n\n", false));
+    assert_eq!((backlog(), h.in_flight()), (0, 1));
+    send(&mut s, response_body(b"data: [DONE]\n\n", true));
+    assert_eq!(h.in_flight(), 0);
+
+    // A request that never answers gives its backlog back when its stream ends.
+    let mut s = h.stream();
+    send(&mut s, full_duplex_headers(CHAT));
+    send(&mut s, request_body(&chat_body(300), true));
+    assert_eq!(backlog(), 700);
+    drop(s);
+    assert_eq!(backlog(), 0);
 }
 
 #[test]

@@ -247,7 +247,7 @@ fn table(title: &str, reports: &[PolicyReport]) -> String {
 /// The shipped Mooncake-format trace (3,993 requests), built into the binary for the demo.
 const SHIPPED_TRACE: &str = include_str!("../benches/traces/mooncake_synthetic_trace.jsonl");
 
-/// `kvroute demo`: the shipped trace and a multi-turn chat workload on 8 simulated pods,
+/// `kvroute demo`: the shipped trace on 16 simulated pods and a multi-turn chat workload on 8,
 /// every policy side by side, and the headline against round robin.
 pub(crate) fn run_demo(args: &DemoArgs) -> anyhow::Result<()> {
     let trace: Vec<kvroute_bench::TraceRequest> = SHIPPED_TRACE
@@ -263,10 +263,12 @@ pub(crate) fn run_demo(args: &DemoArgs) -> anyhow::Result<()> {
     let runs = [
         (
             "kvroute-demo-trace.svg",
-            "The shipped Mooncake trace (3,993 requests), arrivals 4x faster, open loop, 8 pods",
+            "The shipped Mooncake trace (3,993 requests), 128 users (closed loop), 16 pods",
             &trace,
-            Load::Open {
-                speedup: 4.0,
+            16,
+            Load::Closed {
+                users: 128,
+                think_ms: 0,
                 copies: 1,
             },
         ),
@@ -274,6 +276,7 @@ pub(crate) fn run_demo(args: &DemoArgs) -> anyhow::Result<()> {
             "kvroute-demo-chat.svg",
             "Multi-turn chat (64 users, growing histories), closed loop, 8 pods",
             &chats,
+            8,
             Load::Closed {
                 users: 64,
                 think_ms: 0,
@@ -284,10 +287,10 @@ pub(crate) fn run_demo(args: &DemoArgs) -> anyhow::Result<()> {
     let mut out = String::new();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    for (file, title, workload, load) in runs {
+    for (file, title, workload, pods, load) in runs {
         let reports: Vec<PolicyReport> = Policy::ALL
             .into_iter()
-            .map(|p| run(workload, &profile, 8, p, load))
+            .map(|p| run(workload, &profile, pods, p, load))
             .collect();
         out.push_str(&table(title, &reports));
         let chart = args.out.join(file);

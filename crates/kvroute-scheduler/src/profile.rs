@@ -135,17 +135,26 @@ impl Scheduler for Profile {
             }
         }
         let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
-        // Candidates in rotated order, then a stable sort by total: equal totals keep the
-        // rotation, which is the tie-break.
-        let mut order: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
-        // Totals are compared at a resolution of TIE, so float noise ties (and the order
-        // stays a total order for the sort); equal keys keep the rotation.
-        let key = |i: usize| (totals[i] / TIE).round();
-        order.sort_by(|&a, &b| key(b).total_cmp(&key(a)));
-        let mut picked = order
+        // Totals are compared at a resolution of TIE, so float noise ties; equal keys go by
+        // their distance from the rotating start, which is the tie-break. (key, distance) is
+        // a total order, so the best `fallbacks + 1` are selected in O(n) and only they are
+        // sorted.
+        let mut order: Vec<(f64, usize, usize)> = totals
             .iter()
-            .take(self.fallbacks + 1)
-            .map(|&i| Arc::clone(&candidates[i]));
+            .enumerate()
+            // `+ 0.0` makes a rounded -0.0 equal to 0.0 under `total_cmp`.
+            .map(|(i, t)| ((t / TIE).round() + 0.0, (i + n - start) % n, i))
+            .collect();
+        let by = |a: &(f64, usize, usize), b: &(f64, usize, usize)| {
+            b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+        };
+        let k = (self.fallbacks + 1).min(n);
+        if k < n {
+            order.select_nth_unstable_by(k - 1, by);
+            order.truncate(k);
+        }
+        order.sort_unstable_by(by);
+        let mut picked = order.iter().map(|&(_, _, i)| Arc::clone(&candidates[i]));
         let primary = picked.next().ok_or(ScheduleError::NoCandidates)?;
         let decision = Decision::new(primary, picked);
         for (scorer, _) in &self.scorers {

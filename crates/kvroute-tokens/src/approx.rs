@@ -74,10 +74,10 @@ impl ApproxHasher {
                     chunker.feed(&[RECORD]);
                 }
             }
-            Prompt::Tokens(ids) => ids.iter().for_each(|t| chunker.feed(&t.to_le_bytes())),
+            Prompt::Tokens(ids) => chunker.feed_tokens(ids),
             Prompt::TokenBatches(batches) => {
                 for ids in batches {
-                    ids.iter().for_each(|t| chunker.feed(&t.to_le_bytes()));
+                    chunker.feed_tokens(ids);
                     chunker.feed(&[RECORD]);
                 }
             }
@@ -117,6 +117,17 @@ struct Chunker<'a> {
 }
 
 impl Chunker<'_> {
+    /// Token ids as their little-endian bytes, stopping once the block limit is reached
+    /// (a long prompt's tail is never looked at).
+    fn feed_tokens(&mut self, ids: &[u32]) {
+        for t in ids {
+            if self.out.len() >= self.limit {
+                return;
+            }
+            self.feed(&t.to_le_bytes());
+        }
+    }
+
     fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() && self.out.len() < self.limit {
             if self.buf.is_empty() && bytes.len() >= self.size {

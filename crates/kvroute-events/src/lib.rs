@@ -7,7 +7,11 @@
 //! from engine hash to kvroute hash that `BlockRemoved` (engine hashes only) needs.
 
 mod apply;
+mod decode;
 mod event;
+mod msgpack;
 
 pub use apply::{Applied, Applier};
+pub use decode::{DecodeError, EventBatch, decode_batch, sequence};
 pub use event::{BlockStored, KvEvent, Medium};
+pub use msgpack::MsgpackError;

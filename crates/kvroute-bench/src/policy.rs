@@ -184,6 +184,10 @@ impl PolicyRouter {
                 .collect(),
         );
         let endpoints = registry.snapshot();
+        if policy.uses_events() {
+            // In virtual time every event arrives, in order: every stream is in sequence.
+            endpoints.iter().for_each(|e| e.set_events_confirmed(true));
+        }
         let events = policy.uses_events().then(|| EventFeed {
             index: Arc::new(Shared::new(PrefixIndex::new())),
             applier: Applier::new(block_size),

@@ -1,7 +1,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 use kvroute_core::{Endpoint, EndpointId};
@@ -13,6 +13,7 @@ pub struct EndpointState {
     endpoint: Endpoint,
     in_flight: AtomicUsize,
     prefill_backlog: AtomicU64,
+    events_confirmed: AtomicBool,
 }
 
 impl EndpointState {
@@ -21,6 +22,7 @@ impl EndpointState {
             endpoint,
             in_flight: AtomicUsize::new(0),
             prefill_backlog: AtomicU64::new(0),
+            events_confirmed: AtomicBool::new(false),
         }
     }
 
@@ -49,6 +51,18 @@ impl EndpointState {
     /// request, which is most of its time to first token.
     pub fn prefill_backlog(&self) -> u64 {
         self.prefill_backlog.load(Ordering::Relaxed)
+    }
+
+    /// Whether this endpoint's KV-event stream is followed and in sequence, so that what the
+    /// precise index says of it can be trusted. False until a subscriber has synced, and
+    /// again while its stream is broken or silent when it should not be.
+    pub fn events_confirmed(&self) -> bool {
+        self.events_confirmed.load(Ordering::Relaxed)
+    }
+
+    /// Set by the endpoint's KV-event subscriber.
+    pub fn set_events_confirmed(&self, confirmed: bool) {
+        self.events_confirmed.store(confirmed, Ordering::Relaxed);
     }
 
     /// Counts one more request against this endpoint until the guard is dropped, so that a

@@ -29,8 +29,9 @@ impl Default for PrecisePrefixConfig {
 
 /// Scores each endpoint by the longest prefix of the prompt's token blocks that its KV
 /// cache really holds, as its KV events report (`precise-prefix-cache-scorer`): held blocks
-/// weighted by tier, over the prompt's blocks. Prompts it cannot tokenize score nothing, so
-/// a profile's other scorers (the approximate one) decide for them.
+/// weighted by tier, over the prompt's blocks. Prompts it cannot tokenize, and endpoints
+/// whose event stream is not confirmed in sequence (`EndpointState::events_confirmed`),
+/// score nothing, so a profile's other scorers (the approximate one) decide for them.
 #[derive(Debug)]
 pub struct PrecisePrefixScorer {
     index: Arc<Shared<PrefixIndex>>,
@@ -98,7 +99,9 @@ impl Scorer for PrecisePrefixScorer {
         let matches = self.index.read().match_prefix(blocks);
         let total = blocks.len() as f64;
         for m in matches {
-            if let Ok(i) = candidates.binary_search_by(|c| c.id().cmp(&m.endpoint)) {
+            if let Ok(i) = candidates.binary_search_by(|c| c.id().cmp(&m.endpoint))
+                && candidates[i].events_confirmed()
+            {
                 let held: f64 = m
                     .per_tier
                     .iter()
@@ -137,11 +140,14 @@ mod tests {
         out
     }
 
-    fn scores(scorer: &PrecisePrefixScorer, req: &InferenceRequest, n: u16) -> Vec<f64> {
-        let eps = registry(n).snapshot();
+    fn scores(
+        scorer: &PrecisePrefixScorer,
+        req: &InferenceRequest,
+        eps: &[Arc<EndpointState>],
+    ) -> Vec<f64> {
         let hints = RequestHints::default();
         let mut out = vec![0.0; eps.len()];
-        scorer.score(&SchedulingRequest::new(Some(req), &hints), &eps, &mut out);
+        scorer.score(&SchedulingRequest::new(Some(req), &hints), eps, &mut out);
         out
     }
 
@@ -149,6 +155,7 @@ mod tests {
     fn longest_held_prefix_weighted_by_tier() {
         let index = Arc::new(Shared::new(PrefixIndex::new()));
         let eps = registry(3).snapshot();
+        eps.iter().for_each(|e| e.set_events_confirmed(true));
         let tokens: Vec<u32> = (0..16).collect();
         let h = hashes(&tokens);
         {
@@ -164,16 +171,22 @@ mod tests {
             ..PrecisePrefixConfig::default()
         };
         let scorer = PrecisePrefixScorer::new(Arc::clone(&index), &config);
-        let s = scores(&scorer, &request(tokens.clone(), None), 3);
+        let s = scores(&scorer, &request(tokens.clone(), None), &eps);
         assert_eq!(s[0], 0.5);
         assert_eq!(s[1], 1.0);
         assert!((s[2] - 0.4).abs() < 1e-12, "{s:?}");
         // A salted request names other blocks: nothing held.
         assert_eq!(
-            scores(&scorer, &request(tokens, Some("tenant")), 3),
+            scores(&scorer, &request(tokens.clone(), Some("tenant")), &eps),
             [0.0; 3]
         );
+        // An endpoint whose stream is broken: its entries are not trusted.
+        eps[1].set_events_confirmed(false);
+        assert_eq!(
+            scores(&scorer, &request(tokens.clone(), None), &eps)[1],
+            0.0
+        );
         // Shorter than a block, or text: no opinion.
-        assert_eq!(scores(&scorer, &request(vec![1, 2], None), 3), [0.0; 3]);
+        assert_eq!(scores(&scorer, &request(vec![1, 2], None), &eps), [0.0; 3]);
     }
 }

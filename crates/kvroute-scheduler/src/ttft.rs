@@ -53,7 +53,11 @@ impl TtftScorer {
             prompt = Some(len as u64);
             let bs = precise.block_size() as u64;
             for m in precise.index().read().match_prefix(blocks) {
-                credit(&m.endpoint, u64::from(m.blocks) * bs);
+                if let Ok(i) = candidates.binary_search_by(|c| c.id().cmp(&m.endpoint))
+                    && candidates[i].events_confirmed()
+                {
+                    credit(&m.endpoint, u64::from(m.blocks) * bs);
+                }
             }
         }
         if let Some(approx) = &self.approx
@@ -153,6 +157,7 @@ mod tests {
         let precise = Arc::new(PrecisePrefixScorer::new(Arc::clone(&index), &config));
         let scorer = TtftScorer::new(Some(precise), None);
         let eps = registry(3).snapshot();
+        eps.iter().for_each(|e| e.set_events_confirmed(true));
         let tokens: Vec<u32> = (0..40).collect();
         let mut hashes = Vec::new();
         BlockHasher::new(4).hash_tokens(&tokens, &ExtraKeys::default(), &mut hashes);

@@ -9,9 +9,11 @@
 mod apply;
 mod decode;
 mod event;
+mod follow;
 mod msgpack;
 
 pub use apply::{Applied, Applier};
 pub use decode::{DecodeError, EventBatch, decode_batch, sequence};
 pub use event::{BlockStored, KvEvent, Medium};
+pub use follow::{CatchUp, Follower, Order};
 pub use msgpack::MsgpackError;

@@ -1,0 +1,179 @@
+use kvroute_core::EndpointId;
+use kvroute_index::{PrefixIndex, Shared};
+
+use crate::apply::{Applied, Applier};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::decode::{DecodeError, EventBatch, decode_batch};
+
+/// Where a live message's sequence number puts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// The next one expected: apply it.
+    InOrder,
+    /// Already applied from a replay: skip it.
+    Duplicate,
+    /// Lower than expected and not a replay's duplicate: the publisher restarted (its
+    /// sequence starts again at 0 with each process), so what is known of it is stale.
+    Restart,
+    /// Messages from the given sequence number on were missed: replay them.
+    Gap(u64),
+}
+
+/// How a catch-up replay went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CatchUp {
+    /// It continued the stream kvroute knew (the last batch applied came back identical)
+    /// or started a stream of which nothing was known: in sequence now.
+    Synced,
+    /// It could not be joined to what kvroute knew (the publisher restarted, its buffer
+    /// no longer reaches back, or it holds a hole): what was known is forgotten (this many
+    /// blocks), and the stream followed from what the replay had.
+    Resynced(usize),
+    /// The replay was empty and nothing is known yet: wait for live messages.
+    Empty,
+}
+
+/// One endpoint's event stream, in sequence: which message comes next, what a replay
+/// covered, and the applier that keeps the endpoint's part of the index. Synchronous; the
+/// subscriber task drives it with what its sockets receive.
+#[derive(Debug)]
+pub struct Follower {
+    endpoint: EndpointId,
+    applier: Applier,
+    /// The next sequence number expected.
+    expected: u64,
+    /// The last batch applied: its sequence number and a fingerprint of its payload, to
+    /// tell a replay from the same publisher from one by a restarted process.
+    last: Option<(u64, u64)>,
+    /// After a replay, live messages from this number up to `expected` arrive again as
+    /// duplicates (until live traffic catches up).
+    dup_floor: Option<u64>,
+}
+
+impl Follower {
+    /// A follower of `endpoint`'s stream, for engines caching `block_size`-token blocks.
+    pub fn new(endpoint: EndpointId, block_size: usize) -> Self {
+        Self {
+            endpoint,
+            applier: Applier::new(block_size),
+            expected: 0,
+            last: None,
+            dup_floor: None,
+        }
+    }
+
+    /// The endpoint followed.
+    pub fn endpoint(&self) -> &EndpointId {
+        &self.endpoint
+    }
+
+    /// The next sequence number expected.
+    pub fn expected(&self) -> u64 {
+        self.expected
+    }
+
+    /// Where a catch-up replay should start: at the last batch applied (so that it can be
+    /// recognised), or at the next expected when nothing is known.
+    pub fn resume_from(&self) -> u64 {
+        self.last.map_or(self.expected, |(seq, _)| seq)
+    }
+
+    /// Where a live message numbered `seq` stands.
+    pub fn order(&self, seq: u64) -> Order {
+        if seq == self.expected {
+            Order::InOrder
+        } else if seq > self.expected {
+            Order::Gap(self.expected)
+        } else if self.dup_floor.is_some_and(|floor| seq >= floor) {
+            Order::Duplicate
+        } else {
+            Order::Restart
+        }
+    }
+
+    /// Applies live message `seq` (which [`Follower::order`] found in order). A payload
+    /// that does not decode is skipped (the sequence moves on) and its error returned for
+    /// counting.
+    pub fn apply(
+        &mut self,
+        index: &Shared<PrefixIndex>,
+        seq: u64,
+        payload: &[u8],
+    ) -> Result<(Applied, usize), DecodeError> {
+        // Live traffic has caught up with any replay: no more duplicates to expect.
+        self.dup_floor = None;
+        self.apply_one(index, seq, payload)
+    }
+
+    fn apply_one(
+        &mut self,
+        index: &Shared<PrefixIndex>,
+        seq: u64,
+        payload: &[u8],
+    ) -> Result<(Applied, usize), DecodeError> {
+        self.expected = seq.wrapping_add(1);
+        self.last = Some((seq, xxh3_64(payload)));
+        let EventBatch {
+            events, skipped, ..
+        } = decode_batch(payload)?;
+        Ok((self.applier.apply(index, &self.endpoint, &events), skipped))
+    }
+
+    /// Applies a replay asked from [`Follower::resume_from`]: `(seq, payload)` in the order
+    /// received, each batch's result going to `count`.
+    pub fn catch_up(
+        &mut self,
+        index: &Shared<PrefixIndex>,
+        batches: &[(u64, Vec<u8>)],
+        mut count: impl FnMut(Result<(Applied, usize), DecodeError>),
+    ) -> CatchUp {
+        let mut rest = batches;
+        let mut outcome = CatchUp::Synced;
+        match (self.last, batches.first()) {
+            (None, None) => return CatchUp::Empty,
+            (None, Some(&(first, _))) => self.expected = first,
+            (Some(last), Some((seq, payload))) if (*seq, xxh3_64(payload)) == last => {
+                rest = &batches[1..];
+            }
+            (Some(_), first) => {
+                let from = first.map_or(0, |&(seq, _)| seq);
+                outcome = CatchUp::Resynced(self.resync_at(index, from));
+            }
+        }
+        if let Some(&(first, _)) = rest.first() {
+            self.dup_floor = Some(first);
+        }
+        for (seq, payload) in rest {
+            if *seq != self.expected {
+                // A batch the publisher never buffered: what follows cannot be joined.
+                let forgotten = self.resync_at(index, *seq);
+                outcome = CatchUp::Resynced(match outcome {
+                    CatchUp::Resynced(n) => n + forgotten,
+                    _ => forgotten,
+                });
+                self.dup_floor = Some(*seq);
+            }
+            count(self.apply_one(index, *seq, payload));
+        }
+        outcome
+    }
+
+    /// Gives up on what is known of the endpoint (a restart, or a gap no replay can fill)
+    /// and follows the stream from `seq` on. Returns the blocks forgotten.
+    pub fn resync_at(&mut self, index: &Shared<PrefixIndex>, seq: u64) -> usize {
+        let forgotten = self.applier.clear(index, &self.endpoint);
+        self.expected = seq;
+        self.last = None;
+        self.dup_floor = None;
+        forgotten
+    }
+
+    /// The endpoint left: forget it altogether.
+    pub fn remove(&mut self, index: &Shared<PrefixIndex>) {
+        self.applier.remove_endpoint(index, &self.endpoint);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -110,7 +110,7 @@ fn a_restart_seen_in_a_replay_clears_even_when_numbers_line_up() {
     live(&mut f, &index, 1, &stored(2, Some(1), [3, 4]));
     // While disconnected the pod restarted and published batches 0..=2 of its own: batch 1
     // is not the batch 1 kvroute applied.
-    let replay = vec![
+    let replay = [
         (0, stored(7, None, [9, 9])),
         (1, stored(8, Some(7), [8, 8])),
         (2, removed(8)),

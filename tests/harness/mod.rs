@@ -3,7 +3,6 @@
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::hash::{DefaultHasher, Hasher};
 use std::net::SocketAddr;
@@ -17,7 +16,7 @@ use hyper::body::{Bytes, Frame, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -168,25 +167,9 @@ async fn backend(
     }
 }
 
-/// A reply as the client saw it.
-#[derive(Debug)]
-pub struct Reply {
-    pub status: u16,
-    pub headers: HashMap<String, String>,
-    pub body: Vec<u8>,
-}
+pub use test_support::http::{Reply, eventually};
 
-impl Reply {
-    pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).map_or("", String::as_str)
-    }
-
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// One HTTP/1.1 request on a fresh connection.
+/// One HTTP/1.1 request to 127.0.0.1:`port` on a fresh connection.
 pub async fn http(
     port: u16,
     method: &str,
@@ -194,73 +177,22 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: Vec<u8>,
 ) -> Reply {
-    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "gateway");
-    if !body.is_empty() {
-        req = req.header("content-type", "application/json");
-    }
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = sender
-        .send_request(req.body(Full::new(Bytes::from(body))).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
-        .collect();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .to_vec();
-    Reply {
-        status,
+    test_support::http::request(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        method,
+        path,
         headers,
         body,
-    }
-}
-
-/// Polls `check` until it returns true or `within` passes.
-pub async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    )
+    .await
 }
 
 async fn get_ok(port: u16, path: &str) -> Option<String> {
-    let stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let reply = test_support::http::try_request(addr, "GET", path, &[], Vec::new())
         .await
         .ok()?;
-    tokio::spawn(conn);
-    let req = Request::get(path)
-        .header("host", "admin")
-        .body(Full::new(Bytes::new()))
-        .ok()?;
-    let resp = sender.send_request(req).await.ok()?;
-    let ok = resp.status().is_success();
-    let body = resp.into_body().collect().await.ok()?.to_bytes();
-    ok.then(|| String::from_utf8_lossy(&body).into_owned())
+    (200..300).contains(&reply.status).then(|| reply.text())
 }
 
 /// The port of the `ip:port` that follows `key` in a log line.

@@ -1,3 +1,5 @@
+use std::collections::HashMap;
+
 use kvroute_core::EndpointId;
 use kvroute_index::{PrefixIndex, Shared};
 
@@ -46,9 +48,10 @@ pub struct Follower {
     /// The last batch applied: its sequence number and a fingerprint of its payload, to
     /// tell a replay from the same publisher from one by a restarted process.
     last: Option<(u64, u64)>,
-    /// After a replay, live messages from this number up to `expected` arrive again as
-    /// duplicates (until live traffic catches up).
-    dup_floor: Option<u64>,
+    /// Fingerprints of the batches a replay applied: their live copies, queued meanwhile,
+    /// arrive again and must match to be skipped as duplicates (a lower number with other
+    /// content is a restarted publisher). Emptied once live traffic catches up.
+    replayed: HashMap<u64, u64>,
 }
 
 impl Follower {
@@ -59,7 +62,7 @@ impl Follower {
             applier: Applier::new(block_size),
             expected: 0,
             last: None,
-            dup_floor: None,
+            replayed: HashMap::new(),
         }
     }
 
@@ -79,13 +82,13 @@ impl Follower {
         self.last.map_or(self.expected, |(seq, _)| seq)
     }
 
-    /// Where a live message numbered `seq` stands.
-    pub fn order(&self, seq: u64) -> Order {
+    /// Where a live message numbered `seq` carrying `payload` stands.
+    pub fn order(&self, seq: u64, payload: &[u8]) -> Order {
         if seq == self.expected {
             Order::InOrder
         } else if seq > self.expected {
             Order::Gap(self.expected)
-        } else if self.dup_floor.is_some_and(|floor| seq >= floor) {
+        } else if self.replayed.get(&seq) == Some(&xxh3_64(payload)) {
             Order::Duplicate
         } else {
             Order::Restart
@@ -102,7 +105,7 @@ impl Follower {
         payload: &[u8],
     ) -> Result<(Applied, usize), DecodeError> {
         // Live traffic has caught up with any replay: no more duplicates to expect.
-        self.dup_floor = None;
+        self.replayed.clear();
         self.apply_one(index, seq, payload)
     }
 
@@ -141,9 +144,6 @@ impl Follower {
                 outcome = CatchUp::Resynced(self.resync_at(index, from));
             }
         }
-        if let Some(&(first, _)) = rest.first() {
-            self.dup_floor = Some(first);
-        }
         for (seq, payload) in rest {
             if *seq != self.expected {
                 // A batch the publisher never buffered: what follows cannot be joined.
@@ -152,9 +152,11 @@ impl Follower {
                     CatchUp::Resynced(n) => n + forgotten,
                     _ => forgotten,
                 });
-                self.dup_floor = Some(*seq);
             }
             count(self.apply_one(index, *seq, payload));
+            if let Some(last) = self.last {
+                self.replayed.insert(last.0, last.1);
+            }
         }
         outcome
     }
@@ -165,7 +167,7 @@ impl Follower {
         let forgotten = self.applier.clear(index, &self.endpoint);
         self.expected = seq;
         self.last = None;
-        self.dup_floor = None;
+        self.replayed.clear();
         forgotten
     }
 

@@ -122,6 +122,9 @@ enum Command {
     Restart,
     ResetPrefixCache,
     Cache(oneshot::Sender<Vec<u64>>),
+    /// Start or stop dropping published events; passed down the event pipeline so that it
+    /// applies exactly to the batches of what was submitted after it.
+    DropEvents(bool),
 }
 
 /// Gauges and counters `/metrics` shows.
@@ -209,8 +212,16 @@ async fn bind_zmq<S: Socket>(socket: &mut S, addr: SocketAddr) -> Result<SocketA
     }
 }
 
-/// One event batch on its way to the publisher; `None` resets the sequence (a restart).
-type Batch = Option<Vec<KvEvent>>;
+/// What goes down the event pipeline to the publisher, in order.
+#[derive(Debug)]
+enum Batch {
+    /// A batch to publish.
+    Events(Vec<KvEvent>),
+    /// A restart: sequence numbers start again, the replay buffer empties.
+    Restart,
+    /// Drop (or stop dropping) the batches that follow.
+    DropEvents(bool),
+}
 
 /// The engine loop: admit commands, step, sleep the step's time, deliver its effects.
 async fn drive(
@@ -260,7 +271,7 @@ async fn drive(
             }
         }
         if !report.events.is_empty() {
-            let _ = batches.send(Some(report.events));
+            let _ = batches.send(Batch::Events(report.events));
         }
         let mut stats = shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
         stats.running = engine.running();
@@ -291,11 +302,14 @@ fn handle(
             // A restarted pod: empty cache, no requests, sequence numbers from 0.
             *engine = Engine::new(shared.config.profile.clone(), true);
             streams.clear();
-            let _ = batches.send(None);
+            let _ = batches.send(Batch::Restart);
             *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = Stats::default();
         }
         Command::ResetPrefixCache => {
-            let _ = batches.send(Some(engine.clear_cache()));
+            let _ = batches.send(Batch::Events(engine.clear_cache()));
+        }
+        Command::DropEvents(drop) => {
+            let _ = batches.send(Batch::DropEvents(drop));
         }
         Command::Cache(reply) => {
             let _ = reply.send(engine.cached_hashes());
@@ -318,15 +332,23 @@ async fn publish(
     let topic = Bytes::from(shared.config.topic.clone());
     let mut seq: u64 = 0;
     let mut buffer: VecDeque<(u64, Bytes)> = VecDeque::new();
+    let mut drop_events = false;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             b = batches.recv() => {
-                let Some(batch) = b else { return };
-                let Some(events) = batch else {
-                    seq = 0;
-                    buffer.clear();
-                    continue;
+                let events = match b {
+                    None => return,
+                    Some(Batch::Events(events)) => events,
+                    Some(Batch::Restart) => {
+                        seq = 0;
+                        buffer.clear();
+                        continue;
+                    }
+                    Some(Batch::DropEvents(d)) => {
+                        drop_events = d;
+                        continue;
+                    }
                 };
                 let ts = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
                 let payload = Bytes::from(wire::encode_batch(ts, &events, 0, shared.config.encoding));
@@ -336,7 +358,7 @@ async fn publish(
                 if buffer.len() > REPLAY_BATCHES {
                     buffer.pop_front();
                 }
-                if shared.fault() == Fault::DropEvents {
+                if drop_events {
                     continue;
                 }
                 let frames = vec![topic.clone(), Bytes::copy_from_slice(&wire::seq_frame(this)), payload];
@@ -507,6 +529,9 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                     );
                 }
             };
+            let _ = shared
+                .commands
+                .send(Command::DropEvents(fault == Fault::DropEvents));
             *shared.fault.lock().unwrap_or_else(PoisonError::into_inner) = fault;
             json(StatusCode::OK, &serde_json::json!({"fault": v["fault"]}))
         }

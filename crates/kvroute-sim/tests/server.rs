@@ -9,17 +9,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use kvroute_core::{ApiKind, InferenceRequest, RequestHints};
 use kvroute_sim::server::{self, Bound, ServerConfig};
 use kvroute_sim::wire::EventEncoding;
 use kvroute_sim::{Engine, Profile, PromptTokens, SimRequest};
 use openmetrics_parser::PrometheusValue;
 use rmpv::Value;
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
@@ -50,21 +46,9 @@ async fn start() -> (Bound, CancellationToken) {
 }
 
 async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "sim")
-        .body(Full::new(Bytes::from(body.to_owned())))
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    let reply =
+        test_support::http::request(addr, method, path, &[], body.as_bytes().to_vec()).await;
+    (reply.status, reply.text())
 }
 
 fn completion(prompt: &str, stream: bool) -> String {

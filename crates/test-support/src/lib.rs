@@ -3,6 +3,7 @@
 //! Used only by tests and benches; never by shipped code.
 
 pub mod envoy;
+pub mod http;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

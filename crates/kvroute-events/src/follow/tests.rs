@@ -33,7 +33,7 @@ fn holds(index: &Shared<PrefixIndex>, tokens: &[u32]) -> u32 {
 }
 
 fn live(f: &mut Follower, index: &Shared<PrefixIndex>, seq: u64, payload: &[u8]) -> Order {
-    let order = f.order(seq);
+    let order = f.order(seq, payload);
     if order == Order::InOrder {
         f.apply(index, seq, payload).unwrap();
     }
@@ -56,9 +56,9 @@ fn a_gap_is_filled_from_the_last_batch_on_and_duplicates_are_skipped() {
     assert_eq!(live(&mut f, &index, 1, &b1), Order::InOrder);
     assert_eq!(holds(&index, &[1, 2, 3, 4]), 2);
     // Message 2 is lost; 3 arrives: a gap. The replay starts at the last batch applied.
-    assert_eq!(f.order(3), Order::Gap(2));
+    assert_eq!(f.order(3, &removed(3)), Order::Gap(2));
     assert_eq!(f.resume_from(), 1);
-    let replay = vec![
+    let replay = [
         (1, b1),
         (2, stored(3, Some(2), [5, 6])),
         (3, removed(3)),
@@ -76,13 +76,15 @@ fn a_gap_is_filled_from_the_last_batch_on_and_duplicates_are_skipped() {
         "3 was stored, then removed"
     );
     assert_eq!(holds(&index, &[1, 2, 3, 4, 7, 8]), 3);
-    // The live copies of 3 and 4 queued meanwhile are duplicates; 5 is next.
-    assert_eq!(f.order(3), Order::Duplicate);
-    assert_eq!(f.order(4), Order::Duplicate);
+    // The live copies of 3 and 4 queued meanwhile are duplicates; other content under a
+    // replayed number is a restarted publisher; 5 is next.
+    assert_eq!(f.order(3, &removed(3)), Order::Duplicate);
+    assert_eq!(f.order(4, &stored(4, Some(2), [7, 8])), Order::Duplicate);
+    assert_eq!(f.order(4, &removed(9)), Order::Restart);
     assert_eq!(live(&mut f, &index, 5, &removed(4)), Order::InOrder);
     assert_eq!(holds(&index, &[1, 2, 3, 4, 7, 8]), 2);
-    // Past the replay, a lower number is a restart again.
-    assert_eq!(f.order(3), Order::Restart);
+    // Past the replay, a lower number is a restart, whatever it carries.
+    assert_eq!(f.order(3, &removed(3)), Order::Restart);
 }
 
 #[test]
@@ -92,7 +94,7 @@ fn a_live_restart_clears_what_was_known() {
     live(&mut f, &index, 0, &stored(1, None, [1, 2]));
     live(&mut f, &index, 1, &stored(2, Some(1), [3, 4]));
     // A new process numbers from 0 again; its cache is empty.
-    assert_eq!(f.order(0), Order::Restart);
+    assert_eq!(f.order(0, &stored(9, None, [5, 5])), Order::Restart);
     assert_eq!(f.resync_at(&index, 0), 2);
     assert_eq!(holds(&index, &[1, 2]), 0);
     assert_eq!(
@@ -143,7 +145,7 @@ fn an_unbuffered_batch_inside_a_replay_forgets_what_came_before() {
     assert_eq!(outcome, CatchUp::Resynced(2));
     assert_eq!(holds(&index, &[1, 2, 3, 4]), 0);
     assert_eq!(holds(&index, &[6, 6]), 1);
-    assert_eq!(f.order(4), Order::InOrder);
+    assert_eq!(f.order(4, &removed(5)), Order::InOrder);
 }
 
 #[test]
@@ -163,7 +165,7 @@ fn an_empty_replay_of_a_known_stream_cannot_be_verified() {
     let mut f = Follower::new(EndpointId::new("pod"), BS);
     live(&mut f, &index, 0, &stored(1, None, [1, 2]));
     assert_eq!(f.catch_up(&index, &[], ok), CatchUp::Resynced(1));
-    assert_eq!(f.order(0), Order::InOrder);
+    assert_eq!(f.order(0, &removed(1)), Order::InOrder);
 }
 
 #[test]
@@ -171,5 +173,5 @@ fn a_malformed_message_is_skipped_and_the_sequence_moves_on() {
     let index = Shared::new(PrefixIndex::new());
     let mut f = Follower::new(EndpointId::new("pod"), BS);
     assert!(f.apply(&index, 0, b"\xc1garbage").is_err());
-    assert_eq!(f.order(1), Order::InOrder);
+    assert_eq!(f.order(1, &removed(1)), Order::InOrder);
 }

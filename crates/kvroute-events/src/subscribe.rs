@@ -1,0 +1,428 @@
+//! One ZMQ SUB socket per endpoint, kept in sequence by a [`Follower`], started and stopped
+//! as endpoints come and go in the registry.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use kvroute_core::EndpointId;
+use kvroute_endpoints::{EndpointState, Registry};
+use kvroute_index::{PrefixIndex, Shared};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+use zeromq::{Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::apply::Applied;
+use crate::decode::{DecodeError, sequence};
+use crate::follow::{CatchUp, Follower, Order};
+
+/// The replay socket's end-of-replay sequence number (-1 as 8 signed bytes).
+const END_SEQ: u64 = u64::MAX;
+
+/// How often the registry is read for endpoints that came or went.
+const REGISTRY_POLL: Duration = Duration::from_millis(500);
+
+/// Pause before reconnecting a stream that failed.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+
+/// Where a pool's pods publish events, and how patiently to follow them.
+#[derive(Clone, Debug)]
+pub struct SubscriberConfig {
+    /// The PUB port on each pod (vLLM's default is 5557).
+    pub port: u16,
+    /// The replay ROUTER port on each pod, if the pods have one (`replay_endpoint`).
+    pub replay_port: Option<u16>,
+    /// Topic prefix to subscribe to (`""`: everything).
+    pub topic: String,
+    /// The pods' KV-cache block size, tokens.
+    pub block_size: usize,
+    /// An endpoint serving requests whose stream stays silent this long is marked
+    /// unconfirmed and its stream reconnected (an idle pod publishes nothing, so silence
+    /// alone proves nothing).
+    pub silence: Duration,
+    /// Longest wait for a replay to end.
+    pub replay_timeout: Duration,
+}
+
+impl Default for SubscriberConfig {
+    fn default() -> Self {
+        Self {
+            port: 5557,
+            replay_port: None,
+            topic: String::new(),
+            block_size: 16,
+            silence: Duration::from_secs(10),
+            replay_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+type Label = [(&'static str, &'static str); 1];
+
+/// The subscribers' counters, registered under the caller's prefix (`kvroute_`).
+#[derive(Clone, Debug, Default)]
+pub struct EventMetrics {
+    batches: Family<Label, Counter>,
+    blocks: Family<Label, Counter>,
+    resyncs: Family<Label, Counter>,
+}
+
+impl EventMetrics {
+    /// Registers the counters.
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "kv_event_batches",
+            "KV-event batches received, by outcome (applied, duplicate, malformed)",
+            m.batches.clone(),
+        );
+        registry.register(
+            "kv_event_blocks",
+            "Blocks in KV events, by what was done with them (stored, removed, orphaned, unknown_removed, rejected, skipped)",
+            m.blocks.clone(),
+        );
+        registry.register(
+            "kv_event_resyncs",
+            "Times an endpoint's entries were dropped and rebuilt, by cause (gap, restart, silence)",
+            m.resyncs.clone(),
+        );
+        m
+    }
+
+    fn batch(&self, outcome: &'static str) {
+        self.batches.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    fn resync(&self, cause: &'static str) {
+        self.resyncs.get_or_create(&[("cause", cause)]).inc();
+    }
+
+    /// Counts one applied (or undecodable) batch.
+    fn applied(&self, endpoint: &EndpointId, result: Result<(Applied, usize), DecodeError>) {
+        match result {
+            Ok((a, skipped)) => {
+                self.batch("applied");
+                for (op, n) in [
+                    ("stored", a.stored),
+                    ("removed", a.removed),
+                    ("orphaned", a.orphaned),
+                    ("unknown_removed", a.unknown_removed),
+                    ("rejected", a.rejected),
+                    ("skipped", skipped),
+                ] {
+                    if n > 0 {
+                        self.blocks.get_or_create(&[("op", op)]).inc_by(n as u64);
+                    }
+                }
+            }
+            Err(e) => {
+                self.batch("malformed");
+                warn!(endpoint = %endpoint, error = %e, "skipping a malformed KV-event batch");
+            }
+        }
+    }
+}
+
+/// Follows the KV events of every endpoint in a registry, into one index.
+#[derive(Debug)]
+pub struct Subscriptions {
+    config: Arc<SubscriberConfig>,
+    index: Arc<Shared<PrefixIndex>>,
+    metrics: EventMetrics,
+}
+
+impl Subscriptions {
+    /// Subscriptions applying to `index`.
+    pub fn new(
+        config: SubscriberConfig,
+        index: Arc<Shared<PrefixIndex>>,
+        metrics: EventMetrics,
+    ) -> Self {
+        Self {
+            config: Arc::new(config),
+            index,
+            metrics,
+        }
+    }
+
+    /// Keeps one subscriber per endpoint of `registry` until `stop`; on the way out stops
+    /// them all and waits for them. An endpoint that leaves (or changes address) loses its
+    /// subscriber and its entries.
+    pub async fn run(self, registry: Arc<Registry>, stop: CancellationToken) {
+        let mut running: HashMap<EndpointId, (Arc<EndpointState>, CancellationToken)> =
+            HashMap::new();
+        let mut tasks = JoinSet::new();
+        let mut poll = tokio::time::interval(REGISTRY_POLL);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = poll.tick() => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            }
+            let now = registry.snapshot();
+            running.retain(|id, (state, token)| {
+                let kept = now.iter().any(|e| Arc::ptr_eq(e, state));
+                if !kept {
+                    debug!(endpoint = %id, "endpoint left: unsubscribing");
+                    token.cancel();
+                }
+                kept
+            });
+            for ep in now.iter() {
+                if running.contains_key(ep.id()) {
+                    continue;
+                }
+                let token = stop.child_token();
+                let span = info_span!("kv_events", endpoint = %ep.id());
+                tasks.spawn(
+                    follow(
+                        Arc::clone(ep),
+                        Arc::clone(&self.config),
+                        Arc::clone(&self.index),
+                        self.metrics.clone(),
+                        token.clone(),
+                    )
+                    .instrument(span),
+                );
+                running.insert(ep.id().clone(), (Arc::clone(ep), token));
+            }
+        }
+        for (_, (_, token)) in running {
+            token.cancel();
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Follows one endpoint until `stop`, then forgets its entries.
+pub async fn follow(
+    ep: Arc<EndpointState>,
+    config: Arc<SubscriberConfig>,
+    index: Arc<Shared<PrefixIndex>>,
+    metrics: EventMetrics,
+    stop: CancellationToken,
+) {
+    let ip = ep.address().ip();
+    let events_at = format!("tcp://{}", SocketAddr::new(ip, config.port));
+    let replay_at = config
+        .replay_port
+        .map(|p| format!("tcp://{}", SocketAddr::new(ip, p)));
+    let mut follower = Follower::new(ep.id().clone(), config.block_size);
+    let check_every = (config.silence / 4).max(Duration::from_millis(10));
+    'connect: while !stop.is_cancelled() {
+        ep.set_events_confirmed(false);
+        let mut sub = zeromq::SubSocket::new();
+        // The socket reconnects by itself when the pod goes away; kvroute must know, to
+        // check on return that the publisher is the same process.
+        let mut monitor = sub.monitor();
+        let connected = tokio::select! {
+            () = stop.cancelled() => break,
+            c = sub.connect(&events_at) => c,
+        };
+        if let Err(e) = connected.and(sub.subscribe(&config.topic).await) {
+            debug!(error = %e, at = %events_at, "KV-event connection failed; retrying");
+            pause(&stop).await;
+            continue;
+        }
+        info!(at = %events_at, "following KV events");
+        if let Some(at) = &replay_at {
+            catch_up(&mut follower, at, &config, &index, &metrics, &stop).await;
+        }
+        ep.set_events_confirmed(true);
+        let mut last = Instant::now();
+        let mut check = tokio::time::interval(check_every);
+        loop {
+            let received = tokio::select! {
+                () = stop.cancelled() => break 'connect,
+                _ = check.tick() => {
+                    if last.elapsed() > config.silence && ep.in_flight() > 0 {
+                        warn!(silent_for = ?last.elapsed(), "KV events silent while serving: unconfirmed, reconnecting");
+                        metrics.resync("silence");
+                        continue 'connect;
+                    }
+                    continue;
+                }
+                event = monitor.next() => {
+                    if matches!(event, None | Some(SocketEvent::Disconnected(_))) {
+                        debug!("KV-event publisher disconnected; reconnecting");
+                        pause(&stop).await;
+                        continue 'connect;
+                    }
+                    continue;
+                }
+                m = sub.recv() => m,
+            };
+            let msg = match received {
+                Ok(m) => m,
+                Err(e) => {
+                    debug!(error = %e, "KV-event stream broke; reconnecting");
+                    pause(&stop).await;
+                    continue 'connect;
+                }
+            };
+            last = Instant::now();
+            ep.set_events_confirmed(true);
+            let frames = msg.into_vec();
+            let [_topic, seq, payload] = frames.as_slice() else {
+                metrics.batch("malformed");
+                warn!(
+                    frames = frames.len(),
+                    "skipping a KV-event message without 3 frames"
+                );
+                continue;
+            };
+            let Ok(seq) = sequence(seq) else {
+                metrics.batch("malformed");
+                warn!("skipping a KV-event message with a short sequence frame");
+                continue;
+            };
+            match follower.order(seq, payload) {
+                Order::InOrder => {}
+                Order::Duplicate => {
+                    metrics.batch("duplicate");
+                    continue;
+                }
+                Order::Restart => {
+                    let forgotten = follower.resync_at(&index, seq);
+                    metrics.resync("restart");
+                    warn!(
+                        seq,
+                        forgotten, "KV-event publisher restarted: entries dropped"
+                    );
+                }
+                Order::Gap(from) => {
+                    match &replay_at {
+                        Some(at) => {
+                            catch_up(&mut follower, at, &config, &index, &metrics, &stop).await;
+                        }
+                        None => {
+                            let forgotten = follower.resync_at(&index, seq);
+                            metrics.resync("gap");
+                            warn!(
+                                from,
+                                to = seq,
+                                forgotten,
+                                "KV events missed and no replay socket: entries dropped"
+                            );
+                        }
+                    }
+                    match follower.order(seq, payload) {
+                        Order::InOrder => {}
+                        Order::Duplicate => {
+                            metrics.batch("duplicate");
+                            continue;
+                        }
+                        Order::Gap(_) | Order::Restart => {
+                            let forgotten = follower.resync_at(&index, seq);
+                            metrics.resync("gap");
+                            warn!(
+                                from,
+                                to = seq,
+                                forgotten,
+                                "KV-event gap not filled by replay: entries dropped"
+                            );
+                        }
+                    }
+                }
+            }
+            metrics.applied(ep.id(), follower.apply(&index, seq, payload));
+        }
+    }
+    ep.set_events_confirmed(false);
+    follower.remove(&index);
+}
+
+async fn pause(stop: &CancellationToken) {
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = tokio::time::sleep(RECONNECT_PAUSE) => {}
+    }
+}
+
+/// Asks the replay socket for everything from where the follower can check continuity,
+/// and applies it.
+async fn catch_up(
+    follower: &mut Follower,
+    at: &str,
+    config: &SubscriberConfig,
+    index: &Shared<PrefixIndex>,
+    metrics: &EventMetrics,
+    stop: &CancellationToken,
+) {
+    let from = follower.resume_from();
+    let batches = tokio::select! {
+        () = stop.cancelled() => return,
+        r = tokio::time::timeout(config.replay_timeout, replay(at, from)) => r,
+    };
+    let batches = match batches {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            debug!(error = %e, at, "KV-event replay failed");
+            return;
+        }
+        Err(_) => {
+            debug!(at, "KV-event replay timed out");
+            return;
+        }
+    };
+    let endpoint = follower.endpoint().clone();
+    match follower.catch_up(index, &batches, |r| metrics.applied(&endpoint, r)) {
+        CatchUp::Synced | CatchUp::Empty => {
+            debug!(from, batches = batches.len(), "KV events replayed");
+        }
+        CatchUp::Resynced(forgotten) => {
+            metrics.resync("gap");
+            warn!(
+                from,
+                forgotten, "KV-event replay could not be joined to what was known: entries dropped"
+            );
+        }
+    }
+}
+
+/// Why a replay failed.
+#[derive(Debug, thiserror::Error)]
+enum ReplayError {
+    #[error(transparent)]
+    Zmq(#[from] zeromq::ZmqError),
+    #[error("malformed replay message of {0} frames")]
+    Frames(usize),
+    #[error(transparent)]
+    Sequence(#[from] DecodeError),
+}
+
+/// vLLM's replay protocol from a DEALER: send `["", start_seq]`, read `(seq, payload)`
+/// messages (with or without the topic frame newer releases add) until the end marker.
+async fn replay(at: &str, from: u64) -> Result<Vec<(u64, Vec<u8>)>, ReplayError> {
+    let mut dealer = zeromq::DealerSocket::new();
+    dealer.connect(at).await?;
+    let request: ZmqMessage = vec![
+        bytes::Bytes::new(),
+        bytes::Bytes::copy_from_slice(&from.to_be_bytes()),
+    ]
+    .try_into()
+    .map_err(|_| ReplayError::Frames(0))?;
+    dealer.send(request).await?;
+    let mut out = Vec::new();
+    loop {
+        let frames = dealer.recv().await?.into_vec();
+        let body = match frames.split_first() {
+            Some((delimiter, rest)) if delimiter.is_empty() => rest,
+            _ => frames.as_slice(),
+        };
+        let (seq, payload) = match body {
+            [_, seq, payload] | [seq, payload] => (sequence(seq)?, payload),
+            other => return Err(ReplayError::Frames(other.len())),
+        };
+        if seq == END_SEQ {
+            return Ok(out);
+        }
+        out.push((seq, payload.to_vec()));
+    }
+}

@@ -9,10 +9,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use kvroute_endpoints::{InFlightCollector, Registry};
+use kvroute_events::{EventMetrics, SubscriberConfig, Subscriptions};
 use kvroute_extproc::{
     BodySendMode, DEFAULT_MAX_BODY_BYTES, ExtProcConfig, ExtProcService, Metrics, Router,
 };
-use kvroute_scheduler::{Profile, Scheduler};
+use kvroute_index::{PrefixIndex, Shared};
+use kvroute_scheduler::{PrecisePrefixConfig, Profile, Scheduler};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -52,20 +54,50 @@ pub(crate) struct ServeArgs {
     /// Seconds open streams get to finish after SIGTERM before the process exits.
     #[arg(long, default_value_t = 30)]
     shutdown_grace_secs: u64,
+    #[command(flatten)]
+    events: EventArgs,
+}
+
+/// Precise routing from the pods' vLLM KV events (`--kv-events-config` on each pod).
+#[derive(Debug, Args)]
+struct EventArgs {
+    /// Subscribe to each endpoint's KV events on this port (vLLM's default endpoint is
+    /// tcp://*:5557); without it, routing is approximate only.
+    #[arg(long, env = "KVROUTE_KV_EVENTS_PORT")]
+    kv_events_port: Option<u16>,
+    /// Each endpoint's replay port (vLLM's `replay_endpoint`), to fill gaps in the stream.
+    #[arg(long, env = "KVROUTE_KV_REPLAY_PORT")]
+    kv_replay_port: Option<u16>,
+    /// Topic prefix to subscribe to (vLLM's `topic`; empty: all).
+    #[arg(long, default_value = "", env = "KVROUTE_KV_EVENTS_TOPIC")]
+    kv_events_topic: String,
+    /// The pods' KV-cache block size, tokens (vLLM's `--block-size`; its default is 16).
+    #[arg(long, default_value_t = 16, env = "KVROUTE_BLOCK_SIZE")]
+    block_size: usize,
+    /// An endpoint serving requests with no KV events for this long is scored as
+    /// approximate until its events resume.
+    #[arg(long, default_value_t = 10)]
+    kv_events_silence_secs: u64,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Policy {
-    /// Approximate prefix-cache affinity (weight 3) balanced against load (weight 4).
+    /// kvroute's default profile: approximate prefix-cache affinity (3) against load (4);
+    /// with --kv-events-port, precise (2) and approximate (2) affinity, predicted TTFT (4)
+    /// and load (2).
     Prefix,
     /// Fewest requests in flight.
     LeastInFlight,
 }
 
 impl Policy {
-    fn scheduler(self, fallbacks: usize) -> Arc<dyn Scheduler> {
+    fn scheduler(
+        self,
+        fallbacks: usize,
+        precise: Option<(Arc<Shared<PrefixIndex>>, &PrecisePrefixConfig)>,
+    ) -> Arc<dyn Scheduler> {
         match self {
-            Self::Prefix => Arc::new(Profile::kvroute(None, fallbacks)),
+            Self::Prefix => Arc::new(Profile::kvroute(precise, fallbacks)),
             Self::LeastInFlight => Arc::new(Profile::least_in_flight(fallbacks)),
         }
     }
@@ -112,9 +144,36 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Metrics::register(&mut prom);
     prom.register_collector(Box::new(InFlightCollector::new(Arc::clone(&registry))));
 
+    anyhow::ensure!(
+        args.events.block_size > 0,
+        "--block-size must be at least 1"
+    );
+    let index = Arc::new(Shared::new(PrefixIndex::new()));
+    let precise_config = PrecisePrefixConfig {
+        block_size: args.events.block_size,
+        ..PrecisePrefixConfig::default()
+    };
+    let subscriptions = args.events.kv_events_port.map(|port| {
+        Subscriptions::new(
+            SubscriberConfig {
+                port,
+                replay_port: args.events.kv_replay_port,
+                topic: args.events.kv_events_topic.clone(),
+                block_size: args.events.block_size,
+                silence: Duration::from_secs(args.events.kv_events_silence_secs.max(1)),
+                ..SubscriberConfig::default()
+            },
+            Arc::clone(&index),
+            EventMetrics::register(&mut prom),
+        )
+    });
+    let precise = subscriptions
+        .as_ref()
+        .map(|_| (Arc::clone(&index), &precise_config));
+
     let router = Router::new(
         Arc::clone(&registry),
-        args.policy.scheduler(args.fallback_endpoints),
+        args.policy.scheduler(args.fallback_endpoints, precise),
         ExtProcConfig {
             max_body_bytes: args.max_body_bytes,
             assumed_body_mode: args.assume_body_mode.into(),
@@ -133,6 +192,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         grpc = %grpc_listener.local_addr()?,
         admin = %admin_listener.local_addr()?,
         endpoints = registry.len(),
+        kv_events = ?args.events.kv_events_port,
         "kvroute serving"
     );
 
@@ -156,6 +216,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         draining: token.clone(),
     });
     let admin = tokio::spawn(admin::serve(admin_listener, admin_state, token.clone()));
+    let events = subscriptions.map(|s| tokio::spawn(s.run(Arc::clone(&registry), token.clone())));
 
     shutdown::on_signal(token.clone()).await?;
     set_health(&reporter, ServingStatus::NotServing).await;
@@ -164,6 +225,11 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let drained = tokio::time::timeout(grace, async {
         let grpc = grpc.await;
         let admin = admin.await;
+        if let Some(events) = events
+            && let Err(e) = events.await
+        {
+            warn!(error = %e, "KV-event subscriptions task failed");
+        }
         (grpc, admin)
     })
     .await;

@@ -1,0 +1,141 @@
+//! Precise routing end to end: two simulated vLLM pods publishing KV events over ZMQ, the
+//! real `kvroute serve` subscribed to both, real Envoy in front. A prefix cached on a pod
+//! by traffic that never went through kvroute (so the approximate index cannot know) is
+//! found from the pod's events, and the next request with that prefix goes there.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use harness::*;
+use kvroute_sim::Profile;
+use kvroute_sim::server::{self, Bound, ServerConfig};
+use kvroute_sim::wire::EventEncoding;
+use tokio_util::sync::CancellationToken;
+
+/// A pool's pods share their event ports, so the two pods listen on two loopback addresses
+/// with the same ports (the first pod's, bound to 0).
+async fn two_pods(stop: &CancellationToken) -> [Bound; 2] {
+    let config = |ip: [u8; 4], ports: Option<Bound>| ServerConfig {
+        http: SocketAddr::from((ip, ports.map_or(0, |b| b.http.port()))),
+        events: SocketAddr::from((ip, ports.map_or(0, |b| b.events.port()))),
+        replay: SocketAddr::from((ip, ports.map_or(0, |b| b.replay.port()))),
+        topic: format!("kv@{}.{}.{}.{}@m", ip[0], ip[1], ip[2], ip[3]),
+        model: "m".into(),
+        profile: Profile::h100_llama31_8b(),
+        speed: 1000.0,
+        encoding: EventEncoding::Map,
+        tokenizer: None,
+    };
+    for _ in 0..10 {
+        let a = server::start(config([127, 0, 0, 2], None), stop.child_token())
+            .await
+            .unwrap();
+        if let Ok(b) = server::start(config([127, 0, 0, 3], Some(a)), stop.child_token()).await {
+            return [a, b];
+        }
+    }
+    panic!("no common free ports for two pods");
+}
+
+fn completion(prompt: &[u32]) -> Vec<u8> {
+    serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 4})
+        .to_string()
+        .into_bytes()
+}
+
+/// A counter of a pod's `/metrics`.
+async fn pod_counter(pod: &Bound, name: &str) -> f64 {
+    let reply = test_support::http::request(pod.http, "GET", "/metrics", &[], Vec::new()).await;
+    reply
+        .text()
+        .lines()
+        .find(|l| l.starts_with(name) && l.contains('{'))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Blocks kvroute has seen stored, from its `/metrics`.
+async fn stored_blocks(kvroute: &Kvroute) -> f64 {
+    let key = "kvroute_kv_event_blocks_total{op=\"stored\"} ";
+    kvroute
+        .metrics()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_cached_behind_kvroutes_back_is_found_from_kv_events() {
+    let dir = scratch("precise");
+    let stop = CancellationToken::new();
+    let pods = two_pods(&stop).await;
+    let list = format!("{},{}", pods[0].http, pods[1].http);
+    let events = pods[0].events.port().to_string();
+    let replay = pods[0].replay.port().to_string();
+    let kvroute = Kvroute::start(
+        &dir,
+        &list,
+        &[
+            "--kv-events-port",
+            &events,
+            "--kv-replay-port",
+            &replay,
+            "--kv-events-topic",
+            "kv@",
+            "--block-size",
+            "16",
+        ],
+    )
+    .await;
+    let addrs = [pods[0].http, pods[1].http];
+    let envoy = Envoy::start(&dir, &EnvoyOptions::full_duplex(kvroute.grpc_port, &addrs)).await;
+
+    for (round, home) in [1usize, 0, 1].into_iter().enumerate() {
+        // 256 tokens (16 blocks) cached on `home` by a request sent to it directly.
+        let base = 10_000 * (round as u32 + 1);
+        let stored_before = stored_blocks(&kvroute).await;
+        let document: Vec<u32> = (base..base + 256).collect();
+        let direct = test_support::http::request(
+            pods[home].http,
+            "POST",
+            "/v1/completions",
+            &[],
+            completion(&document),
+        )
+        .await;
+        assert_eq!(direct.status, 200);
+        let seen = eventually(Duration::from_secs(10), async || {
+            stored_blocks(&kvroute).await >= stored_before + 16.0
+        })
+        .await;
+        assert!(seen, "{}\n{}", kvroute.metrics().await, kvroute.log_text());
+
+        // The same document with a question, through Envoy: it goes to `home`, whose cache
+        // then serves the document.
+        let hits_before = pod_counter(&pods[home], "vllm:prefix_cache_hits_total").await;
+        let mut asked = document.clone();
+        asked.extend(base + 900..base + 920);
+        let reply = http(
+            envoy.port,
+            "POST",
+            "/v1/completions",
+            &[],
+            completion(&asked),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let hits = pod_counter(&pods[home], "vllm:prefix_cache_hits_total").await;
+        assert_eq!(
+            hits - hits_before,
+            256.0,
+            "round {round}: the document was served from pod {home}'s cache\n{}",
+            kvroute.log_text()
+        );
+    }
+    stop.cancel();
+}

@@ -14,7 +14,8 @@ use kvroute_extproc::{
     BodySendMode, DEFAULT_MAX_BODY_BYTES, ExtProcConfig, ExtProcService, Metrics, Router,
 };
 use kvroute_index::{PrefixIndex, Shared};
-use kvroute_scheduler::{PrecisePrefixConfig, Profile, Scheduler};
+use kvroute_scheduler::{PrecisePrefixConfig, Profile, Scheduler, Tokenizers};
+use kvroute_tokens::ModelTokenizer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -78,6 +79,62 @@ struct EventArgs {
     /// approximate until its events resume.
     #[arg(long, default_value_t = 10)]
     kv_events_silence_secs: u64,
+    /// Tokenizers for precise routing of text and chat prompts: `DIR/<model>/tokenizer.json`
+    /// (and `tokenizer_config.json` for the chat template) for each model name requests
+    /// use (`Qwen/Qwen3-8B` is `DIR/Qwen/Qwen3-8B/`); `DIR/tokenizer.json` serves any other
+    /// name. Local files only (a mounted volume in a cluster); nothing is downloaded.
+    #[arg(long, env = "KVROUTE_TOKENIZERS_DIR")]
+    tokenizers_dir: Option<PathBuf>,
+}
+
+/// Every tokenizer under `dir`, named by its directory's path relative to `dir`.
+fn load_tokenizers(dir: &std::path::Path) -> anyhow::Result<Tokenizers> {
+    fn load(dir: &std::path::Path) -> anyhow::Result<Option<Arc<ModelTokenizer>>> {
+        let json = dir.join("tokenizer.json");
+        if !json.is_file() {
+            return Ok(None);
+        }
+        let bytes = std::fs::read(&json).with_context(|| format!("reading {}", json.display()))?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config = match std::fs::read(&config_path) {
+            Ok(c) => Some(c),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", config_path.display())),
+        };
+        let model = ModelTokenizer::new(&bytes, config.as_deref())
+            .with_context(|| format!("loading {}", json.display()))?;
+        Ok(Some(Arc::new(model)))
+    }
+    let mut tokenizers = Tokenizers::new();
+    if let Some(t) = load(dir)? {
+        tokenizers.set_default(t);
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))?;
+        for entry in entries {
+            let path = entry?.path();
+            if !path.is_dir() {
+                continue;
+            }
+            if let Some(t) = load(&path)? {
+                let name = path
+                    .strip_prefix(dir)
+                    .unwrap_or(&path)
+                    .to_string_lossy()
+                    .replace(std::path::MAIN_SEPARATOR, "/");
+                info!(model = %name, "tokenizer loaded");
+                tokenizers.insert(name, t);
+            }
+            stack.push(path);
+        }
+    }
+    anyhow::ensure!(
+        !tokenizers.is_empty(),
+        "no tokenizer.json under {}",
+        dir.display()
+    );
+    Ok(tokenizers)
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -149,8 +206,13 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "--block-size must be at least 1"
     );
     let index = Arc::new(Shared::new(PrefixIndex::new()));
+    let tokenizers = match &args.events.tokenizers_dir {
+        Some(dir) => load_tokenizers(dir)?,
+        None => Tokenizers::new(),
+    };
     let precise_config = PrecisePrefixConfig {
         block_size: args.events.block_size,
+        tokenizers,
         ..PrecisePrefixConfig::default()
     };
     let subscriptions = args.events.kv_events_port.map(|port| {

@@ -8,6 +8,8 @@
 mod harness;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use harness::*;
@@ -18,7 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 /// A pool's pods share their event ports, so the two pods listen on two loopback addresses
 /// with the same ports (the first pod's, bound to 0).
-async fn two_pods(stop: &CancellationToken) -> [Bound; 2] {
+async fn two_pods(
+    stop: &CancellationToken,
+    tokenizer: Option<Arc<tokenizers::Tokenizer>>,
+) -> [Bound; 2] {
     let config = |ip: [u8; 4], ports: Option<Bound>| ServerConfig {
         http: SocketAddr::from((ip, ports.map_or(0, |b| b.http.port()))),
         events: SocketAddr::from((ip, ports.map_or(0, |b| b.events.port()))),
@@ -28,7 +33,7 @@ async fn two_pods(stop: &CancellationToken) -> [Bound; 2] {
         profile: Profile::h100_llama31_8b(),
         speed: 1000.0,
         encoding: EventEncoding::Map,
-        tokenizer: None,
+        tokenizer: tokenizer.clone(),
     };
     for _ in 0..10 {
         let a = server::start(config([127, 0, 0, 2], None), stop.child_token())
@@ -73,7 +78,7 @@ async fn stored_blocks(kvroute: &Kvroute) -> f64 {
 async fn a_prefix_cached_behind_kvroutes_back_is_found_from_kv_events() {
     let dir = scratch("precise");
     let stop = CancellationToken::new();
-    let pods = two_pods(&stop).await;
+    let pods = two_pods(&stop, None).await;
     let list = format!("{},{}", pods[0].http, pods[1].http);
     let events = pods[0].events.port().to_string();
     let replay = pods[0].replay.port().to_string();
@@ -134,6 +139,78 @@ async fn a_prefix_cached_behind_kvroutes_back_is_found_from_kv_events() {
             hits - hits_before,
             256.0,
             "round {round}: the document was served from pod {home}'s cache\n{}",
+            kvroute.log_text()
+        );
+    }
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_prompts_route_precisely_with_the_models_tokenizer() {
+    let tokenizer_json = PathBuf::from(
+        std::env::var("KVROUTE_TEST_TOKENIZER")
+            .expect("KVROUTE_TEST_TOKENIZER: run tests/run, which fetches Qwen3's tokenizer.json"),
+    );
+    let dir = scratch("precise-text");
+    // kvroute's tokenizer directory: the model "m" is Qwen3.
+    let model_dir = dir.join("tokenizers/m");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tokenizer_json.with_file_name(file), model_dir.join(file)).unwrap();
+    }
+    let stop = CancellationToken::new();
+    let tokenizer = Arc::new(tokenizers::Tokenizer::from_file(&tokenizer_json).unwrap());
+    let pods = two_pods(&stop, Some(Arc::clone(&tokenizer))).await;
+    let list = format!("{},{}", pods[0].http, pods[1].http);
+    let events = pods[0].events.port().to_string();
+    let tokenizers_dir = dir.join("tokenizers").display().to_string();
+    let kvroute = Kvroute::start(
+        &dir,
+        &list,
+        &[
+            "--kv-events-port",
+            &events,
+            "--tokenizers-dir",
+            &tokenizers_dir,
+        ],
+    )
+    .await;
+    let addrs = [pods[0].http, pods[1].http];
+    let envoy = Envoy::start(&dir, &EnvoyOptions::full_duplex(kvroute.grpc_port, &addrs)).await;
+    for (round, home) in [1usize, 0].into_iter().enumerate() {
+        let document = format!("Document {round}. ")
+            + &"Precise routing reads what each pod really caches. ".repeat(40);
+        let tokens = tokenizer.encode(document.as_str(), false).unwrap().len();
+        let body = |prompt: &str| {
+            serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 4})
+                .to_string()
+                .into_bytes()
+        };
+        let stored_before = stored_blocks(&kvroute).await;
+        let direct = test_support::http::request(
+            pods[home].http,
+            "POST",
+            "/v1/completions",
+            &[],
+            body(&document),
+        )
+        .await;
+        assert_eq!(direct.status, 200);
+        let seen = eventually(Duration::from_secs(10), async || {
+            stored_blocks(&kvroute).await >= stored_before + (tokens / 16) as f64
+        })
+        .await;
+        assert!(seen, "{}", kvroute.metrics().await);
+        let hits_before = pod_counter(&pods[home], "vllm:prefix_cache_hits_total").await;
+        let asked = format!("{document}\nQuestion: what does it read?");
+        let reply = http(envoy.port, "POST", "/v1/completions", &[], body(&asked)).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let hits = pod_counter(&pods[home], "vllm:prefix_cache_hits_total").await - hits_before;
+        // All of the document's full blocks but (at most) the last, whose tokens may merge
+        // with the question's first.
+        assert!(
+            hits >= (16 * (tokens / 16 - 1)) as f64,
+            "round {round}: {hits} of {tokens} document tokens from pod {home}'s cache\n{}",
             kvroute.log_text()
         );
     }

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use kvroute_core::{BlockHash, InferenceRequest, RequestHints};
 use kvroute_endpoints::EndpointState;
 
-pub use precise::{PrecisePrefixConfig, PrecisePrefixScorer};
+pub use precise::{PrecisePrefixConfig, PrecisePrefixScorer, Tokenizers};
 pub use prefix::{PrefixCacheConfig, PrefixCacheScorer};
 pub use profile::{LoadScorer, Profile, Scorer};
 pub use ttft::TtftScorer;
@@ -34,8 +34,9 @@ pub struct SchedulingRequest<'a> {
     /// The prompt's approximate block hashes, computed at most once per request by
     /// whichever plugin needs them first (scoring, then recording the decision).
     pub approx_blocks: OnceCell<Vec<BlockHash>>,
-    /// The prompt's token-block hashes, computed at most once per request.
-    pub token_blocks: OnceCell<Vec<BlockHash>>,
+    /// The prompt's length in tokens and its token-block hashes, computed at most once per
+    /// request (`None`: the prompt could not be tokenized).
+    pub token_blocks: OnceCell<Option<(usize, Vec<BlockHash>)>>,
 }
 
 impl<'a> SchedulingRequest<'a> {

@@ -1,9 +1,10 @@
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use kvroute_core::{BlockHash, Prompt};
 use kvroute_endpoints::EndpointState;
 use kvroute_index::{PrefixIndex, Shared};
-use kvroute_tokens::{BlockHasher, ExtraKeys};
+use kvroute_tokens::{BlockHasher, ExtraKeys, ModelTokenizer};
 
 use crate::{SchedulingRequest, Scorer};
 
@@ -15,6 +16,8 @@ pub struct PrecisePrefixConfig {
     /// What a block held in each tier is worth (`[gpu, cpu, disk]`): a GPU hit costs nothing,
     /// a CPU hit a copy back, a disk hit a load.
     pub tier_weights: [f64; 3],
+    /// Tokenizers for prompts sent as text or chat messages.
+    pub tokenizers: Tokenizers,
 }
 
 impl Default for PrecisePrefixConfig {
@@ -23,13 +26,55 @@ impl Default for PrecisePrefixConfig {
         Self {
             block_size: 16,
             tier_weights: [1.0, 0.8, 0.5],
+            tokenizers: Tokenizers::new(),
         }
+    }
+}
+
+/// The tokenizers of the models served, by model name (as requests name them), and one for
+/// any other name.
+#[derive(Debug, Default, Clone)]
+pub struct Tokenizers {
+    by_model: HashMap<String, Arc<ModelTokenizer>>,
+    default: Option<Arc<ModelTokenizer>>,
+}
+
+impl Tokenizers {
+    /// No tokenizers: only prompts sent as token ids are hashed.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `model`'s tokenizer.
+    pub fn insert(&mut self, model: impl Into<String>, tokenizer: Arc<ModelTokenizer>) {
+        self.by_model.insert(model.into(), tokenizer);
+    }
+
+    /// The tokenizer for models not named otherwise.
+    pub fn set_default(&mut self, tokenizer: Arc<ModelTokenizer>) {
+        self.default = Some(tokenizer);
+    }
+
+    /// `model`'s tokenizer.
+    pub fn get(&self, model: &str) -> Option<&Arc<ModelTokenizer>> {
+        self.by_model.get(model).or(self.default.as_ref())
+    }
+
+    /// Models with their own tokenizer.
+    pub fn len(&self) -> usize {
+        self.by_model.len()
+    }
+
+    /// Whether there is no tokenizer at all.
+    pub fn is_empty(&self) -> bool {
+        self.by_model.is_empty() && self.default.is_none()
     }
 }
 
 /// Scores each endpoint by the longest prefix of the prompt's token blocks that its KV
 /// cache really holds, as its KV events report (`precise-prefix-cache-scorer`): held blocks
-/// weighted by tier, over the prompt's blocks. Prompts it cannot tokenize, and endpoints
+/// weighted by tier, over the prompt's blocks. Prompts it cannot tokenize (no tokenizer for
+/// the model, a template that refuses the messages, a batch), and endpoints
 /// whose event stream is not confirmed in sequence (`EndpointState::events_confirmed`),
 /// score nothing, so a profile's other scorers (the approximate one) decide for them.
 #[derive(Debug)]
@@ -37,6 +82,7 @@ pub struct PrecisePrefixScorer {
     index: Arc<Shared<PrefixIndex>>,
     hasher: BlockHasher,
     weights: [f64; 3],
+    tokenizers: Tokenizers,
 }
 
 impl PrecisePrefixScorer {
@@ -46,6 +92,7 @@ impl PrecisePrefixScorer {
             index,
             hasher: BlockHasher::new(config.block_size),
             weights: config.tier_weights,
+            tokenizers: config.tokenizers.clone(),
         }
     }
 
@@ -60,25 +107,34 @@ impl PrecisePrefixScorer {
     }
 
     /// The prompt's token count and block hashes, as the engine's events would name them;
-    /// `None` for prompts given as text (they need the model's tokenizer) or as a batch.
+    /// `None` when the prompt cannot be tokenized here.
     pub(crate) fn blocks<'r>(
         &self,
         request: &'r SchedulingRequest<'_>,
     ) -> Option<(usize, &'r [BlockHash])> {
         let req = request.request?;
-        let Prompt::Tokens(tokens) = &req.prompt else {
-            return None;
-        };
-        let blocks = request.token_blocks.get_or_init(|| {
+        let cached = request.token_blocks.get_or_init(|| {
+            let owned;
+            let tokens: &[u32] = match &req.prompt {
+                Prompt::Tokens(tokens) => tokens,
+                prompt => {
+                    owned = self
+                        .tokenizers
+                        .get(&req.model)?
+                        .encode_prompt(prompt)
+                        .ok()?;
+                    &owned
+                }
+            };
             let mut out = Vec::new();
             let extra = ExtraKeys {
                 lora: None,
                 cache_salt: req.cache_salt.as_deref(),
             };
             self.hasher.hash_tokens(tokens, &extra, &mut out);
-            out
+            Some((tokens.len(), out))
         });
-        Some((tokens.len(), blocks))
+        cached.as_ref().map(|(n, blocks)| (*n, blocks.as_slice()))
     }
 }
 
@@ -149,6 +205,42 @@ mod tests {
         let mut out = vec![0.0; eps.len()];
         scorer.score(&SchedulingRequest::new(Some(req), &hints), eps, &mut out);
         out
+    }
+
+    #[test]
+    fn text_and_chat_prompts_are_tokenized_with_the_models_tokenizer() {
+        let path = std::env::var("KVROUTE_TEST_TOKENIZER")
+            .expect("KVROUTE_TEST_TOKENIZER: run tests/run, which fetches Qwen3's tokenizer.json");
+        let json = std::fs::read(&path).unwrap();
+        let config =
+            std::fs::read(std::path::Path::new(&path).with_file_name("tokenizer_config.json"))
+                .unwrap();
+        let qwen = Arc::new(ModelTokenizer::new(&json, Some(&config)).unwrap());
+        let mut tokenizers = Tokenizers::new();
+        tokenizers.insert("qwen", Arc::clone(&qwen));
+        let config = PrecisePrefixConfig {
+            block_size: 4,
+            tokenizers,
+            ..PrecisePrefixConfig::default()
+        };
+        let index = Arc::new(Shared::new(PrefixIndex::new()));
+        let scorer = PrecisePrefixScorer::new(Arc::clone(&index), &config);
+        let eps = registry(2).snapshot();
+        eps.iter().for_each(|e| e.set_events_confirmed(true));
+        let text = "The quick brown fox jumps over the lazy dog, again and again and again.";
+        let mut req = request(Vec::new(), None);
+        req.model = "qwen".into();
+        req.prompt = Prompt::Text(text.into());
+        // What the pod would report: the blocks of the tokens vLLM computes.
+        let tokens = qwen.encode_prompt(&req.prompt).unwrap();
+        assert!(tokens.len() >= 8);
+        let mut held = Vec::new();
+        BlockHasher::new(4).hash_tokens(&tokens, &ExtraKeys::default(), &mut held);
+        index.write().store(eps[1].id(), &held, Tier::Gpu);
+        assert_eq!(scores(&scorer, &req, &eps), [0.0, 1.0]);
+        // A model without a tokenizer: no opinion.
+        req.model = "other".into();
+        assert_eq!(scores(&scorer, &req, &eps), [0.0, 0.0]);
     }
 
     #[test]

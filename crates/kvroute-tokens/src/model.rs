@@ -36,8 +36,8 @@ pub enum TokensError {
     Batch,
 }
 
-/// Text segments remembered at most; past it the cache starts over.
-const CACHE_SEGMENTS: usize = 65_536;
+/// Tokens the segment cache holds at most (16 MiB of ids); past it, it starts over.
+const CACHE_TOKENS: usize = 4 << 20;
 
 /// A model's tokenizer and chat template.
 pub struct ModelTokenizer {
@@ -49,7 +49,14 @@ pub struct ModelTokenizer {
     specials: Option<(AhoCorasick, Vec<u32>)>,
     /// What the tokenizer adds in front of a completion prompt (a BOS token, or nothing).
     prefix: Vec<u32>,
-    cache: Mutex<HashMap<u64, Arc<[u32]>>>,
+    cache: Mutex<SegmentCache>,
+}
+
+/// Token ids of text segments seen, by a hash of the text.
+#[derive(Default)]
+struct SegmentCache {
+    segments: HashMap<u64, Arc<[u32]>>,
+    tokens: usize,
 }
 
 impl std::fmt::Debug for ModelTokenizer {
@@ -106,7 +113,7 @@ impl ModelTokenizer {
             context,
             specials: None,
             prefix,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(SegmentCache::default()),
         };
         model.specials = model.special_splitter();
         Ok(model)
@@ -139,7 +146,7 @@ impl ModelTokenizer {
             context: HashMap::new(),
             specials: Some((ac, ids)),
             prefix: Vec::new(),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(SegmentCache::default()),
         };
         let split = candidate.encode_segments(&probe).ok()?;
         if split == whole.get_ids() {
@@ -233,19 +240,21 @@ impl ModelTokenizer {
 
     fn encode_cached(&self, segment: &str) -> Result<Arc<[u32]>, TokensError> {
         let key = xxh3_64(segment.as_bytes()) ^ (segment.len() as u64).rotate_left(32);
-        if let Some(hit) = self.lock().get(&key) {
+        if let Some(hit) = self.lock().segments.get(&key) {
             return Ok(Arc::clone(hit));
         }
         let ids = self.encode_plain(segment)?;
         let mut cache = self.lock();
-        if cache.len() >= CACHE_SEGMENTS {
-            cache.clear();
+        if cache.tokens + ids.len() > CACHE_TOKENS {
+            *cache = SegmentCache::default();
         }
-        cache.insert(key, Arc::clone(&ids));
+        if ids.len() <= CACHE_TOKENS && cache.segments.insert(key, Arc::clone(&ids)).is_none() {
+            cache.tokens += ids.len();
+        }
         Ok(ids)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<[u32]>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SegmentCache> {
         // A panic mid-insert leaves a usable map.
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }

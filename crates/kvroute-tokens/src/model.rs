@@ -36,7 +36,7 @@ pub enum TokensError {
     Batch,
 }
 
-/// Tokens the segment cache holds at most (16 MiB of ids); past it, it starts over.
+/// Tokens each generation of the segment cache holds (16 MiB of ids); the cache keeps two.
 const CACHE_TOKENS: usize = 4 << 20;
 
 /// A model's tokenizer and chat template.
@@ -52,11 +52,40 @@ pub struct ModelTokenizer {
     cache: Mutex<SegmentCache>,
 }
 
-/// Token ids of text segments seen, by a hash of the text.
+/// Token ids of text segments seen, by a hash of the text, in two generations: when the
+/// current one is full it becomes the previous one (the older previous is dropped), and a
+/// hit in the previous one moves back to the current. Segments in use survive; a burst of
+/// new text evicts only what was not used since the last turnover.
 #[derive(Default)]
 struct SegmentCache {
-    segments: HashMap<u64, Arc<[u32]>>,
+    current: HashMap<u64, Arc<[u32]>>,
+    previous: HashMap<u64, Arc<[u32]>>,
     tokens: usize,
+}
+
+impl SegmentCache {
+    fn get(&mut self, key: u64) -> Option<Arc<[u32]>> {
+        if let Some(hit) = self.current.get(&key) {
+            return Some(Arc::clone(hit));
+        }
+        let hit = self.previous.remove(&key)?;
+        self.insert(key, Arc::clone(&hit));
+        Some(hit)
+    }
+
+    fn insert(&mut self, key: u64, ids: Arc<[u32]>) {
+        if ids.len() > CACHE_TOKENS {
+            return;
+        }
+        if self.tokens + ids.len() > CACHE_TOKENS {
+            self.previous = std::mem::take(&mut self.current);
+            self.tokens = 0;
+        }
+        let len = ids.len();
+        if self.current.insert(key, ids).is_none() {
+            self.tokens += len;
+        }
+    }
 }
 
 impl std::fmt::Debug for ModelTokenizer {
@@ -240,17 +269,11 @@ impl ModelTokenizer {
 
     fn encode_cached(&self, segment: &str) -> Result<Arc<[u32]>, TokensError> {
         let key = xxh3_64(segment.as_bytes()) ^ (segment.len() as u64).rotate_left(32);
-        if let Some(hit) = self.lock().segments.get(&key) {
-            return Ok(Arc::clone(hit));
+        if let Some(hit) = self.lock().get(key) {
+            return Ok(hit);
         }
         let ids = self.encode_plain(segment)?;
-        let mut cache = self.lock();
-        if cache.tokens + ids.len() > CACHE_TOKENS {
-            *cache = SegmentCache::default();
-        }
-        if ids.len() <= CACHE_TOKENS && cache.segments.insert(key, Arc::clone(&ids)).is_none() {
-            cache.tokens += ids.len();
-        }
+        self.lock().insert(key, Arc::clone(&ids));
         Ok(ids)
     }
 
@@ -362,3 +385,29 @@ fn strftime(format: &str, unix_secs: u64) -> String {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    #[test]
+    fn segments_in_use_survive_a_turnover() {
+        let mut cache = SegmentCache::default();
+        let ids = |n: usize| -> Arc<[u32]> { Arc::from(vec![7u32; n]) };
+        let half = CACHE_TOKENS / 2;
+        cache.insert(1, ids(half));
+        cache.insert(2, ids(half));
+        // Full: the next insert turns over; 1 and 2 move to the previous generation.
+        cache.insert(3, ids(10));
+        assert!(cache.current.contains_key(&3) && cache.previous.len() == 2);
+        // 1 is used: back to the current generation. 2 is not.
+        assert!(cache.get(1).is_some());
+        cache.insert(4, ids(half));
+        assert!(cache.get(1).is_some(), "in use since the last turnover");
+        assert!(cache.get(2).is_none(), "unused since the last turnover");
+        assert!(cache.tokens <= CACHE_TOKENS);
+        // Too big to cache at all.
+        cache.insert(5, ids(CACHE_TOKENS + 1));
+        assert!(cache.get(5).is_none());
+    }
+}

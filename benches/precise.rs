@@ -8,7 +8,12 @@
 //!   and warm (all but the last message seen before); criterion's figures, then p50 / p99
 //!   over repeated decisions.
 
-#![allow(clippy::unwrap_used, clippy::print_stderr, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stderr,
+    missing_docs
+)]
 
 use std::path::PathBuf;
 use std::sync::Arc;

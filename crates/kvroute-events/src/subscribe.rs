@@ -71,6 +71,7 @@ pub struct EventMetrics {
     batches: Family<Label, Counter>,
     blocks: Family<Label, Counter>,
     resyncs: Family<Label, Counter>,
+    silences: Counter,
 }
 
 impl EventMetrics {
@@ -89,8 +90,13 @@ impl EventMetrics {
         );
         registry.register(
             "kv_event_resyncs",
-            "Times an endpoint's entries were dropped and rebuilt, by cause (gap, restart, silence)",
+            "Times an endpoint's entries were dropped and rebuilt, by cause (gap, restart)",
             m.resyncs.clone(),
+        );
+        registry.register(
+            "kv_event_silences",
+            "Times an endpoint's stream said nothing while it served requests: unconfirmed, reconnected and caught up",
+            m.silences.clone(),
         );
         m
     }
@@ -243,7 +249,7 @@ pub async fn follow(
                 _ = check.tick() => {
                     if last.elapsed() > config.silence && ep.in_flight() > 0 {
                         warn!(silent_for = ?last.elapsed(), "KV events silent while serving: unconfirmed, reconnecting");
-                        metrics.resync("silence");
+                        metrics.silences.inc();
                         continue 'connect;
                     }
                     continue;

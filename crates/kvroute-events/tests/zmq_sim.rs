@@ -77,6 +77,10 @@ struct Followed {
 }
 
 fn follow(bound: &Bound, replay: bool) -> Followed {
+    follow_with(bound, replay, Duration::from_secs(5))
+}
+
+fn follow_with(bound: &Bound, replay: bool, silence: Duration) -> Followed {
     let registry = Arc::new(Registry::new());
     let endpoint = Endpoint::from_address(bound.http);
     let id = endpoint.id.clone();
@@ -89,7 +93,7 @@ fn follow(bound: &Bound, replay: bool) -> Followed {
         replay_port: replay.then_some(bound.replay.port()),
         topic: "kv@".into(),
         block_size: BS,
-        silence: Duration::from_secs(5),
+        silence,
         replay_timeout: Duration::from_secs(1),
     };
     let stop = CancellationToken::new();
@@ -120,13 +124,20 @@ impl Followed {
         out
     }
 
-    /// The `kv_event_resyncs` counter for `cause`.
-    fn resyncs(&self, cause: &str) -> u64 {
-        let key = format!("kvroute_kv_event_resyncs_total{{cause=\"{cause}\"}} ");
+    /// A counter of kvroute's `/metrics` (`name{labels}`), 0 when absent.
+    fn counter(&self, key: &str) -> u64 {
+        let key = format!("{key} ");
         self.metrics()
             .lines()
             .find_map(|l| l.strip_prefix(key.as_str()))
             .map_or(0, |n| n.parse().unwrap())
+    }
+
+    /// The `kv_event_resyncs` counter for `cause`.
+    fn resyncs(&self, cause: &str) -> u64 {
+        self.counter(&format!(
+            "kvroute_kv_event_resyncs_total{{cause=\"{cause}\"}}"
+        ))
     }
 
     /// Blocks of `tokens` the index says the pod holds, as a prefix.
@@ -352,6 +363,35 @@ async fn a_pod_that_dies_and_comes_back_then_leaves() {
     // The pod leaves the pool: its entries go with it.
     f.registry.replace(Vec::new());
     assert!(eventually(SETTLE, async || f.index.read().entries() == 0).await);
+    f.stop.cancel();
+    sim.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_silent_while_serving_is_unconfirmed_and_caught_up() {
+    let (bound, sim) = start_sim(None, EventEncoding::Map).await;
+    let f = follow_with(&bound, true, Duration::from_millis(300));
+    let first = prompt(&[1, 2]);
+    complete(&bound, &first).await;
+    assert!(settles(&f, &bound, std::slice::from_ref(&first)).await);
+    // Requests are in flight on the pod but its events stop coming.
+    let endpoint = f.registry.snapshot()[0].clone();
+    let _serving = endpoint.acquire();
+    fault(&bound, "drop-events").await;
+    let second = prompt(&[3, 1]);
+    complete(&bound, &second).await;
+    let noticed = eventually(SETTLE, async || {
+        f.counter("kvroute_kv_event_silences_total") >= 1
+    })
+    .await;
+    assert!(noticed, "{}", f.metrics());
+    // Each reconnection catches up from the replay buffer, so the index is right even
+    // though no live message arrives.
+    assert!(
+        settles(&f, &bound, &[first, second]).await,
+        "{}",
+        f.metrics()
+    );
     f.stop.cancel();
     sim.cancel();
 }

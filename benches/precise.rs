@@ -22,7 +22,7 @@ use std::time::Instant;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
-use kvroute_core::Prompt;
+use kvroute_core::{ChatOptions, Prompt};
 use kvroute_extproc::{ExtProcConfig, Metrics, Router, StreamState};
 use kvroute_index::{PrefixIndex, Shared, Tier};
 use kvroute_scheduler::{PrecisePrefixConfig, Profile, Tokenizers};
@@ -95,7 +95,9 @@ fn tokenize(c: &mut Criterion) {
             b.iter(|| {
                 n += 1;
                 let text = format!("{n} {base}");
-                let ids = model.encode_prompt(&Prompt::Text(text)).unwrap();
+                let ids = model
+                    .encode_prompt(&Prompt::Text(text), &ChatOptions::default())
+                    .unwrap();
                 out.clear();
                 hasher.hash_tokens(&ids, &ExtraKeys::default(), &mut out);
                 out.len()
@@ -142,7 +144,9 @@ fn router(model: &Arc<ModelTokenizer>, warm: &[serde_json::Value]) -> Arc<Router
         .iter()
         .for_each(|e| e.set_events_confirmed(true));
     let parsed: Vec<kvroute_core::ChatMessage> = serde_json::from_value(warm.into()).unwrap();
-    let ids = model.encode_prompt(&Prompt::Chat(parsed)).unwrap();
+    let ids = model
+        .encode_prompt(&Prompt::Chat(parsed), &ChatOptions::default())
+        .unwrap();
     let mut hashes = Vec::new();
     BlockHasher::new(16).hash_tokens(&ids, &ExtraKeys::default(), &mut hashes);
     index

@@ -298,6 +298,7 @@ impl PolicyRouter {
             cache_salt: None,
             stream: true,
             max_tokens: Some(request.max_tokens as u64),
+            chat: Default::default(),
             hints: RequestHints::default(),
         };
         let hints = RequestHints::default();

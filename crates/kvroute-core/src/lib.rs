@@ -15,6 +15,6 @@ pub use endpoint::{Endpoint, EndpointId};
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
 pub struct BlockHash(pub u64);
 pub use request::{
-    ApiKind, ChatMessage, ContentPart, InferenceRequest, MessageContent, ParseError, Prompt,
-    RequestHints,
+    ApiKind, ChatMessage, ChatOptions, ContentPart, InferenceRequest, MessageContent, ParseError,
+    Prompt, RequestHints,
 };

@@ -55,8 +55,20 @@ pub struct InferenceRequest {
     pub stream: bool,
     /// `max_completion_tokens`, else `max_tokens`.
     pub max_tokens: Option<u64>,
+    /// What a chat template reads besides the messages.
+    pub chat: ChatOptions,
     /// Header-borne hints.
     pub hints: RequestHints,
+}
+
+/// The parts of a chat request its template reads besides the messages, kept as sent
+/// (absent in almost every request, so they cost nothing then).
+#[derive(Clone, Default, PartialEq, Debug)]
+pub struct ChatOptions {
+    /// `tools`: the function definitions offered.
+    pub tools: Option<serde_json::Value>,
+    /// `chat_template_kwargs`: extra template variables (`enable_thinking`, …).
+    pub template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// The prompt of a request in the shape the client sent it.
@@ -75,13 +87,25 @@ pub enum Prompt {
 }
 
 /// One chat message.
-#[derive(Clone, PartialEq, Debug, Deserialize)]
+#[derive(Clone, Default, PartialEq, Debug, Deserialize)]
 pub struct ChatMessage {
     /// `system`, `user`, `assistant`, `tool`, …
     pub role: String,
     /// Absent (or `null`) for assistant messages that only call tools.
     #[serde(default)]
     pub content: MessageContent,
+    /// An assistant's tool calls, as sent (templates render them).
+    #[serde(default)]
+    pub tool_calls: Option<serde_json::Value>,
+    /// The call a `tool` message answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// The participant's (or tool's) name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// An assistant's reasoning, when the client sends it back.
+    #[serde(default)]
+    pub reasoning_content: Option<String>,
 }
 
 /// A message's content: a plain string or an array of typed parts.
@@ -141,6 +165,8 @@ struct Body {
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
     cache_salt: Option<String>,
+    tools: Option<serde_json::Value>,
+    chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl InferenceRequest {
@@ -164,6 +190,10 @@ impl InferenceRequest {
             cache_salt: parsed.cache_salt,
             stream: parsed.stream.unwrap_or(false),
             max_tokens: parsed.max_completion_tokens.or(parsed.max_tokens),
+            chat: ChatOptions {
+                tools: parsed.tools.filter(|t| !t.is_null()),
+                template_kwargs: parsed.chat_template_kwargs,
+            },
             hints,
         })
     }

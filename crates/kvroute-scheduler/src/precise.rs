@@ -121,7 +121,7 @@ impl PrecisePrefixScorer {
                     owned = self
                         .tokenizers
                         .get(&req.model)?
-                        .encode_prompt(prompt)
+                        .encode_prompt(prompt, &req.chat)
                         .ok()?;
                     &owned
                 }
@@ -186,6 +186,7 @@ mod tests {
             cache_salt: salt.map(Into::into),
             stream: false,
             max_tokens: None,
+            chat: Default::default(),
             hints: RequestHints::default(),
         }
     }
@@ -232,7 +233,7 @@ mod tests {
         req.model = "qwen".into();
         req.prompt = Prompt::Text(text.into());
         // What the pod would report: the blocks of the tokens vLLM computes.
-        let tokens = qwen.encode_prompt(&req.prompt).unwrap();
+        let tokens = qwen.encode_prompt(&req.prompt, &req.chat).unwrap();
         assert!(tokens.len() >= 8);
         let mut held = Vec::new();
         BlockHasher::new(4).hash_tokens(&tokens, &ExtraKeys::default(), &mut held);

@@ -174,6 +174,7 @@ mod tests {
             cache_salt: None,
             stream: false,
             max_tokens: None,
+            chat: Default::default(),
             hints: RequestHints::default(),
         };
         let hints = RequestHints::default();

@@ -173,6 +173,7 @@ mod tests {
                 .map(|(r, c)| ChatMessage {
                     role: (*r).into(),
                     content: MessageContent::Text((*c).into()),
+                    ..ChatMessage::default()
                 })
                 .collect(),
         )

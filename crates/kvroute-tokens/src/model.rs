@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use aho_corasick::{AhoCorasick, MatchKind};
-use kvroute_core::{ChatMessage, ContentPart, MessageContent, Prompt};
+use kvroute_core::{ChatMessage, ChatOptions, ContentPart, MessageContent, Prompt};
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
 use serde_json::Value as Json;
 use xxhash_rust::xxh3::xxh3_64;
@@ -189,7 +189,11 @@ impl ModelTokenizer {
     /// tokenizer's special tokens added (`add_special_tokens=True`), token ids as given, a
     /// chat rendered by the model's template with the generation prompt and tokenized
     /// without adding any (the template writes them).
-    pub fn encode_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>, TokensError> {
+    pub fn encode_prompt(
+        &self,
+        prompt: &Prompt,
+        chat: &ChatOptions,
+    ) -> Result<Vec<u32>, TokensError> {
         match prompt {
             Prompt::Tokens(ids) => Ok(ids.clone()),
             Prompt::Text(text) => {
@@ -198,7 +202,7 @@ impl ModelTokenizer {
                 Ok(ids)
             }
             Prompt::Chat(messages) => {
-                let text = self.render_chat(messages, true)?;
+                let text = self.render_chat(messages, chat, true)?;
                 self.encode_segments(&text)
             }
             Prompt::Texts(_) | Prompt::TokenBatches(_) => Err(TokensError::Batch),
@@ -206,19 +210,23 @@ impl ModelTokenizer {
     }
 
     /// The chat template applied to `messages`, as transformers' `apply_chat_template`
-    /// renders it (messages with `role` and string `content`; text parts of array content
-    /// joined by newlines, as vLLM does for string-content templates).
+    /// renders it: messages with `role`, string `content` (text parts of array content
+    /// joined by newlines, as vLLM does for string-content templates) and, when sent,
+    /// `tool_calls`, `tool_call_id`, `name`, `reasoning_content`; `tools` and the request's
+    /// `chat_template_kwargs` as template variables.
     pub fn render_chat(
         &self,
         messages: &[ChatMessage],
+        chat: &ChatOptions,
         add_generation_prompt: bool,
     ) -> Result<String, TokensError> {
         let env = self.template.as_ref().ok_or(TokensError::NoTemplate)?;
         let messages: Vec<Json> = messages
             .iter()
             .map(|m| {
+                // vLLM turns a missing content into an empty string (no parts, joined).
                 let content = match &m.content {
-                    MessageContent::Empty => Json::Null,
+                    MessageContent::Empty => Json::String(String::new()),
                     MessageContent::Text(t) => Json::String(t.clone()),
                     MessageContent::Parts(parts) => Json::String(
                         parts
@@ -231,7 +239,20 @@ impl ModelTokenizer {
                             .join("\n"),
                     ),
                 };
-                serde_json::json!({"role": m.role, "content": content})
+                let mut value = serde_json::json!({"role": m.role, "content": content});
+                if let Some(calls) = &m.tool_calls {
+                    value["tool_calls"] = calls.clone();
+                }
+                for (key, field) in [
+                    ("tool_call_id", &m.tool_call_id),
+                    ("name", &m.name),
+                    ("reasoning_content", &m.reasoning_content),
+                ] {
+                    if let Some(v) = field {
+                        value[key] = Json::String(v.clone());
+                    }
+                }
+                value
             })
             .collect();
         let mut ctx: HashMap<&str, Value> = self
@@ -239,9 +260,19 @@ impl ModelTokenizer {
             .iter()
             .map(|(k, v)| (k.as_str(), Value::from_serialize(v)))
             .collect();
+        if let Some(kwargs) = &chat.template_kwargs {
+            for (k, v) in kwargs {
+                ctx.insert(k.as_str(), Value::from_serialize(v));
+            }
+        }
         ctx.insert("messages", Value::from_serialize(&messages));
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
-        ctx.insert("tools", Value::from(()));
+        ctx.insert(
+            "tools",
+            chat.tools
+                .as_ref()
+                .map_or(Value::from(()), Value::from_serialize),
+        );
         env.get_template("chat")
             .and_then(|t| t.render(ctx))
             .map_err(|e| TokensError::Template(format!("{e:#}")))
@@ -314,9 +345,85 @@ fn environment(source: String) -> Result<Environment<'static>, TokensError> {
         },
     );
     env.add_function("strftime_now", |format: String| strftime_now(&format));
+    env.add_filter("tojson", tojson);
     env.add_template_owned("chat", source)
         .map_err(|e| TokensError::Template(format!("{e:#}")))?;
     Ok(env)
+}
+
+/// transformers' `tojson`: Python's `json.dumps(x, ensure_ascii=False, indent=indent)`, so
+/// `", "` and `": "` between items (`","` and newlines with an indent), keys in their order,
+/// non-ASCII as is. (minijinja's own writes compact, HTML-escaped JSON: other tokens.)
+fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> Result<Value, JinjaError> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut out = String::new();
+    write_json(&mut out, &json, indent, 0);
+    Ok(Value::from_safe_string(out))
+}
+
+fn write_json(out: &mut String, v: &Json, indent: Option<usize>, depth: usize) {
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    };
+    let item_sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        Json::Null => out.push_str("null"),
+        Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Json::Number(n) => out.push_str(&n.to_string()),
+        Json::String(s) => write_json_str(out, s),
+        Json::Array(items) if items.is_empty() => out.push_str("[]"),
+        Json::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, depth + 1);
+                write_json(out, item, indent, depth + 1);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        Json::Object(map) if map.is_empty() => out.push_str("{}"),
+        Json::Object(map) => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, depth + 1);
+                write_json_str(out, k);
+                out.push_str(": ");
+                write_json(out, item, indent, depth + 1);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+    }
+}
+
+fn write_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 /// Today's date (UTC) in `format` (`%d %b %B %m %Y %y %H %M %S %%`), as templates ask

@@ -196,3 +196,43 @@ proptest! {
         prop_assert_eq!(r.prompt, Prompt::Tokens(ids));
     }
 }
+
+#[test]
+fn what_chat_templates_read_is_kept() {
+    let body = serde_json::json!({
+        "model": "m",
+        "messages": [
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "function": {"name": "f"}}]},
+            {"role": "tool", "content": "42", "tool_call_id": "c1", "name": "f"},
+            {"role": "assistant", "content": "ok", "reasoning_content": "thought"}
+        ],
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "chat_template_kwargs": {"enable_thinking": false}
+    });
+    let r = InferenceRequest::parse(
+        ApiKind::ChatCompletions,
+        body.to_string().as_bytes(),
+        RequestHints::default(),
+    )
+    .unwrap();
+    let Prompt::Chat(messages) = &r.prompt else {
+        panic!("{r:?}")
+    };
+    assert_eq!(messages[0].tool_calls.as_ref().unwrap()[0]["id"], "c1");
+    assert_eq!(messages[1].tool_call_id.as_deref(), Some("c1"));
+    assert_eq!(messages[1].name.as_deref(), Some("f"));
+    assert_eq!(messages[2].reasoning_content.as_deref(), Some("thought"));
+    assert_eq!(r.chat.tools.as_ref().unwrap()[0]["type"], "function");
+    assert_eq!(
+        r.chat.template_kwargs.as_ref().unwrap()["enable_thinking"],
+        serde_json::Value::Bool(false)
+    );
+    // Absent, and `null` tools, are nothing.
+    let plain = InferenceRequest::parse(
+        ApiKind::ChatCompletions,
+        br#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":null}"#,
+        RequestHints::default(),
+    )
+    .unwrap();
+    assert_eq!(plain.chat, ChatOptions::default());
+}

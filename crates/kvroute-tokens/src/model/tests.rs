@@ -23,6 +23,7 @@ fn msg(role: &str, text: &str) -> ChatMessage {
     ChatMessage {
         role: role.into(),
         content: MessageContent::Text(text.into()),
+        ..ChatMessage::default()
     }
 }
 
@@ -30,7 +31,11 @@ fn msg(role: &str, text: &str) -> ChatMessage {
 fn qwen3s_template_renders_as_transformers_does() {
     let m = qwen3();
     let text = m
-        .render_chat(&[msg("system", "You are terse."), msg("user", "Hi!")], true)
+        .render_chat(
+            &[msg("system", "You are terse."), msg("user", "Hi!")],
+            &ChatOptions::default(),
+            true,
+        )
         .unwrap();
     assert_eq!(
         text,
@@ -46,9 +51,14 @@ fn qwen3s_template_renders_as_transformers_does() {
             },
             ContentPart::Text("b".into()),
         ]),
+        ..ChatMessage::default()
     };
     let text = m
-        .render_chat(&[parts, msg("assistant", "ok")], false)
+        .render_chat(
+            &[parts, msg("assistant", "ok")],
+            &ChatOptions::default(),
+            false,
+        )
         .unwrap();
     assert_eq!(
         text,
@@ -67,21 +77,25 @@ fn prompts_tokenize_as_the_tokenizer_alone_does() {
         msg("system", "Be brief."),
         msg("user", "Count to three, please."),
     ];
-    let rendered = m.render_chat(&chat, true).unwrap();
-    let ids = m.encode_prompt(&Prompt::Chat(chat.to_vec())).unwrap();
+    let rendered = m.render_chat(&chat, &ChatOptions::default(), true).unwrap();
+    let ids = m
+        .encode_prompt(&Prompt::Chat(chat.to_vec()), &ChatOptions::default())
+        .unwrap();
     assert_eq!(ids, m.encode_uncached(&rendered, false).unwrap());
     assert_eq!(ids[0], 151_644, "<|im_start|>");
     let text = "The quick brown fox jumps over the lazy dog.";
     assert_eq!(
-        m.encode_prompt(&Prompt::Text(text.into())).unwrap(),
+        m.encode_prompt(&Prompt::Text(text.into()), &ChatOptions::default())
+            .unwrap(),
         m.encode_uncached(text, true).unwrap()
     );
     assert_eq!(
-        m.encode_prompt(&Prompt::Tokens(vec![1, 2])).unwrap(),
+        m.encode_prompt(&Prompt::Tokens(vec![1, 2]), &ChatOptions::default())
+            .unwrap(),
         [1, 2]
     );
     assert!(matches!(
-        m.encode_prompt(&Prompt::Texts(vec![])),
+        m.encode_prompt(&Prompt::Texts(vec![]), &ChatOptions::default()),
         Err(TokensError::Batch)
     ));
 }
@@ -95,15 +109,21 @@ fn templates_can_refuse_and_models_may_have_none() {
     })
     .to_string();
     let m = ModelTokenizer::new(&tokenizer, Some(config.as_bytes())).unwrap();
-    let err = m.render_chat(&[msg("system", "x")], true).unwrap_err();
+    let err = m
+        .render_chat(&[msg("system", "x")], &ChatOptions::default(), true)
+        .unwrap_err();
     assert!(err.to_string().contains("first must be user"), "{err}");
     assert_eq!(
-        m.render_chat(&[msg("user", "a\"b")], true).unwrap(),
+        m.render_chat(&[msg("user", "a\"b")], &ChatOptions::default(), true)
+            .unwrap(),
         "<s>\"a\\\"b\"4"
     );
     let bare = ModelTokenizer::new(&tokenizer, None).unwrap();
     assert!(matches!(
-        bare.encode_prompt(&Prompt::Chat(vec![msg("user", "x")])),
+        bare.encode_prompt(
+            &Prompt::Chat(vec![msg("user", "x")]),
+            &ChatOptions::default()
+        ),
         Err(TokensError::NoTemplate)
     ));
     assert!(ModelTokenizer::new(b"{", None).is_err());
@@ -158,4 +178,70 @@ proptest! {
         m.encode_segments(&full[..at]).unwrap();
         prop_assert_eq!(m.encode_segments(&full).unwrap(), m.encode_uncached(&full, false).unwrap());
     }
+}
+
+#[test]
+fn tools_tool_calls_and_template_kwargs_reach_the_template() {
+    let m = qwen3();
+    let chat = ChatOptions {
+        tools: Some(serde_json::json!([{
+            "type": "function",
+            "function": {"name": "get_weather", "parameters": {"type": "object"}}
+        }])),
+        template_kwargs: serde_json::json!({"enable_thinking": false})
+            .as_object()
+            .cloned(),
+    };
+    let call = ChatMessage {
+        role: "assistant".into(),
+        tool_calls: Some(serde_json::json!([{
+            "id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris"}}
+        }])),
+        ..ChatMessage::default()
+    };
+    let answer = ChatMessage {
+        role: "tool".into(),
+        content: MessageContent::Text("sunny".into()),
+        tool_call_id: Some("c1".into()),
+        ..ChatMessage::default()
+    };
+    let text = m
+        .render_chat(&[msg("user", "Weather?"), call, answer], &chat, true)
+        .unwrap();
+    // Python's json.dumps spacing, keys in the order sent (sorted would put "function"
+    // first).
+    assert!(
+        text.contains("<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"parameters\": {\"type\": \"object\"}}}\n</tools>"),
+        "{text}"
+    );
+    assert!(
+        text.contains("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"),
+        "{text}"
+    );
+    assert!(
+        text.contains("<tool_response>\nsunny\n</tool_response>"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+        "enable_thinking=false: {text}"
+    );
+}
+
+#[test]
+fn tojson_writes_what_pythons_json_dumps_writes() {
+    let tokenizer = std::fs::read(std::env::var("KVROUTE_TEST_TOKENIZER").unwrap()).unwrap();
+    let config = serde_json::json!({
+        "chat_template": "{{ messages[0].content | tojson }}|{{ {'b': 1, 'a': [1, 2.5, none, true], 'é': 'x\"\\n'} | tojson }}|{{ {'b': {'c': []}, 'a': {}} | tojson(indent=2) }}",
+    })
+    .to_string();
+    let m = ModelTokenizer::new(&tokenizer, Some(config.as_bytes())).unwrap();
+    let text = m
+        .render_chat(&[msg("user", "<a & 'b'>")], &ChatOptions::default(), false)
+        .unwrap();
+    assert_eq!(
+        text,
+        "\"<a & 'b'>\"|{\"b\": 1, \"a\": [1, 2.5, null, true], \"é\": \"x\\\"\\n\"}|{\n  \"b\": {\n    \"c\": []\n  },\n  \"a\": {}\n}"
+    );
 }

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use kvroute_core::{ApiKind, Endpoint, EndpointId, InferenceRequest, Prompt, RequestHints};
 use kvroute_endpoints::{EndpointState, InFlightGuard, Registry};
-use kvroute_events::{Applier, BlockStored, KvEvent, Medium};
+use kvroute_events::{Applier, BlockStored, FirstExtra, KvEvent, Medium};
 use kvroute_index::{PrefixIndex, Shared};
 use kvroute_scheduler::{
     LoadScorer, PrecisePrefixConfig, PrecisePrefixScorer, PrefixCacheConfig, PrefixCacheScorer,
@@ -131,6 +131,7 @@ fn convert(e: &SimEvent) -> KvEvent {
             token_ids: token_ids.clone(),
             block_size: *block_size,
             lora_name: None,
+            first_extra: FirstExtra::None,
             medium: Medium::Named("GPU".into()),
         }),
         SimEvent::BlockRemoved { block_hashes } => KvEvent::BlockRemoved {

@@ -4,7 +4,7 @@ use kvroute_core::{BlockHash, EndpointId};
 use kvroute_index::{HashMap64, PrefixIndex, Shared, Tier, WRITE_BATCH_BLOCKS};
 use kvroute_tokens::{BlockHasher, ExtraKeys};
 
-use crate::event::{BlockStored, KvEvent};
+use crate::event::{BlockStored, FirstExtra, KvEvent};
 
 /// What applying some events did, for metrics and logs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -143,10 +143,22 @@ impl Applier {
         }
         let known = self.endpoints.entry(endpoint.clone()).or_default();
         let mut parent = match event.parent_block_hash {
-            None => BlockHasher::root(&ExtraKeys {
-                lora: event.lora_name.as_deref(),
-                cache_salt: None,
-            }),
+            None => match &event.first_extra {
+                FirstExtra::None => BlockHasher::root(&ExtraKeys {
+                    lora: event.lora_name.as_deref(),
+                    cache_salt: None,
+                }),
+                FirstExtra::Salt(salt) => BlockHasher::root(&ExtraKeys {
+                    lora: event.lora_name.as_deref(),
+                    cache_salt: Some(salt),
+                }),
+                // Keys no request hash reproduces: a root no request reaches, so the blocks
+                // are known (for their removal) but never matched.
+                FirstExtra::Unknown => BlockHasher::root(&ExtraKeys {
+                    lora: Some("\u{0}kvroute/unmatchable"),
+                    cache_salt: event.lora_name.as_deref(),
+                }),
+            },
             Some(engine) => match known.get(&engine) {
                 Some(k) => k.hash,
                 None => {

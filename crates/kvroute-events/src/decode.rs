@@ -5,7 +5,7 @@
 //! a tagged map `{"type": "BlockStored", name: value, …}` (unknown keys ignored); block
 //! hashes as integers (any width or sign: their bits are the hash) or byte strings.
 
-use crate::event::{BlockStored, KvEvent, Medium};
+use crate::event::{BlockStored, FirstExtra, KvEvent, Medium};
 use crate::msgpack::{Kind, MsgpackError, Reader};
 
 /// One decoded batch.
@@ -146,6 +146,8 @@ struct Fields {
     medium: Option<String>,
     lora_name: Option<String>,
     group_idx: Option<u64>,
+    /// The strings of `extra_keys[0]`, or `None` if it held anything else.
+    first_extra: Option<Option<Vec<String>>>,
 }
 
 impl Fields {
@@ -169,6 +171,7 @@ impl Fields {
             "medium" => self.medium = opt_str(r)?,
             "lora_name" => self.lora_name = opt_str(r)?,
             "group_idx" => self.group_idx = if r.nil()? { None } else { Some(r.uint()?) },
+            "extra_keys" => self.first_extra = first_extra_keys(r)?,
             _ => r.skip()?,
         }
         Ok(())
@@ -205,6 +208,24 @@ impl Fields {
                         .ok_or(DecodeError::Shape("BlockStored without token_ids"))?,
                     block_size: usize::try_from(block_size)
                         .map_err(|_| DecodeError::Shape("block_size too large"))?,
+                    first_extra: match (self.first_extra.take(), &self.lora_name) {
+                        (None, _) => FirstExtra::None,
+                        (Some(None), _) => FirstExtra::Unknown,
+                        (Some(Some(keys)), lora) => {
+                            // vLLM's order: the LoRA name, multimodal keys, then the salt.
+                            let mut rest = keys.as_slice();
+                            if let (Some(first), Some(lora)) = (rest.first(), lora)
+                                && first == lora
+                            {
+                                rest = &rest[1..];
+                            }
+                            match rest {
+                                [] => FirstExtra::None,
+                                [salt] => FirstExtra::Salt(salt.clone()),
+                                _ => FirstExtra::Unknown,
+                            }
+                        }
+                    },
                     lora_name: self.lora_name.take(),
                     medium: self.medium(),
                 })
@@ -257,6 +278,43 @@ fn event(r: &mut Reader<'_>) -> Result<Option<KvEvent>, DecodeError> {
         }
         _ => Err(DecodeError::Shape("event is neither an array nor a map")),
     }
+}
+
+/// `extra_keys`: one entry per block, each nil or an array of keys. Only the first block's
+/// matter (`Some(Some(strings))`, or `Some(None)` when it holds anything but strings: keys
+/// kvroute cannot reproduce); nil or an empty list is `None`.
+fn first_extra_keys(r: &mut Reader<'_>) -> Result<Option<Option<Vec<String>>>, DecodeError> {
+    if r.nil()? {
+        return Ok(None);
+    }
+    let n = r.array()?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let first = if r.nil()? {
+        None
+    } else if r.peek()? == Kind::Array {
+        let mut strings = Some(Vec::new());
+        for _ in 0..r.array()? {
+            if r.peek()? == Kind::Str {
+                let key = r.str()?.to_owned();
+                if let Some(v) = strings.as_mut() {
+                    v.push(key);
+                }
+            } else {
+                r.skip()?;
+                strings = None;
+            }
+        }
+        Some(strings)
+    } else {
+        r.skip()?;
+        Some(None)
+    };
+    for _ in 1..n {
+        r.skip()?;
+    }
+    Ok(first)
 }
 
 fn opt_str(r: &mut Reader<'_>) -> Result<Option<String>, DecodeError> {

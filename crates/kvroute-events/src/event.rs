@@ -38,6 +38,22 @@ pub struct BlockStored {
     pub lora_name: Option<String>,
     /// Where the blocks are kept.
     pub medium: Medium,
+    /// What the first block's extra hash keys (vLLM's `extra_keys[0]`) add besides the LoRA
+    /// name; it matters only at a chain's root, where vLLM puts the `cache_salt`.
+    pub first_extra: FirstExtra,
+}
+
+/// The first block's extra hash keys, as far as kvroute can name them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum FirstExtra {
+    /// None (or not sent: older vLLM releases).
+    #[default]
+    None,
+    /// The request's `cache_salt`.
+    Salt(String),
+    /// Keys kvroute does not reproduce (multimodal inputs, prompt embeddings): no request
+    /// kvroute hashes can match these blocks.
+    Unknown,
 }
 
 /// One KV-cache event.

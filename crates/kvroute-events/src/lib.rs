@@ -15,7 +15,7 @@ mod subscribe;
 
 pub use apply::{Applied, Applier};
 pub use decode::{DecodeError, EventBatch, decode_batch, sequence};
-pub use event::{BlockStored, KvEvent, Medium};
+pub use event::{BlockStored, FirstExtra, KvEvent, Medium};
 pub use follow::{CatchUp, Follower, Order};
 pub use msgpack::MsgpackError;
 pub use subscribe::{EventMetrics, SubscriberConfig, Subscriptions, follow};

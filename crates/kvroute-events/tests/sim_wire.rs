@@ -2,7 +2,7 @@
 //! decoder: whatever the simulator sends, in either event encoding, decodes to the same
 //! events.
 
-use kvroute_events::{BlockStored, KvEvent, Medium, decode_batch};
+use kvroute_events::{BlockStored, FirstExtra, KvEvent, Medium, decode_batch};
 use kvroute_sim::KvEvent as SimEvent;
 use kvroute_sim::wire::{EventEncoding, encode_batch};
 use proptest::prelude::*;
@@ -44,6 +44,7 @@ fn expected(e: &SimEvent) -> KvEvent {
             token_ids: token_ids.clone(),
             block_size: *block_size,
             lora_name: None,
+            first_extra: FirstExtra::None,
             medium: Medium::Named("GPU".into()),
         }),
         SimEvent::BlockRemoved { block_hashes } => KvEvent::BlockRemoved {

@@ -1,7 +1,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::event::Medium;
+use crate::event::{FirstExtra, Medium};
 
 const BS: usize = 4;
 
@@ -17,6 +17,7 @@ fn stored(engine: &[u64], parent: Option<u64>, tokens: &[u32], medium: &str) -> 
         token_ids: tokens.to_vec(),
         block_size: BS,
         lora_name: None,
+        first_extra: FirstExtra::None,
         medium: Medium::Named(medium.into()),
     })
 }
@@ -256,4 +257,48 @@ proptest! {
             prop_assert_eq!(held(&index, "pod", key), [blocks as u32, 0, 0]);
         }
     }
+}
+
+#[test]
+fn salted_chains_match_salted_requests_and_unknown_keys_match_nothing() {
+    let index = Shared::new(PrefixIndex::new());
+    let mut a = Applier::new(BS);
+    let tokens: Vec<u32> = (0..4).collect();
+    let with = |first_extra: FirstExtra, h: u64| {
+        KvEvent::BlockStored(BlockStored {
+            block_hashes: vec![h],
+            parent_block_hash: None,
+            token_ids: tokens.clone(),
+            block_size: BS,
+            lora_name: None,
+            medium: Medium::Named("GPU".into()),
+            first_extra,
+        })
+    };
+    a.apply(
+        &index,
+        &ep("salted"),
+        &[with(FirstExtra::Salt("t1".into()), 1)],
+    );
+    a.apply(&index, &ep("odd"), &[with(FirstExtra::Unknown, 2)]);
+    let salted = |salt: Option<&str>| {
+        let mut out = Vec::new();
+        let extra = ExtraKeys {
+            lora: None,
+            cache_salt: salt,
+        };
+        BlockHasher::new(BS).hash_tokens(&tokens, &extra, &mut out);
+        index.read().match_prefix(&out)
+    };
+    let m = salted(Some("t1"));
+    assert_eq!((m.len(), &m[0].endpoint), (1, &ep("salted")));
+    assert!(salted(Some("t2")).is_empty());
+    assert!(
+        salted(None).is_empty(),
+        "the unknown keys' blocks match nothing"
+    );
+    // They are still known, so their removal is applied.
+    let done = a.apply(&index, &ep("odd"), &[removed(&[2], "GPU")]);
+    assert_eq!(done.removed, 1);
+    assert_eq!(index.read().entries(), 1);
 }

@@ -34,6 +34,7 @@ fn an_array_batch_written_by_hand_decodes() {
             token_ids: (0..8).collect(),
             block_size: 4,
             lora_name: None,
+            first_extra: FirstExtra::None,
             medium: Medium::Named("GPU".into()),
         })]
     );
@@ -186,4 +187,72 @@ proptest! {
         b[i] = value;
         let _ = decode_batch(&b);
     }
+}
+
+/// `{"type": "BlockStored", …, "lora_name": lora, "extra_keys": extra}` with one block.
+fn stored_with_extra(lora: Option<&str>, extra: &[u8]) -> Vec<u8> {
+    let mut b = vec![0x92, 0x00, 0x91, 0x88];
+    s(&mut b, "type");
+    s(&mut b, "BlockStored");
+    s(&mut b, "block_hashes");
+    b.extend([0x91, 0x01]);
+    s(&mut b, "parent_block_hash");
+    b.push(0xc0);
+    s(&mut b, "token_ids");
+    b.extend([0x92, 0x01, 0x02]);
+    s(&mut b, "block_size");
+    b.push(0x02);
+    s(&mut b, "medium");
+    s(&mut b, "GPU");
+    s(&mut b, "lora_name");
+    match lora {
+        Some(l) => s(&mut b, l),
+        None => b.push(0xc0),
+    }
+    s(&mut b, "extra_keys");
+    b.extend_from_slice(extra);
+    b
+}
+
+fn first_extra(lora: Option<&str>, extra: &[u8]) -> FirstExtra {
+    let batch = decode_batch(&stored_with_extra(lora, extra)).unwrap();
+    let [KvEvent::BlockStored(e)] = batch.events.as_slice() else {
+        panic!("{batch:?}")
+    };
+    e.first_extra.clone()
+}
+
+#[test]
+fn the_first_blocks_extra_keys_give_the_cache_salt() {
+    // [["tenant-a"]]: a salt.
+    let mut salt = vec![0x91, 0x91];
+    s(&mut salt, "tenant-a");
+    assert_eq!(
+        first_extra(None, &salt),
+        FirstExtra::Salt("tenant-a".into())
+    );
+    // [["sql", "tenant-a"]] under LoRA "sql": the salt after the adapter's name.
+    let mut both = vec![0x91, 0x92];
+    s(&mut both, "sql");
+    s(&mut both, "tenant-a");
+    assert_eq!(
+        first_extra(Some("sql"), &both),
+        FirstExtra::Salt("tenant-a".into())
+    );
+    // [["sql"]] under LoRA "sql", [nil], nil, []: nothing beyond the adapter.
+    let mut lora_only = vec![0x91, 0x91];
+    s(&mut lora_only, "sql");
+    assert_eq!(first_extra(Some("sql"), &lora_only), FirstExtra::None);
+    assert_eq!(first_extra(None, &[0x91, 0xc0]), FirstExtra::None);
+    assert_eq!(first_extra(None, &[0xc0]), FirstExtra::None);
+    assert_eq!(first_extra(None, &[0x90]), FirstExtra::None);
+    // [[["mm-hash", 0]]] (a multimodal key), or two strings: keys kvroute cannot name.
+    let mut mm = vec![0x91, 0x91, 0x92];
+    s(&mut mm, "mm-hash");
+    mm.push(0x00);
+    assert_eq!(first_extra(None, &mm), FirstExtra::Unknown);
+    let mut two = vec![0x91, 0x92];
+    s(&mut two, "a");
+    s(&mut two, "b");
+    assert_eq!(first_extra(None, &two), FirstExtra::Unknown);
 }

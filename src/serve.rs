@@ -85,6 +85,23 @@ struct EventArgs {
     /// name. Local files only (a mounted volume in a cluster); nothing is downloaded.
     #[arg(long, env = "KVROUTE_TOKENIZERS_DIR")]
     tokenizers_dir: Option<PathBuf>,
+    /// LoRA adapters the pods serve, `adapter=base-model` comma-separated: requests naming
+    /// an adapter are tokenized as its base model and matched against blocks vLLM computed
+    /// under that adapter.
+    #[arg(long, value_delimiter = ',', env = "KVROUTE_LORA_ADAPTERS")]
+    lora_adapters: Vec<String>,
+}
+
+/// `adapter=base` pairs.
+fn parse_adapters(pairs: &[String]) -> anyhow::Result<Vec<(&str, &str)>> {
+    pairs
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .filter(|(a, b)| !a.is_empty() && !b.is_empty())
+                .with_context(|| format!("--lora-adapters: {pair:?} is not adapter=base-model"))
+        })
+        .collect()
 }
 
 /// Every tokenizer under `dir`, named by its directory's path relative to `dir`.
@@ -206,10 +223,13 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "--block-size must be at least 1"
     );
     let index = Arc::new(Shared::new(PrefixIndex::new()));
-    let tokenizers = match &args.events.tokenizers_dir {
+    let mut tokenizers = match &args.events.tokenizers_dir {
         Some(dir) => load_tokenizers(dir)?,
         None => Tokenizers::new(),
     };
+    for (adapter, base) in parse_adapters(&args.events.lora_adapters)? {
+        tokenizers.insert_adapter(adapter, base);
+    }
     let precise_config = PrecisePrefixConfig {
         block_size: args.events.block_size,
         tokenizers,
@@ -323,4 +343,43 @@ fn readiness(registry: &Registry) -> ServingStatus {
 async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
     reporter.set_service_status("", status).await;
     reporter.set_service_status(EXT_PROC_SERVICE, status).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapters_are_name_equals_base() {
+        let pairs = ["sql=Qwen/Qwen3-8B".to_owned(), "chat=base".to_owned()];
+        let ok = parse_adapters(&pairs).unwrap();
+        assert_eq!(ok, [("sql", "Qwen/Qwen3-8B"), ("chat", "base")]);
+        for bad in ["sql", "=base", "sql="] {
+            let err = parse_adapters(&[bad.into()]).unwrap_err().to_string();
+            assert!(err.contains("adapter=base-model"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn tokenizers_are_named_by_their_directory() {
+        let dir = std::env::temp_dir().join(format!("kvroute-tok-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("empty")).unwrap();
+        let err = load_tokenizers(&dir).unwrap_err().to_string();
+        assert!(err.contains("no tokenizer.json"), "{err}");
+        std::fs::create_dir_all(dir.join("Org/Broken")).unwrap();
+        std::fs::write(dir.join("Org/Broken/tokenizer.json"), b"{").unwrap();
+        let err = format!("{:#}", load_tokenizers(&dir).unwrap_err());
+        assert!(err.contains("Org/Broken/tokenizer.json"), "{err}");
+        let real = std::env::var("KVROUTE_TEST_TOKENIZER")
+            .expect("KVROUTE_TEST_TOKENIZER: run tests/run, which fetches Qwen3's tokenizer.json");
+        std::fs::copy(&real, dir.join("Org/Broken/tokenizer.json")).unwrap();
+        let tokenizers = load_tokenizers(&dir).unwrap();
+        assert!(tokenizers.get("Org/Broken").is_some());
+        assert!(
+            tokenizers.get("other").is_none(),
+            "no default without DIR/tokenizer.json"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

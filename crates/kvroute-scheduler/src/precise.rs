@@ -32,11 +32,12 @@ impl Default for PrecisePrefixConfig {
 }
 
 /// The tokenizers of the models served, by model name (as requests name them), and one for
-/// any other name.
+/// any other name; and the LoRA adapters served, by name, with their base model.
 #[derive(Debug, Default, Clone)]
 pub struct Tokenizers {
     by_model: HashMap<String, Arc<ModelTokenizer>>,
     default: Option<Arc<ModelTokenizer>>,
+    adapters: HashMap<String, String>,
 }
 
 impl Tokenizers {
@@ -55,9 +56,21 @@ impl Tokenizers {
         self.default = Some(tokenizer);
     }
 
+    /// Declares `adapter` a LoRA adapter of `base`: requests naming it are tokenized as
+    /// `base` and their blocks rooted at the adapter's name, as vLLM hashes them.
+    pub fn insert_adapter(&mut self, adapter: impl Into<String>, base: impl Into<String>) {
+        self.adapters.insert(adapter.into(), base.into());
+    }
+
     /// `model`'s tokenizer.
     pub fn get(&self, model: &str) -> Option<&Arc<ModelTokenizer>> {
-        self.by_model.get(model).or(self.default.as_ref())
+        let base = self.adapters.get(model).map_or(model, String::as_str);
+        self.by_model.get(base).or(self.default.as_ref())
+    }
+
+    /// The LoRA adapter a request for `model` runs under, if `model` names one.
+    pub fn lora<'m>(&self, model: &'m str) -> Option<&'m str> {
+        self.adapters.contains_key(model).then_some(model)
     }
 
     /// Models with their own tokenizer.
@@ -128,7 +141,7 @@ impl PrecisePrefixScorer {
             };
             let mut out = Vec::new();
             let extra = ExtraKeys {
-                lora: None,
+                lora: self.tokenizers.lora(&req.model),
                 cache_salt: req.cache_salt.as_deref(),
             };
             self.hasher.hash_tokens(tokens, &extra, &mut out);
@@ -242,6 +255,25 @@ mod tests {
         // A model without a tokenizer: no opinion.
         req.model = "other".into();
         assert_eq!(scores(&scorer, &req, &eps), [0.0, 0.0]);
+        // A LoRA adapter of the model: tokenized as the base, its blocks rooted at the
+        // adapter's name, as vLLM reports them (`lora_name`).
+        let mut with_adapter = config.clone();
+        with_adapter.tokenizers.insert_adapter("qwen-sql", "qwen");
+        let scorer = PrecisePrefixScorer::new(Arc::clone(&index), &with_adapter);
+        req.model = "qwen-sql".into();
+        assert_eq!(
+            scores(&scorer, &req, &eps),
+            [0.0, 0.0],
+            "base blocks do not serve it"
+        );
+        let mut lora_blocks = Vec::new();
+        let lora = ExtraKeys {
+            lora: Some("qwen-sql"),
+            cache_salt: None,
+        };
+        BlockHasher::new(4).hash_tokens(&tokens, &lora, &mut lora_blocks);
+        index.write().store(eps[0].id(), &lora_blocks, Tier::Gpu);
+        assert_eq!(scores(&scorer, &req, &eps), [1.0, 0.0]);
     }
 
     #[test]

@@ -216,3 +216,50 @@ async fn text_prompts_route_precisely_with_the_models_tokenizer() {
     }
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_without_an_event_stream_are_routed_approximately() {
+    let dir = scratch("precise-none");
+    // Model servers that publish no events: nothing listens on the event port.
+    let backends = Backends::start(2, Duration::ZERO).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let kvroute = Kvroute::start(&dir, &backends.list(), &["--kv-events-port", &closed]).await;
+    let envoy = Envoy::start(
+        &dir,
+        &EnvoyOptions::full_duplex(kvroute.grpc_port, &backends.addrs),
+    )
+    .await;
+    let system = "You are the assistant of one tenant. Policies follow. ".repeat(30);
+    let mut served = std::collections::HashSet::new();
+    for round in 0..4 {
+        let body = serde_json::json!({
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": format!("question {round}")}
+            ]
+        });
+        let reply = http(
+            envoy.port,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            body.to_string().into_bytes(),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        served.insert(reply.header("x-served-by").to_owned());
+    }
+    assert_eq!(
+        served.len(),
+        1,
+        "the approximate index keeps the prompt home: {served:?}"
+    );
+    let metrics = kvroute.metrics().await;
+    assert!(!metrics.contains("kv_event_batches_total{"), "{metrics}");
+}

@@ -46,14 +46,25 @@ fn engine_hashes(tokens: &[u32]) -> Vec<u64> {
 }
 
 async fn start_sim(at: Option<Bound>, encoding: EventEncoding) -> (Bound, CancellationToken) {
+    let (bound, stop) = start_sim_on([127, 0, 0, 1], at, encoding).await.unwrap();
+    (bound, stop)
+}
+
+/// A pod on loopback address `ip`, on `at`'s ports (a pool's pods share their event ports)
+/// or on free ones.
+async fn start_sim_on(
+    ip: [u8; 4],
+    at: Option<Bound>,
+    encoding: EventEncoding,
+) -> Result<(Bound, CancellationToken), server::StartError> {
     let stop = CancellationToken::new();
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let port = |p: fn(&Bound) -> SocketAddr| SocketAddr::from((ip, at.map_or(0, |b| p(&b).port())));
     let bound = server::start(
         ServerConfig {
-            http: at.map_or(any, |b| b.http),
-            events: at.map_or(any, |b| b.events),
-            replay: at.map_or(any, |b| b.replay),
-            topic: "kv@127.0.0.1@m".into(),
+            http: port(|b| b.http),
+            events: port(|b| b.events),
+            replay: port(|b| b.replay),
+            topic: "kv@pod@m".into(),
             model: "m".into(),
             profile: profile(),
             speed: 1000.0,
@@ -62,15 +73,16 @@ async fn start_sim(at: Option<Bound>, encoding: EventEncoding) -> (Bound, Cancel
         },
         stop.clone(),
     )
-    .await
-    .unwrap();
-    (bound, stop)
+    .await?;
+    Ok((bound, stop))
 }
 
-/// One pod, followed by kvroute: its registry, the index, and the subscriptions' stop.
+/// Pods followed by kvroute: the registry, the index, and the subscriptions' stop.
 struct Followed {
     registry: Arc<Registry>,
     index: Arc<Shared<PrefixIndex>>,
+    /// The endpoints, in the order their pods were given; the first is `id`.
+    ids: Vec<EndpointId>,
     id: EndpointId,
     stop: CancellationToken,
     prom: prometheus_client::registry::Registry,
@@ -81,10 +93,19 @@ fn follow(bound: &Bound, replay: bool) -> Followed {
 }
 
 fn follow_with(bound: &Bound, replay: bool, silence: Duration) -> Followed {
+    follow_all(std::slice::from_ref(bound), replay, silence)
+}
+
+fn follow_all(pods: &[Bound], replay: bool, silence: Duration) -> Followed {
+    let bound = &pods[0];
     let registry = Arc::new(Registry::new());
-    let endpoint = Endpoint::from_address(bound.http);
-    let id = endpoint.id.clone();
-    registry.replace(vec![endpoint]);
+    let endpoints: Vec<Endpoint> = pods
+        .iter()
+        .map(|p| Endpoint::from_address(p.http))
+        .collect();
+    let ids: Vec<EndpointId> = endpoints.iter().map(|e| e.id.clone()).collect();
+    let id = ids[0].clone();
+    registry.replace(endpoints);
     let index = Arc::new(Shared::new(PrefixIndex::new()));
     let mut prom = prometheus_client::registry::Registry::with_prefix("kvroute");
     let metrics = EventMetrics::register(&mut prom);
@@ -104,6 +125,7 @@ fn follow_with(bound: &Bound, replay: bool, silence: Duration) -> Followed {
     Followed {
         registry,
         index,
+        ids,
         id,
         stop,
         prom,
@@ -112,10 +134,8 @@ fn follow_with(bound: &Bound, replay: bool, silence: Duration) -> Followed {
 
 impl Followed {
     fn confirmed(&self) -> bool {
-        self.registry
-            .snapshot()
-            .first()
-            .is_some_and(|e| e.events_confirmed())
+        let eps = self.registry.snapshot();
+        !eps.is_empty() && eps.iter().all(|e| e.events_confirmed())
     }
 
     fn metrics(&self) -> String {
@@ -140,21 +160,30 @@ impl Followed {
         ))
     }
 
-    /// Blocks of `tokens` the index says the pod holds, as a prefix.
+    /// Blocks of `tokens` the index says the (first) pod holds, as a prefix.
     fn held(&self, tokens: &[u32]) -> usize {
+        self.held_on(&self.id, tokens)
+    }
+
+    fn held_on(&self, id: &EndpointId, tokens: &[u32]) -> usize {
         let mut hashes: Vec<BlockHash> = Vec::new();
         BlockHasher::new(BS).hash_tokens(tokens, &ExtraKeys::default(), &mut hashes);
         self.index
             .read()
             .match_prefix(&hashes)
             .iter()
-            .find(|m| m.endpoint == self.id)
+            .find(|m| m.endpoint == *id)
             .map_or(0, |m| m.blocks as usize)
     }
 
-    /// Whether the index holds exactly what the pod caches: as many blocks, and for each
-    /// prompt the same cached prefix.
+    /// Whether the index holds exactly what the (first) pod caches.
     async fn mirrors(&self, bound: &Bound, prompts: &[Vec<u32>]) -> bool {
+        self.mirrors_on(&self.id, bound, prompts).await
+    }
+
+    /// Whether the index holds exactly what pod `bound` (endpoint `id`) caches: as many
+    /// blocks, and for each prompt the same cached prefix.
+    async fn mirrors_on(&self, id: &EndpointId, bound: &Bound, prompts: &[Vec<u32>]) -> bool {
         let reply = request(bound.http, "GET", "/sim/cache", &[], Vec::new()).await;
         let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
         let cached: std::collections::HashSet<u64> = v["hashes"]
@@ -163,7 +192,7 @@ impl Followed {
             .iter()
             .map(|h| h.as_u64().unwrap())
             .collect();
-        if self.index.read().endpoint_blocks(&self.id) != cached.len() {
+        if self.index.read().endpoint_blocks(id) != cached.len() {
             return false;
         }
         prompts.iter().all(|p| {
@@ -171,7 +200,7 @@ impl Followed {
                 .iter()
                 .take_while(|h| cached.contains(h))
                 .count();
-            self.held(p) == on_pod
+            self.held_on(id, p) == on_pod
         })
     }
 }
@@ -223,37 +252,59 @@ fn runtime() -> tokio::runtime::Runtime {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
 
-    /// Random workloads (prompts sharing prefixes, a cache small enough to evict, now and
-    /// then a prefix-cache reset), in either event encoding: once the events drain, the
-    /// index holds exactly what the pod holds.
+    /// Random workloads over two pods (prompts sharing prefixes sent to either, caches
+    /// small enough to evict, now and then a prefix-cache reset), in either event
+    /// encoding: once the events drain, the index holds exactly what each pod holds.
     #[test]
-    fn the_index_mirrors_the_pod_after_any_workload(
+    fn the_index_mirrors_every_pod_after_any_workload(
         workload in prop::collection::vec(
-            (prop::collection::vec(0u8..4, 1..6), 0u8..12),
+            (prop::collection::vec(0u8..4, 1..6), 0u8..12, any::<bool>()),
             1..16,
         ),
         map in any::<bool>(),
     ) {
         let encoding = if map { EventEncoding::Map } else { EventEncoding::Array };
         runtime().block_on(async {
-            let (bound, sim) = start_sim(None, encoding).await;
-            let f = follow(&bound, true);
-            let mut prompts = Vec::new();
-            for (pieces, roll) in workload {
+            let pods = two_pods(encoding).await;
+            let f = follow_all(&pods.iter().map(|(b, _)| *b).collect::<Vec<_>>(), true, SETTLE);
+            let mut prompts: [Vec<Vec<u32>>; 2] = [Vec::new(), Vec::new()];
+            for (pieces, roll, second) in workload {
+                let pod = usize::from(second);
+                let bound = &pods[pod].0;
                 if roll == 0 {
-                    post(&bound, "/reset_prefix_cache", "").await;
+                    post(bound, "/reset_prefix_cache", "").await;
                 }
                 let p = prompt(&pieces);
-                complete(&bound, &p).await;
-                prompts.push(p);
+                complete(bound, &p).await;
+                prompts[pod].push(p);
             }
-            prop_assert!(settles(&f, &bound, &prompts).await, "{}", f.metrics());
+            for (i, (bound, _)) in pods.iter().enumerate() {
+                let settled = eventually(SETTLE, async || {
+                    f.mirrors_on(&f.ids[i], bound, &prompts[i]).await
+                })
+                .await;
+                prop_assert!(settled, "pod {i}: {}", f.metrics());
+            }
             prop_assert!(f.confirmed());
             f.stop.cancel();
-            sim.cancel();
+            for (_, sim) in &pods {
+                sim.cancel();
+            }
             Ok(())
         })?;
     }
+}
+
+/// Two pods on 127.0.0.2 and 127.0.0.3 with the same ports.
+async fn two_pods(encoding: EventEncoding) -> [(Bound, CancellationToken); 2] {
+    for _ in 0..10 {
+        let a = start_sim_on([127, 0, 0, 2], None, encoding).await.unwrap();
+        if let Ok(b) = start_sim_on([127, 0, 0, 3], Some(a.0), encoding).await {
+            return [a, b];
+        }
+        a.1.cancel();
+    }
+    panic!("no common free ports for two pods");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

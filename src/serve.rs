@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use kvroute_endpoints::{InFlightCollector, Registry};
-use kvroute_events::{EventMetrics, SubscriberConfig, Subscriptions};
+use kvroute_events::{EventMetrics, IndexCollector, SubscriberConfig, Subscriptions};
 use kvroute_extproc::{
     BodySendMode, DEFAULT_MAX_BODY_BYTES, ExtProcConfig, ExtProcService, Metrics, Router,
 };
@@ -249,6 +249,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             EventMetrics::register(&mut prom),
         )
     });
+    if subscriptions.is_some() {
+        prom.register_collector(Box::new(IndexCollector(Arc::clone(&index))));
+    }
     let precise = subscriptions
         .as_ref()
         .map(|_| (Arc::clone(&index), &precise_config));

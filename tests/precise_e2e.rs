@@ -119,6 +119,15 @@ async fn a_prefix_cached_behind_kvroutes_back_is_found_from_kv_events() {
         })
         .await;
         assert!(seen, "{}\n{}", kvroute.metrics().await, kvroute.log_text());
+        let metrics = kvroute.metrics().await;
+        assert!(metrics.contains("kvroute_kv_index_blocks "), "{metrics}");
+        assert!(
+            metrics.contains(&format!(
+                "kvroute_endpoint_kv_events_confirmed{{endpoint=\"{}\"}} 1",
+                pods[home].http
+            )),
+            "{metrics}"
+        );
 
         // The same document with a question, through Envoy: it goes to `home`, whose cache
         // then serves the document.

@@ -45,6 +45,17 @@ impl Collector for InFlightCollector {
             let gauge = ConstGauge::new(i64::try_from(ep.prefill_backlog()).unwrap_or(i64::MAX));
             gauge.encode(metric.encode_family(&labels)?)?;
         }
+        let mut metric = encoder.encode_descriptor(
+            "endpoint_kv_events_confirmed",
+            "1 while the endpoint's KV-event stream is followed and in sequence (its precise cache entries are trusted), else 0.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ep in snapshot.iter() {
+            let labels = [("endpoint", ep.id().as_str())];
+            ConstGauge::new(i64::from(ep.events_confirmed()))
+                .encode(metric.encode_family(&labels)?)?;
+        }
         let metric = encoder.encode_descriptor(
             "endpoints",
             "Endpoints currently known to the router.",
@@ -78,6 +89,10 @@ mod tests {
         );
         assert!(
             out.contains(r#"kvroute_endpoint_prefill_backlog_tokens{endpoint="127.0.0.1:1"} 42"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"kvroute_endpoint_kv_events_confirmed{endpoint="127.0.0.1:1"} 0"#),
             "{out}"
         );
         assert!(out.contains("kvroute_endpoints 1"), "{out}");

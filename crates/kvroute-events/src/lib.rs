@@ -18,4 +18,4 @@ pub use decode::{DecodeError, EventBatch, decode_batch, sequence};
 pub use event::{BlockStored, FirstExtra, KvEvent, Medium};
 pub use follow::{CatchUp, Follower, Order};
 pub use msgpack::MsgpackError;
-pub use subscribe::{EventMetrics, SubscriberConfig, Subscriptions, follow};
+pub use subscribe::{EventMetrics, IndexCollector, SubscriberConfig, Subscriptions, follow};

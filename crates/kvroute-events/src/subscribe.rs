@@ -135,6 +135,45 @@ impl EventMetrics {
     }
 }
 
+/// Exports the precise index's size at scrape time.
+#[derive(Debug)]
+pub struct IndexCollector(pub Arc<Shared<PrefixIndex>>);
+
+impl prometheus_client::collector::Collector for IndexCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let (blocks, entries) = {
+            let index = self.0.read();
+            (index.blocks(), index.entries())
+        };
+        for (name, help, value) in [
+            (
+                "kv_index_blocks",
+                "Distinct KV blocks some endpoint holds, from KV events.",
+                blocks,
+            ),
+            (
+                "kv_index_entries",
+                "(block, endpoint) pairs held, from KV events.",
+                entries,
+            ),
+        ] {
+            let metric = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
 /// Follows the KV events of every endpoint in a registry, into one index.
 #[derive(Debug)]
 pub struct Subscriptions {

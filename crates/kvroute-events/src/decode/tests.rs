@@ -256,3 +256,47 @@ fn the_first_blocks_extra_keys_give_the_cache_salt() {
     s(&mut two, "b");
     assert_eq!(first_extra(None, &two), FirstExtra::Unknown);
 }
+
+/// What vLLM's newest `kv_events.py` (commit 0181ea31, read for this test) writes: neither
+/// `EventBatch` nor `KVCacheEvent` is `array_like`, so both are maps; `omit_defaults`
+/// drops nil optional fields of `BlockStored` after `lora_name`, and the publisher fills in
+/// `data_parallel_rank`.
+#[test]
+fn the_newest_vllm_encoding_decodes() {
+    let mut b = vec![0x83];
+    s(&mut b, "ts");
+    b.extend([0xcb, 0x41, 0xd9, 0x5f, 0x5e, 0x10, 0x00, 0x00, 0x00]);
+    s(&mut b, "events");
+    b.extend([0x91, 0x88]);
+    s(&mut b, "type");
+    s(&mut b, "BlockStored");
+    s(&mut b, "block_hashes");
+    b.extend([0x91, 0xcf, 0xda, 0xb6, 0x20, 0x0f, 0x3d, 0xc2, 0x11, 0xc0]);
+    s(&mut b, "parent_block_hash");
+    b.push(0xc0);
+    s(&mut b, "token_ids");
+    b.extend([
+        0x94, 0x01, 0xcd, 0x01, 0x00, 0xce, 0x00, 0x01, 0xf4, 0x00, 0x7f,
+    ]);
+    s(&mut b, "block_size");
+    b.push(0x04);
+    s(&mut b, "lora_id");
+    b.push(0xc0);
+    s(&mut b, "medium");
+    s(&mut b, "GPU");
+    // No default, so present even when nil.
+    s(&mut b, "lora_name");
+    b.push(0xc0);
+    s(&mut b, "data_parallel_rank");
+    b.push(0x02);
+    let batch = decode_batch(&b).unwrap();
+    assert_eq!(batch.data_parallel_rank, Some(2));
+    assert!(batch.ts > 1.7e9);
+    let [KvEvent::BlockStored(e)] = batch.events.as_slice() else {
+        panic!("{batch:?}")
+    };
+    assert_eq!(e.block_hashes, [0xdab6_200f_3dc2_11c0]);
+    assert_eq!(e.token_ids, [1, 256, 128_000, 127]);
+    assert_eq!((e.block_size, e.lora_name.as_deref()), (4, None));
+    assert_eq!(e.medium, Medium::Named("GPU".into()));
+}

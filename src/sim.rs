@@ -4,6 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use kvroute_chat::ChatTemplate;
 use kvroute_sim::Profile;
 use kvroute_sim::server::{self, ServerConfig};
 use kvroute_sim::wire::EventEncoding;
@@ -42,7 +43,8 @@ pub(crate) struct SimArgs {
     #[arg(long, value_enum, default_value_t = Encoding::Map)]
     event_encoding: Encoding,
     /// A Hugging Face `tokenizer.json` to tokenize text prompts with (read once, never
-    /// downloaded); without it text is tokenized by 4-byte chunks.
+    /// downloaded; the chat template comes from the `tokenizer_config.json` beside it, if
+    /// there is one); without it text is tokenized by 4-byte chunks.
     #[arg(long)]
     tokenizer: Option<std::path::PathBuf>,
 }
@@ -70,6 +72,23 @@ pub(crate) async fn run(args: SimArgs) -> anyhow::Result<()> {
         )),
         None => None,
     };
+    let chat_template = match &args.tokenizer {
+        Some(path) => {
+            let config_path = path.with_file_name("tokenizer_config.json");
+            match std::fs::read(&config_path) {
+                Ok(bytes) => {
+                    let config: serde_json::Value = serde_json::from_slice(&bytes)
+                        .with_context(|| format!("parsing {}", config_path.display()))?;
+                    ChatTemplate::from_config(&config)?.map(std::sync::Arc::new)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("reading {}", config_path.display()));
+                }
+            }
+        }
+        None => None,
+    };
     let config = ServerConfig {
         http: SocketAddr::new(args.host, args.port),
         events: SocketAddr::new(args.host, args.kv_events_port),
@@ -83,6 +102,7 @@ pub(crate) async fn run(args: SimArgs) -> anyhow::Result<()> {
             Encoding::Array => EventEncoding::Array,
         },
         tokenizer,
+        chat_template,
     };
     let token = CancellationToken::new();
     let bound = server::start(config, token.clone()).await?;

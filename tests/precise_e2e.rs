@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 async fn two_pods(
     stop: &CancellationToken,
     tokenizer: Option<Arc<tokenizers::Tokenizer>>,
+    chat_template: Option<Arc<kvroute_chat::ChatTemplate>>,
 ) -> [Bound; 2] {
     let config = |ip: [u8; 4], ports: Option<Bound>| ServerConfig {
         http: SocketAddr::from((ip, ports.map_or(0, |b| b.http.port()))),
@@ -34,6 +35,7 @@ async fn two_pods(
         speed: 1000.0,
         encoding: EventEncoding::Map,
         tokenizer: tokenizer.clone(),
+        chat_template: chat_template.clone(),
     };
     for _ in 0..10 {
         let a = server::start(config([127, 0, 0, 2], None), stop.child_token())
@@ -78,7 +80,7 @@ async fn stored_blocks(kvroute: &Kvroute) -> f64 {
 async fn a_prefix_cached_behind_kvroutes_back_is_found_from_kv_events() {
     let dir = scratch("precise");
     let stop = CancellationToken::new();
-    let pods = two_pods(&stop, None).await;
+    let pods = two_pods(&stop, None, None).await;
     let list = format!("{},{}", pods[0].http, pods[1].http);
     let events = pods[0].events.port().to_string();
     let replay = pods[0].replay.port().to_string();
@@ -169,7 +171,7 @@ async fn text_prompts_route_precisely_with_the_models_tokenizer() {
     }
     let stop = CancellationToken::new();
     let tokenizer = Arc::new(tokenizers::Tokenizer::from_file(&tokenizer_json).unwrap());
-    let pods = two_pods(&stop, Some(Arc::clone(&tokenizer))).await;
+    let pods = two_pods(&stop, Some(Arc::clone(&tokenizer)), None).await;
     let list = format!("{},{}", pods[0].http, pods[1].http);
     let events = pods[0].events.port().to_string();
     let tokenizers_dir = dir.join("tokenizers").display().to_string();
@@ -271,4 +273,90 @@ async fn pods_without_an_event_stream_are_routed_approximately() {
     );
     let metrics = kvroute.metrics().await;
     assert!(!metrics.contains("kv_event_batches_total{"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_prompts_route_precisely_with_the_models_template() {
+    let tokenizer_json = PathBuf::from(
+        std::env::var("KVROUTE_TEST_TOKENIZER")
+            .expect("KVROUTE_TEST_TOKENIZER: run tests/run, which fetches Qwen3's tokenizer.json"),
+    );
+    let dir = scratch("precise-chat");
+    let model_dir = dir.join("tokenizers/m");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tokenizer_json.with_file_name(file), model_dir.join(file)).unwrap();
+    }
+    // The pods render chats with Qwen3's template too, as vLLM would.
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(tokenizer_json.with_file_name("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    let template = kvroute_chat::ChatTemplate::from_config(&config)
+        .unwrap()
+        .map(Arc::new);
+    let tokenizer = Arc::new(tokenizers::Tokenizer::from_file(&tokenizer_json).unwrap());
+    let stop = CancellationToken::new();
+    let pods = two_pods(&stop, Some(Arc::clone(&tokenizer)), template).await;
+    let list = format!("{},{}", pods[0].http, pods[1].http);
+    let events = pods[0].events.port().to_string();
+    let tokenizers_dir = dir.join("tokenizers").display().to_string();
+    let kvroute = Kvroute::start(
+        &dir,
+        &list,
+        &[
+            "--kv-events-port",
+            &events,
+            "--tokenizers-dir",
+            &tokenizers_dir,
+        ],
+    )
+    .await;
+    let addrs = [pods[0].http, pods[1].http];
+    let envoy = Envoy::start(&dir, &EnvoyOptions::full_duplex(kvroute.grpc_port, &addrs)).await;
+    for (round, home) in [1usize, 0].into_iter().enumerate() {
+        let system = format!("Policy book {round}. ")
+            + &"Answer from the policy book only, and quote it. ".repeat(40);
+        let chat = |question: &str| {
+            serde_json::json!({"model": "m", "max_tokens": 4, "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": question}
+            ]})
+            .to_string()
+            .into_bytes()
+        };
+        let system_tokens = tokenizer.encode(system.as_str(), false).unwrap().len();
+        let stored_before = stored_blocks(&kvroute).await;
+        let direct = test_support::http::request(
+            pods[home].http,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            chat("What is covered?"),
+        )
+        .await;
+        assert_eq!(direct.status, 200, "{}", direct.text());
+        let seen = eventually(Duration::from_secs(10), async || {
+            stored_blocks(&kvroute).await >= stored_before + (system_tokens / 16) as f64
+        })
+        .await;
+        assert!(seen, "{}", kvroute.metrics().await);
+        let hits_before = pod_counter(&pods[home], "vllm:prefix_cache_hits_total").await;
+        let reply = http(
+            envoy.port,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            chat("Who is excluded?"),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let hits = pod_counter(&pods[home], "vllm:prefix_cache_hits_total").await - hits_before;
+        assert!(
+            hits >= (16 * (system_tokens / 16)) as f64,
+            "round {round}: {hits} cached tokens on pod {home} for a {system_tokens}-token system prompt\n{}",
+            kvroute.log_text()
+        );
+    }
+    stop.cancel();
 }

@@ -70,6 +70,7 @@ async fn start_sim_on(
             speed: 1000.0,
             encoding,
             tokenizer: None,
+            chat_template: None,
         },
         stop.clone(),
     )

@@ -19,7 +19,10 @@ use hyper::body::{Bytes, Frame, Incoming};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use kvroute_core::{ApiKind, ContentPart, InferenceRequest, MessageContent, Prompt, RequestHints};
+use kvroute_chat::ChatTemplate;
+use kvroute_core::{
+    ApiKind, ChatOptions, ContentPart, InferenceRequest, MessageContent, Prompt, RequestHints,
+};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt;
@@ -66,6 +69,9 @@ pub struct ServerConfig {
     pub encoding: EventEncoding,
     /// A real tokenizer (`tokenizer.json`); without one, text is tokenized by byte chunks.
     pub tokenizer: Option<Arc<tokenizers::Tokenizer>>,
+    /// The model's chat template (`tokenizer_config.json`); without one, chats are rendered
+    /// with a plain `<|role|>` scheme.
+    pub chat_template: Option<Arc<ChatTemplate>>,
 }
 
 /// Where a started server listens.
@@ -555,51 +561,71 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// Token ids of a prompt. Given ids are used as they are. Text goes through `tokenizer`
-/// when there is one (no special tokens added); without one it is cut into 4-byte chunks
-/// of its UTF-8, each chunk one token (`xxh3(chunk) mod 128256`): about four bytes per
-/// token, like real tokenizers on English, and equal text prefixes give equal token
-/// prefixes (to the last whole chunk). Chat messages are rendered `<|role|>\n{content}\n`
-/// then `<|assistant|>\n` (not the model's own chat template).
+/// A model's tokenizer and chat template, for tokenizing prompts as vLLM does.
+#[derive(Clone, Debug, Default)]
+pub struct PromptModel<'a> {
+    /// `tokenizer.json`.
+    pub tokenizer: Option<&'a tokenizers::Tokenizer>,
+    /// The chat template of `tokenizer_config.json`.
+    pub template: Option<&'a ChatTemplate>,
+}
+
+/// The prompt's token ids. With the model's files, as vLLM computes them: a completion's text
+/// with the tokenizer's special tokens added (`add_special_tokens=True`), a chat rendered
+/// by the model's template with the generation prompt and tokenized without adding any.
+/// Without a tokenizer, text becomes one token per 4-byte chunk (a stable stand-in: about
+/// the bytes per token of English, and equal text prefixes give equal token prefixes to
+/// the last whole chunk); without a template, chat messages are rendered
+/// `<|role|>\n{content}\n` then `<|assistant|>\n`.
 pub fn tokenize(
     prompt: &Prompt,
-    tokenizer: Option<&tokenizers::Tokenizer>,
+    chat: &ChatOptions,
+    model: PromptModel<'_>,
 ) -> Result<Vec<u32>, String> {
     fn text(out: &mut Vec<u8>, s: &str) {
         out.extend_from_slice(s.as_bytes());
     }
     let mut bytes = Vec::new();
+    let mut special_tokens = true;
     match prompt {
         Prompt::Tokens(ids) => return Ok(ids.clone()),
         Prompt::TokenBatches(b) => return Ok(b.first().cloned().unwrap_or_default()),
         Prompt::Text(t) => text(&mut bytes, t),
         Prompt::Texts(ts) => ts.first().iter().for_each(|t| text(&mut bytes, t)),
         Prompt::Chat(messages) => {
-            for m in messages {
-                text(&mut bytes, &format!("<|{}|>\n", m.role));
-                match &m.content {
-                    MessageContent::Empty => {}
-                    MessageContent::Text(t) => text(&mut bytes, t),
-                    MessageContent::Parts(parts) => {
-                        for p in parts {
-                            match p {
-                                ContentPart::Text(t) => text(&mut bytes, t),
-                                ContentPart::Other { kind } => {
-                                    text(&mut bytes, &format!("<{kind}>"))
+            special_tokens = false;
+            if let Some(template) = model.template {
+                let rendered = template
+                    .render(messages, chat, true)
+                    .map_err(|e| e.to_string())?;
+                text(&mut bytes, &rendered);
+            } else {
+                for m in messages {
+                    text(&mut bytes, &format!("<|{}|>\n", m.role));
+                    match &m.content {
+                        MessageContent::Empty => {}
+                        MessageContent::Text(t) => text(&mut bytes, t),
+                        MessageContent::Parts(parts) => {
+                            for p in parts {
+                                match p {
+                                    ContentPart::Text(t) => text(&mut bytes, t),
+                                    ContentPart::Other { kind } => {
+                                        text(&mut bytes, &format!("<{kind}>"))
+                                    }
                                 }
                             }
                         }
                     }
+                    text(&mut bytes, "\n");
                 }
-                text(&mut bytes, "\n");
+                text(&mut bytes, "<|assistant|>\n");
             }
-            text(&mut bytes, "<|assistant|>\n");
         }
     }
-    if let Some(t) = tokenizer {
+    if let Some(t) = model.tokenizer {
         let text = String::from_utf8_lossy(&bytes);
         return t
-            .encode(text.as_ref(), false)
+            .encode(text.as_ref(), special_tokens)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| format!("tokenizing the prompt: {e}"));
     }
@@ -610,7 +636,11 @@ pub fn tokenize(
 }
 
 async fn generate(shared: &Shared, api: ApiKind, parsed: &InferenceRequest) -> Response<Body> {
-    let tokens = match tokenize(&parsed.prompt, shared.config.tokenizer.as_deref()) {
+    let model = PromptModel {
+        tokenizer: shared.config.tokenizer.as_deref(),
+        template: shared.config.chat_template.as_deref(),
+    };
+    let tokens = match tokenize(&parsed.prompt, &parsed.chat, model) {
         Ok(t) => t,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };

@@ -37,6 +37,7 @@ async fn start() -> (Bound, CancellationToken) {
             speed: 1000.0,
             encoding: EventEncoding::Map,
             tokenizer: None,
+            chat_template: None,
         },
         stop.clone(),
     )
@@ -249,13 +250,16 @@ async fn serves_the_openai_api_metrics_and_kv_events() {
             RequestHints::default(),
         )
         .unwrap();
-        assert!(engine.add(SimRequest {
-            id: i as u64,
-            prompt: PromptTokens::Explicit(Arc::from(
-                server::tokenize(&parsed.prompt, None).unwrap()
-            )),
-            max_tokens: 3,
-        }));
+        assert!(
+            engine.add(SimRequest {
+                id: i as u64,
+                prompt: PromptTokens::Explicit(Arc::from(
+                    server::tokenize(&parsed.prompt, &parsed.chat, server::PromptModel::default())
+                        .unwrap()
+                )),
+                max_tokens: 3,
+            })
+        );
         while engine.has_work() {
             engine.step();
         }
@@ -347,9 +351,14 @@ fn a_real_tokenizer_gives_the_models_token_ids() {
     let path = std::env::var("KVROUTE_TEST_TOKENIZER")
         .expect("KVROUTE_TEST_TOKENIZER: run tests/run, which fetches Qwen3's tokenizer.json");
     let tokenizer = tokenizers::Tokenizer::from_file(&path).unwrap();
+    let model = server::PromptModel {
+        tokenizer: Some(&tokenizer),
+        template: None,
+    };
     let ids = server::tokenize(
         &kvroute_core::Prompt::Text("Hello, my dog is cute. 日本語も".into()),
-        Some(&tokenizer),
+        &kvroute_core::ChatOptions::default(),
+        model,
     )
     .unwrap();
     assert_eq!(
@@ -357,5 +366,44 @@ fn a_real_tokenizer_gives_the_models_token_ids() {
         [
             9707, 11, 847, 5562, 374, 18838, 13, 75402, 21894, 102819, 31877
         ]
+    );
+}
+
+/// With the model's chat template, a chat is rendered by it and tokenized without added
+/// special tokens, as vLLM does.
+#[test]
+fn a_chat_is_rendered_with_the_models_template() {
+    let path = std::path::PathBuf::from(
+        std::env::var("KVROUTE_TEST_TOKENIZER")
+            .expect("KVROUTE_TEST_TOKENIZER: run tests/run, which fetches Qwen3's tokenizer.json"),
+    );
+    let tokenizer = tokenizers::Tokenizer::from_file(&path).unwrap();
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(path.with_file_name("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    let template = kvroute_chat::ChatTemplate::from_config(&config)
+        .unwrap()
+        .unwrap();
+    let body = r#"{"model":"m","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi"}]}"#;
+    let parsed = InferenceRequest::parse(
+        ApiKind::ChatCompletions,
+        body.as_bytes(),
+        RequestHints::default(),
+    )
+    .unwrap();
+    let model = server::PromptModel {
+        tokenizer: Some(&tokenizer),
+        template: Some(&template),
+    };
+    let ids = server::tokenize(&parsed.prompt, &parsed.chat, model).unwrap();
+    let rendered = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n";
+    assert_eq!(
+        ids,
+        tokenizer
+            .encode(rendered, false)
+            .unwrap()
+            .get_ids()
+            .to_vec()
     );
 }

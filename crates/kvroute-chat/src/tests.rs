@@ -1,11 +1,7 @@
 use super::*;
 
 fn msg(role: &str, text: &str) -> ChatMessage {
-    ChatMessage {
-        role: role.into(),
-        content: MessageContent::Text(text.into()),
-        ..ChatMessage::default()
-    }
+    ChatMessage::text(role, text)
 }
 
 #[test]

@@ -108,6 +108,17 @@ pub struct ChatMessage {
     pub reasoning_content: Option<String>,
 }
 
+impl ChatMessage {
+    /// A message of `role` with plain text.
+    pub fn text(role: impl Into<String>, text: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: MessageContent::Text(text.into()),
+            ..Self::default()
+        }
+    }
+}
+
 /// A message's content: a plain string or an array of typed parts.
 #[derive(Clone, Default, PartialEq, Debug)]
 pub enum MessageContent {

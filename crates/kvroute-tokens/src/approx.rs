@@ -170,11 +170,7 @@ mod tests {
     fn chat(msgs: &[(&str, &str)]) -> Prompt {
         Prompt::Chat(
             msgs.iter()
-                .map(|(r, c)| ChatMessage {
-                    role: (*r).into(),
-                    content: MessageContent::Text((*c).into()),
-                    ..ChatMessage::default()
-                })
+                .map(|(r, c)| ChatMessage::text(*r, *c))
                 .collect(),
         )
     }

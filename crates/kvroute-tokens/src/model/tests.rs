@@ -22,11 +22,7 @@ fn qwen3() -> &'static ModelTokenizer {
 }
 
 fn msg(role: &str, text: &str) -> ChatMessage {
-    ChatMessage {
-        role: role.into(),
-        content: MessageContent::Text(text.into()),
-        ..ChatMessage::default()
-    }
+    ChatMessage::text(role, text)
 }
 
 #[test]

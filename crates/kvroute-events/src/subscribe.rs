@@ -276,10 +276,13 @@ pub async fn follow(
             continue;
         }
         info!(at = %events_at, "following KV events");
-        if let Some(at) = &replay_at {
-            catch_up(&mut follower, at, &config, &index, &metrics, &stop).await;
+        // In sequence once a replay has caught up, or (without one) from the first live
+        // message on.
+        if let Some(at) = &replay_at
+            && catch_up(&mut follower, at, &config, &index, &metrics, &stop).await
+        {
+            ep.set_events_confirmed(true);
         }
-        ep.set_events_confirmed(true);
         let mut last = Instant::now();
         let mut check = tokio::time::interval(check_every);
         loop {
@@ -391,7 +394,8 @@ async fn pause(stop: &CancellationToken) {
 }
 
 /// Asks the replay socket for everything from where the follower can check continuity,
-/// and applies it.
+/// and applies it. Returns whether the stream is in sequence now (a replay came back and
+/// was applied, whatever it took).
 async fn catch_up(
     follower: &mut Follower,
     at: &str,
@@ -399,21 +403,21 @@ async fn catch_up(
     index: &Shared<PrefixIndex>,
     metrics: &EventMetrics,
     stop: &CancellationToken,
-) {
+) -> bool {
     let from = follower.resume_from();
     let batches = tokio::select! {
-        () = stop.cancelled() => return,
+        () = stop.cancelled() => return false,
         r = tokio::time::timeout(config.replay_timeout, replay(at, from)) => r,
     };
     let batches = match batches {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => {
             debug!(error = %e, at, "KV-event replay failed");
-            return;
+            return false;
         }
         Err(_) => {
             debug!(at, "KV-event replay timed out");
-            return;
+            return false;
         }
     };
     let endpoint = follower.endpoint().clone();
@@ -429,6 +433,7 @@ async fn catch_up(
             );
         }
     }
+    true
 }
 
 /// Why a replay failed.

@@ -345,6 +345,8 @@ async fn without_replay_a_gap_clears_and_nothing_stale_remains() {
             break;
         }
     }
+    // Without a replay, a stream is trusted from its first live message on.
+    assert!(f.confirmed());
     let gaps_before = f.resyncs("gap");
     let first = prompt(&[1, 2, 3]);
     complete(&bound, &first).await;

@@ -83,6 +83,7 @@ mod tests {
         let _g = reg.snapshot()[0].acquire_with_prefill(42);
         let mut out = String::new();
         encode(&mut out, &prom).unwrap();
+        assert!(!out.contains(".."), "one full stop per help text: {out}");
         assert!(
             out.contains(r#"kvroute_endpoint_in_flight_requests{endpoint="127.0.0.1:1"} 1"#),
             "{out}"

@@ -59,27 +59,27 @@ impl Metrics {
         };
         registry.register(
             "requests",
-            "Requests by how kvroute answered them (outcome).",
+            "Requests by how kvroute answered them (outcome)",
             m.requests.clone(),
         );
         registry.register(
             "responses",
-            "Responses of routed requests by status class, or aborted before they ended.",
+            "Responses of routed requests by status class, or aborted before they ended",
             m.responses.clone(),
         );
         registry.register(
             "decision_duration_seconds",
-            "Time from a complete request body to the routing decision (parse and schedule).",
+            "Time from a complete request body to the routing decision (parse and schedule)",
             m.decision_seconds.clone(),
         );
         registry.register(
             "endpoint_tokens",
-            "Tokens reported in responses' usage, per endpoint and kind (prompt, completion, cached).",
+            "Tokens reported in responses' usage, per endpoint and kind (prompt, completion, cached)",
             m.tokens.clone(),
         );
         registry.register(
             "extproc_stream_errors",
-            "ext_proc streams that ended in a protocol error.",
+            "ext_proc streams that ended in a protocol error",
             m.stream_errors.clone(),
         );
         m

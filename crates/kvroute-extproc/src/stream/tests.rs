@@ -53,6 +53,7 @@ impl Harness {
     fn metrics(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.prom).unwrap();
+        assert!(!out.contains(".."), "one full stop per help text: {out}");
         out
     }
 

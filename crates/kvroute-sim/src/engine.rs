@@ -7,6 +7,10 @@ use crate::prompt::PromptTokens;
 /// A request's id, unique within one engine.
 pub type RequestId = u64;
 
+/// How many blocks ahead the engine asks for the memory of the block records and table
+/// slots it is about to touch (measured: `docs/benchmarks.md`, simulator).
+const AHEAD: usize = 32;
+
 /// The parent of a chain's first block (vLLM's `NONE_HASH`, fixed as with a pinned
 /// `PYTHONHASHSEED`).
 const ROOT: u64 = 0x766c_6c6d_5f6e_6f6e;
@@ -283,7 +287,10 @@ impl Engine {
         }
         for &idx in done.iter().rev() {
             let s = self.running.remove(idx);
-            for &b in s.blocks.iter().rev() {
+            for (i, &b) in s.blocks.iter().enumerate().rev() {
+                if let Some(&ahead) = i.checked_sub(AHEAD).and_then(|j| s.blocks.get(j)) {
+                    self.pool.prefetch(None, Some(ahead));
+                }
                 self.pool.release(b);
             }
             report.finished.push(Finished {
@@ -386,6 +393,10 @@ impl Engine {
         let mut run: Vec<usize> = Vec::new();
         for b in from..to {
             let s = &self.running[idx];
+            if b + AHEAD < to {
+                self.pool
+                    .prefetch(Some(s.hashes[b + AHEAD]), Some(s.blocks[b + AHEAD]));
+            }
             let (block, hash) = (s.blocks[b], s.hashes[b]);
             if self.pool.cache(block, hash) {
                 run.push(b);

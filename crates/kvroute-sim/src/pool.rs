@@ -9,6 +9,9 @@ use std::collections::VecDeque;
 /// A free-queue entry whose block was taken out of the queue (a cache hit).
 const DEAD: u32 = u32::MAX;
 
+/// How many allocations ahead the table slot of an eviction is prefetched.
+const PREFETCH: usize = 32;
+
 #[derive(Clone, Debug)]
 struct Block {
     refs: u32,
@@ -82,6 +85,17 @@ impl Pool {
         self.cached.keys()
     }
 
+    /// Starts loading what caching `hash` and releasing block `id` will touch, ahead of
+    /// time (a hint).
+    pub(crate) fn prefetch(&self, hash: Option<u64>, id: Option<u32>) {
+        if let Some(h) = hash {
+            self.cached.prefetch(h);
+        }
+        if let Some(b) = id.and_then(|i| self.blocks.get(i as usize)) {
+            crate::table::prefetch(b);
+        }
+    }
+
     /// Takes a reference on a cached block (a prefix-cache hit), out of the free queue.
     pub(crate) fn touch(&mut self, id: u32) {
         let b = &mut self.blocks[id as usize];
@@ -100,6 +114,10 @@ impl Pool {
     pub(crate) fn allocate(&mut self) -> Option<(u32, Option<u64>)> {
         if self.free == 0 {
             return None;
+        }
+        // A few allocations from now, this entry's content is evicted: load its table slot.
+        if let Some(&(_, Some(h))) = self.queue.get(PREFETCH) {
+            self.cached.prefetch(h);
         }
         loop {
             let (id, evicted) = self.queue.pop_front()?;

@@ -5,8 +5,12 @@
 //! The simulator caches and evicts about as many blocks as it computes (10^9 for a million
 //! trace requests). With std's `HashMap`, that churn fills the table with tombstones and
 //! removal became half of the simulator's run time (measured with `perf`); backward-shift
-//! deletion leaves none. The table never grows: it is sized for the pool (at most half
-//! full), since a pool caches at most one hash per block.
+//! deletion leaves none. The table never grows: it is sized for the pool, at most 1/16
+//! full. So sparse because synthetic content is named so that a 512-token unit's 32 blocks
+//! take 32 neighbouring slots (one cache line per four): units that land on the same
+//! slots push each other along, and at half full those runs merged into long probe chains
+//! (`perf` showed probing as most of the run). 1/16 costs 256 bytes a block and removed
+//! them (measured: `docs/benchmarks.md`, simulator).
 
 const EMPTY: u64 = 0;
 
@@ -16,6 +20,22 @@ const EMPTY: u64 = 0;
 struct Entry {
     key: u64,
     value: u32,
+}
+
+/// Asks the CPU to start loading the cache line at `p` (a hint: nothing is read).
+#[inline]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `_mm_prefetch` only hints the cache and never dereferences (an invalid
+        // address is ignored); SSE is part of every x86_64 target.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 #[derive(Debug)]
@@ -28,9 +48,9 @@ pub(crate) struct HashTable {
 }
 
 impl HashTable {
-    /// Room for `n` keys at most half full.
+    /// Room for `n` keys, at most 1/16 full.
     pub(crate) fn with_capacity(n: usize) -> Self {
-        let size = (n.max(1) * 2).next_power_of_two();
+        let size = (n.max(1) * 16).next_power_of_two();
         Self {
             entries: vec![
                 Entry {
@@ -68,6 +88,13 @@ impl HashTable {
             }
             i = (i + 1) & self.mask;
         }
+    }
+
+    /// Asks the CPU to start loading `key`'s home slot, so that a later `get`, `insert_new`
+    /// or `remove` of it does not wait on memory.
+    #[inline]
+    pub(crate) fn prefetch(&self, key: u64) {
+        prefetch(self.entries.as_ptr().wrapping_add(self.home(key)));
     }
 
     pub(crate) fn get(&self, key: u64) -> Option<u32> {

@@ -321,14 +321,7 @@ impl Engine {
             return false;
         };
         if s.hashes.is_empty() {
-            let n = s.req.prompt.len() / bs;
-            let mut parent = ROOT;
-            s.hashes = (0..n)
-                .map(|b| {
-                    parent = s.req.prompt.block_hash(b, bs, parent);
-                    parent
-                })
-                .collect();
+            s.hashes = s.req.prompt.block_hashes(bs, ROOT);
         }
         // As vLLM, a hit covers at most all but the last prompt token, in whole blocks: the
         // last token is always computed so its logits exist, and a fully cached prompt

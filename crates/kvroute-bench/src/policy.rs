@@ -377,13 +377,24 @@ mod tests {
     fn kvroute_sends_a_shared_prefix_home() {
         let mut r = PolicyRouter::new(Policy::Kvroute, 4, 512);
         let views = vec![PodView::default(); 4];
+        // Each request's prefill is over before the next arrives (its first token is
+        // reported), so no queue builds up and affinity alone decides.
+        let prefilled = |r: &mut PolicyRouter, pod: usize, id: RequestId| {
+            let report = StepReport {
+                first_tokens: vec![id],
+                ..StepReport::default()
+            };
+            r.observe(0, pod, &report);
+        };
         let first = r.route(0, &req(0, &[1, 2, 3, 4]), &views);
+        prefilled(&mut r, first, 0);
         for i in 1..4 {
             assert_eq!(
                 r.route(0, &req(i, &[1, 2, 3, 4, 100 + i]), &views),
                 first,
                 "request {i}"
             );
+            prefilled(&mut r, first, i);
         }
         assert_ne!(
             r.route(0, &req(9, &[7, 8]), &views),

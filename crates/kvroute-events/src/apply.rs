@@ -73,11 +73,6 @@ impl Applier {
         }
     }
 
-    /// Tokens per block.
-    pub fn block_size(&self) -> usize {
-        self.hasher.block_size()
-    }
-
     /// Blocks `endpoint` is known to hold (in any tier).
     pub fn known_blocks(&self, endpoint: &EndpointId) -> usize {
         self.endpoints.get(endpoint).map_or(0, HashMap64::len)

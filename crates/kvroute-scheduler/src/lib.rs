@@ -15,8 +15,9 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use kvroute_core::{BlockHash, InferenceRequest, RequestHints};
+use kvroute_core::{BlockHash, EndpointId, InferenceRequest, RequestHints};
 use kvroute_endpoints::EndpointState;
+use kvroute_index::EndpointMatch;
 
 pub use precise::{PrecisePrefixConfig, PrecisePrefixScorer, Tokenizers};
 pub use prefix::{PrefixCacheConfig, PrefixCacheScorer};
@@ -37,6 +38,12 @@ pub struct SchedulingRequest<'a> {
     /// The prompt's length in tokens and its token-block hashes, computed at most once per
     /// request (`None`: the prompt could not be tokenized).
     pub token_blocks: OnceCell<Option<(usize, Vec<BlockHash>)>>,
+    /// What the precise index holds of the prompt, looked up once per request and shared by
+    /// the scorers that read it.
+    pub precise_matches: OnceCell<Vec<EndpointMatch>>,
+    /// What the approximate index held of the prompt when the request was scored (before
+    /// the decision records it), looked up once per request.
+    pub approx_matches: OnceCell<Vec<EndpointMatch>>,
 }
 
 impl<'a> SchedulingRequest<'a> {
@@ -47,8 +54,15 @@ impl<'a> SchedulingRequest<'a> {
             hints,
             approx_blocks: OnceCell::new(),
             token_blocks: OnceCell::new(),
+            precise_matches: OnceCell::new(),
+            approx_matches: OnceCell::new(),
         }
     }
+}
+
+/// The position of endpoint `id` among `candidates` (sorted by id, as schedulers get them).
+fn candidate_index(candidates: &[Arc<EndpointState>], id: &EndpointId) -> Option<usize> {
+    candidates.binary_search_by(|c| c.id().cmp(id)).ok()
 }
 
 /// Where a request goes: the primary, then fallbacks in order. Never empty.

@@ -3,10 +3,10 @@ use std::sync::Arc;
 
 use kvroute_core::{BlockHash, Prompt};
 use kvroute_endpoints::EndpointState;
-use kvroute_index::{PrefixIndex, Shared};
+use kvroute_index::{EndpointMatch, PrefixIndex, Shared};
 use kvroute_tokens::{BlockHasher, ExtraKeys, ModelTokenizer};
 
-use crate::{SchedulingRequest, Scorer};
+use crate::{SchedulingRequest, Scorer, candidate_index};
 
 /// Settings of the precise prefix-cache scorer.
 #[derive(Clone, Debug)]
@@ -71,11 +71,6 @@ impl Tokenizers {
     /// The LoRA adapter a request for `model` runs under, if `model` names one.
     pub fn lora<'m>(&self, model: &'m str) -> Option<&'m str> {
         self.adapters.contains_key(model).then_some(model)
-    }
-
-    /// Models with their own tokenizer.
-    pub fn len(&self) -> usize {
-        self.by_model.len()
     }
 
     /// Whether there is no tokenizer at all.
@@ -149,6 +144,19 @@ impl PrecisePrefixScorer {
         });
         cached.as_ref().map(|(n, blocks)| (*n, blocks.as_slice()))
     }
+
+    /// What the index holds of the prompt's blocks (looked up once per request), with the
+    /// prompt's block count.
+    pub(crate) fn matches<'r>(
+        &self,
+        request: &'r SchedulingRequest<'_>,
+    ) -> Option<(usize, &'r [EndpointMatch])> {
+        let (_, blocks) = self.blocks(request).filter(|(_, b)| !b.is_empty())?;
+        let matches = request
+            .precise_matches
+            .get_or_init(|| self.index.read().match_prefix(blocks));
+        Some((blocks.len(), matches))
+    }
 }
 
 impl Scorer for PrecisePrefixScorer {
@@ -162,13 +170,11 @@ impl Scorer for PrecisePrefixScorer {
         candidates: &[Arc<EndpointState>],
         scores: &mut [f64],
     ) {
-        let Some((_, blocks)) = self.blocks(request).filter(|(_, b)| !b.is_empty()) else {
+        let Some((total, matches)) = self.matches(request) else {
             return;
         };
-        let matches = self.index.read().match_prefix(blocks);
-        let total = blocks.len() as f64;
         for m in matches {
-            if let Ok(i) = candidates.binary_search_by(|c| c.id().cmp(&m.endpoint))
+            if let Some(i) = candidate_index(candidates, &m.endpoint)
                 && candidates[i].events_confirmed()
             {
                 let held: f64 = m
@@ -177,7 +183,7 @@ impl Scorer for PrecisePrefixScorer {
                     .zip(&self.weights)
                     .map(|(&n, w)| f64::from(n) * w)
                     .sum();
-                scores[i] = held / total;
+                scores[i] = held / total as f64;
             }
         }
     }

@@ -3,10 +3,10 @@ use std::time::Instant;
 
 use kvroute_core::BlockHash;
 use kvroute_endpoints::EndpointState;
-use kvroute_index::{ApproxIndex, DEFAULT_LRU_CAPACITY, Shared, WRITE_BATCH_BLOCKS};
+use kvroute_index::{ApproxIndex, DEFAULT_LRU_CAPACITY, EndpointMatch, Shared, WRITE_BATCH_BLOCKS};
 use kvroute_tokens::{ApproxHasher, DEFAULT_CHUNK_BYTES, DEFAULT_MAX_BLOCKS};
 
-use crate::{Decision, SchedulingRequest, Scorer};
+use crate::{Decision, SchedulingRequest, Scorer, candidate_index};
 
 /// Settings of the approximate prefix-cache scorer; the defaults are the Gateway API
 /// Inference Extension's (`blockSizeTokens` 16 at 4 bytes a token, `maxPrefixBlocksToMatch`
@@ -79,6 +79,19 @@ impl PrefixCacheScorer {
         }))
     }
 
+    /// What the index held of the prompt's blocks when the request was first scored
+    /// (looked up once per request), with the prompt's block count.
+    pub(crate) fn matches<'r>(
+        &self,
+        request: &'r SchedulingRequest<'_>,
+    ) -> Option<(usize, &'r [EndpointMatch])> {
+        let blocks = self.blocks(request).filter(|b| !b.is_empty())?;
+        let matches = request
+            .approx_matches
+            .get_or_init(|| self.index.read().match_prefix(blocks));
+        Some((blocks.len(), matches))
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -95,14 +108,12 @@ impl Scorer for PrefixCacheScorer {
         candidates: &[Arc<EndpointState>],
         scores: &mut [f64],
     ) {
-        let Some(blocks) = self.blocks(request).filter(|b| !b.is_empty()) else {
+        let Some((total, matches)) = self.matches(request) else {
             return;
         };
-        let matches = self.index.read().match_prefix(blocks);
-        let total = blocks.len() as f64;
         for m in matches {
-            if let Ok(i) = candidates.binary_search_by(|c| c.id().cmp(&m.endpoint)) {
-                scores[i] = f64::from(m.blocks) / total;
+            if let Some(i) = candidate_index(candidates, &m.endpoint) {
+                scores[i] = f64::from(m.blocks) / total as f64;
             }
         }
     }

@@ -3,7 +3,9 @@ use std::sync::Arc;
 use kvroute_core::{ContentPart, MessageContent, Prompt};
 use kvroute_endpoints::EndpointState;
 
-use crate::{Decision, PrecisePrefixScorer, PrefixCacheScorer, SchedulingRequest, Scorer};
+use crate::{
+    Decision, PrecisePrefixScorer, PrefixCacheScorer, SchedulingRequest, Scorer, candidate_index,
+};
 
 /// Bytes of text per token, for prompts kvroute cannot tokenize (the Inference Extension's
 /// estimate).
@@ -42,30 +44,27 @@ impl TtftScorer {
         let req = request.request?;
         let mut cached = vec![0u64; candidates.len()];
         let mut prompt = None;
-        let mut credit = |endpoint: &kvroute_core::EndpointId, tokens: u64| {
-            if let Ok(i) = candidates.binary_search_by(|c| c.id().cmp(endpoint)) {
-                cached[i] = cached[i].max(tokens);
-            }
-        };
         if let Some(precise) = &self.precise
-            && let Some((len, blocks)) = precise.blocks(request)
+            && let Some((len, _)) = precise.blocks(request)
         {
             prompt = Some(len as u64);
             let bs = precise.block_size() as u64;
-            for m in precise.index().read().match_prefix(blocks) {
-                if let Ok(i) = candidates.binary_search_by(|c| c.id().cmp(&m.endpoint))
+            for m in precise.matches(request).map_or(&[][..], |(_, m)| m) {
+                if let Some(i) = candidate_index(candidates, &m.endpoint)
                     && candidates[i].events_confirmed()
                 {
-                    credit(&m.endpoint, u64::from(m.blocks) * bs);
+                    cached[i] = cached[i].max(u64::from(m.blocks) * bs);
                 }
             }
         }
         if let Some(approx) = &self.approx
-            && let Some(blocks) = approx.blocks(request)
+            && let Some((_, matches)) = approx.matches(request)
         {
             let per_block = (approx.chunk_bytes() / BYTES_PER_TOKEN).max(1) as u64;
-            for m in approx.index().read().match_prefix(blocks) {
-                credit(&m.endpoint, u64::from(m.blocks) * per_block);
+            for m in matches {
+                if let Some(i) = candidate_index(candidates, &m.endpoint) {
+                    cached[i] = cached[i].max(u64::from(m.blocks) * per_block);
+                }
             }
         }
         let prompt = prompt.unwrap_or_else(|| estimate_tokens(&req.prompt));
@@ -189,6 +188,35 @@ mod tests {
         let decision = Decision::new(Arc::clone(&eps[2]), []);
         scorer.decided(&sr, &decision);
         assert_eq!(decision.prefill_tokens(), 24);
+    }
+
+    #[test]
+    fn the_expected_prefill_is_what_was_uncached_before_the_decision_recorded_it() {
+        let approx = Arc::new(PrefixCacheScorer::new(&crate::PrefixCacheConfig::default()));
+        let profile = crate::Profile::new(
+            vec![
+                (Box::new(Arc::clone(&approx)), 1.0),
+                (Box::new(TtftScorer::new(None, Some(approx))), 1.0),
+            ],
+            0,
+        );
+        let eps = registry(2).snapshot();
+        let req = InferenceRequest {
+            api: ApiKind::Completions,
+            model: "m".into(),
+            prompt: Prompt::Text("x".repeat(4000)),
+            cache_salt: None,
+            stream: false,
+            max_tokens: None,
+            chat: Default::default(),
+            hints: RequestHints::default(),
+        };
+        let hints = RequestHints::default();
+        let sr = SchedulingRequest::new(Some(&req), &hints);
+        let decision = crate::Scheduler::schedule(&profile, &sr, &eps).unwrap();
+        // Nothing was cached: all 1,000 estimated tokens are to compute, though the
+        // approximate scorer has recorded the prompt against the primary by now.
+        assert_eq!(decision.prefill_tokens(), 1000);
     }
 
     #[test]

@@ -382,23 +382,8 @@ async fn shared_prefixes_stick_to_one_endpoint_through_envoy() {
     let mut homes: Vec<HashSet<String>> = vec![HashSet::new(); tenants.len()];
     for round in 0..4 {
         for (t, system) in tenants.iter().enumerate() {
-            let body = serde_json::json!({
-                "model": "llama",
-                "messages": [
-                    {"role": "system", "content": system},
-                    {"role": "user", "content": format!("question {round}")}
-                ]
-            });
-            let reply = http(
-                envoy.port,
-                "POST",
-                "/v1/chat/completions",
-                &[],
-                body.to_string().into_bytes(),
-            )
-            .await;
-            assert_eq!(reply.status, 200, "{reply:?}");
-            homes[t].insert(reply.header("x-served-by").to_owned());
+            let question = format!("question {round}");
+            homes[t].insert(chat_served_by(envoy.port, system, &question).await);
         }
     }
     for (t, h) in homes.iter().enumerate() {

@@ -176,23 +176,8 @@ async fn pods_without_an_event_stream_are_routed_approximately() {
     let system = "You are the assistant of one tenant. Policies follow. ".repeat(30);
     let mut served = std::collections::HashSet::new();
     for round in 0..4 {
-        let body = serde_json::json!({
-            "model": "m",
-            "messages": [
-                {"role": "system", "content": system},
-                {"role": "user", "content": format!("question {round}")}
-            ]
-        });
-        let reply = http(
-            envoy.port,
-            "POST",
-            "/v1/chat/completions",
-            &[],
-            body.to_string().into_bytes(),
-        )
-        .await;
-        assert_eq!(reply.status, 200, "{reply:?}");
-        served.insert(reply.header("x-served-by").to_owned());
+        let question = format!("question {round}");
+        served.insert(chat_served_by(envoy.port, &system, &question).await);
     }
     assert_eq!(
         served.len(),

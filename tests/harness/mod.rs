@@ -187,6 +187,28 @@ pub async fn http(
     .await
 }
 
+/// A chat request with `system` and `question` through the gateway on `port`, answered
+/// 200; returns the backend that served it (`x-served-by`).
+pub async fn chat_served_by(port: u16, system: &str, question: &str) -> String {
+    let body = serde_json::json!({
+        "model": "llama",
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": question}
+        ]
+    });
+    let reply = http(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        body.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    reply.header("x-served-by").to_owned()
+}
+
 async fn get_ok(port: u16, path: &str) -> Option<String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let reply = test_support::http::try_request(addr, "GET", path, &[], Vec::new())

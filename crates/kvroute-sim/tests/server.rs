@@ -121,15 +121,21 @@ fn field<'a>(map: &'a Value, key: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {key} in {map}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serves_the_openai_api_metrics_and_kv_events() {
-    let (bound, stop) = start().await;
+/// A SUB socket on the pod's events, given time to reach the publisher.
+async fn subscribe(bound: &Bound) -> zeromq::SubSocket {
     let mut sub = zeromq::SubSocket::new();
     sub.connect(&format!("tcp://{}", bound.events))
         .await
         .unwrap();
     sub.subscribe("").await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
+    sub
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_the_openai_api_metrics_and_kv_events() {
+    let (bound, stop) = start().await;
+    let mut sub = subscribe(&bound).await;
 
     let doc = document();
     let prompts = [
@@ -303,12 +309,7 @@ async fn faults_on_demand() {
     assert_eq!(pending.await.unwrap().0, 200);
 
     // Dropped event messages: none arrive, but replay still has them.
-    let mut sub = zeromq::SubSocket::new();
-    sub.connect(&format!("tcp://{}", bound.events))
-        .await
-        .unwrap();
-    sub.subscribe("").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut sub = subscribe(&bound).await;
     assert_eq!(set_fault(&bound, "drop-events").await, 200);
     let fresh = "never seen before, a prompt of its own. ".repeat(4);
     assert_eq!(complete(&bound, &fresh).await, 200);

@@ -58,7 +58,8 @@ pub struct Applier {
     hasher: BlockHasher,
     endpoints: HashMap<EndpointId, HashMap64<Known>>,
     scratch: Vec<u8>,
-    hashes: Vec<(u64, BlockHash)>,
+    /// The stored blocks' kvroute hashes, reused from event to event.
+    hashes: Vec<BlockHash>,
 }
 
 impl Applier {
@@ -172,7 +173,7 @@ impl Applier {
             .zip(event.token_ids.chunks_exact(bs))
         {
             parent = BlockHasher::chain(parent, tokens, &mut self.scratch);
-            self.hashes.push((engine, parent));
+            self.hashes.push(parent);
             let entry = known.entry(engine).or_insert(Known {
                 hash: parent,
                 tiers: 0,
@@ -189,8 +190,7 @@ impl Applier {
             }
             entry.tiers |= bit(tier);
         }
-        let ours: Vec<BlockHash> = self.hashes.iter().map(|&(_, h)| h).collect();
-        for chunk in ours.chunks(WRITE_BATCH_BLOCKS) {
+        for chunk in self.hashes.chunks(WRITE_BATCH_BLOCKS) {
             index.write().store(endpoint, chunk, tier);
         }
         Applied {

@@ -121,14 +121,14 @@ impl ModelTokenizer {
             prefix,
             cache: Mutex::new(SegmentCache::default()),
         };
-        model.specials = model.special_splitter();
+        model.enable_segment_cache();
         Ok(model)
     }
 
-    /// The special tokens to split at, if splitting there gives exactly the tokenizer's
-    /// own result on a probe (tokenizers that strip around, or normalise into, special
-    /// tokens do not): otherwise the cache is off and every prompt is tokenized whole.
-    fn special_splitter(&self) -> Option<(AhoCorasick, Vec<u32>)> {
+    /// Splits text at the special tokens if that gives exactly the tokenizer's own result on
+    /// a probe (tokenizers that strip around, or normalise into, special tokens do not):
+    /// otherwise the cache stays off and every prompt is tokenized whole.
+    fn enable_segment_cache(&mut self) {
         let (texts, ids): (Vec<String>, Vec<u32>) = self
             .tokenizer
             .get_added_tokens_decoder()
@@ -136,29 +136,23 @@ impl ModelTokenizer {
             .filter(|(_, t)| t.special && !t.content.is_empty())
             .map(|(id, t)| (t.content, id))
             .unzip();
-        if texts.is_empty() {
-            return None;
-        }
-        let ac = AhoCorasick::builder()
+        let Some(s) = texts.first() else {
+            return;
+        };
+        let Ok(ac) = AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
             .build(&texts)
-            .ok()?;
-        let s = &texts[0];
-        let probe = format!("Hello world{s}\n  indented text {s}{s}x\n\n{s} tail ");
-        let whole = self.tokenizer.encode(probe.as_str(), false).ok()?;
-        let candidate = Self {
-            tokenizer: self.tokenizer.clone(),
-            template: None,
-            specials: Some((ac, ids)),
-            prefix: Vec::new(),
-            cache: Mutex::new(SegmentCache::default()),
+        else {
+            return;
         };
-        let split = candidate.encode_segments(&probe).ok()?;
-        if split == whole.get_ids() {
-            candidate.specials
-        } else {
-            None
+        let probe = format!("Hello world{s}\n  indented text {s}{s}x\n\n{s} tail ");
+        let whole = self.encode_plain(&probe);
+        self.specials = Some((ac, ids));
+        let split = self.encode_segments(&probe);
+        if !matches!((&whole, &split), (Ok(w), Ok(s)) if w[..] == s[..]) {
+            self.specials = None;
         }
+        *self.lock() = SegmentCache::default();
     }
 
     /// The prompt's token ids as vLLM computes them: a completion's text with the

@@ -345,20 +345,8 @@ pub async fn follow(
                     );
                 }
                 Order::Gap(from) => {
-                    match &replay_at {
-                        Some(at) => {
-                            catch_up(&mut follower, at, &config, &index, &metrics, &stop).await;
-                        }
-                        None => {
-                            let forgotten = follower.resync_at(&index, seq);
-                            metrics.resync("gap");
-                            warn!(
-                                from,
-                                to = seq,
-                                forgotten,
-                                "KV events missed and no replay socket: entries dropped"
-                            );
-                        }
+                    if let Some(at) = &replay_at {
+                        catch_up(&mut follower, at, &config, &index, &metrics, &stop).await;
                     }
                     match follower.order(seq, payload) {
                         Order::InOrder => {}
@@ -373,7 +361,8 @@ pub async fn follow(
                                 from,
                                 to = seq,
                                 forgotten,
-                                "KV-event gap not filled by replay: entries dropped"
+                                replay = replay_at.is_some(),
+                                "KV-event gap not filled: entries dropped"
                             );
                         }
                     }

@@ -10,7 +10,8 @@ use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_
 use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use kvroute_core::{ApiKind, InferenceRequest, RequestHints};
 use kvroute_extproc::{ExtProcConfig, Metrics, Router, StreamState};
-use kvroute_scheduler::{Profile, Scheduler};
+use kvroute_scheduler::config::DEFAULT_APPROX;
+use kvroute_scheduler::{BuildContext, EndpointPickerConfig, Scheduler, SchedulerHandle};
 use test_support::envoy::{protocol_config, request_body, request_headers, with_config};
 use test_support::{chat_body, registry, split};
 
@@ -42,15 +43,18 @@ fn messages(body: &[u8], chunks: usize) -> Vec<ProcessingRequest> {
 }
 
 /// `kvroute serve`'s default policy: approximate prefix affinity (3) and load (4).
-fn prefix_profile() -> Arc<dyn Scheduler> {
-    Arc::new(Profile::kvroute(None, 0))
+#[allow(clippy::expect_used, reason = "a fixed text shipped with the binary")]
+fn prefix_profile() -> Scheduler {
+    EndpointPickerConfig::parse(DEFAULT_APPROX)
+        .and_then(|c| c.build(&BuildContext::new(16)))
+        .expect("the shipped default configuration builds")
 }
 
-fn router(scheduler: Arc<dyn Scheduler>) -> Arc<Router> {
+fn router(scheduler: Scheduler) -> Arc<Router> {
     let mut prom = prometheus_client::registry::Registry::default();
     Router::new(
         registry(&[8001, 8002, 8003, 8004, 8005, 8006, 8007, 8008]),
-        scheduler,
+        Arc::new(SchedulerHandle::new(scheduler)),
         ExtProcConfig::default(),
         Metrics::register(&mut prom),
     )
@@ -60,7 +64,7 @@ fn decision(c: &mut Criterion) {
     bench_decisions(
         c,
         "decision",
-        &router(Arc::new(Profile::least_in_flight(0))),
+        &router(Scheduler::least_in_flight(0)),
     );
     // The same bodies through the default policy: the prompt is hashed (its first 256
     // blocks of 64 bytes), matched against the approximate index and recorded against the

@@ -25,7 +25,8 @@ use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use kvroute_core::{ChatOptions, Prompt};
 use kvroute_extproc::{ExtProcConfig, Metrics, Router, StreamState};
 use kvroute_index::{PrefixIndex, Shared, Tier};
-use kvroute_scheduler::{PrecisePrefixConfig, Profile, Tokenizers};
+use kvroute_scheduler::config::DEFAULT_PRECISE;
+use kvroute_scheduler::{BuildContext, EndpointPickerConfig, SchedulerHandle, Tokenizers};
 use kvroute_tokens::{BlockHasher, ExtraKeys, ModelTokenizer};
 use test_support::envoy::{protocol_config, request_body, request_headers, with_config};
 use test_support::registry;
@@ -132,12 +133,13 @@ fn body(messages: &[serde_json::Value]) -> Vec<u8> {
 fn router(model: &Arc<ModelTokenizer>, warm: &[serde_json::Value]) -> Arc<Router> {
     let mut tokenizers = Tokenizers::new();
     tokenizers.insert("m", Arc::clone(model));
-    let config = PrecisePrefixConfig {
-        block_size: 16,
-        tokenizers,
-        ..PrecisePrefixConfig::default()
-    };
     let index = Arc::new(Shared::new(PrefixIndex::new()));
+    let mut ctx = BuildContext::new(16);
+    ctx.tokenizers = tokenizers;
+    ctx.precise_index = Some(Arc::clone(&index));
+    let scheduler = EndpointPickerConfig::parse(DEFAULT_PRECISE)
+        .and_then(|c| c.build(&ctx))
+        .unwrap();
     let endpoints = registry(&[8001, 8002, 8003, 8004, 8005, 8006, 8007, 8008]);
     endpoints
         .snapshot()
@@ -155,7 +157,7 @@ fn router(model: &Arc<ModelTokenizer>, warm: &[serde_json::Value]) -> Arc<Router
     let mut prom = prometheus_client::registry::Registry::default();
     Router::new(
         endpoints,
-        Arc::new(Profile::kvroute(Some((index, &config)), 0)),
+        Arc::new(SchedulerHandle::new(scheduler)),
         ExtProcConfig::default(),
         Metrics::register(&mut prom),
     )

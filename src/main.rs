@@ -3,6 +3,7 @@
 
 mod admin;
 mod bench;
+mod config;
 mod serve;
 mod shutdown;
 mod sim;
@@ -33,6 +34,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Every routing policy side by side on the shipped trace and a chat workload.
     Demo(bench::DemoArgs),
+    /// Check a routing configuration, or print kvroute's default one.
+    Config(config::ConfigCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,5 +57,6 @@ fn main() -> anyhow::Result<()> {
         Command::Sim(args) => runtime.block_on(sim::run(args)),
         Command::Bench(args) => bench::run_bench(&args),
         Command::Demo(args) => bench::run_demo(&args),
+        Command::Config(cmd) => config::run(&cmd),
     }
 }

@@ -14,7 +14,8 @@ use kvroute_extproc::{
     BodySendMode, DEFAULT_MAX_BODY_BYTES, ExtProcConfig, ExtProcService, Metrics, Router,
 };
 use kvroute_index::{PrefixIndex, Shared};
-use kvroute_scheduler::{PrecisePrefixConfig, Profile, Scheduler, Tokenizers};
+use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE, LEAST_IN_FLIGHT};
+use kvroute_scheduler::{BuildContext, EndpointPickerConfig, SchedulerHandle, Tokenizers};
 use kvroute_tokens::ModelTokenizer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -41,9 +42,11 @@ pub(crate) struct ServeArgs {
     /// Request bodies larger than this are answered 413.
     #[arg(long, default_value_t = DEFAULT_MAX_BODY_BYTES, env = "KVROUTE_MAX_BODY_BYTES")]
     max_body_bytes: usize,
-    /// Routing policy.
+    /// Routing policy, when no configuration is given.
     #[arg(long, value_enum, default_value_t = Policy::Prefix)]
     policy: Policy,
+    #[command(flatten)]
+    config: ConfigArgs,
     /// Fallback endpoints listed after the primary (`ip:port,ip:port…`). Only for data planes
     /// that walk the list; Envoy's original-destination cluster needs exactly one (0).
     #[arg(long, default_value_t = 0)]
@@ -154,6 +157,19 @@ fn load_tokenizers(dir: &std::path::Path) -> anyhow::Result<Tokenizers> {
     Ok(tokenizers)
 }
 
+/// The routing configuration: an `EndpointPickerConfig` (upstream's flags).
+#[derive(Debug, Args)]
+#[group(multiple = false)]
+pub(crate) struct ConfigArgs {
+    /// An `EndpointPickerConfig` YAML file; re-read when it changes (a bad one is refused
+    /// and the running configuration stays).
+    #[arg(long, env = "KVROUTE_CONFIG_FILE")]
+    pub(crate) config_file: Option<PathBuf>,
+    /// An `EndpointPickerConfig` given inline.
+    #[arg(long, env = "KVROUTE_CONFIG_TEXT")]
+    pub(crate) config_text: Option<String>,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Policy {
     /// kvroute's default profile: approximate prefix-cache affinity (3) against load (4);
@@ -165,16 +181,35 @@ enum Policy {
 }
 
 impl Policy {
-    fn scheduler(
-        self,
-        fallbacks: usize,
-        precise: Option<(Arc<Shared<PrefixIndex>>, &PrecisePrefixConfig)>,
-    ) -> Arc<dyn Scheduler> {
+    /// The built-in configuration of this policy.
+    fn config(self, precise: bool) -> &'static str {
         match self {
-            Self::Prefix => Arc::new(Profile::kvroute(precise, fallbacks)),
-            Self::LeastInFlight => Arc::new(Profile::least_in_flight(fallbacks)),
+            Self::Prefix if precise => DEFAULT_PRECISE,
+            Self::Prefix => DEFAULT_APPROX,
+            Self::LeastInFlight => LEAST_IN_FLIGHT,
         }
     }
+}
+
+/// Parses and builds `text`, logging what kvroute reads but does not act on.
+pub(crate) fn build_config(
+    text: &str,
+    ctx: &BuildContext,
+) -> Result<kvroute_scheduler::Scheduler, kvroute_scheduler::ConfigError> {
+    let config = EndpointPickerConfig::parse(text)?;
+    let ignored = config.ignored_sections();
+    if !ignored.is_empty() {
+        info!(sections = ?ignored, "configuration sections read but set by kvroute's flags instead");
+    }
+    if let Some(scheme) = config.metrics_scheme()
+        && scheme != "http"
+    {
+        warn!(
+            scheme,
+            "metrics-data-source scheme: kvroute scrapes over http"
+        );
+    }
+    config.build(ctx)
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -230,11 +265,6 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for (adapter, base) in parse_adapters(&args.events.lora_adapters)? {
         tokenizers.insert_adapter(adapter, base);
     }
-    let precise_config = PrecisePrefixConfig {
-        block_size: args.events.block_size,
-        tokenizers,
-        ..PrecisePrefixConfig::default()
-    };
     let subscriptions = args.events.kv_events_port.map(|port| {
         Subscriptions::new(
             SubscriberConfig {
@@ -252,13 +282,21 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if subscriptions.is_some() {
         prom.register_collector(Box::new(IndexCollector(Arc::clone(&index))));
     }
-    let precise = subscriptions
-        .as_ref()
-        .map(|_| (Arc::clone(&index), &precise_config));
+    let mut ctx = BuildContext::new(args.events.block_size);
+    ctx.tokenizers = tokenizers;
+    ctx.precise_index = subscriptions.as_ref().map(|_| Arc::clone(&index));
+    let text = match (&args.config.config_file, &args.config.config_text) {
+        (Some(path), _) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading --config-file {}", path.display()))?,
+        (None, Some(text)) => text.clone(),
+        (None, None) => args.policy.config(subscriptions.is_some()).to_owned(),
+    };
+    let scheduler = build_config(&text, &ctx).context("routing configuration")?;
+    let scheduler = Arc::new(SchedulerHandle::new(scheduler));
 
     let router = Router::new(
         Arc::clone(&registry),
-        args.policy.scheduler(args.fallback_endpoints, precise),
+        Arc::clone(&scheduler),
         ExtProcConfig {
             max_body_bytes: args.max_body_bytes,
             assumed_body_mode: args.assume_body_mode.into(),
@@ -302,6 +340,15 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     let admin = tokio::spawn(admin::serve(admin_listener, admin_state, token.clone()));
     let events = subscriptions.map(|s| tokio::spawn(s.run(Arc::clone(&registry), token.clone())));
+    let reload = args.config.config_file.clone().map(|path| {
+        tokio::spawn(crate::config::watch(
+            path,
+            text,
+            ctx,
+            Arc::clone(&scheduler),
+            token.clone(),
+        ))
+    });
 
     shutdown::on_signal(token.clone()).await?;
     set_health(&reporter, ServingStatus::NotServing).await;
@@ -314,6 +361,11 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             && let Err(e) = events.await
         {
             warn!(error = %e, "KV-event subscriptions task failed");
+        }
+        if let Some(reload) = reload
+            && let Err(e) = reload.await
+        {
+            warn!(error = %e, "configuration watch task failed");
         }
         (grpc, admin)
     })

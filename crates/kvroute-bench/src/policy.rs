@@ -6,10 +6,8 @@ use kvroute_core::{ApiKind, Endpoint, EndpointId, InferenceRequest, Prompt, Requ
 use kvroute_endpoints::{EndpointState, InFlightGuard, Registry};
 use kvroute_events::{Applier, BlockStored, FirstExtra, KvEvent, Medium};
 use kvroute_index::{PrefixIndex, Shared};
-use kvroute_scheduler::{
-    LoadScorer, PrecisePrefixConfig, PrecisePrefixScorer, PrefixCacheConfig, PrefixCacheScorer,
-    Profile, Scheduler, SchedulingRequest,
-};
+use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE};
+use kvroute_scheduler::{BuildContext, EndpointPickerConfig, Scheduler, SchedulingRequest};
 use kvroute_sim::{KvEvent as SimEvent, PodView, RequestId, RouteFn, SimRequest, StepReport};
 use kvroute_tokens::{BlockHasher, ExtraKeys};
 
@@ -19,6 +17,36 @@ use crate::synthetic::Rng;
 /// Prompt tokens handed to the router: the approximate scorer hashes at most 256 blocks of
 /// 64 bytes, which token ids (4 bytes each) fill after 4,096 tokens.
 const ROUTED_PROMPT_TOKENS: usize = 4096;
+
+/// The Inference Extension's approximate prefix routing: prefix 3 against load 4 (its queue
+/// 2 + KV-utilisation 2, stood in for by in-flight counts, min–max normalised).
+const APPROX_PREFIX: &str = "
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: prefix-cache-scorer
+- type: load-scorer
+  parameters: {headroom: 1}
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: prefix-cache-scorer, weight: 3}
+  - {pluginRef: load-scorer, weight: 4}
+";
+
+/// Precise prefix matching from the pods' events, 3, against load, 4.
+const PRECISE_PREFIX: &str = "
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: precise-prefix-cache-scorer
+- type: load-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: precise-prefix-cache-scorer, weight: 3}
+  - {pluginRef: load-scorer, weight: 4}
+";
 
 /// A routing policy under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -149,7 +177,7 @@ pub struct PolicyRouter {
     policy: Policy,
     next: usize,
     rng: Rng,
-    scheduler: Option<Box<dyn Scheduler>>,
+    scheduler: Option<Scheduler>,
     events: Option<EventFeed>,
     sglang: Option<SglangCacheAware>,
     dynamo: Option<DynamoCost>,
@@ -195,40 +223,24 @@ impl PolicyRouter {
             ids: endpoints.iter().map(|e| e.id().clone()).collect(),
             hasher: BlockHasher::new(block_size),
         });
-        let precise_config = PrecisePrefixConfig {
-            block_size,
-            ..PrecisePrefixConfig::default()
-        };
-        let scheduler: Option<Box<dyn Scheduler>> = match policy {
-            Policy::LeastLoad => Some(Box::new(Profile::least_in_flight(0))),
-            Policy::ApproxPrefix => Some(Box::new(Profile::new(
-                vec![
-                    (
-                        Box::new(PrefixCacheScorer::new(&PrefixCacheConfig::default())),
-                        3.0,
-                    ),
-                    (Box::new(LoadScorer::new(1)), 4.0),
-                ],
-                0,
-            ))),
-            Policy::PrecisePrefix => events.as_ref().map(|feed| -> Box<dyn Scheduler> {
-                let precise = PrecisePrefixScorer::new(Arc::clone(&feed.index), &precise_config);
-                Box::new(Profile::new(
-                    vec![
-                        (Box::new(precise), 3.0),
-                        (Box::new(LoadScorer::default()), 4.0),
-                    ],
-                    0,
-                ))
-            }),
-            Policy::KvrouteApprox => Some(Box::new(Profile::kvroute(None, 0))),
-            Policy::Kvroute => Some(Box::new(Profile::kvroute(
-                events
-                    .as_ref()
-                    .map(|feed| (Arc::clone(&feed.index), &precise_config)),
-                0,
-            ))),
+        let mut ctx = BuildContext::new(block_size);
+        ctx.precise_index = events.as_ref().map(|feed| Arc::clone(&feed.index));
+        let config = match policy {
+            Policy::ApproxPrefix => Some(APPROX_PREFIX),
+            Policy::PrecisePrefix if events.is_some() => Some(PRECISE_PREFIX),
+            Policy::KvrouteApprox => Some(DEFAULT_APPROX),
+            Policy::Kvroute if events.is_some() => Some(DEFAULT_PRECISE),
             _ => None,
+        };
+        // The same configurations and plugin code `kvroute serve` runs; these are fixed
+        // texts, so failing to build one is a bug in this crate.
+        let scheduler = match policy {
+            Policy::LeastLoad => Some(Scheduler::least_in_flight(0)),
+            _ => config.map(|text| {
+                EndpointPickerConfig::parse(text)
+                    .and_then(|c| c.build(&ctx))
+                    .unwrap_or_else(|e| panic!("built-in configuration for {policy:?}: {e}"))
+            }),
         };
         Self {
             policy,

@@ -16,7 +16,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::google::protobuf::Struct;
 use kvroute_core::{ApiKind, InferenceRequest, RequestHints};
 use kvroute_endpoints::{EndpointState, InFlightGuard, Registry};
-use kvroute_scheduler::{ScheduleError, Scheduler, SchedulingRequest};
+use kvroute_scheduler::{ScheduleError, SchedulerHandle, SchedulingRequest};
 use tracing::{debug, warn};
 
 use crate::metrics::{Metrics, Outcome};
@@ -50,16 +50,17 @@ impl Default for ExtProcConfig {
 #[derive(Debug)]
 pub struct Router {
     registry: Arc<Registry>,
-    scheduler: Arc<dyn Scheduler>,
+    scheduler: Arc<SchedulerHandle>,
     config: ExtProcConfig,
     metrics: Metrics,
 }
 
 impl Router {
-    /// Routes over `registry`'s endpoints with `scheduler`.
+    /// Routes over `registry`'s endpoints with the scheduler `scheduler` holds (replaced
+    /// there when the configuration is reloaded).
     pub fn new(
         registry: Arc<Registry>,
-        scheduler: Arc<dyn Scheduler>,
+        scheduler: Arc<SchedulerHandle>,
         config: ExtProcConfig,
         metrics: Metrics,
     ) -> Arc<Self> {
@@ -518,6 +519,7 @@ impl StreamState {
         let scheduled = self
             .router
             .scheduler
+            .load()
             .schedule(&SchedulingRequest::new(request, &self.hints), &candidates);
         match scheduled {
             Ok(decision) => {
@@ -526,8 +528,8 @@ impl StreamState {
                         .primary()
                         .acquire_with_prefill(decision.prefill_tokens()),
                 );
-                let mut dest = String::with_capacity(24 * decision.targets().len());
-                for (i, t) in decision.targets().iter().enumerate() {
+                let mut dest = String::with_capacity(24 * (1 + decision.fallbacks().len()));
+                for (i, t) in decision.targets().enumerate() {
                     if i > 0 {
                         dest.push(',');
                     }
@@ -536,7 +538,7 @@ impl StreamState {
                 debug!(request_id = %self.request_id, destination = %dest, api = ?self.api, "routed");
                 Ok(dest)
             }
-            Err(ScheduleError::NoCandidates) => {
+            Err(ScheduleError::NoCandidates | ScheduleError::AllFiltered) => {
                 self.router.metrics.outcome(Outcome::NoEndpoint);
                 Err(NoEndpoint {
                     subset: self.subset.is_some(),

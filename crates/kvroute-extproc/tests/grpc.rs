@@ -12,7 +12,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use kvroute_endpoints::Registry;
 use kvroute_extproc::{ExtProcConfig, ExtProcService, Metrics, Router};
-use kvroute_scheduler::Profile;
+use kvroute_scheduler::{Scheduler, SchedulerHandle};
 use prometheus_client::encoding::text::encode;
 use test_support::envoy::*;
 use test_support::{chat_body, registry};
@@ -33,7 +33,7 @@ async fn serve() -> Served {
     let mut prom = prometheus_client::registry::Registry::with_prefix("kvroute");
     let router = Router::new(
         Arc::clone(&registry),
-        Arc::new(Profile::least_in_flight(0)),
+        Arc::new(SchedulerHandle::new(Scheduler::least_in_flight(0))),
         ExtProcConfig::default(),
         Metrics::register(&mut prom),
     );

@@ -3,7 +3,7 @@ use std::collections::HashMap;
 use kvroute_core::{BlockHash, EndpointId};
 
 use crate::hasher::Map;
-use crate::index::{EndpointMatch, PrefixIndex, Tier};
+use crate::index::{EndpointMatch, MatchScratch, PrefixIndex, Tier};
 
 /// Blocks remembered per endpoint unless configured otherwise: the Gateway API Inference
 /// Extension's `lruCapacityPerServer` (31,250 blocks of 64 characters: ~500k tokens, what an
@@ -76,6 +76,16 @@ impl ApproxIndex {
     /// next [`Self::record`] or [`Self::expire`] removes them.
     pub fn match_prefix(&self, blocks: &[BlockHash]) -> Vec<EndpointMatch> {
         self.index.match_prefix(blocks)
+    }
+
+    /// See [`PrefixIndex::match_prefix_into`].
+    pub fn match_prefix_into(
+        &self,
+        blocks: &[BlockHash],
+        scratch: &mut MatchScratch,
+        out: &mut Vec<EndpointMatch>,
+    ) {
+        self.index.match_prefix_into(blocks, scratch, out);
     }
 
     /// Records that a request with `blocks` was sent to `endpoint` at `now_ms`. The prefix

@@ -229,30 +229,42 @@ impl PrefixIndex {
     /// rather than a pass over every endpoint still matching.
     pub fn match_prefix(&self, blocks: &[BlockHash]) -> Vec<EndpointMatch> {
         let mut out = Vec::new();
+        self.match_prefix_into(blocks, &mut MatchScratch::default(), &mut out);
+        out
+    }
+
+    /// [`Self::match_prefix`] into `out` (cleared first), with `scratch` reused between
+    /// calls: a warm caller allocates nothing.
+    pub fn match_prefix_into(
+        &self,
+        blocks: &[BlockHash],
+        scratch: &mut MatchScratch,
+        out: &mut Vec<EndpointMatch>,
+    ) {
+        out.clear();
+        let active = &mut scratch.active;
+        active.clear();
         let Some((first, rest)) = blocks.split_first() else {
-            return out;
+            return;
         };
         for b in blocks.iter().take(PREFETCH) {
             self.nodes.prefetch(b.0);
         }
         let Some(holders) = self.nodes.get(first.0) else {
-            return out;
+            return;
         };
         let mut prev = holders.as_slice();
         // Endpoints that held every block so far, sorted by slot like every holder list.
-        let mut active: Vec<Active> = prev
-            .iter()
-            .map(|&w| {
-                let tier = Tier::best(holders::tiers_of(w));
-                let mut counts = [0; 3];
-                counts[tier] = 1;
-                Active {
-                    slot: holders::slot_of(w),
-                    tier,
-                    counts,
-                }
-            })
-            .collect();
+        active.extend(prev.iter().map(|&w| {
+            let tier = Tier::best(holders::tiers_of(w));
+            let mut counts = [0; 3];
+            counts[tier] = 1;
+            Active {
+                slot: holders::slot_of(w),
+                tier,
+                counts,
+            }
+        }));
         // Blocks since `prev` changed whose holders equal `prev`: not yet counted.
         let mut run = 0;
         for (i, &BlockHash(h)) in rest.iter().enumerate() {
@@ -268,7 +280,7 @@ impl PrefixIndex {
                 run += 1;
                 continue;
             }
-            flush(&mut active, &mut run);
+            flush(active, &mut run);
             let mut k = 0;
             let mut kept = 0;
             for i in 0..active.len() {
@@ -282,20 +294,19 @@ impl PrefixIndex {
                     active[kept] = a;
                     kept += 1;
                 } else {
-                    self.emit(a.slot, a.counts, &mut out);
+                    self.emit(a.slot, a.counts, out);
                 }
             }
             active.truncate(kept);
             if active.is_empty() {
-                return out;
+                return;
             }
             prev = words;
         }
-        flush(&mut active, &mut run);
-        for a in active {
-            self.emit(a.slot, a.counts, &mut out);
+        flush(active, &mut run);
+        for a in active.iter() {
+            self.emit(a.slot, a.counts, out);
         }
-        out
     }
 
     fn emit(&self, slot: u32, per_tier: [u32; 3], out: &mut Vec<EndpointMatch>) {
@@ -313,9 +324,16 @@ impl PrefixIndex {
 /// work of that many lookups (measured: `docs/index.md`).
 const PREFETCH: usize = 8;
 
+/// Working memory of [`PrefixIndex::match_prefix_into`], kept by a caller that matches
+/// often so that matching allocates nothing once warm.
+#[derive(Debug, Default)]
+pub struct MatchScratch {
+    active: Vec<Active>,
+}
+
 /// An endpoint still matching: its slot, the tier of the last block counted, and the
 /// blocks counted per tier.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct Active {
     slot: u32,
     tier: usize,

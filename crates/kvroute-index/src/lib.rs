@@ -16,6 +16,6 @@ mod table;
 
 pub use approx::{ApproxIndex, DEFAULT_LRU_CAPACITY};
 pub use hasher::{KeyHasher, KeyState, Map as HashMap64, Set as HashSet64};
-pub use index::{EndpointMatch, PrefixIndex, Tier};
+pub use index::{EndpointMatch, MatchScratch, PrefixIndex, Tier};
 pub use kvroute_core::BlockHash;
 pub use shared::{Shared, WRITE_BATCH_BLOCKS};

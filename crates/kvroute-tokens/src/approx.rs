@@ -1,5 +1,5 @@
 use kvroute_core::{BlockHash, ContentPart, MessageContent, Prompt};
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+use xxhash_rust::xxh3::{Xxh3, xxh3_64_with_seed};
 
 /// Bytes of prompt text per approximate block: 16 tokens at ~4 bytes per token, the figures
 /// the Gateway API Inference Extension's approximate prefix scorer uses (`blockSizeTokens`
@@ -52,18 +52,33 @@ impl ApproxHasher {
         prompt: &Prompt,
         out: &mut Vec<BlockHash>,
     ) {
-        let mut key = Vec::with_capacity(model.len() + 2 + cache_salt.map_or(0, str::len));
-        key.extend_from_slice(model.as_bytes());
-        key.push(0);
+        self.hash_prompt_with(model, cache_salt, prompt, &mut Vec::new(), out);
+    }
+
+    /// [`Self::hash_prompt`] with the caller's `scratch` bytes, so that a warm caller
+    /// allocates nothing.
+    pub fn hash_prompt_with(
+        &self,
+        model: &str,
+        cache_salt: Option<&str>,
+        prompt: &Prompt,
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<BlockHash>,
+    ) {
+        // Streamed, so no key is built: the same bytes as one buffer would hash alike.
+        let mut key = Xxh3::new();
+        key.update(model.as_bytes());
+        key.update(&[0]);
         if let Some(salt) = cache_salt {
-            key.push(1);
-            key.extend_from_slice(salt.as_bytes());
+            key.update(&[1]);
+            key.update(salt.as_bytes());
         }
+        scratch.clear();
         let mut chunker = Chunker {
             size: self.chunk_bytes,
             limit: out.len() + self.max_blocks,
-            buf: Vec::with_capacity(self.chunk_bytes),
-            parent: xxh3_64(&key),
+            buf: scratch,
+            parent: key.digest(),
             out,
         };
         match prompt {
@@ -111,7 +126,7 @@ impl ApproxHasher {
 struct Chunker<'a> {
     size: usize,
     limit: usize,
-    buf: Vec<u8>,
+    buf: &'a mut Vec<u8>,
     parent: u64,
     out: &'a mut Vec<BlockHash>,
 }
@@ -139,9 +154,9 @@ impl Chunker<'_> {
                 self.buf.extend_from_slice(&bytes[..take]);
                 bytes = &bytes[take..];
                 if self.buf.len() == self.size {
-                    let chunk = std::mem::take(&mut self.buf);
+                    let chunk = std::mem::take(self.buf);
                     self.emit(&chunk);
-                    self.buf = chunk;
+                    *self.buf = chunk;
                     self.buf.clear();
                 }
             }
@@ -244,8 +259,9 @@ mod tests {
             let cut = cut.min(text.len());
             let whole = hash(&h, "m", None, &Prompt::Text(text.clone()));
             let mut out = Vec::new();
-            let mut chunker = Chunker { size: 7, limit: 1000, buf: Vec::new(), parent: {
-                let mut key = b"m".to_vec(); key.push(0); xxh3_64(&key) }, out: &mut out };
+            let mut buf = Vec::new();
+            let mut chunker = Chunker { size: 7, limit: 1000, buf: &mut buf, parent: {
+                let mut key = b"m".to_vec(); key.push(0); xxhash_rust::xxh3::xxh3_64(&key) }, out: &mut out };
             chunker.feed(&text.as_bytes()[..cut]);
             chunker.feed(&text.as_bytes()[cut..]);
             prop_assert_eq!(whole, out);

@@ -1,5 +1,5 @@
 use kvroute_core::BlockHash;
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+use xxhash_rust::xxh3::{Xxh3, xxh3_64_with_seed};
 
 /// What besides tokens makes two cache entries distinct (vLLM's "extra keys").
 #[derive(Clone, Copy, Default, Debug)]
@@ -32,21 +32,20 @@ impl BlockHasher {
     /// The hash every chain starts from: it covers the extra keys, so requests under another
     /// adapter or salt never share a block.
     pub fn root(extra: &ExtraKeys<'_>) -> BlockHash {
-        let mut key = Vec::with_capacity(
-            16 + extra.lora.map_or(0, str::len) + extra.cache_salt.map_or(0, str::len),
-        );
-        key.extend_from_slice(b"kvroute/blocks/1");
+        // Streamed, so no key is built: the same bytes as one buffer would hash alike.
+        let mut key = Xxh3::new();
+        key.update(b"kvroute/blocks/1");
         for part in [extra.lora, extra.cache_salt] {
             match part {
                 Some(s) => {
-                    key.push(1);
-                    key.extend_from_slice(&(s.len() as u64).to_le_bytes());
-                    key.extend_from_slice(s.as_bytes());
+                    key.update(&[1]);
+                    key.update(&(s.len() as u64).to_le_bytes());
+                    key.update(s.as_bytes());
                 }
-                None => key.push(0),
+                None => key.update(&[0]),
             }
         }
-        BlockHash(xxh3_64(&key))
+        BlockHash(key.digest())
     }
 
     /// The hash of one block of tokens whose parent block hashes to `parent`.
@@ -59,11 +58,22 @@ impl BlockHasher {
     /// Appends the hashes of every full block of `tokens` to `out`; a trailing partial block
     /// is not hashed (model servers cache full blocks only).
     pub fn hash_tokens(&self, tokens: &[u32], extra: &ExtraKeys<'_>, out: &mut Vec<BlockHash>) {
+        self.hash_tokens_with(tokens, extra, &mut Vec::new(), out);
+    }
+
+    /// [`Self::hash_tokens`] with the caller's `scratch` bytes, so that a warm caller
+    /// allocates nothing.
+    pub fn hash_tokens_with(
+        &self,
+        tokens: &[u32],
+        extra: &ExtraKeys<'_>,
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<BlockHash>,
+    ) {
         let mut parent = Self::root(extra);
-        let mut scratch = Vec::with_capacity(self.block_size * 4);
         out.reserve(tokens.len() / self.block_size);
         for block in tokens.chunks_exact(self.block_size) {
-            parent = Self::chain(parent, block, &mut scratch);
+            parent = Self::chain(parent, block, scratch);
             out.push(parent);
         }
     }

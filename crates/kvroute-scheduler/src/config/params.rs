@@ -1,0 +1,444 @@
+//! Plugin types, their parameters (upstream's names where the concept is the same), and how
+//! each is built.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use kvroute_index::DEFAULT_LRU_CAPACITY;
+use kvroute_tokens::{DEFAULT_CHUNK_BYTES, DEFAULT_MAX_BLOCKS};
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
+
+use super::{BuildContext, ConfigError, approx_producer, precise_producer, prefix_scorer};
+use crate::cycle::BYTES_PER_TOKEN;
+use crate::plugins::filters::{LabelSelectorFilter, RoleFilter, Selector};
+use crate::plugins::handler::SingleProfileHandler;
+use crate::plugins::load::LoadScorer;
+use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
+use crate::plugins::ttft::TtftScorer;
+use crate::{Plugin, SlotId};
+
+macro_rules! plugin_types {
+    ($($variant:ident => $name:literal),* $(,)?) => {
+        /// Every plugin type a configuration may name.
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+        pub enum PluginType { $($variant),* }
+
+        impl PluginType {
+            /// Every type, in the order `kvroute config types` lists them.
+            pub const ALL: &[PluginType] = &[$(PluginType::$variant),*];
+
+            /// The name a configuration writes.
+            pub fn as_str(self) -> &'static str {
+                match self { $(PluginType::$variant => $name),* }
+            }
+
+            fn from_name(name: &str) -> Option<Self> {
+                match name { $($name => Some(PluginType::$variant),)* _ => None }
+            }
+        }
+    };
+}
+
+plugin_types! {
+    PrefixCacheScorer => "prefix-cache-scorer",
+    PrecisePrefixCacheScorer => "precise-prefix-cache-scorer",
+    ApproxPrefixCacheProducer => "approx-prefix-cache-producer",
+    PrecisePrefixCacheProducer => "precise-prefix-cache-producer",
+    MaxScorePicker => "max-score-picker",
+    RandomPicker => "random-picker",
+    WeightedRandomPicker => "weighted-random-picker",
+    SingleProfileHandler => "single-profile-handler",
+    LabelSelectorFilter => "label-selector-filter",
+    PrefillFilter => "prefill-filter",
+    DecodeFilter => "decode-filter",
+    MetricsDataSource => "metrics-data-source",
+    CoreMetricsExtractor => "core-metrics-extractor",
+    LoadScorer => "load-scorer",
+    TtftScorer => "ttft-scorer",
+}
+
+impl PluginType {
+    /// Whether a plugin of this type fills a prefix slot of its own.
+    pub(crate) fn produces_prefix(self) -> bool {
+        matches!(
+            self,
+            Self::PrefixCacheScorer
+                | Self::PrecisePrefixCacheScorer
+                | Self::ApproxPrefixCacheProducer
+                | Self::PrecisePrefixCacheProducer
+        )
+    }
+}
+
+impl fmt::Display for PluginType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for PluginType {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        PluginType::from_name(&name).ok_or_else(|| {
+            let known: Vec<&str> = PluginType::ALL.iter().map(|t| t.as_str()).collect();
+            de::Error::custom(format!(
+                "unknown plugin type {name:?} (kvroute knows {})",
+                known.join(", ")
+            ))
+        })
+    }
+}
+
+/// One entry of `plugins`.
+#[derive(Debug)]
+pub(crate) struct PluginSpec {
+    pub(crate) plugin_type: PluginType,
+    name: Option<String>,
+    pub(crate) params: Params,
+}
+
+impl PluginSpec {
+    /// The plugin's name: as given, else its type's.
+    pub(crate) fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(self.plugin_type.as_str())
+    }
+}
+
+/// Upstream's approximate prefix parameters (`prefix-cache-scorer`,
+/// `approx-prefix-cache-producer`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct ApproxParams {
+    /// Tokens per block (kvroute hashes `4 ×` as many bytes of text): upstream's default 16.
+    block_size_tokens: Option<usize>,
+    /// The older parameter: characters per block.
+    block_size: Option<usize>,
+    max_prefix_blocks_to_match: Option<usize>,
+    max_prefix_tokens_to_match: Option<usize>,
+    lru_capacity_per_server: Option<usize>,
+    /// Upstream sizes the LRU from the pods' cache metrics; kvroute keeps the configured
+    /// capacity (accepted so upstream's configurations load).
+    #[serde(rename = "autoTune")]
+    _auto_tune: Option<bool>,
+    /// Read another producer's matches instead of producing them.
+    prefix_match_info_producer_name: Option<String>,
+    match_length_weight: Option<f64>,
+    match_length_scale_tokens: Option<usize>,
+}
+
+/// Upstream's precise producer parameters; kvroute takes the events' address, the tokenizers
+/// and the block size from its flags, and checks the block size given here against them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct PreciseParams {
+    token_processor_config: Option<TokenProcessorConfig>,
+    /// Where events come from and how blocks are indexed: kvroute's flags
+    /// (`--kv-events-port`, `--kv-replay-port`) say, so these are accepted and not read.
+    #[serde(rename = "kvEventsConfig")]
+    _kv_events_config: Option<de::IgnoredAny>,
+    #[serde(rename = "indexerConfig")]
+    _indexer_config: Option<de::IgnoredAny>,
+    #[serde(rename = "speculativeIndexing")]
+    _speculative_indexing: Option<bool>,
+    #[serde(rename = "speculativeTTL")]
+    _speculative_ttl: Option<String>,
+    prefix_match_info_producer_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TokenProcessorConfig {
+    block_size: Option<usize>,
+    block_size_tokens: Option<usize>,
+    /// The engine's hash seed: kvroute keys its index by its own hash of the events' token
+    /// ids, so it needs none.
+    #[serde(rename = "hashSeed")]
+    _hash_seed: Option<de::IgnoredAny>,
+}
+
+/// Pickers' parameter.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct PickerParams {
+    max_num_of_endpoints: Option<usize>,
+}
+
+/// `label-selector-filter`: a Kubernetes label selector.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct LabelSelectorParams {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    match_expressions: Vec<Selector>,
+}
+
+/// `metrics-data-source`: where the pods' metrics are read.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct MetricsSourceParams {
+    pub(crate) scheme: Option<String>,
+    pub(crate) path: Option<String>,
+    #[serde(rename = "insecureSkipVerify")]
+    _insecure_skip_verify: Option<bool>,
+}
+
+/// `core-metrics-extractor`: which engine's metric names the pods use; kvroute reads both
+/// vLLM's and SGLang's.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct ExtractorParams {
+    #[serde(rename = "defaultEngine")]
+    _default_engine: Option<String>,
+    #[serde(rename = "engineConfigs")]
+    _engine_configs: Option<de::IgnoredAny>,
+    #[serde(rename = "engineLabelKey")]
+    _engine_label_key: Option<String>,
+}
+
+/// `load-scorer` (kvroute's).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct LoadParams {
+    /// In-flight spread that counts in full (default 8).
+    headroom: Option<usize>,
+}
+
+/// `ttft-scorer` (kvroute's).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct TtftParams {
+    /// Prefix producers whose matches count (default: all).
+    #[serde(default)]
+    producers: Vec<String>,
+}
+
+/// A plugin type without parameters.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NoParams {}
+
+/// One plugin's parameters, read as its type defines them.
+#[derive(Debug)]
+pub(crate) enum Params {
+    Approx(ApproxParams),
+    Precise(PreciseParams),
+    Picker(PickerParams),
+    LabelSelector(LabelSelectorParams),
+    MetricsDataSource(MetricsSourceParams),
+    Extractor(#[allow(dead_code, reason = "read only to validate the YAML")] ExtractorParams),
+    Load(LoadParams),
+    Ttft(TtftParams),
+    None(NoParams),
+}
+
+/// Reads the parameters of a plugin of type `.0`.
+struct ParamsSeed(PluginType);
+
+impl<'de> DeserializeSeed<'de> for ParamsSeed {
+    type Value = Params;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Params, D::Error> {
+        fn or_default<'de, T: Deserialize<'de> + Default, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<T, D::Error> {
+            Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+        }
+        use PluginType as T;
+        Ok(match self.0 {
+            T::PrefixCacheScorer | T::ApproxPrefixCacheProducer => Params::Approx(or_default(d)?),
+            T::PrecisePrefixCacheScorer | T::PrecisePrefixCacheProducer => {
+                Params::Precise(or_default(d)?)
+            }
+            T::MaxScorePicker | T::RandomPicker | T::WeightedRandomPicker => {
+                Params::Picker(or_default(d)?)
+            }
+            T::LabelSelectorFilter => Params::LabelSelector(or_default(d)?),
+            T::MetricsDataSource => Params::MetricsDataSource(or_default(d)?),
+            T::CoreMetricsExtractor => Params::Extractor(or_default(d)?),
+            T::LoadScorer => Params::Load(or_default(d)?),
+            T::TtftScorer => Params::Ttft(or_default(d)?),
+            T::SingleProfileHandler | T::PrefillFilter | T::DecodeFilter => {
+                Params::None(or_default(d)?)
+            }
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for PluginSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(SpecVisitor)
+    }
+}
+
+struct SpecVisitor;
+
+impl<'de> Visitor<'de> for SpecVisitor {
+    type Value = PluginSpec;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a plugin: {type, name, parameters}")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<PluginSpec, A::Error> {
+        let mut plugin_type: Option<PluginType> = None;
+        let mut name: Option<String> = None;
+        let mut params: Option<Params> = None;
+        let mut early: Option<serde_yaml_ng::Value> = None;
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "type" => plugin_type = Some(map.next_value()?),
+                "name" => name = Some(map.next_value()?),
+                // Read as the type says while the parser knows where it is, so a wrong
+                // parameter is reported with its line.
+                "parameters" => match plugin_type {
+                    Some(t) => params = Some(map.next_value_seed(ParamsSeed(t))?),
+                    None => early = Some(map.next_value()?),
+                },
+                other => {
+                    return Err(de::Error::unknown_field(
+                        other,
+                        &["type", "name", "parameters"],
+                    ));
+                }
+            }
+        }
+        let plugin_type = plugin_type.ok_or_else(|| de::Error::missing_field("type"))?;
+        let params = match (params, early) {
+            (Some(p), _) => p,
+            (None, Some(v)) => ParamsSeed(plugin_type)
+                .deserialize(v)
+                .map_err(|e| de::Error::custom(format!("{plugin_type} parameters: {e}")))?,
+            (None, None) => ParamsSeed(plugin_type)
+                .deserialize(serde_yaml_ng::Value::Null)
+                .map_err(|e| de::Error::custom(format!("{plugin_type} parameters: {e}")))?,
+        };
+        Ok(PluginSpec {
+            plugin_type,
+            name,
+            params,
+        })
+    }
+}
+
+/// Builds the plugin `spec` describes.
+pub(super) fn build(
+    spec: &PluginSpec,
+    ctx: &BuildContext,
+    slots: &HashMap<&str, SlotId>,
+    resolve: &dyn Fn(&str, &str) -> Result<SlotId, ConfigError>,
+) -> Result<Arc<dyn Plugin>, ConfigError> {
+    use PluginType as T;
+    let name = spec.name();
+    let from = format!("plugin {name:?}");
+    let own_slot = slots.get(name).copied();
+    Ok(match (&spec.params, spec.plugin_type) {
+        (Params::Approx(p), t) => {
+            let tokens = p
+                .block_size_tokens
+                .unwrap_or(DEFAULT_CHUNK_BYTES / BYTES_PER_TOKEN);
+            let chunk_bytes = p
+                .block_size
+                .unwrap_or(tokens.saturating_mul(BYTES_PER_TOKEN))
+                .max(1);
+            let max_blocks = match (p.max_prefix_blocks_to_match, p.max_prefix_tokens_to_match) {
+                (Some(b), _) => b,
+                (None, Some(t)) => (t / tokens.max(1)).max(1),
+                (None, None) => DEFAULT_MAX_BLOCKS,
+            };
+            let capacity = p.lru_capacity_per_server.unwrap_or(DEFAULT_LRU_CAPACITY);
+            let named = p
+                .prefix_match_info_producer_name
+                .as_deref()
+                .map(|n| resolve(&from, n))
+                .transpose()?;
+            let own = own_slot.filter(|_| named.is_none()).map(|slot| {
+                (
+                    slot,
+                    approx_producer(ctx, name, slot, chunk_bytes, max_blocks, capacity),
+                )
+            });
+            if t == T::ApproxPrefixCacheProducer {
+                match own {
+                    Some((_, p)) => p,
+                    None => {
+                        return Err(ConfigError::Unavailable {
+                            name: name.to_owned(),
+                            plugin_type: t.as_str(),
+                            reason: "a producer cannot read another producer".into(),
+                        });
+                    }
+                }
+            } else {
+                let weight = p.match_length_weight.unwrap_or(0.0);
+                if !(0.0..=1.0).contains(&weight) {
+                    return Err(ConfigError::Unavailable {
+                        name: name.to_owned(),
+                        plugin_type: t.as_str(),
+                        reason: format!("matchLengthWeight {weight} is not in [0, 1]"),
+                    });
+                }
+                let scale = p.match_length_scale_tokens.unwrap_or(8192).max(1);
+                Arc::new(prefix_scorer(t, own, named).with_match_length(weight, scale as f64))
+            }
+        }
+        (Params::Precise(p), t) => {
+            let block_size = p
+                .token_processor_config
+                .as_ref()
+                .and_then(|c| c.block_size.or(c.block_size_tokens));
+            let named = p
+                .prefix_match_info_producer_name
+                .as_deref()
+                .map(|n| resolve(&from, n))
+                .transpose()?;
+            let own = match own_slot.filter(|_| named.is_none()) {
+                Some(slot) => Some((slot, precise_producer(ctx, name, t, slot, block_size)?)),
+                None => None,
+            };
+            if t == T::PrecisePrefixCacheProducer {
+                match own {
+                    Some((_, p)) => p,
+                    None => {
+                        return Err(ConfigError::Unavailable {
+                            name: name.to_owned(),
+                            plugin_type: t.as_str(),
+                            reason: "a producer cannot read another producer".into(),
+                        });
+                    }
+                }
+            } else {
+                Arc::new(prefix_scorer(t, own, named))
+            }
+        }
+        (Params::Picker(p), t) => {
+            let n = p.max_num_of_endpoints.unwrap_or(1);
+            match t {
+                T::RandomPicker => Arc::new(RandomPicker::new(n)),
+                T::WeightedRandomPicker => Arc::new(WeightedRandomPicker::new(n)),
+                _ => Arc::new(MaxScorePicker::new(n)),
+            }
+        }
+        (Params::LabelSelector(p), _) => Arc::new(LabelSelectorFilter::new(
+            p.match_labels.clone(),
+            p.match_expressions.clone(),
+        )),
+        (Params::Load(p), _) => Arc::new(LoadScorer::new(p.headroom.unwrap_or(8))),
+        (Params::Ttft(p), _) => {
+            let reads = p
+                .producers
+                .iter()
+                .map(|n| resolve(&from, n))
+                .collect::<Result<Vec<_>, _>>()?;
+            Arc::new(TtftScorer::new(reads))
+        }
+        (Params::MetricsDataSource(_) | Params::Extractor(_), t) => {
+            Arc::new(crate::plugins::DataSource(t.as_str()))
+        }
+        (Params::None(_), T::PrefillFilter) => Arc::new(RoleFilter::prefill()),
+        (Params::None(_), T::DecodeFilter) => Arc::new(RoleFilter::decode()),
+        (Params::None(_), _) => Arc::new(SingleProfileHandler),
+    })
+}

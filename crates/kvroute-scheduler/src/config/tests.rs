@@ -1,0 +1,265 @@
+use std::sync::Arc;
+
+use kvroute_core::{Endpoint, Prompt, RequestHints};
+use kvroute_endpoints::Registry;
+use kvroute_index::{PrefixIndex, Shared, Tier};
+use kvroute_tokens::{BlockHasher, ExtraKeys};
+
+use super::*;
+use crate::SchedulingRequest;
+use crate::test_util::{registry, request};
+
+fn precise_ctx(block_size: usize) -> BuildContext {
+    let mut ctx = BuildContext::new(block_size);
+    ctx.precise_index = Some(Arc::new(Shared::new(PrefixIndex::new())));
+    ctx
+}
+
+fn build(yaml: &str, ctx: &BuildContext) -> Result<Scheduler, ConfigError> {
+    EndpointPickerConfig::parse(yaml)?.build(ctx)
+}
+
+/// Every example configuration of upstream's docs and deploy folders (pinned under
+/// `tests/upstream/`, each naming its source) either builds or is refused with an error
+/// that names what is wrong and where: the unknown plugin type and its line, or the
+/// parameter and its line.
+#[test]
+fn upstream_examples_load_or_name_the_plugin_and_line() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/upstream");
+    let mut loaded = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# Source: "), "{}", path.display());
+        match build(&text, &precise_ctx(16)) {
+            Ok(_) => loaded.push(path.file_name().unwrap().to_string_lossy().into_owned()),
+            Err(ConfigError::Yaml(e)) => {
+                let msg = e.to_string();
+                assert!(msg.contains(" line "), "{}: {msg}", path.display());
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("plugin") || msg.contains("apiVersion"),
+                    "{}: {msg}",
+                    path.display()
+                );
+            }
+        }
+    }
+    loaded.sort();
+    // The configurations of the plugins kvroute implements load unchanged.
+    for expected in [
+        "llm-d-router__deploy__config__epp-config.yaml",
+        "llm-d-router__deploy__config__sim-epp-config.yaml",
+        "llm-d-router__docs__create_new_filter__block1.yaml",
+        "gateway-api-inference-extension__site-src__guides__epp-configuration__config-text__block4.yaml",
+    ] {
+        assert!(
+            loaded.iter().any(|l| l == expected),
+            "{expected}: {loaded:?}"
+        );
+    }
+}
+
+#[test]
+fn an_unknown_type_or_parameter_is_named_with_its_line() {
+    let yaml = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: prefix-cache-scorer\n- type: no-such-scorer\n";
+    let err = build(yaml, &precise_ctx(16)).unwrap_err().to_string();
+    assert!(
+        err.contains("no-such-scorer") && err.contains("line 5"),
+        "{err}"
+    );
+    let yaml = "plugins:\n- type: max-score-picker\n  parameters:\n    maxNumOfEndpoint: 2\n";
+    let err = build(yaml, &precise_ctx(16)).unwrap_err().to_string();
+    assert!(
+        err.contains("maxNumOfEndpoint") && err.contains("line 4"),
+        "{err}"
+    );
+    let yaml = "plugins:\n- parameters: {lruCapacityPerServer: x}\n  type: prefix-cache-scorer\n";
+    let err = build(yaml, &precise_ctx(16)).unwrap_err().to_string();
+    assert!(err.contains("prefix-cache-scorer parameters"), "{err}");
+    let err = build("apiVersion: v9\n", &precise_ctx(16))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("apiVersion"), "{err}");
+}
+
+#[test]
+fn references_are_checked() {
+    let yaml = "plugins:\n- type: prefix-cache-scorer\n  parameters: {prefixMatchInfoProducerName: nope}\n";
+    let err = build(yaml, &precise_ctx(16)).unwrap_err().to_string();
+    assert!(err.contains("\"nope\""), "{err}");
+    let yaml = "plugins:\n- type: max-score-picker\n- type: ttft-scorer\n  parameters: {producers: [max-score-picker]}\n";
+    let err = build(yaml, &precise_ctx(16)).unwrap_err().to_string();
+    assert!(err.contains("not a prefix producer"), "{err}");
+    let yaml = "plugins:\n- type: max-score-picker\nschedulingProfiles:\n- name: a\n  plugins: [{pluginRef: missing}]\n";
+    let err = build(yaml, &precise_ctx(16)).unwrap_err().to_string();
+    assert!(err.contains("\"missing\""), "{err}");
+    let yaml = "plugins:\n- type: random-picker\n- type: max-score-picker\nschedulingProfiles:\n- name: a\n  plugins: [{pluginRef: random-picker}, {pluginRef: max-score-picker}]\n";
+    assert!(matches!(
+        build(yaml, &precise_ctx(16)),
+        Err(ConfigError::TwoPickers(_))
+    ));
+    let yaml = "plugins:\n- {type: prefix-cache-scorer, name: a}\n- {type: load-scorer, name: a}\n";
+    assert!(matches!(
+        build(yaml, &precise_ctx(16)),
+        Err(ConfigError::DuplicateName(_))
+    ));
+    // Precise matching needs the pods' events.
+    let err = build(DEFAULT_PRECISE, &BuildContext::new(16))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--kv-events-port"), "{err}");
+}
+
+#[test]
+fn the_shipped_defaults_build_and_omitted_parts_get_upstreams_defaults() {
+    for text in [DEFAULT_APPROX, DEFAULT_PRECISE, LEAST_IN_FLIGHT] {
+        let s = build(text, &precise_ctx(16)).unwrap();
+        assert_eq!(s.profiles().len(), 1);
+    }
+    // No profiles: one "default" of every filter, scorer and picker; no picker: max-score.
+    let s = build(
+        "plugins:\n- type: decode-filter\n- type: load-scorer\n",
+        &precise_ctx(16),
+    )
+    .unwrap();
+    let types: Vec<(&str, Option<f64>)> = s.profiles()[0]
+        .plugins()
+        .map(|(p, w)| (p.type_name(), w))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            ("decode-filter", None),
+            ("load-scorer", Some(1.0)),
+            ("max-score-picker", None)
+        ]
+    );
+}
+
+fn route(s: &Scheduler, reg: &Registry, prompt: &str) -> u16 {
+    let req = request(Prompt::Text(prompt.into()));
+    let hints = RequestHints::default();
+    let d = s
+        .schedule(&SchedulingRequest::new(Some(&req), &hints), &reg.snapshot())
+        .unwrap();
+    d.primary().address().port()
+}
+
+#[test]
+fn a_shared_prefix_goes_home_and_departed_endpoints_are_pruned() {
+    let ctx = BuildContext::new(16);
+    let s = build(DEFAULT_APPROX, &ctx).unwrap();
+    let reg = registry(4);
+    let system = "You are a helpful assistant. ".repeat(40);
+    let home = route(&s, &reg, &format!("{system} first question"));
+    for q in ["second", "third", "fourth"] {
+        assert_eq!(route(&s, &reg, &format!("{system} {q} question")), home);
+    }
+    // A reload keeps what the approximate index learnt.
+    let reloaded = build(DEFAULT_APPROX, &ctx).unwrap();
+    assert_eq!(route(&reloaded, &reg, &format!("{system} fifth")), home);
+    let index = &ctx.approx_indexes()[0];
+    let held = |port: u16| {
+        let id = kvroute_core::EndpointId::new(format!("127.0.0.1:{port}"));
+        index.read().index().endpoint_blocks(&id)
+    };
+    assert!(held(home) > 0);
+    let departed = [kvroute_core::EndpointId::new(format!("127.0.0.1:{home}"))];
+    let others: Vec<Endpoint> = (1..=4)
+        .filter(|&p| p != home)
+        .map(|p| Endpoint::from_address(([127, 0, 0, 1], p).into()))
+        .collect();
+    reg.replace(others);
+    reloaded.endpoints_changed(&reg.snapshot(), &departed);
+    assert_eq!(held(home), 0, "the departed endpoint's entries are gone");
+}
+
+#[test]
+fn the_ttft_scorer_weighs_queued_prefill_against_what_is_cached() {
+    let ctx = precise_ctx(4);
+    let index = Arc::clone(ctx.precise_index.as_ref().unwrap());
+    let yaml = "plugins:\n- type: precise-prefix-cache-producer\n- type: ttft-scorer\n  parameters: {producers: [precise-prefix-cache-producer]}\n";
+    let s = build(yaml, &ctx).unwrap();
+    let eps = registry(3).snapshot();
+    eps.iter().for_each(|e| e.set_events_confirmed(true));
+    let tokens: Vec<u32> = (0..40).collect();
+    let mut hashes = Vec::new();
+    BlockHasher::new(4).hash_tokens(&tokens, &ExtraKeys::default(), &mut hashes);
+    // Endpoint 0 holds 8 of 10 blocks but has 100 tokens of prefill queued; endpoint 1 holds
+    // nothing and is idle; endpoint 2 holds 4 blocks with 10 queued: predicted 109, 41, 35.
+    index.write().store(eps[0].id(), &hashes[..8], Tier::Gpu);
+    index.write().store(eps[2].id(), &hashes[..4], Tier::Gpu);
+    let _busy = eps[0].acquire_with_prefill(100);
+    let _some = eps[2].acquire_with_prefill(10);
+    let req = request(Prompt::Tokens(tokens));
+    let hints = RequestHints::default();
+    let d = s
+        .schedule(&SchedulingRequest::new(Some(&req), &hints), &eps)
+        .unwrap();
+    assert!(Arc::ptr_eq(d.primary(), &eps[2]));
+    assert_eq!(d.prefill_tokens(), 24, "40 tokens, 16 cached there");
+}
+
+#[test]
+fn filters_select_by_label() {
+    let reg = Registry::new();
+    let ep = |port: u16, role: Option<&str>| {
+        let mut e = Endpoint::from_address(([127, 0, 0, 1], port).into());
+        if let Some(r) = role {
+            e.labels.insert("llm-d.ai/role".into(), r.into());
+        }
+        e.labels.insert("zone".into(), format!("z{}", port % 2));
+        e
+    };
+    reg.replace(vec![
+        ep(1, Some("prefill")),
+        ep(2, Some("decode")),
+        ep(3, None),
+        ep(4, Some("both")),
+    ]);
+    let ports = |yaml: &str| -> Vec<u16> {
+        let s = build(yaml, &precise_ctx(16)).unwrap();
+        let hints = RequestHints::default();
+        let mut seen: Vec<u16> = (0..16)
+            .map(|_| {
+                s.schedule(&SchedulingRequest::new(None, &hints), &reg.snapshot())
+                    .unwrap()
+                    .primary()
+                    .address()
+                    .port()
+            })
+            .collect();
+        seen.sort_unstable();
+        seen.dedup();
+        seen
+    };
+    assert_eq!(ports("plugins: [{type: decode-filter}]"), [2, 3, 4]);
+    assert_eq!(ports("plugins: [{type: prefill-filter}]"), [1, 4]);
+    assert_eq!(
+        ports(
+            "plugins:\n- type: label-selector-filter\n  parameters:\n    matchLabels: {zone: z0}\n    matchExpressions: [{key: llm-d.ai/role, operator: NotIn, values: [decode]}]\n"
+        ),
+        [4]
+    );
+    let s = build(
+        "plugins: [{type: label-selector-filter, parameters: {matchLabels: {zone: none}}}]",
+        &precise_ctx(16),
+    )
+    .unwrap();
+    let hints = RequestHints::default();
+    assert_eq!(
+        s.schedule(&SchedulingRequest::new(None, &hints), &reg.snapshot())
+            .unwrap_err(),
+        crate::ScheduleError::AllFiltered
+    );
+}
+
+#[test]
+fn feature_gates_are_a_list() {
+    let c = EndpointPickerConfig::parse("featureGates: [flowControl, other=false]\n").unwrap();
+    assert!(c.feature_gate("flowControl"));
+    assert!(!c.feature_gate("other"));
+}

@@ -1,0 +1,286 @@
+//! One scheduling cycle: producers, the profile handler, then the chosen profile's filters,
+//! weighted scorers and picker.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::{ArcSwap, Guard};
+use kvroute_core::EndpointId;
+use kvroute_endpoints::EndpointState;
+
+use crate::cycle::{Candidates, CycleState};
+use crate::plugins::handler::SingleProfileHandler;
+use crate::plugins::load::LoadScorer;
+use crate::plugins::pickers::MaxScorePicker;
+use crate::{Decision, Plugin, ScheduleError, SchedulingRequest};
+
+/// A scheduling profile: filters, then weighted scorers summed per candidate, then a
+/// picker.
+#[derive(Debug)]
+pub struct Profile {
+    pub(crate) name: String,
+    pub(crate) filters: Vec<Arc<dyn Plugin>>,
+    pub(crate) scorers: Vec<(Arc<dyn Plugin>, f64)>,
+    pub(crate) picker: Arc<dyn Plugin>,
+}
+
+impl Profile {
+    /// The profile's name in the configuration.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The plugins it runs with their weights (filters and the picker weigh nothing).
+    pub fn plugins(&self) -> impl Iterator<Item = (&Arc<dyn Plugin>, Option<f64>)> {
+        self.filters
+            .iter()
+            .map(|f| (f, None))
+            .chain(self.scorers.iter().map(|(s, w)| (s, Some(*w))))
+            .chain(std::iter::once((&self.picker, None)))
+    }
+}
+
+/// A configured scheduler: every plugin of one `EndpointPickerConfig`, built. Shared by every
+/// request stream; each cycle borrows a [`CycleState`] from a pool, so a warm cycle allocates
+/// nothing (unless a producer tokenizes, or the picker returns fallbacks).
+pub struct Scheduler {
+    plugins: Vec<(String, Arc<dyn Plugin>)>,
+    producers: Vec<Arc<dyn Plugin>>,
+    profiles: Vec<Profile>,
+    handler: Arc<dyn Plugin>,
+    slots: usize,
+    pool: Mutex<Vec<Cycle>>,
+    turn: AtomicU64,
+}
+
+impl fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("plugins", &self.plugins)
+            .field("profiles", &self.profiles)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A cycle's state and the framework's own per-candidate buffers.
+#[derive(Debug, Default)]
+struct Cycle {
+    state: CycleState,
+    kept: Vec<usize>,
+    keep: Vec<bool>,
+    totals: Vec<f64>,
+    scores: Vec<f64>,
+    picked: Vec<usize>,
+}
+
+/// Totals closer than this are ties: they differ only by float noise.
+pub(crate) const TIE: f64 = 1e-9;
+
+impl Scheduler {
+    /// Assembles a scheduler. `plugins` are every configured plugin by name; `producers`
+    /// those whose data some profile needs, in the order they run; `slots` the number of
+    /// prefix slots the producers write.
+    pub(crate) fn new(
+        plugins: Vec<(String, Arc<dyn Plugin>)>,
+        producers: Vec<Arc<dyn Plugin>>,
+        profiles: Vec<Profile>,
+        handler: Arc<dyn Plugin>,
+        slots: usize,
+    ) -> Self {
+        Self {
+            plugins,
+            producers,
+            profiles,
+            handler,
+            slots,
+            pool: Mutex::new(Vec::new()),
+            turn: AtomicU64::new(0),
+        }
+    }
+
+    /// Fewest requests in flight wins, with `fallbacks` next-best endpoints listed after the
+    /// primary; equal endpoints take turns.
+    pub fn least_in_flight(fallbacks: usize) -> Self {
+        let load: Arc<dyn Plugin> = Arc::new(LoadScorer::new(1));
+        let picker: Arc<dyn Plugin> = Arc::new(MaxScorePicker::new(fallbacks + 1));
+        let profile = Profile {
+            name: "default".into(),
+            filters: Vec::new(),
+            scorers: vec![(Arc::clone(&load), 1.0)],
+            picker: Arc::clone(&picker),
+        };
+        Self::new(
+            vec![
+                ("load-scorer".into(), load),
+                ("max-score-picker".into(), picker),
+            ],
+            Vec::new(),
+            vec![profile],
+            Arc::new(SingleProfileHandler),
+            0,
+        )
+    }
+
+    /// The configured plugins, by name.
+    pub fn plugins(&self) -> impl Iterator<Item = (&str, &Arc<dyn Plugin>)> {
+        self.plugins.iter().map(|(n, p)| (n.as_str(), p))
+    }
+
+    /// The configured profiles.
+    pub fn profiles(&self) -> &[Profile] {
+        &self.profiles
+    }
+
+    /// Chooses targets for `request` among `endpoints` (sorted by id, as the registry keeps
+    /// them), then tells the stateful plugins.
+    pub fn schedule(
+        &self,
+        request: &SchedulingRequest<'_>,
+        endpoints: &[Arc<EndpointState>],
+    ) -> Result<Decision, ScheduleError> {
+        if endpoints.is_empty() {
+            return Err(ScheduleError::NoCandidates);
+        }
+        let mut cycle = self
+            .pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default();
+        let decided = self.run(request, endpoints, &mut cycle);
+        if let Ok(decision) = &decided {
+            for (_, plugin) in &self.plugins {
+                plugin.decided(request, &cycle.state, decision);
+            }
+        }
+        self.pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(cycle);
+        decided
+    }
+
+    fn run(
+        &self,
+        request: &SchedulingRequest<'_>,
+        endpoints: &[Arc<EndpointState>],
+        cycle: &mut Cycle,
+    ) -> Result<Decision, ScheduleError> {
+        let Cycle {
+            state,
+            kept,
+            keep,
+            totals,
+            scores,
+            picked,
+        } = cycle;
+        state.reset(self.slots);
+        for p in &self.producers {
+            if let Some(producer) = p.producer() {
+                producer.produce(request, endpoints, state);
+            }
+        }
+        kept.clear();
+        kept.extend(0..endpoints.len());
+        let profile = match self.profiles.as_slice() {
+            [only] => only,
+            many => {
+                let index = self
+                    .handler
+                    .profile_handler()
+                    .map_or(0, |h| h.profile(request, many));
+                many.get(index).unwrap_or(&many[0])
+            }
+        };
+        for f in &profile.filters {
+            let Some(filter) = f.filter() else { continue };
+            keep.clear();
+            keep.resize(kept.len(), true);
+            filter.filter(request, state, &Candidates::new(endpoints, kept), keep);
+            let mut i = 0;
+            kept.retain(|_| {
+                i += 1;
+                keep[i - 1]
+            });
+            if kept.is_empty() {
+                return Err(ScheduleError::AllFiltered);
+            }
+        }
+        let candidates = Candidates::new(endpoints, kept);
+        totals.clear();
+        totals.resize(kept.len(), 0.0);
+        for (s, weight) in &profile.scorers {
+            let Some(scorer) = s.scorer() else { continue };
+            scores.clear();
+            scores.resize(kept.len(), 0.0);
+            scorer.score(request, state, &candidates, scores);
+            for (t, s) in totals.iter_mut().zip(scores.iter()) {
+                let s = if s.is_finite() {
+                    s.clamp(0.0, 1.0)
+                } else {
+                    0.0
+                };
+                *t += weight * s;
+            }
+        }
+        picked.clear();
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        if let Some(picker) = profile.picker.picker() {
+            picker.pick(totals, turn, picked);
+        }
+        let first = picked.first().copied().unwrap_or(0);
+        let pos = candidates.position(first);
+        let fallbacks = picked
+            .iter()
+            .skip(1)
+            .map(|&i| Arc::clone(candidates.get(i)))
+            .collect();
+        let prefill = state
+            .prompt_tokens(request)
+            .map_or(0, |p| p - state.cached_tokens(&[], pos, p));
+        Ok(Decision::new(
+            Arc::clone(&endpoints[pos]),
+            fallbacks,
+            prefill,
+        ))
+    }
+
+    /// The endpoint set changed: every plugin drops what it holds for `departed`.
+    pub fn endpoints_changed(&self, current: &[Arc<EndpointState>], departed: &[EndpointId]) {
+        for (_, plugin) in &self.plugins {
+            plugin.endpoints_changed(current, departed);
+        }
+    }
+}
+
+/// The scheduler in use, replaced whole when the configuration is reloaded: a request that
+/// started with the old one finishes with it, the next one gets the new one.
+#[derive(Debug)]
+pub struct SchedulerHandle {
+    current: ArcSwap<Scheduler>,
+}
+
+impl SchedulerHandle {
+    /// A handle serving `scheduler`.
+    pub fn new(scheduler: Scheduler) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(scheduler),
+        }
+    }
+
+    /// The scheduler to use for one request. Cheap: no reference count is taken.
+    pub fn load(&self) -> Guard<Arc<Scheduler>> {
+        self.current.load()
+    }
+
+    /// Puts `scheduler` in service.
+    pub fn store(&self, scheduler: Scheduler) {
+        self.current.store(Arc::new(scheduler));
+    }
+
+    /// See [`Scheduler::endpoints_changed`].
+    pub fn endpoints_changed(&self, current: &[Arc<EndpointState>], departed: &[EndpointId]) {
+        self.current.load().endpoints_changed(current, departed);
+    }
+}

@@ -1,0 +1,166 @@
+//! The precise prefix-cache producer: what each endpoint's KV cache really holds, from the
+//! index its KV events keep.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kvroute_core::Prompt;
+use kvroute_endpoints::EndpointState;
+use kvroute_index::{PrefixIndex, Shared};
+use kvroute_tokens::{BlockHasher, ExtraKeys, ModelTokenizer};
+
+use crate::cycle::TokenState;
+use crate::{CycleState, Plugin, Producer, SchedulingRequest, SlotId, endpoint_index};
+
+/// The tokenizers of the models served, by model name (as requests name them), and one for
+/// any other name; and the LoRA adapters served, by name, with their base model.
+#[derive(Debug, Default, Clone)]
+pub struct Tokenizers {
+    by_model: HashMap<String, Arc<ModelTokenizer>>,
+    default: Option<Arc<ModelTokenizer>>,
+    adapters: HashMap<String, String>,
+}
+
+impl Tokenizers {
+    /// No tokenizers: only prompts sent as token ids are hashed.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `model`'s tokenizer.
+    pub fn insert(&mut self, model: impl Into<String>, tokenizer: Arc<ModelTokenizer>) {
+        self.by_model.insert(model.into(), tokenizer);
+    }
+
+    /// The tokenizer for models not named otherwise.
+    pub fn set_default(&mut self, tokenizer: Arc<ModelTokenizer>) {
+        self.default = Some(tokenizer);
+    }
+
+    /// Declares `adapter` a LoRA adapter of `base`: requests naming it are tokenized as
+    /// `base` and their blocks rooted at the adapter's name, as vLLM hashes them.
+    pub fn insert_adapter(&mut self, adapter: impl Into<String>, base: impl Into<String>) {
+        self.adapters.insert(adapter.into(), base.into());
+    }
+
+    /// `model`'s tokenizer.
+    pub fn get(&self, model: &str) -> Option<&Arc<ModelTokenizer>> {
+        let base = self.adapters.get(model).map_or(model, String::as_str);
+        self.by_model.get(base).or(self.default.as_ref())
+    }
+
+    /// The LoRA adapter a request for `model` runs under, if `model` names one.
+    pub fn lora<'m>(&self, model: &'m str) -> Option<&'m str> {
+        self.adapters.contains_key(model).then_some(model)
+    }
+
+    /// Whether there is no tokenizer at all.
+    pub fn is_empty(&self) -> bool {
+        self.by_model.is_empty() && self.default.is_none()
+    }
+}
+
+/// Matches the prompt's token blocks against the index the pods' KV events keep
+/// (`precise-prefix-cache-producer`): held blocks weighted by tier, over the prompt's blocks.
+/// Prompts it cannot tokenize (no tokenizer for the model, a template that refuses the
+/// messages, a batch) leave the slot empty, and endpoints whose event stream is not confirmed
+/// in sequence (`EndpointState::events_confirmed`) hold nothing in it, so a profile's other
+/// plugins (the approximate producer) decide for them.
+#[derive(Debug)]
+pub(crate) struct PreciseProducer {
+    slot: SlotId,
+    index: Arc<Shared<PrefixIndex>>,
+    hasher: BlockHasher,
+    weights: [f64; 3],
+    tokenizers: Tokenizers,
+}
+
+impl PreciseProducer {
+    pub(crate) fn new(
+        slot: SlotId,
+        index: Arc<Shared<PrefixIndex>>,
+        block_size: usize,
+        weights: [f64; 3],
+        tokenizers: Tokenizers,
+    ) -> Self {
+        Self {
+            slot,
+            index,
+            hasher: BlockHasher::new(block_size),
+            weights,
+            tokenizers,
+        }
+    }
+}
+
+impl Plugin for PreciseProducer {
+    fn type_name(&self) -> &'static str {
+        "precise-prefix-cache-producer"
+    }
+
+    fn producer(&self) -> Option<&dyn Producer> {
+        Some(self)
+    }
+
+    fn writes(&self) -> Option<SlotId> {
+        Some(self.slot)
+    }
+}
+
+impl Producer for PreciseProducer {
+    fn produce(
+        &self,
+        request: &SchedulingRequest<'_>,
+        endpoints: &[Arc<EndpointState>],
+        state: &mut CycleState,
+    ) {
+        let Some(req) = request.request else { return };
+        if state.token_state() == TokenState::Unknown {
+            match &req.prompt {
+                Prompt::Tokens(tokens) => state.set_tokens(tokens),
+                prompt => match self
+                    .tokenizers
+                    .get(&req.model)
+                    .map(|t| t.encode_prompt(prompt, &req.chat))
+                {
+                    Some(Ok(tokens)) => state.set_tokens(&tokens),
+                    _ => state.set_tokens_unavailable(),
+                },
+            }
+        }
+        let (Some(tokens), info, scratch) = state.tokens_prefix_and_scratch(self.slot) else {
+            return;
+        };
+        info.start(endpoints.len());
+        info.exact = true;
+        info.prompt_tokens = tokens.len() as u64;
+        let extra = ExtraKeys {
+            lora: self.tokenizers.lora(&req.model),
+            cache_salt: req.cache_salt.as_deref(),
+        };
+        self.hasher
+            .hash_tokens_with(tokens, &extra, &mut scratch.bytes, &mut info.blocks);
+        if info.blocks.is_empty() {
+            return;
+        }
+        self.index
+            .read()
+            .match_prefix_into(&info.blocks, &mut scratch.matching, &mut info.matches);
+        let total = info.blocks.len() as f64;
+        let block = self.hasher.block_size() as u64;
+        for m in &info.matches {
+            if let Some(pos) = endpoint_index(endpoints, &m.endpoint)
+                && endpoints[pos].events_confirmed()
+            {
+                let held: f64 = m
+                    .per_tier
+                    .iter()
+                    .zip(&self.weights)
+                    .map(|(&n, w)| f64::from(n) * w)
+                    .sum();
+                info.held[pos] = held / total;
+                info.cached_tokens[pos] = u64::from(m.blocks) * block;
+            }
+        }
+    }
+}

@@ -1,15 +1,26 @@
-//! The live endpoint registry.
+//! The live endpoint registry, and what kvroute knows of each endpoint's load and health.
 //!
-//! Owns who the routable endpoints are right now and how many requests each is serving.
-//! Readers on the request path take a lock-free snapshot ([`Registry::snapshot`]); writers
-//! (a static list today, Kubernetes discovery later) replace the whole list, and the state of
-//! endpoints that stay (their in-flight counts) carries over. It does no I/O of its own
-//! beyond reading a static endpoint file when asked, and knows no async runtime.
+//! Owns who the routable endpoints are right now and how loaded and healthy each is: the
+//! requests kvroute routed there (in flight, prefill backlog), what the pod's own `/metrics`
+//! last said ([`PodLoad`], read by the [`Scraper`]) and passive health ([`Health`]: failed
+//! requests and scrapes degrade, then eject, an endpoint). Readers on the request path take a
+//! lock-free snapshot ([`Registry::snapshot`]) and read atomics and `ArcSwap`s; writers (a
+//! static list today, Kubernetes discovery later) replace the whole list, and the state of
+//! endpoints that stay carries over; [`EndpointsListener`]s hear who left. The only I/O is
+//! the scraper's HTTP (on the caller's tokio runtime) and reading a static endpoint file.
 
+mod exposition;
+mod health;
+mod load;
 mod metrics;
 mod registry;
+mod scrape;
 mod static_source;
 
-pub use metrics::InFlightCollector;
-pub use registry::{EndpointState, InFlightGuard, Registry};
+pub use exposition::SyntaxError;
+pub use health::{Health, HealthConfig};
+pub use load::{FreshLoad, LoadError, PodLoad, Scraped, parse_load};
+pub use metrics::{InFlightCollector, LoadCollector};
+pub use registry::{EndpointState, EndpointsListener, InFlightGuard, Registry};
+pub use scrape::{ScrapeConfig, ScrapeConfigError, ScrapeError, ScrapeMetrics, Scraper};
 pub use static_source::{StaticSourceError, load_file, parse_list};

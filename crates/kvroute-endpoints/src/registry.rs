@@ -2,9 +2,21 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use kvroute_core::{Endpoint, EndpointId};
+
+use crate::health::{Health, HealthConfig, HealthState};
+use crate::load::{FreshLoad, PodLoad, Scraped, is_fresh};
+
+/// Told when the endpoint set changes, so that whoever keeps per-endpoint state (index
+/// entries, metric series, subscriptions) can drop what belongs to departed endpoints.
+pub trait EndpointsListener: Send + Sync + std::fmt::Debug {
+    /// Called after the endpoint set changed, with the endpoints now routable and the ids
+    /// that left (an endpoint whose address changed counts as departed and new).
+    fn endpoints_changed(&self, current: &[Arc<EndpointState>], departed: &[EndpointId]);
+}
 
 /// One endpoint and its live load. Shared by the registry and by every request routed to it,
 /// so a request that outlives the endpoint's removal still releases its count safely.
@@ -14,16 +26,28 @@ pub struct EndpointState {
     in_flight: AtomicUsize,
     prefill_backlog: AtomicU64,
     events_confirmed: AtomicBool,
+    scraped: ArcSwapOption<Scraped>,
+    scrape_errors: AtomicU64,
+    health: HealthState,
 }
 
 impl EndpointState {
-    fn new(endpoint: Endpoint) -> Self {
+    fn new(endpoint: Endpoint, health: HealthConfig) -> Self {
         Self {
             endpoint,
             in_flight: AtomicUsize::new(0),
             prefill_backlog: AtomicU64::new(0),
             events_confirmed: AtomicBool::new(false),
+            scraped: ArcSwapOption::empty(),
+            scrape_errors: AtomicU64::new(0),
+            health: HealthState::new(health),
         }
+    }
+
+    /// A state outside any registry, for tests of code that reads endpoints (schedulers,
+    /// metrics) without a registry around them.
+    pub fn detached(endpoint: Endpoint, health: HealthConfig) -> Arc<Self> {
+        Arc::new(Self::new(endpoint, health))
     }
 
     /// Who this is.
@@ -63,6 +87,63 @@ impl EndpointState {
     /// Set by the endpoint's KV-event subscriber.
     pub fn set_events_confirmed(&self, confirmed: bool) {
         self.events_confirmed.store(confirmed, Ordering::Relaxed);
+    }
+
+    /// The last successful scrape and when it was taken; None before the first.
+    pub fn scraped(&self) -> arc_swap::Guard<Option<Arc<Scraped>>> {
+        self.scraped.load()
+    }
+
+    /// The last scrape if it is younger than `staleness`; None when stale or absent (a stale
+    /// scrape is never read as fresh). No allocation, no lock: an `arc_swap` guard.
+    pub fn fresh_load(&self, now: Instant, staleness: Duration) -> Option<FreshLoad> {
+        let guard = self.scraped.load();
+        let at = guard.as_ref()?.at;
+        is_fresh(at, now, staleness).then_some(FreshLoad { guard, at })
+    }
+
+    /// Stores a successful scrape taken at `at`; it also counts as a health success.
+    pub fn record_scrape(&self, load: PodLoad, at: Instant) {
+        self.scraped.store(Some(Arc::new(Scraped { load, at })));
+        self.health.success(at);
+    }
+
+    /// Counts a failed scrape (refused, timed out, not 200, too large, unparseable): an
+    /// error for the metrics and a health failure. The last good scrape is kept, and ages.
+    pub fn record_scrape_error(&self, now: Instant) {
+        self.scrape_errors.fetch_add(1, Ordering::Relaxed);
+        self.health.failure(now);
+    }
+
+    /// Scrapes that failed since the endpoint appeared.
+    pub fn scrape_errors(&self) -> u64 {
+        self.scrape_errors.load(Ordering::Relaxed)
+    }
+
+    /// Passive health: record one request outcome seen by the router (ok = false for a 5xx
+    /// answer, a reset or a refused connection).
+    pub fn record_outcome(&self, ok: bool, now: Instant) {
+        if ok {
+            self.health.success(now);
+        } else {
+            self.health.failure(now);
+        }
+    }
+
+    /// Health as the scheduler should see it now (model and formula: [`Health`]'s module
+    /// docs, `crate::health`).
+    pub fn health(&self, now: Instant) -> Health {
+        self.health.health(now)
+    }
+
+    /// Times this endpoint was ejected since it appeared.
+    pub fn ejections(&self) -> u64 {
+        self.health.ejections()
+    }
+
+    /// Failures (scrapes or requests) since the last success.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.health.failures()
     }
 
     /// Counts one more request against this endpoint until the guard is dropped, so that a
@@ -118,12 +199,39 @@ impl Drop for InFlightGuard {
 #[derive(Debug, Default)]
 pub struct Registry {
     current: ArcSwap<Vec<Arc<EndpointState>>>,
+    health: HealthConfig,
+    listeners: ArcSwap<Vec<Arc<dyn EndpointsListener>>>,
 }
 
 impl Registry {
-    /// An empty registry: nothing routable until a source fills it.
+    /// An empty registry: nothing routable until a source fills it. Health uses
+    /// [`HealthConfig::default`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty registry whose endpoints follow `health` (the config is fixed for the
+    /// registry's life: every endpoint it creates copies it).
+    pub fn with_health(health: HealthConfig) -> Self {
+        Self {
+            health,
+            ..Self::default()
+        }
+    }
+
+    /// The health config every endpoint of this registry follows.
+    pub fn health_config(&self) -> HealthConfig {
+        self.health
+    }
+
+    /// Calls `listener` after every change of the endpoint set, from the thread that made
+    /// it (keep it short). Listeners are never removed; the registry keeps them alive.
+    pub fn subscribe(&self, listener: Arc<dyn EndpointsListener>) {
+        self.listeners.rcu(|old| {
+            let mut v = Vec::clone(old);
+            v.push(Arc::clone(&listener));
+            v
+        });
     }
 
     /// The endpoints as of now, sorted by id. Cheap: one atomic load and a reference count.
@@ -152,9 +260,13 @@ impl Registry {
 
     /// Replaces the list with `endpoints` (duplicates by id: the last wins). Endpoints whose
     /// id and address are unchanged keep their state; the others start fresh. Returns whether
-    /// the list changed.
+    /// the list changed; when it did, every listener is then called (outside the swap) with
+    /// the new list and the ids that left. Meant for one writer at a time: two racing
+    /// writers each notify, possibly out of order.
     pub fn replace(&self, endpoints: Vec<Endpoint>) -> bool {
         let mut changed = false;
+        let mut departed = Vec::new();
+        let mut stored = Arc::default();
         self.current.rcu(|old| {
             let by_id: HashMap<&EndpointId, &Arc<EndpointState>> =
                 old.iter().map(|e| (e.id(), e)).collect();
@@ -163,16 +275,27 @@ impl Registry {
             for ep in &endpoints {
                 let state = match by_id.get(&ep.id) {
                     Some(existing) if existing.endpoint == *ep => Arc::clone(existing),
-                    _ => Arc::new(EndpointState::new(ep.clone())),
+                    _ => Arc::new(EndpointState::new(ep.clone(), self.health)),
                 };
                 fresh.insert(ep.id.clone(), state);
             }
+            departed = old
+                .iter()
+                .filter(|e| fresh.get(e.id()).is_none_or(|n| !Arc::ptr_eq(n, e)))
+                .map(|e| e.id().clone())
+                .collect();
             let mut list: Vec<Arc<EndpointState>> = fresh.into_values().collect();
             list.sort_by(|a, b| a.id().cmp(b.id()));
             changed = list.len() != old.len()
                 || list.iter().zip(old.iter()).any(|(a, b)| !Arc::ptr_eq(a, b));
-            list
+            stored = Arc::new(list);
+            Arc::clone(&stored)
         });
+        if changed {
+            for listener in self.listeners.load().iter() {
+                listener.endpoints_changed(&stored, &departed);
+            }
+        }
         changed
     }
 }
@@ -254,5 +377,101 @@ mod tests {
             h.join().unwrap();
         }
         assert_eq!(reg.snapshot()[0].in_flight(), 0);
+    }
+
+    #[derive(Debug, Default)]
+    struct Recorder(std::sync::Mutex<Vec<(Vec<String>, Vec<String>)>>);
+
+    impl EndpointsListener for Recorder {
+        fn endpoints_changed(&self, current: &[Arc<EndpointState>], departed: &[EndpointId]) {
+            let ids = |it: &mut dyn Iterator<Item = &EndpointId>| {
+                it.map(|i| i.as_str().to_owned()).collect::<Vec<_>>()
+            };
+            self.0.lock().unwrap().push((
+                ids(&mut current.iter().map(|e| e.id())),
+                ids(&mut departed.iter()),
+            ));
+        }
+    }
+
+    #[test]
+    fn listeners_hear_departures() {
+        let reg = Registry::new();
+        let rec = Arc::new(Recorder::default());
+        reg.subscribe(rec.clone());
+        let second = Arc::new(Recorder::default());
+        reg.subscribe(second.clone());
+        let calls = |r: &Recorder| std::mem::take(&mut *r.0.lock().unwrap());
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+
+        reg.replace(vec![ep("a", "127.0.0.1:1"), ep("b", "127.0.0.1:2")]);
+        assert_eq!(calls(&rec), vec![(s(&["a", "b"]), s(&[]))]);
+        reg.replace(vec![ep("b", "127.0.0.1:2"), ep("a", "127.0.0.1:1")]);
+        assert_eq!(calls(&rec), vec![], "no change, no call");
+        reg.replace(vec![ep("a", "127.0.0.1:1"), ep("c", "127.0.0.1:3")]);
+        assert_eq!(calls(&rec), vec![(s(&["a", "c"]), s(&["b"]))]);
+        reg.replace(vec![ep("a", "127.0.0.1:9"), ep("c", "127.0.0.1:3")]);
+        assert_eq!(
+            calls(&rec),
+            vec![(s(&["a", "c"]), s(&["a"]))],
+            "a moved: departed and new"
+        );
+        reg.replace(vec![]);
+        assert_eq!(calls(&rec), vec![(s(&[]), s(&["a", "c"]))]);
+        assert_eq!(calls(&second).len(), 4, "every listener is called");
+    }
+
+    #[test]
+    fn health_config_reaches_new_endpoints() {
+        let reg = Registry::with_health(HealthConfig {
+            consecutive_failures: 1,
+            ..HealthConfig::default()
+        });
+        assert_eq!(reg.health_config().consecutive_failures, 1);
+        reg.replace(vec![ep("a", "127.0.0.1:1")]);
+        let a = &reg.snapshot()[0];
+        let now = Instant::now();
+        a.record_outcome(false, now);
+        assert_eq!(
+            a.health(now),
+            Health::Ejected,
+            "ejected at the first failure"
+        );
+        assert_eq!(a.ejections(), 1);
+    }
+
+    #[test]
+    fn fresh_load_is_never_stale() {
+        let state = EndpointState::detached(ep("a", "127.0.0.1:1"), HealthConfig::default());
+        let t0 = Instant::now();
+        let stale = Duration::from_secs(2);
+        assert!(state.scraped().is_none());
+        assert!(state.fresh_load(t0, stale).is_none(), "nothing scraped yet");
+        let load = PodLoad {
+            waiting: 3,
+            ..PodLoad::default()
+        };
+        state.record_scrape(load.clone(), t0);
+        let fresh = state
+            .fresh_load(t0 + Duration::from_millis(1999), stale)
+            .unwrap();
+        assert_eq!((fresh.waiting, fresh.at()), (3, t0));
+        assert_eq!(*fresh, load);
+        assert!(
+            state.fresh_load(t0 + stale, stale).is_none(),
+            "2 s old: stale"
+        );
+        state.record_scrape_error(t0 + stale);
+        assert_eq!(state.scrape_errors(), 1);
+        assert_eq!(state.consecutive_failures(), 1);
+        assert_eq!(
+            state.scraped().as_ref().map(|s| s.load.waiting),
+            Some(3),
+            "a failed scrape keeps the last one"
+        );
+        assert!(state.fresh_load(t0 + stale, stale).is_none());
+        state.record_scrape(PodLoad::default(), t0 + stale);
+        assert_eq!(state.consecutive_failures(), 0, "a scrape is a success");
+        assert_eq!(state.fresh_load(t0 + stale, stale).unwrap().waiting, 0);
     }
 }

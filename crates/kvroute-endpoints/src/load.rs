@@ -1,0 +1,229 @@
+//! What a pod's `/metrics` says about its load, mapped from vLLM's names or SGLang's.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::exposition::{self, Sample, SyntaxError};
+
+/// What one scrape of a pod's /metrics said.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodLoad {
+    /// Requests queued, not yet scheduled: `vllm:num_requests_waiting` (SGLang:
+    /// `sglang:num_queue_reqs`), summed over the pod's series (one per data-parallel engine).
+    pub waiting: u32,
+    /// Requests in the running batch: `vllm:num_requests_running` (SGLang:
+    /// `sglang:num_running_reqs`), summed likewise.
+    pub running: u32,
+    /// KV-cache use in 0..=1: `vllm:kv_cache_usage_perc`, else the older
+    /// `vllm:gpu_cache_usage_perc` (SGLang: `sglang:token_usage`), averaged over series.
+    pub kv_usage: f64,
+    /// Adapters in the running batch: `vllm:lora_requests_info`'s `running_lora_adapters`
+    /// (comma-separated) on the series with the newest value (the value is a timestamp).
+    pub running_loras: Vec<String>,
+    /// Adapters waiting: the same series' `waiting_lora_adapters`.
+    pub waiting_loras: Vec<String>,
+    /// Adapters the pod can hold at once: the same series' `max_lora`.
+    pub max_lora: Option<u32>,
+    /// Tokens per KV block: `vllm:cache_config_info`'s `block_size` (SGLang:
+    /// `sglang:cache_config_info`'s `page_size`).
+    pub block_size: Option<u32>,
+}
+
+/// A successful scrape and when it was taken.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scraped {
+    /// What it said.
+    pub load: PodLoad,
+    /// When its answer was read (the caller's clock).
+    pub at: Instant,
+}
+
+/// The last scrape, checked fresh; derefs to its [`PodLoad`]. Holding it pins that scrape
+/// (an `arc_swap` guard: no allocation, no lock), so read it and let it go.
+#[derive(Debug)]
+pub struct FreshLoad {
+    pub(crate) guard: arc_swap::Guard<Option<Arc<Scraped>>>,
+    pub(crate) at: Instant,
+}
+
+/// Why a body could not be read as a model server's load.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    /// Not Prometheus text.
+    #[error("not Prometheus text: {0}")]
+    Syntax(#[from] SyntaxError),
+    /// Prometheus text, but without a family every supported model server exports.
+    #[error("no {0} series (neither vLLM's nor SGLang's name)")]
+    Missing(&'static str),
+}
+
+/// Reads the load out of a `/metrics` body. Lines must all be valid Prometheus text (one bad
+/// line fails the whole scrape, as it would in Prometheus), and the queue, running and
+/// KV-cache families must be there under vLLM's or SGLang's names. Non-finite values are
+/// ignored, as if their series were absent.
+pub fn parse_load(text: &str) -> Result<PodLoad, LoadError> {
+    let mut acc = Acc::default();
+    for sample in exposition::samples(text) {
+        acc.add(sample?);
+    }
+    acc.finish()
+}
+
+impl FreshLoad {
+    /// When the scrape was taken.
+    pub fn at(&self) -> Instant {
+        self.at
+    }
+}
+
+impl Deref for FreshLoad {
+    type Target = PodLoad;
+
+    fn deref(&self) -> &PodLoad {
+        /// Never read: a `FreshLoad` is only built around a guard holding `Some` (see
+        /// `EndpointState::fresh_load`); a default rather than a panic if that ever broke.
+        static EMPTY: PodLoad = PodLoad {
+            waiting: 0,
+            running: 0,
+            kv_usage: 0.0,
+            running_loras: Vec::new(),
+            waiting_loras: Vec::new(),
+            max_lora: None,
+            block_size: None,
+        };
+        self.guard.as_deref().map_or(&EMPTY, |s| &s.load)
+    }
+}
+
+/// Whether a scrape taken at `at` still counts at `now`.
+pub(crate) fn is_fresh(at: Instant, now: Instant, staleness: Duration) -> bool {
+    now.saturating_duration_since(at) < staleness
+}
+
+/// Running totals over the samples of one body.
+#[derive(Default)]
+struct Acc<'a> {
+    vllm_waiting: Sum,
+    vllm_running: Sum,
+    vllm_kv: Sum,
+    vllm_kv_old: Sum,
+    sglang_waiting: Sum,
+    sglang_running: Sum,
+    sglang_kv: Sum,
+    /// The `vllm:lora_requests_info` sample with the largest (finite) value.
+    lora: Option<Sample<'a>>,
+    block_size: Option<u32>,
+}
+
+/// A family's finite values, summed and counted.
+#[derive(Default, Clone, Copy)]
+struct Sum {
+    total: f64,
+    n: u32,
+}
+
+impl Sum {
+    fn add(&mut self, v: f64) {
+        if v.is_finite() {
+            self.total += v;
+            self.n += 1;
+        }
+    }
+
+    fn or(self, other: Sum) -> Sum {
+        if self.n > 0 { self } else { other }
+    }
+
+    fn count(self, what: &'static str) -> Result<u32, LoadError> {
+        if self.n == 0 {
+            return Err(LoadError::Missing(what));
+        }
+        // `as` saturates: negative to 0, huge to u32::MAX.
+        Ok(self.total.round() as u32)
+    }
+
+    fn fraction(self, what: &'static str) -> Result<f64, LoadError> {
+        if self.n == 0 {
+            return Err(LoadError::Missing(what));
+        }
+        let mean = self.total / f64::from(self.n);
+        // A sum of finite values can still overflow to infinity.
+        Ok(if mean.is_finite() {
+            mean.clamp(0.0, 1.0)
+        } else if mean > 0.0 {
+            1.0
+        } else {
+            0.0
+        })
+    }
+}
+
+impl<'a> Acc<'a> {
+    fn add(&mut self, s: Sample<'a>) {
+        match s.name {
+            "vllm:num_requests_waiting" => self.vllm_waiting.add(s.value),
+            "vllm:num_requests_running" => self.vllm_running.add(s.value),
+            "vllm:kv_cache_usage_perc" => self.vllm_kv.add(s.value),
+            "vllm:gpu_cache_usage_perc" => self.vllm_kv_old.add(s.value),
+            "sglang:num_queue_reqs" => self.sglang_waiting.add(s.value),
+            "sglang:num_running_reqs" => self.sglang_running.add(s.value),
+            "sglang:token_usage" => self.sglang_kv.add(s.value),
+            "vllm:lora_requests_info" => {
+                let newer = self.lora.is_none_or(|l| s.value > l.value);
+                if s.value.is_finite() && newer {
+                    self.lora = Some(s);
+                }
+            }
+            "vllm:cache_config_info" => self.block_size(&s, "block_size"),
+            "sglang:cache_config_info" => self.block_size(&s, "page_size"),
+            _ => {}
+        }
+    }
+
+    fn block_size(&mut self, s: &Sample<'a>, label: &str) {
+        if self.block_size.is_none() {
+            self.block_size = s.label(label).and_then(|v| v.trim().parse().ok());
+        }
+    }
+
+    fn finish(self) -> Result<PodLoad, LoadError> {
+        let mut load = PodLoad {
+            waiting: self
+                .vllm_waiting
+                .or(self.sglang_waiting)
+                .count("queue (vllm:num_requests_waiting)")?,
+            running: self
+                .vllm_running
+                .or(self.sglang_running)
+                .count("running (vllm:num_requests_running)")?,
+            kv_usage: self
+                .vllm_kv
+                .or(self.vllm_kv_old)
+                .or(self.sglang_kv)
+                .fraction("KV-cache usage (vllm:kv_cache_usage_perc)")?,
+            block_size: self.block_size,
+            ..PodLoad::default()
+        };
+        if let Some(lora) = self.lora {
+            load.running_loras = adapters(lora.label("running_lora_adapters").as_deref());
+            load.waiting_loras = adapters(lora.label("waiting_lora_adapters").as_deref());
+            load.max_lora = lora.label("max_lora").and_then(|v| v.trim().parse().ok());
+        }
+        Ok(load)
+    }
+}
+
+/// A comma-separated adapter list; empty names dropped (no allocation for an empty list).
+fn adapters(list: Option<&str>) -> Vec<String> {
+    list.into_iter()
+        .flat_map(|l| l.split(','))
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[cfg(test)]
+#[path = "load_tests.rs"]
+mod tests;

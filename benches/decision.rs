@@ -61,11 +61,7 @@ fn router(scheduler: Scheduler) -> Arc<Router> {
 }
 
 fn decision(c: &mut Criterion) {
-    bench_decisions(
-        c,
-        "decision",
-        &router(Scheduler::least_in_flight(0)),
-    );
+    bench_decisions(c, "decision", &router(Scheduler::least_in_flight(0)));
     // The same bodies through the default policy: the prompt is hashed (its first 256
     // blocks of 64 bytes), matched against the approximate index and recorded against the
     // chosen endpoint, which is what the benchmark's repeated prompt then hits.

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use kvroute_endpoints::{InFlightCollector, Registry};
+use kvroute_endpoints::{
+    InFlightCollector, LoadCollector, Registry, ScrapeConfig, ScrapeMetrics, Scraper,
+};
 use kvroute_events::{EventMetrics, IndexCollector, SubscriberConfig, Subscriptions};
 use kvroute_extproc::{
     BodySendMode, DEFAULT_MAX_BODY_BYTES, ExtProcConfig, ExtProcService, Metrics, Router,
@@ -60,6 +62,39 @@ pub(crate) struct ServeArgs {
     shutdown_grace_secs: u64,
     #[command(flatten)]
     events: EventArgs,
+    #[command(flatten)]
+    scrape: ScrapeArgs,
+}
+
+/// Reading each pod's `/metrics` (upstream's flags).
+#[derive(Debug, Args)]
+struct ScrapeArgs {
+    /// How often each endpoint's metrics are read (at least 50ms).
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    refresh_metrics_interval: Duration,
+    /// A scrape older than this is not used for scoring.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    metrics_staleness_threshold: Duration,
+    /// The pods' metrics port (default: the endpoint's own port, as vLLM serves it).
+    #[arg(long)]
+    metrics_port: Option<u16>,
+}
+
+/// A duration as Go writes one: `50ms`, `2s`, `1m`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
 
 /// Precise routing from the pods' vLLM KV events (`--kv-events-config` on each pod).
@@ -283,6 +318,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         prom.register_collector(Box::new(IndexCollector(Arc::clone(&index))));
     }
     let mut ctx = BuildContext::new(args.events.block_size);
+    ctx.staleness = args.scrape.metrics_staleness_threshold;
     ctx.tokenizers = tokenizers;
     ctx.precise_index = subscriptions.as_ref().map(|_| Arc::clone(&index));
     let text = match (&args.config.config_file, &args.config.config_text) {
@@ -292,7 +328,24 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         (None, None) => args.policy.config(subscriptions.is_some()).to_owned(),
     };
     let scheduler = build_config(&text, &ctx).context("routing configuration")?;
+    let metrics_path = EndpointPickerConfig::parse(&text)
+        .ok()
+        .and_then(|c| c.metrics_path().map(str::to_owned));
     let scheduler = Arc::new(SchedulerHandle::new(scheduler));
+    registry.subscribe(Arc::clone(&scheduler) as Arc<dyn kvroute_endpoints::EndpointsListener>);
+    let scrape_config = ScrapeConfig {
+        interval: args
+            .scrape
+            .refresh_metrics_interval
+            .max(Duration::from_millis(50)),
+        staleness: args.scrape.metrics_staleness_threshold,
+        port: args.scrape.metrics_port,
+        path: metrics_path.unwrap_or_else(|| "/metrics".to_owned()),
+        expected_block_size: u32::try_from(args.events.block_size).ok(),
+        ..ScrapeConfig::default()
+    };
+    let scraper = Scraper::new(scrape_config, ScrapeMetrics::register(&mut prom));
+    prom.register_collector(Box::new(LoadCollector::new(Arc::clone(&registry))));
 
     let router = Router::new(
         Arc::clone(&registry),
@@ -340,6 +393,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     let admin = tokio::spawn(admin::serve(admin_listener, admin_state, token.clone()));
     let events = subscriptions.map(|s| tokio::spawn(s.run(Arc::clone(&registry), token.clone())));
+    let scrapes = tokio::spawn(scraper.run(Arc::clone(&registry), token.clone()));
     let reload = args.config.config_file.clone().map(|path| {
         tokio::spawn(crate::config::watch(
             path,
@@ -361,6 +415,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             && let Err(e) = events.await
         {
             warn!(error = %e, "KV-event subscriptions task failed");
+        }
+        if let Err(e) = scrapes.await {
+            warn!(error = %e, "metrics scraper task failed");
         }
         if let Some(reload) = reload
             && let Err(e) = reload.await

@@ -102,10 +102,12 @@ impl EndpointState {
         is_fresh(at, now, staleness).then_some(FreshLoad { guard, at })
     }
 
-    /// Stores a successful scrape taken at `at`; it also counts as a health success.
+    /// Stores a successful scrape taken at `at`. It is not a health success: a pod whose
+    /// `/metrics` answers while its API fails every request must still be ejected, and
+    /// scrapes come far more often than a quiet pod's requests. Only a request answered
+    /// without a 5xx clears failures.
     pub fn record_scrape(&self, load: PodLoad, at: Instant) {
         self.scraped.store(Some(Arc::new(Scraped { load, at })));
-        self.health.success(at);
     }
 
     /// Counts a failed scrape (refused, timed out, not 200, too large, unparseable): an
@@ -471,7 +473,13 @@ mod tests {
         );
         assert!(state.fresh_load(t0 + stale, stale).is_none());
         state.record_scrape(PodLoad::default(), t0 + stale);
-        assert_eq!(state.consecutive_failures(), 0, "a scrape is a success");
+        assert_eq!(
+            state.consecutive_failures(),
+            1,
+            "a scrape does not clear failures: only an answered request does"
+        );
+        state.record_outcome(true, t0 + stale);
+        assert_eq!(state.consecutive_failures(), 0);
         assert_eq!(state.fresh_load(t0 + stale, stale).unwrap().waiting, 0);
     }
 }

@@ -566,6 +566,11 @@ impl StreamState {
             header(headers, "content-type").unwrap_or(""),
         ));
         self.follow_served_endpoint(metadata);
+        // Passive health: a 5xx (the pod's, or Envoy's own when it could not reach the pod)
+        // counts against the endpoint, anything else for it.
+        if let (Some(status), Some(target)) = (self.status, self.target()) {
+            target.record_outcome(status < 500, Instant::now());
+        }
         out.push(protocol::response_headers_response());
         if h.end_of_stream {
             self.finish_response();

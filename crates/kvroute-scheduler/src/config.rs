@@ -156,6 +156,9 @@ pub struct BuildContext {
     pub tokenizers: Tokenizers,
     /// The pods' KV block size, in tokens.
     pub block_size: usize,
+    /// A scrape of a pod's metrics older than this is not read (upstream's
+    /// `--metrics-staleness-threshold`).
+    pub staleness: std::time::Duration,
     approx: Mutex<HashMap<ApproxKey, Arc<Shared<ApproxIndex>>>>,
 }
 
@@ -166,6 +169,7 @@ impl BuildContext {
             precise_index: None,
             tokenizers: Tokenizers::new(),
             block_size,
+            staleness: std::time::Duration::from_secs(2),
             approx: Mutex::new(HashMap::new()),
         }
     }

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::{ArcSwap, Guard};
 use kvroute_core::EndpointId;
-use kvroute_endpoints::EndpointState;
+use std::time::Instant;
+
+use kvroute_endpoints::{EndpointState, EndpointsListener, Health};
 
 use crate::cycle::{Candidates, CycleState};
 use crate::plugins::handler::SingleProfileHandler;
@@ -181,8 +183,14 @@ impl Scheduler {
                 producer.produce(request, endpoints, state);
             }
         }
+        // Passive health: ejected endpoints are left out (all of them only when nothing else
+        // is left, as Envoy's panic threshold does), degraded ones are scored down below.
+        let now = Instant::now();
         kept.clear();
-        kept.extend(0..endpoints.len());
+        kept.extend((0..endpoints.len()).filter(|&i| endpoints[i].health(now) != Health::Ejected));
+        if kept.is_empty() {
+            kept.extend(0..endpoints.len());
+        }
         let profile = match self.profiles.as_slice() {
             [only] => only,
             many => {
@@ -222,6 +230,11 @@ impl Scheduler {
                     0.0
                 };
                 *t += weight * s;
+            }
+        }
+        for (t, (_, ep)) in totals.iter_mut().zip(candidates.iter()) {
+            if let Health::Degraded(factor) = ep.health(now) {
+                *t *= factor;
             }
         }
         picked.clear();
@@ -278,9 +291,11 @@ impl SchedulerHandle {
     pub fn store(&self, scheduler: Scheduler) {
         self.current.store(Arc::new(scheduler));
     }
+}
 
+impl EndpointsListener for SchedulerHandle {
     /// See [`Scheduler::endpoints_changed`].
-    pub fn endpoints_changed(&self, current: &[Arc<EndpointState>], departed: &[EndpointId]) {
+    fn endpoints_changed(&self, current: &[Arc<EndpointState>], departed: &[EndpointId]) {
         self.current.load().endpoints_changed(current, departed);
     }
 }

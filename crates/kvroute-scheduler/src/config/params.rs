@@ -16,6 +16,7 @@ use crate::plugins::filters::{LabelSelectorFilter, RoleFilter, Selector};
 use crate::plugins::handler::SingleProfileHandler;
 use crate::plugins::load::LoadScorer;
 use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
+use crate::plugins::pod_load::{PodLoadScorer, Signal};
 use crate::plugins::ttft::TtftScorer;
 use crate::{Plugin, SlotId};
 
@@ -55,6 +56,9 @@ plugin_types! {
     DecodeFilter => "decode-filter",
     MetricsDataSource => "metrics-data-source",
     CoreMetricsExtractor => "core-metrics-extractor",
+    QueueScorer => "queue-scorer",
+    RunningRequestsSizeScorer => "running-requests-size-scorer",
+    KvCacheUtilizationScorer => "kv-cache-utilization-scorer",
     LoadScorer => "load-scorer",
     TtftScorer => "ttft-scorer",
 }
@@ -260,9 +264,12 @@ impl<'de> DeserializeSeed<'de> for ParamsSeed {
             T::CoreMetricsExtractor => Params::Extractor(or_default(d)?),
             T::LoadScorer => Params::Load(or_default(d)?),
             T::TtftScorer => Params::Ttft(or_default(d)?),
-            T::SingleProfileHandler | T::PrefillFilter | T::DecodeFilter => {
-                Params::None(or_default(d)?)
-            }
+            T::SingleProfileHandler
+            | T::PrefillFilter
+            | T::DecodeFilter
+            | T::QueueScorer
+            | T::RunningRequestsSizeScorer
+            | T::KvCacheUtilizationScorer => Params::None(or_default(d)?),
         })
     }
 }
@@ -439,6 +446,21 @@ pub(super) fn build(
         }
         (Params::None(_), T::PrefillFilter) => Arc::new(RoleFilter::prefill()),
         (Params::None(_), T::DecodeFilter) => Arc::new(RoleFilter::decode()),
+        (Params::None(_), T::QueueScorer) => Arc::new(PodLoadScorer::new(
+            spec.plugin_type.as_str(),
+            Signal::Waiting,
+            ctx.staleness,
+        )),
+        (Params::None(_), T::RunningRequestsSizeScorer) => Arc::new(PodLoadScorer::new(
+            spec.plugin_type.as_str(),
+            Signal::Running,
+            ctx.staleness,
+        )),
+        (Params::None(_), T::KvCacheUtilizationScorer) => Arc::new(PodLoadScorer::new(
+            spec.plugin_type.as_str(),
+            Signal::KvUsage,
+            ctx.staleness,
+        )),
         (Params::None(_), _) => Arc::new(SingleProfileHandler),
     })
 }

@@ -22,3 +22,4 @@ impl Plugin for DataSource {
         self.0
     }
 }
+pub(crate) mod pod_load;

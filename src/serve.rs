@@ -13,7 +13,8 @@ use kvroute_endpoints::{
 };
 use kvroute_events::{EventMetrics, IndexCollector, SubscriberConfig, Subscriptions};
 use kvroute_extproc::{
-    BodySendMode, DEFAULT_MAX_BODY_BYTES, ExtProcConfig, ExtProcService, Metrics, Router,
+    BodySendMode, DEFAULT_INLINE_DECISION_BYTES, DEFAULT_MAX_BODY_BYTES, ExtProcConfig,
+    ExtProcService, Metrics, Router, default_decision_threads,
 };
 use kvroute_index::{PrefixIndex, Shared};
 use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE, LEAST_IN_FLIGHT};
@@ -57,6 +58,13 @@ pub(crate) struct ServeArgs {
     /// 1.34 sends no `protocol_config`); set it to what the ext_proc filter is configured with.
     #[arg(long, value_enum, default_value_t = BodyMode::FullDuplexStreamed)]
     assume_body_mode: BodyMode,
+    /// Bodies larger than this (bytes) are parsed, tokenized and scheduled on the blocking
+    /// decision pool instead of an async worker.
+    #[arg(long, default_value_t = DEFAULT_INLINE_DECISION_BYTES)]
+    inline_decision_bytes: usize,
+    /// Threads of the blocking decision pool (default: one fewer than the cores, at least 1).
+    #[arg(long, default_value_t = default_decision_threads())]
+    decision_threads: usize,
     /// Seconds open streams get to finish after SIGTERM before the process exits.
     #[arg(long, default_value_t = 30)]
     shutdown_grace_secs: u64,
@@ -353,6 +361,8 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ExtProcConfig {
             max_body_bytes: args.max_body_bytes,
             assumed_body_mode: args.assume_body_mode.into(),
+            inline_decision_bytes: args.inline_decision_bytes,
+            decision_threads: args.decision_threads.max(1),
         },
         metrics,
     );

@@ -499,3 +499,249 @@ impl Drop for Envoy {
         let _ = self.child.wait();
     }
 }
+
+impl Kvroute {
+    /// [`Kvroute::start`] with the endpoints given by `args` (`--endpoints-file`, say)
+    /// instead of an `--endpoints` list.
+    pub async fn start_args(dir: &Path, args: &[&str]) -> Self {
+        let log = dir.join(format!("kvroute-{}.log", unique()));
+        let child = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+            .args([
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--log",
+                "info,kvroute_extproc=debug",
+            ])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut ports = None;
+        let found = eventually(Duration::from_secs(20), async || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            ports = text
+                .lines()
+                .find(|l| l.contains("kvroute serving"))
+                .and_then(|l| Some((port_after(l, "grpc=")?, port_after(l, "admin=")?)));
+            ports.is_some()
+        })
+        .await;
+        let (grpc_port, admin_port) = ports.unwrap_or_default();
+        let k = Self {
+            child: Some(child),
+            grpc_port,
+            admin_port,
+            log,
+        };
+        assert!(
+            found,
+            "kvroute never said where it listens: {}",
+            k.log_text()
+        );
+        let ready = eventually(Duration::from_secs(20), async || {
+            get_ok(admin_port, "/readyz").await.is_some()
+        })
+        .await;
+        assert!(ready, "kvroute never became ready: {}", k.log_text());
+        k
+    }
+
+    /// How many lines of the log so far contain `text`.
+    pub fn log_count(&self, text: &str) -> usize {
+        self.log_text().lines().filter(|l| l.contains(text)).count()
+    }
+}
+
+/// Replaces `path`'s content in one step (a rename), so a reader never sees half a file.
+pub fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension(format!("tmp{}", unique()));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// One request of a [`Traffic`] stream, as the client saw it.
+#[derive(Clone, Debug)]
+pub struct Sent {
+    /// Its `x-request-id`.
+    pub id: String,
+    /// When it was sent.
+    pub started: Instant,
+    /// The status, or None when no answer came (connection failed or cut).
+    pub status: Option<u16>,
+    /// The `x-served-by` header of the answer ("" when there is none).
+    pub served_by: String,
+}
+
+/// A steady stream of chat requests to 127.0.0.1:`port`: `workers` clients, each sending
+/// one request after the other, every prompt different from its first bytes (so prefix
+/// affinity pins none of them), `x-request-id: {prefix}-{n}`.
+pub struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    answers: std::sync::Arc<std::sync::Mutex<Vec<Sent>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    pub fn start(port: u16, workers: usize, prefix: &str) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tasks = (0..workers)
+            .map(|_| {
+                let (stop, sent, answers) = (stop.clone(), sent.clone(), answers.clone());
+                let prefix = prefix.to_owned();
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let n = sent.fetch_add(1, Ordering::Relaxed);
+                        let id = format!("{prefix}-{n}");
+                        let body = serde_json::json!({
+                            "model": "m",
+                            "max_tokens": 4,
+                            "messages": [
+                                {"role": "system", "content": format!("{n:08} Conversation {n}. You answer briefly.")},
+                                {"role": "user", "content": format!("Question number {n}?")}
+                            ]
+                        });
+                        let started = Instant::now();
+                        let reply = test_support::http::try_request(
+                            SocketAddr::from(([127, 0, 0, 1], port)),
+                            "POST",
+                            "/v1/chat/completions",
+                            &[("x-request-id", &id)],
+                            body.to_string().into_bytes(),
+                        )
+                        .await;
+                        let (status, served_by) = match reply {
+                            Ok(r) => (Some(r.status), r.header("x-served-by").to_owned()),
+                            Err(_) => (None, String::new()),
+                        };
+                        answers.lock().unwrap().push(Sent {
+                            id,
+                            started,
+                            status,
+                            served_by,
+                        });
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            sent,
+            answers,
+            tasks,
+        }
+    }
+
+    /// Every request that has come back so far.
+    pub fn answers(&self) -> Vec<Sent> {
+        self.answers.lock().unwrap().clone()
+    }
+
+    /// The requests sent at or after `since` that have come back.
+    pub fn answered_since(&self, since: Instant) -> Vec<Sent> {
+        self.answers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.started >= since)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits (up to `within`) until `n` requests sent at or after `since` have come back,
+    /// and returns them (the first `n` sent).
+    pub async fn wait_answered_since(
+        &self,
+        since: Instant,
+        n: usize,
+        within: Duration,
+    ) -> Vec<Sent> {
+        let ok = eventually(within, async || self.answered_since(since).len() >= n).await;
+        let mut got = self.answered_since(since);
+        assert!(ok, "only {} of {n} requests came back", got.len());
+        got.sort_by_key(|s| s.started);
+        got.truncate(n);
+        got
+    }
+
+    /// Stops sending, waits for the requests in flight, and returns how many were sent and
+    /// every answer.
+    pub async fn stop(self) -> (usize, Vec<Sent>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let sent = self.sent.load(std::sync::atomic::Ordering::Relaxed);
+        let answers = std::mem::take(&mut *self.answers.lock().unwrap());
+        (sent, answers)
+    }
+}
+
+impl Envoy {
+    /// `request_id → upstream host` of the access log written so far.
+    pub fn upstreams(&self) -> std::collections::HashMap<String, String> {
+        self.access_log()
+            .iter()
+            .filter_map(|l| {
+                Some((
+                    l["request_id"].as_str()?.to_owned(),
+                    l["upstream"].as_str().unwrap_or("").to_owned(),
+                ))
+            })
+            .collect()
+    }
+}
+
+/// A simulated vLLM pod (`kvroute_sim`) on 127.0.0.1, every port its own, running until
+/// `stop` is cancelled: OpenAI API and vLLM's `/metrics` on `http`, 10× the modelled speed.
+pub async fn sim_pod(stop: &tokio_util::sync::CancellationToken) -> kvroute_sim::server::Bound {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    kvroute_sim::server::start(
+        kvroute_sim::server::ServerConfig {
+            http: any,
+            events: any,
+            replay: any,
+            topic: String::new(),
+            model: "m".into(),
+            profile: kvroute_sim::Profile::h100_llama31_8b(),
+            speed: 10.0,
+            encoding: kvroute_sim::wire::EventEncoding::Map,
+            tokenizer: None,
+            chat_template: None,
+        },
+        stop.child_token(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Sets a simulated pod's fault (`errors`, `none`…: `POST /sim/fault`).
+pub async fn set_fault(pod: &kvroute_sim::server::Bound, fault: &str) {
+    let body = serde_json::json!({ "fault": fault })
+        .to_string()
+        .into_bytes();
+    let reply = test_support::http::request(pod.http, "POST", "/sim/fault", &[], body).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+impl Envoy {
+    /// The upstream host each of `sent` went to ("" for none), from the access log, once
+    /// it has all of them (at most 5 s).
+    pub async fn upstreams_of(&self, sent: &[Sent]) -> Vec<String> {
+        let mut upstreams = std::collections::HashMap::new();
+        let complete = eventually(Duration::from_secs(5), async || {
+            upstreams = self.upstreams();
+            sent.iter().all(|s| upstreams.contains_key(&s.id))
+        })
+        .await;
+        assert!(complete, "access log incomplete");
+        sent.iter().map(|s| upstreams[&s.id].clone()).collect()
+    }
+}

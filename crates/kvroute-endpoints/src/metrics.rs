@@ -250,6 +250,7 @@ mod tests {
         );
         for _ in 0..5 {
             snap[1].record_scrape_error(now);
+            snap[1].record_outcome(false, now);
         }
         let mut out = String::new();
         encode(&mut out, &prom).unwrap();

@@ -111,10 +111,16 @@ impl EndpointState {
     }
 
     /// Counts a failed scrape (refused, timed out, not 200, too large, unparseable): an
-    /// error for the metrics and a health failure. The last good scrape is kept, and ages.
+    /// error for the metrics, and a health failure once the pod has served its metrics. The
+    /// last good scrape is kept, and ages.
     pub fn record_scrape_error(&self, now: Instant) {
         self.scrape_errors.fetch_add(1, Ordering::Relaxed);
-        self.health.failure(now);
+        // A pod that never served its metrics (none on that port, a server that is not a
+        // model server) is only a pod whose load is unknown; one that served them and stops
+        // is likely gone.
+        if self.scraped.load().is_some() {
+            self.health.failure(now);
+        }
     }
 
     /// Scrapes that failed since the endpoint appeared.

@@ -243,16 +243,25 @@ async fn garbage_is_an_error_and_a_health_failure() {
     let (metrics, token, task) = spawn(config(), &reg);
     assert!(eventually(|| metrics.scrapes("parse") >= 1).await);
     assert!(ep.scraped().is_none());
-    assert!(matches!(
-        ep.health(Instant::now()),
-        Health::Degraded(_) | Health::Ejected
-    ));
+    // A pod that never served metrics is only a pod of unknown load...
+    assert_eq!(ep.health(Instant::now()), Health::Healthy);
+    // ...but one that served them and then sends garbage is failing.
+    pod.set(Mode::Metrics);
+    assert!(eventually(|| ep.scraped().is_some()).await);
+    pod.set(Mode::Garbage);
+    assert!(
+        eventually(|| matches!(
+            ep.health(Instant::now()),
+            Health::Degraded(_) | Health::Ejected
+        ))
+        .await
+    );
     stop(token, task).await;
 }
 
 #[tokio::test]
 async fn errors_eject_and_a_recovered_pod_comes_back() {
-    let pod = Pod::start(Mode::Error).await;
+    let pod = Pod::start(Mode::Metrics).await;
     let health = HealthConfig {
         consecutive_failures: 3,
         base_ejection: Duration::from_millis(200),
@@ -261,9 +270,10 @@ async fn errors_eject_and_a_recovered_pod_comes_back() {
     let reg = registry(&[pod.addr], health);
     let ep = Arc::clone(&reg.snapshot()[0]);
     let (metrics, token, task) = spawn(config(), &reg);
+    assert!(eventually(|| ep.scraped().is_some()).await);
+    pod.set(Mode::Error);
     assert!(eventually(|| ep.health(Instant::now()) == Health::Ejected).await);
     assert!(metrics.scrapes("status") >= 3);
-    assert_eq!(metrics.scrapes("ok"), 0);
     pod.set(Mode::Metrics);
     assert!(
         eventually(|| ep.health(Instant::now()) != Health::Ejected).await,

@@ -3,6 +3,7 @@
 //! nothing is spawned per request.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -11,11 +12,13 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
     ExternalProcessor, ExternalProcessorServer,
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
+use tokio::sync::Semaphore;
+use tokio::task::JoinError;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::debug;
+use tracing::{debug, error};
 
-use crate::stream::{Router, StreamState};
+use crate::stream::{DecisionJob, DecisionOutcome, Router, StreamState};
 
 /// Slack over the body limit for the rest of a buffered-mode message (headers, metadata).
 const MESSAGE_OVERHEAD: usize = 1 << 20;
@@ -24,12 +27,45 @@ const MESSAGE_OVERHEAD: usize = 1 << 20;
 #[derive(Clone, Debug)]
 pub struct ExtProcService {
     router: Arc<Router>,
+    pool: DecisionPool,
 }
+
+/// Threads for decisions too heavy for an async worker (long prompts to parse and tokenize):
+/// at most `decision_threads` run at once, the rest wait in arrival order, so a burst of
+/// cold long prompts queues behind itself instead of stalling every stream.
+#[derive(Clone, Debug)]
+struct DecisionPool {
+    permits: Arc<Semaphore>,
+}
+
+impl DecisionPool {
+    fn run(&self, job: DecisionJob) -> PendingDecision {
+        let permits = Arc::clone(&self.permits);
+        Box::pin(async move {
+            // The semaphore is never closed, so acquiring only waits.
+            let permit = permits.acquire_owned().await;
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                job.run()
+            })
+            .await
+        })
+    }
+}
+
+/// A decision running on the pool.
+type PendingDecision = Pin<Box<dyn Future<Output = Result<DecisionOutcome, JoinError>> + Send>>;
 
 impl ExtProcService {
     /// A service routing with `router`.
     pub fn new(router: Arc<Router>) -> Self {
-        Self { router }
+        let threads = router.config().decision_threads.max(1);
+        Self {
+            router,
+            pool: DecisionPool {
+                permits: Arc::new(Semaphore::new(threads)),
+            },
+        }
     }
 
     /// The tonic server for this service, accepting messages up to twice the body limit: a
@@ -53,22 +89,35 @@ impl ExternalProcessor for ExtProcService {
     ) -> Result<Response<Self::ProcessStream>, Status> {
         Ok(Response::new(ResponseStream {
             inbound: request.into_inner(),
-            state: StreamState::new(Arc::clone(&self.router)),
+            state: StreamState::deferring(Arc::clone(&self.router)),
             pending: VecDeque::new(),
             scratch: Vec::new(),
             done: false,
+            pool: self.pool.clone(),
+            deciding: None,
         }))
     }
 }
 
-/// The answers to one ext_proc stream, produced as Envoy's messages are read.
-#[derive(Debug)]
+/// The answers to one ext_proc stream, produced as Envoy's messages are read. While a heavy
+/// decision runs on the pool, no further message is read.
 pub struct ResponseStream {
     inbound: Streaming<ProcessingRequest>,
     state: StreamState,
     pending: VecDeque<ProcessingResponse>,
     scratch: Vec<ProcessingResponse>,
     done: bool,
+    pool: DecisionPool,
+    deciding: Option<PendingDecision>,
+}
+
+impl std::fmt::Debug for ResponseStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseStream")
+            .field("state", &self.state)
+            .field("deciding", &self.deciding.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Stream for ResponseStream {
@@ -79,6 +128,23 @@ impl Stream for ResponseStream {
         loop {
             if let Some(r) = this.pending.pop_front() {
                 return Poll::Ready(Some(Ok(r)));
+            }
+            if let Some(deciding) = &mut this.deciding {
+                let outcome = ready!(deciding.as_mut().poll(cx));
+                this.deciding = None;
+                match outcome {
+                    Ok(outcome) => {
+                        this.state.resume(outcome, &mut this.scratch);
+                        this.pending.extend(this.scratch.drain(..));
+                    }
+                    Err(e) => {
+                        error!(error = %e, "routing decision failed on the decision pool");
+                        this.state.router_metrics().stream_error();
+                        this.done = true;
+                        return Poll::Ready(Some(Err(Status::internal("routing decision failed"))));
+                    }
+                }
+                continue;
             }
             if this.done {
                 return Poll::Ready(None);
@@ -99,6 +165,9 @@ impl Stream for ResponseStream {
                         return Poll::Ready(Some(Err(Status::invalid_argument(e.to_string()))));
                     }
                     this.pending.extend(this.scratch.drain(..));
+                    if let Some(job) = this.state.take_job() {
+                        this.deciding = Some(this.pool.run(job));
+                    }
                 }
             }
         }

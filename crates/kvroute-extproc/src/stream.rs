@@ -14,9 +14,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request,
 };
 use envoy_types::pb::google::protobuf::Struct;
-use kvroute_core::{ApiKind, InferenceRequest, RequestHints};
+use kvroute_core::{ApiKind, InferenceRequest, ParseError, RequestHints};
 use kvroute_endpoints::{EndpointState, InFlightGuard, Registry};
-use kvroute_scheduler::{ScheduleError, SchedulerHandle, SchedulingRequest};
+use kvroute_scheduler::{Decision, ScheduleError, SchedulerHandle, SchedulingRequest};
 use tracing::{debug, warn};
 
 use crate::metrics::{Metrics, Outcome};
@@ -26,6 +26,11 @@ use crate::usage::UsageScanner;
 /// Default limit on a request body kvroute buffers: 16 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
 
+/// Bodies up to this size are parsed and scheduled inline on the async worker: a decision on
+/// 8 KiB (about 2,000 tokens) takes well under a millisecond even when it tokenizes, less
+/// than the hop to another thread costs in latency.
+pub const DEFAULT_INLINE_DECISION_BYTES: usize = 8 << 10;
+
 /// Settings of the ext_proc server.
 #[derive(Clone, Debug)]
 pub struct ExtProcConfig {
@@ -34,6 +39,12 @@ pub struct ExtProcConfig {
     /// The body mode (both directions) assumed for streams whose first message carries no
     /// `protocol_config` (Envoy before 1.34). Envoy's configuration must match it.
     pub assumed_body_mode: BodySendMode,
+    /// Larger bodies are parsed, tokenized and scheduled on the blocking decision pool
+    /// rather than on an async worker (where a cold 128k-token prompt would hold the worker
+    /// for ~100 ms and every stream on it with it).
+    pub inline_decision_bytes: usize,
+    /// Threads of the blocking decision pool; streams wait their turn beyond that.
+    pub decision_threads: usize,
 }
 
 impl Default for ExtProcConfig {
@@ -42,8 +53,17 @@ impl Default for ExtProcConfig {
         Self {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             assumed_body_mode: BodySendMode::FullDuplexStreamed,
+            inline_decision_bytes: DEFAULT_INLINE_DECISION_BYTES,
+            decision_threads: default_decision_threads(),
         }
     }
+}
+
+/// One thread fewer than the machine has, at least one: the async workers keep a core.
+pub fn default_decision_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get().saturating_sub(1))
+        .max(1)
 }
 
 /// What every stream shares: where endpoints are, how to choose, how to count.
@@ -160,6 +180,84 @@ pub struct StreamState {
     status: Option<u16>,
     usage: Option<UsageScanner>,
     response_done: bool,
+    /// Whether heavy decisions are handed to the caller ([`StreamState::take_job`]) instead
+    /// of run inline.
+    defer_heavy: bool,
+    job: Option<DecisionJob>,
+}
+
+/// The CPU-heavy part of routing one request (parsing its body, tokenizing the prompt,
+/// scheduling), detached from its stream so that it can run on a blocking pool. Run it, then
+/// hand the outcome back with [`StreamState::resume`].
+#[derive(Debug)]
+pub struct DecisionJob {
+    router: Arc<Router>,
+    api: ApiKind,
+    hints: RequestHints,
+    subset: Option<Vec<String>>,
+    chunks: Vec<Vec<u8>>,
+    started: Instant,
+    trailers_follow: bool,
+}
+
+/// What a [`DecisionJob`] found.
+#[derive(Debug)]
+pub struct DecisionOutcome {
+    chunks: Vec<Vec<u8>>,
+    result: Result<Result<Decision, ScheduleError>, ParseError>,
+    started: Instant,
+    trailers_follow: bool,
+}
+
+impl DecisionJob {
+    /// Parses the body and schedules the request.
+    pub fn run(self) -> DecisionOutcome {
+        let body: Cow<'_, [u8]> = match self.chunks.as_slice() {
+            [] => Cow::Borrowed(&[]),
+            [one] => Cow::Borrowed(one),
+            many => Cow::Owned(many.concat()),
+        };
+        let parsed = InferenceRequest::parse(self.api, &body, self.hints.clone());
+        drop(body);
+        let result = parsed.map(|request| {
+            schedule(
+                &self.router,
+                self.subset.as_deref(),
+                &self.hints,
+                Some(&request),
+            )
+        });
+        DecisionOutcome {
+            chunks: self.chunks,
+            result,
+            started: self.started,
+            trailers_follow: self.trailers_follow,
+        }
+    }
+}
+
+/// Asks the scheduler about `request` among the endpoints (in the data plane's `subset`).
+fn schedule(
+    router: &Router,
+    subset: Option<&[String]>,
+    hints: &RequestHints,
+    request: Option<&InferenceRequest>,
+) -> Result<Decision, ScheduleError> {
+    let snapshot = router.registry.snapshot();
+    let candidates: Cow<'_, [Arc<EndpointState>]> = match subset {
+        None => Cow::Borrowed(snapshot.as_slice()),
+        Some(subset) => Cow::Owned(
+            snapshot
+                .iter()
+                .filter(|e| in_subset(subset, e.address()))
+                .cloned()
+                .collect(),
+        ),
+    };
+    router
+        .scheduler
+        .load()
+        .schedule(&SchedulingRequest::new(request, hints), &candidates)
 }
 
 impl StreamState {
@@ -182,7 +280,24 @@ impl StreamState {
             status: None,
             usage: None,
             response_done: false,
+            defer_heavy: false,
+            job: None,
         }
+    }
+
+    /// A fresh stream whose decisions on bodies over
+    /// [`ExtProcConfig::inline_decision_bytes`] are left to the caller: after each message,
+    /// [`StreamState::take_job`] says whether one is waiting.
+    pub fn deferring(router: Arc<Router>) -> Self {
+        let mut s = Self::new(router);
+        s.defer_heavy = true;
+        s
+    }
+
+    /// The decision the last message left to run, if any. Until it is resumed, no further
+    /// message may be handled.
+    pub fn take_job(&mut self) -> Option<DecisionJob> {
+        self.job.take()
     }
 
     pub(crate) fn router_metrics(&self) -> &Metrics {
@@ -441,27 +556,49 @@ impl StreamState {
 
     /// The whole body is here: parse, decide, and release what was held back.
     fn complete_request_body(&mut self, out: &mut Vec<ProcessingResponse>, trailers_follow: bool) {
-        let RequestPhase::Collecting { headers_pending } = self.phase else {
+        let RequestPhase::Collecting { .. } = self.phase else {
             return;
         };
         self.request_body_done = true;
-        let started = Instant::now();
-        let body: Cow<'_, [u8]> = match self.chunks.as_slice() {
-            [] => Cow::Borrowed(&[]),
-            [one] => Cow::Borrowed(one),
-            many => Cow::Owned(many.concat()),
+        // A provisional claim must not weigh against its own endpoint in the final choice.
+        self.guard = None;
+        let job = DecisionJob {
+            router: Arc::clone(&self.router),
+            api: self.api,
+            hints: self.hints.clone(),
+            subset: self.subset.clone(),
+            chunks: std::mem::take(&mut self.chunks),
+            started: Instant::now(),
+            trailers_follow,
         };
-        let parsed = InferenceRequest::parse(self.api, &body, self.hints.clone());
-        drop(body);
-        let request = match parsed {
-            Ok(r) => r,
+        if self.defer_heavy && self.body_len > self.router.config.inline_decision_bytes {
+            self.job = Some(job);
+        } else {
+            self.resume(job.run(), out);
+        }
+    }
+
+    /// Continues the stream with what its [`DecisionJob`] found: the routing answer (or a
+    /// local reply), and whatever of the body was held back.
+    pub fn resume(&mut self, outcome: DecisionOutcome, out: &mut Vec<ProcessingResponse>) {
+        let RequestPhase::Collecting { headers_pending } = self.phase else {
+            return;
+        };
+        let DecisionOutcome {
+            chunks,
+            result,
+            started,
+            trailers_follow,
+        } = outcome;
+        let decided = match result {
+            Ok(decided) => decided,
             Err(e) => {
                 self.router.metrics.outcome(Outcome::BadRequest);
                 self.reply(protocol::immediate(400, "bad_request", &e.to_string()), out);
                 return;
             }
         };
-        let decided = self.decide(Some(&request));
+        let decided = self.claim(decided);
         self.router
             .metrics
             .decision(started.elapsed().as_secs_f64());
@@ -475,7 +612,6 @@ impl StreamState {
         self.router.metrics.outcome(Outcome::Routed);
         self.phase = RequestPhase::Forwarding;
         let metadata = Some(protocol::destination_metadata(&dest));
-        let chunks = std::mem::take(&mut self.chunks);
         if !headers_pending {
             out.push(protocol::request_body_response(
                 protocol::route_to(&dest),
@@ -505,22 +641,12 @@ impl StreamState {
     fn decide(&mut self, request: Option<&InferenceRequest>) -> Result<String, NoEndpoint> {
         // A provisional claim must not weigh against its own endpoint in the final choice.
         self.guard = None;
-        let snapshot = self.router.registry.snapshot();
-        let candidates: Cow<'_, [Arc<EndpointState>]> = match &self.subset {
-            None => Cow::Borrowed(snapshot.as_slice()),
-            Some(subset) => Cow::Owned(
-                snapshot
-                    .iter()
-                    .filter(|e| in_subset(subset, e.address()))
-                    .cloned()
-                    .collect(),
-            ),
-        };
-        let scheduled = self
-            .router
-            .scheduler
-            .load()
-            .schedule(&SchedulingRequest::new(request, &self.hints), &candidates);
+        let scheduled = schedule(&self.router, self.subset.as_deref(), &self.hints, request);
+        self.claim(scheduled)
+    }
+
+    /// Counts a decision against its primary and writes its destination value.
+    fn claim(&mut self, scheduled: Result<Decision, ScheduleError>) -> Result<String, NoEndpoint> {
         match scheduled {
             Ok(decision) => {
                 self.guard = Some(

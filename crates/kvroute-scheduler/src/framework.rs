@@ -183,14 +183,8 @@ impl Scheduler {
                 producer.produce(request, endpoints, state);
             }
         }
-        // Passive health: ejected endpoints are left out (all of them only when nothing else
-        // is left, as Envoy's panic threshold does), degraded ones are scored down below.
-        let now = Instant::now();
         kept.clear();
-        kept.extend((0..endpoints.len()).filter(|&i| endpoints[i].health(now) != Health::Ejected));
-        if kept.is_empty() {
-            kept.extend(0..endpoints.len());
-        }
+        kept.extend(0..endpoints.len());
         let profile = match self.profiles.as_slice() {
             [only] => only,
             many => {
@@ -214,6 +208,16 @@ impl Scheduler {
             if kept.is_empty() {
                 return Err(ScheduleError::AllFiltered);
             }
+        }
+        // Passive health, among what the filters left: ejected endpoints are left out (unless
+        // nothing else is left, as Envoy's panic threshold does), degraded ones are scored
+        // down below.
+        let now = Instant::now();
+        if kept
+            .iter()
+            .any(|&i| endpoints[i].health(now) != Health::Ejected)
+        {
+            kept.retain(|&i| endpoints[i].health(now) != Health::Ejected);
         }
         let candidates = Candidates::new(endpoints, kept);
         totals.clear();

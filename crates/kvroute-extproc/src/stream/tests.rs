@@ -623,3 +623,50 @@ proptest! {
         prop_assert_eq!(h.in_flight(), 1);
     }
 }
+
+#[test]
+fn a_heavy_decision_is_left_to_the_caller_and_resumed() {
+    let h = Harness::new(&[8001, 8002]);
+    let mut s = StreamState::deferring(Arc::clone(&h.router));
+    let small = chat_body(1_000);
+    assert!(small.len() <= DEFAULT_INLINE_DECISION_BYTES);
+    send(&mut s, full_duplex_headers(CHAT));
+    let out = send(&mut s, request_body(&small, true));
+    assert!(s.take_job().is_none(), "a small body is decided inline");
+    assert_eq!(kind(&out[0]), "request_headers");
+
+    let big = chat_body(100_000);
+    let mut s = StreamState::deferring(Arc::clone(&h.router));
+    send(&mut s, full_duplex_headers(CHAT));
+    let out = send(&mut s, request_body(&big, true));
+    assert!(
+        out.is_empty(),
+        "nothing is answered before the decision: {out:?}"
+    );
+    let job = s.take_job().expect("a large body is left to the pool");
+    assert!(s.take_job().is_none());
+    // The job owns everything it needs: it could run on any thread.
+    let outcome = std::thread::spawn(move || job.run()).join().unwrap();
+    let mut out = Vec::new();
+    s.resume(outcome, &mut out);
+    assert_eq!(kind(&out[0]), "request_headers");
+    assert!(set_header(&out[0], "x-gateway-destination-endpoint").is_some());
+    assert_eq!(
+        streamed_body(&out[1..]),
+        (big, true),
+        "the body follows, whole"
+    );
+    assert_eq!(h.in_flight(), 2);
+
+    // A malformed large body is refused by the job, as inline.
+    let mut s = StreamState::deferring(Arc::clone(&h.router));
+    send(&mut s, full_duplex_headers(CHAT));
+    send(&mut s, request_body(&vec![b'{'; 20_000], true));
+    let outcome = s.take_job().unwrap().run();
+    let mut out = Vec::new();
+    s.resume(outcome, &mut out);
+    assert_eq!(
+        immediate(&out[0]).unwrap().status.as_ref().unwrap().code,
+        400
+    );
+}

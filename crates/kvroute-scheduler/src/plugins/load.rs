@@ -38,15 +38,17 @@ impl Scorer for LoadScorer {
         candidates: &Candidates<'_>,
         scores: &mut [f64],
     ) {
-        let load = |i: usize| candidates.get(i).in_flight();
-        let (mut min, mut max) = (usize::MAX, 0);
-        for i in 0..candidates.len() {
-            min = min.min(load(i));
-            max = max.max(load(i));
+        // Each count is read once: others change while this request is scored, and the
+        // spread must be of the values scored.
+        for (s, (_, ep)) in scores.iter_mut().zip(candidates.iter()) {
+            *s = ep.in_flight() as f64;
         }
-        let spread = max.saturating_sub(min).max(self.headroom) as f64;
-        for (i, s) in scores.iter_mut().enumerate() {
-            *s = (max - load(i)) as f64 / spread;
+        let (min, max) = scores.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &l| {
+            (lo.min(l), hi.max(l))
+        });
+        let spread = (max - min).max(self.headroom as f64);
+        for s in scores.iter_mut() {
+            *s = (max - *s) / spread;
         }
     }
 }

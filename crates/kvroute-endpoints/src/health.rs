@@ -59,6 +59,8 @@ pub(crate) struct HealthState {
     config: HealthConfig,
     born: Instant,
     failures: AtomicU32,
+    /// When the last failure was recorded.
+    last_failure: AtomicU64,
     /// End of the last ejection (0: never ejected).
     ejected_until: AtomicU64,
     /// Ejected and not yet cleared by a success after the ejection.
@@ -77,6 +79,7 @@ impl HealthState {
             },
             born: Instant::now(),
             failures: AtomicU32::new(0),
+            last_failure: AtomicU64::new(0),
             ejected_until: AtomicU64::new(0),
             probation: AtomicBool::new(false),
             streak: AtomicU32::new(0),
@@ -96,8 +99,17 @@ impl HealthState {
             return Health::Ejected;
         }
         let threshold = self.config.consecutive_failures;
+        // Failures older than a first ejection would last are forgotten: an endpoint scored
+        // down until nothing is sent to it could not otherwise show it recovered.
+        let forgotten = u64::try_from(self.config.base_ejection.as_nanos()).unwrap_or(u64::MAX);
         let n = if self.probation.load(Ordering::Acquire) {
             threshold - 1
+        } else if self
+            .ns(now)
+            .saturating_sub(self.last_failure.load(Ordering::Relaxed))
+            > forgotten
+        {
+            0
         } else {
             self.failures.load(Ordering::Relaxed).min(threshold - 1)
         };
@@ -138,6 +150,7 @@ impl HealthState {
         }
         let until = self.ejected_until.load(Ordering::Acquire);
         let t = self.ns(now);
+        self.last_failure.fetch_max(t, Ordering::Relaxed);
         if until != 0 && t < until {
             return;
         }
@@ -211,6 +224,14 @@ mod tests {
             Health::Healthy,
             "a success resets the count"
         );
+        h.failure(at(0.3));
+        assert_eq!(h.health(at(10.2)), Health::Degraded(0.5));
+        assert_eq!(
+            h.health(at(10.4)),
+            Health::Healthy,
+            "a failure older than the first ejection's length is forgotten"
+        );
+        h.success(at(0.5));
 
         for i in 0..3 {
             h.failure(at(1.0 + f64::from(i) * 0.01));

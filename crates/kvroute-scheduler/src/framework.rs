@@ -237,6 +237,8 @@ impl Scheduler {
             }
         }
         for (t, (_, ep)) in totals.iter_mut().zip(candidates.iter()) {
+            // Scaled, not sunk: a degraded endpoint still gets its turn among equals, so
+            // it either recovers (a success clears it) or reaches the ejection threshold.
             if let Health::Degraded(factor) = ep.health(now) {
                 *t *= factor;
             }

@@ -12,11 +12,13 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 
 use super::{BuildContext, ConfigError, approx_producer, precise_producer, prefix_scorer};
 use crate::cycle::BYTES_PER_TOKEN;
+use crate::plugins::active::{ActiveRequestScorer, NoHitLruScorer};
 use crate::plugins::filters::{LabelSelectorFilter, RoleFilter, Selector};
 use crate::plugins::handler::SingleProfileHandler;
 use crate::plugins::load::LoadScorer;
 use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
-use crate::plugins::pod_load::{PodLoadScorer, Signal};
+use crate::plugins::pod_load::{LoadAwareScorer, LoraAffinityScorer, PodLoadScorer, Signal};
+use crate::plugins::precise::TokenProducer;
 use crate::plugins::ttft::TtftScorer;
 use crate::{Plugin, SlotId};
 
@@ -59,6 +61,11 @@ plugin_types! {
     QueueScorer => "queue-scorer",
     RunningRequestsSizeScorer => "running-requests-size-scorer",
     KvCacheUtilizationScorer => "kv-cache-utilization-scorer",
+    LoadAwareScorer => "load-aware-scorer",
+    LoraAffinityScorer => "lora-affinity-scorer",
+    ActiveRequestScorer => "active-request-scorer",
+    NoHitLruScorer => "no-hit-lru-scorer",
+    TokenProducer => "token-producer",
     LoadScorer => "load-scorer",
     TtftScorer => "ttft-scorer",
 }
@@ -219,6 +226,57 @@ pub(crate) struct TtftParams {
     producers: Vec<String>,
 }
 
+/// `load-aware-scorer`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct LoadAwareParams {
+    /// Waiting requests at which the score reaches 0 (default 128).
+    threshold: Option<i64>,
+}
+
+/// `active-request-scorer`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct ActiveRequestParams {
+    /// Deprecated upstream and ignored there too: requests end with their stream.
+    #[serde(rename = "requestTimeout")]
+    _request_timeout: Option<String>,
+    idle_threshold: Option<i64>,
+    max_busy_score: Option<f64>,
+    /// kvroute counts its own in-flight requests; no producer is needed or named.
+    #[serde(rename = "inFlightLoadProducerName")]
+    _in_flight_load_producer_name: Option<String>,
+}
+
+/// `no-hit-lru-scorer`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct NoHitLruParams {
+    lru_size: Option<i64>,
+    prefix_match_info_producer_name: Option<String>,
+    /// Deprecated upstream, never used there.
+    #[serde(rename = "prefixPluginType")]
+    _prefix_plugin_type: Option<String>,
+    #[serde(rename = "prefixPluginName")]
+    _prefix_plugin_name: Option<String>,
+}
+
+/// `token-producer`: upstream tokenizes by estimate, by asking a pod (`vllm`) or over a
+/// socket; kvroute tokenizes with the tokenizers it loaded, which gives the pod's ids, so
+/// these are accepted and not read.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct TokenProducerParams {
+    #[serde(rename = "modelName")]
+    _model_name: Option<String>,
+    #[serde(rename = "vllm")]
+    _vllm: Option<de::IgnoredAny>,
+    #[serde(rename = "estimate")]
+    _estimate: Option<de::IgnoredAny>,
+    #[serde(rename = "udsTokenizerConfig")]
+    _uds_tokenizer_config: Option<de::IgnoredAny>,
+}
+
 /// A plugin type without parameters.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -235,6 +293,10 @@ pub(crate) enum Params {
     Extractor(#[allow(dead_code, reason = "read only to validate the YAML")] ExtractorParams),
     Load(LoadParams),
     Ttft(TtftParams),
+    LoadAware(LoadAwareParams),
+    ActiveRequest(ActiveRequestParams),
+    NoHitLru(NoHitLruParams),
+    Token(#[allow(dead_code, reason = "read only to validate the YAML")] TokenProducerParams),
     None(NoParams),
 }
 
@@ -264,12 +326,17 @@ impl<'de> DeserializeSeed<'de> for ParamsSeed {
             T::CoreMetricsExtractor => Params::Extractor(or_default(d)?),
             T::LoadScorer => Params::Load(or_default(d)?),
             T::TtftScorer => Params::Ttft(or_default(d)?),
+            T::LoadAwareScorer => Params::LoadAware(or_default(d)?),
+            T::ActiveRequestScorer => Params::ActiveRequest(or_default(d)?),
+            T::NoHitLruScorer => Params::NoHitLru(or_default(d)?),
+            T::TokenProducer => Params::Token(or_default(d)?),
             T::SingleProfileHandler
             | T::PrefillFilter
             | T::DecodeFilter
             | T::QueueScorer
             | T::RunningRequestsSizeScorer
-            | T::KvCacheUtilizationScorer => Params::None(or_default(d)?),
+            | T::KvCacheUtilizationScorer
+            | T::LoraAffinityScorer => Params::None(or_default(d)?),
         })
     }
 }
@@ -446,6 +513,37 @@ pub(super) fn build(
         }
         (Params::None(_), T::PrefillFilter) => Arc::new(RoleFilter::prefill()),
         (Params::None(_), T::DecodeFilter) => Arc::new(RoleFilter::decode()),
+        (Params::LoadAware(p), _) => {
+            // Upstream's default for anything not positive.
+            let threshold = p.threshold.filter(|&t| t > 0).unwrap_or(128);
+            Arc::new(LoadAwareScorer::new(
+                usize::try_from(threshold).unwrap_or(usize::MAX),
+                ctx.staleness,
+            ))
+        }
+        (Params::ActiveRequest(p), _) => {
+            let idle = usize::try_from(p.idle_threshold.unwrap_or(0).max(0)).unwrap_or(0);
+            let busy = p
+                .max_busy_score
+                .filter(|b| (0.0..=1.0).contains(b))
+                .unwrap_or(1.0);
+            Arc::new(ActiveRequestScorer::new(idle, busy))
+        }
+        (Params::NoHitLru(p), _) => {
+            let reads = match &p.prefix_match_info_producer_name {
+                Some(n) => vec![resolve(&from, n)?],
+                None => Vec::new(),
+            };
+            let size = p.lru_size.filter(|&n| n > 0).unwrap_or(1024);
+            Arc::new(NoHitLruScorer::new(
+                reads,
+                usize::try_from(size).unwrap_or(usize::MAX),
+            ))
+        }
+        (Params::Token(_), _) => Arc::new(TokenProducer::new(ctx.tokenizers.clone())),
+        (Params::None(_), T::LoraAffinityScorer) => {
+            Arc::new(LoraAffinityScorer::new(ctx.staleness))
+        }
         (Params::None(_), T::QueueScorer) => Arc::new(PodLoadScorer::new(
             spec.plugin_type.as_str(),
             Signal::Waiting,

@@ -52,6 +52,11 @@ fn upstream_examples_load_or_name_the_plugin_and_line() {
     for expected in [
         "llm-d-router__deploy__config__epp-config.yaml",
         "llm-d-router__deploy__config__sim-epp-config.yaml",
+        "llm-d-router__deploy__config__epp-estimate-prefix-cache-config.yaml",
+        "llm-d-router__deploy__config__sim-epp-kvcache-config.yaml",
+        "llm-d-router__deploy__config__sim-epp-tokenizer-vllm-http-config.yaml",
+        "llm-d-router__config__charts__routerlib__templates___config__default-plugins_yaml.yaml",
+        "gateway-api-inference-extension__config__charts__epplib__templates___config__default-plugins_yaml.yaml",
         "llm-d-router__docs__create_new_filter__block1.yaml",
         "gateway-api-inference-extension__site-src__guides__epp-configuration__config-text__block4.yaml",
     ] {
@@ -262,4 +267,140 @@ fn feature_gates_are_a_list() {
     let c = EndpointPickerConfig::parse("featureGates: [flowControl, other=false]\n").unwrap();
     assert!(c.feature_gate("flowControl"));
     assert!(!c.feature_gate("other"));
+}
+
+/// One configuration naming every built-in type with every parameter it takes, as upstream
+/// spells them (parameters from upstream's example configurations and plugin sources).
+#[test]
+fn every_builtin_type_and_parameter_loads() {
+    let yaml = r#"
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: token-producer
+  parameters: {modelName: m, vllm: {url: "http://localhost:8000"}}
+- type: approx-prefix-cache-producer
+  parameters: {autoTune: false, blockSizeTokens: 16, maxPrefixTokensToMatch: 1280, lruCapacityPerServer: 31250}
+- type: precise-prefix-cache-producer
+  parameters:
+    tokenProcessorConfig: {blockSize: 16, hashSeed: "42"}
+    kvEventsConfig: {zmqEndpoint: "tcp://0.0.0.0:5557"}
+    indexerConfig: {kvBlockIndexConfig: {enableMetrics: false}}
+    speculativeIndexing: false
+    speculativeTTL: 2s
+- type: prefix-cache-scorer
+  parameters: {prefixMatchInfoProducerName: precise-prefix-cache-producer, matchLengthWeight: 0.5, matchLengthScaleTokens: 4096}
+- name: old-style
+  type: prefix-cache-scorer
+  parameters: {blockSize: 64, maxPrefixBlocksToMatch: 256, lruCapacityPerServer: 31250}
+- type: precise-prefix-cache-scorer
+- type: queue-scorer
+- type: running-requests-size-scorer
+- type: kv-cache-utilization-scorer
+- type: load-aware-scorer
+  parameters: {threshold: 64}
+- type: lora-affinity-scorer
+- type: active-request-scorer
+  parameters: {requestTimeout: 2m, idleThreshold: 1, maxBusyScore: 0.9, inFlightLoadProducerName: x}
+- type: no-hit-lru-scorer
+  parameters: {lruSize: 2048, prefixMatchInfoProducerName: approx-prefix-cache-producer, prefixPluginType: a, prefixPluginName: b}
+- type: ttft-scorer
+  parameters: {producers: [approx-prefix-cache-producer]}
+- type: load-scorer
+  parameters: {headroom: 4}
+- type: label-selector-filter
+  parameters: {matchLabels: {a: b}, matchExpressions: [{key: c, operator: Exists}]}
+- type: decode-filter
+- type: prefill-filter
+- type: weighted-random-picker
+  parameters: {maxNumOfEndpoints: 2}
+- type: random-picker
+  parameters: {maxNumOfEndpoints: 1}
+- type: max-score-picker
+  parameters: {maxNumOfEndpoints: 1}
+- type: metrics-data-source
+  parameters: {scheme: http, path: /metrics, insecureSkipVerify: true}
+- type: core-metrics-extractor
+  parameters: {defaultEngine: vllm, engineLabelKey: llm-d.ai/engine-type}
+- type: single-profile-handler
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: decode-filter}
+  - {pluginRef: prefix-cache-scorer, weight: 2}
+  - {pluginRef: old-style, weight: 1}
+  - {pluginRef: precise-prefix-cache-scorer}
+  - {pluginRef: queue-scorer}
+  - {pluginRef: running-requests-size-scorer}
+  - {pluginRef: kv-cache-utilization-scorer}
+  - {pluginRef: load-aware-scorer}
+  - {pluginRef: lora-affinity-scorer}
+  - {pluginRef: active-request-scorer}
+  - {pluginRef: no-hit-lru-scorer}
+  - {pluginRef: ttft-scorer}
+  - {pluginRef: load-scorer}
+  - {pluginRef: weighted-random-picker}
+"#;
+    let config = EndpointPickerConfig::parse(yaml).unwrap();
+    assert_eq!(config.metrics_path(), Some("/metrics"));
+    let s = config.build(&precise_ctx(16)).unwrap();
+    let scorers = s.profiles()[0]
+        .plugins()
+        .filter(|(_, w)| w.is_some())
+        .count();
+    assert_eq!(scorers, 12);
+    // It schedules: every scorer runs over endpoints with no scrapes, no cache, no load.
+    let reg = registry(4);
+    let req = request(Prompt::Tokens((0..64).collect()));
+    let hints = RequestHints::default();
+    let d = s
+        .schedule(&SchedulingRequest::new(Some(&req), &hints), &reg.snapshot())
+        .unwrap();
+    assert_eq!(d.fallbacks().len(), 1, "weighted-random-picker returns two");
+    for t in PluginType::ALL {
+        assert!(
+            yaml.contains(&format!("type: {}", t.as_str())),
+            "{t} is not in this test"
+        );
+    }
+}
+
+#[test]
+fn failing_endpoints_are_scored_down_then_left_out_unless_nothing_else_is_left() {
+    let s = Scheduler::least_in_flight(0);
+    let reg = registry(3);
+    let eps = reg.snapshot();
+    let hints = RequestHints::default();
+    let pick = || {
+        let d = s
+            .schedule(&SchedulingRequest::new(None, &hints), &eps)
+            .unwrap();
+        d.primary().address().port()
+    };
+    let now = std::time::Instant::now();
+    // One failure: degraded (its total is scaled down; it still gets its turn among equals,
+    // so it either recovers or reaches the threshold).
+    eps[0].record_outcome(false, now);
+    assert!(matches!(
+        eps[0].health(now),
+        kvroute_endpoints::Health::Degraded(_)
+    ));
+    // Ejected: never picked while others remain, even when they are busier.
+    for _ in 0..5 {
+        eps[0].record_outcome(false, now);
+    }
+    let busy = [eps[1].acquire(), eps[2].acquire()];
+    assert!((0..6).all(|_| pick() != 1));
+    drop(busy);
+    // Every endpoint ejected: all are candidates again (Envoy's panic threshold).
+    for ep in &eps[1..] {
+        for _ in 0..6 {
+            ep.record_outcome(false, now);
+        }
+    }
+    let mut seen: Vec<u16> = (0..9).map(|_| pick()).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen, [1, 2, 3]);
 }

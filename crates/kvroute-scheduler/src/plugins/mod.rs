@@ -22,4 +22,5 @@ impl Plugin for DataSource {
         self.0
     }
 }
+pub(crate) mod active;
 pub(crate) mod pod_load;

@@ -60,6 +60,60 @@ impl Tokenizers {
     }
 }
 
+/// Fills the cycle's token ids, once per request: as sent, or tokenized with the model's
+/// tokenizer (a prompt that cannot be is marked so).
+fn tokenize(tokenizers: &Tokenizers, request: &SchedulingRequest<'_>, state: &mut CycleState) {
+    let Some(req) = request.request else { return };
+    if state.token_state() != TokenState::Unknown {
+        return;
+    }
+    match &req.prompt {
+        Prompt::Tokens(tokens) => state.set_tokens(tokens),
+        prompt => match tokenizers
+            .get(&req.model)
+            .map(|t| t.encode_prompt(prompt, &req.chat))
+        {
+            Some(Ok(tokens)) => state.set_tokens(&tokens),
+            _ => state.set_tokens_unavailable(),
+        },
+    }
+}
+
+/// Tokenizes the prompt for the plugins that read token ids (`token-producer`), with the
+/// tokenizers kvroute loaded (`--tokenizers-dir`); upstream's alternative of asking a pod's
+/// render endpoint gives the same ids without the round trip.
+#[derive(Debug)]
+pub(crate) struct TokenProducer {
+    tokenizers: Tokenizers,
+}
+
+impl TokenProducer {
+    pub(crate) fn new(tokenizers: Tokenizers) -> Self {
+        Self { tokenizers }
+    }
+}
+
+impl Plugin for TokenProducer {
+    fn type_name(&self) -> &'static str {
+        "token-producer"
+    }
+
+    fn producer(&self) -> Option<&dyn Producer> {
+        Some(self)
+    }
+}
+
+impl Producer for TokenProducer {
+    fn produce(
+        &self,
+        request: &SchedulingRequest<'_>,
+        _: &[Arc<EndpointState>],
+        state: &mut CycleState,
+    ) {
+        tokenize(&self.tokenizers, request, state);
+    }
+}
+
 /// Matches the prompt's token blocks against the index the pods' KV events keep
 /// (`precise-prefix-cache-producer`): held blocks weighted by tier, over the prompt's blocks.
 /// Prompts it cannot tokenize (no tokenizer for the model, a template that refuses the
@@ -115,19 +169,7 @@ impl Producer for PreciseProducer {
         state: &mut CycleState,
     ) {
         let Some(req) = request.request else { return };
-        if state.token_state() == TokenState::Unknown {
-            match &req.prompt {
-                Prompt::Tokens(tokens) => state.set_tokens(tokens),
-                prompt => match self
-                    .tokenizers
-                    .get(&req.model)
-                    .map(|t| t.encode_prompt(prompt, &req.chat))
-                {
-                    Some(Ok(tokens)) => state.set_tokens(&tokens),
-                    _ => state.set_tokens_unavailable(),
-                },
-            }
-        }
+        tokenize(&self.tokenizers, request, state);
         let (Some(tokens), info, scratch) = state.tokens_prefix_and_scratch(self.slot) else {
             return;
         };

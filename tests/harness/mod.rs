@@ -234,6 +234,13 @@ pub struct Kvroute {
 
 impl Kvroute {
     pub async fn start(dir: &Path, endpoints: &str, extra: &[&str]) -> Self {
+        let mut args = vec!["--endpoints", endpoints];
+        args.extend_from_slice(extra);
+        Self::spawn(dir, &args).await
+    }
+
+    /// Runs `kvroute serve` on ephemeral ports with `args`, and waits until it is ready.
+    async fn spawn(dir: &Path, args: &[&str]) -> Self {
         let log = dir.join(format!("kvroute-{}.log", unique()));
         let child = Command::new(env!("CARGO_BIN_EXE_kvroute"))
             .args([
@@ -242,12 +249,10 @@ impl Kvroute {
                 "127.0.0.1:0",
                 "--admin-addr",
                 "127.0.0.1:0",
-                "--endpoints",
-                endpoints,
                 "--log",
                 "info,kvroute_extproc=debug",
             ])
-            .args(extra)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -504,50 +509,7 @@ impl Kvroute {
     /// [`Kvroute::start`] with the endpoints given by `args` (`--endpoints-file`, say)
     /// instead of an `--endpoints` list.
     pub async fn start_args(dir: &Path, args: &[&str]) -> Self {
-        let log = dir.join(format!("kvroute-{}.log", unique()));
-        let child = Command::new(env!("CARGO_BIN_EXE_kvroute"))
-            .args([
-                "serve",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--log",
-                "info,kvroute_extproc=debug",
-            ])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut ports = None;
-        let found = eventually(Duration::from_secs(20), async || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            ports = text
-                .lines()
-                .find(|l| l.contains("kvroute serving"))
-                .and_then(|l| Some((port_after(l, "grpc=")?, port_after(l, "admin=")?)));
-            ports.is_some()
-        })
-        .await;
-        let (grpc_port, admin_port) = ports.unwrap_or_default();
-        let k = Self {
-            child: Some(child),
-            grpc_port,
-            admin_port,
-            log,
-        };
-        assert!(
-            found,
-            "kvroute never said where it listens: {}",
-            k.log_text()
-        );
-        let ready = eventually(Duration::from_secs(20), async || {
-            get_ok(admin_port, "/readyz").await.is_some()
-        })
-        .await;
-        assert!(ready, "kvroute never became ready: {}", k.log_text());
-        k
+        Self::spawn(dir, args).await
     }
 
     /// How many lines of the log so far contain `text`.

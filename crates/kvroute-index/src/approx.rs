@@ -54,6 +54,8 @@ pub struct ApproxIndex {
     lru: HashMap<EndpointId, Lru>,
     capacity: usize,
     ttl_ms: Option<u64>,
+    /// Hashes an eviction drops, kept between calls so that recording allocates nothing.
+    evicted: Vec<BlockHash>,
 }
 
 impl ApproxIndex {
@@ -64,6 +66,7 @@ impl ApproxIndex {
             lru: HashMap::new(),
             capacity: capacity.max(1),
             ttl_ms,
+            evicted: Vec::new(),
         }
     }
 
@@ -97,8 +100,15 @@ impl ApproxIndex {
         for &BlockHash(h) in blocks.iter().rev() {
             lru.touch(h, now_ms);
         }
-        let evicted = lru.evict(self.capacity, self.ttl_ms.map(|t| now_ms.saturating_sub(t)));
+        let mut evicted = std::mem::take(&mut self.evicted);
+        lru.evict(
+            self.capacity,
+            self.ttl_ms.map(|t| now_ms.saturating_sub(t)),
+            &mut evicted,
+        );
         self.index.remove(endpoint, &evicted, None);
+        evicted.clear();
+        self.evicted = evicted;
     }
 
     /// Drops, for every endpoint, the entries older than the TTL as of `now_ms`. Call it now
@@ -106,10 +116,13 @@ impl ApproxIndex {
     pub fn expire(&mut self, now_ms: u64) {
         let Some(ttl) = self.ttl_ms else { return };
         let before = now_ms.saturating_sub(ttl);
+        let mut evicted = std::mem::take(&mut self.evicted);
         for (endpoint, lru) in &mut self.lru {
-            let evicted = lru.evict(usize::MAX, Some(before));
+            lru.evict(usize::MAX, Some(before), &mut evicted);
             self.index.remove(endpoint, &evicted, None);
+            evicted.clear();
         }
+        self.evicted = evicted;
     }
 
     /// Forgets an endpoint that left the pool.
@@ -158,8 +171,9 @@ impl Lru {
     }
 
     /// Pops least recent entries while over `capacity` or recorded before `before_ms`.
-    fn evict(&mut self, capacity: usize, before_ms: Option<u64>) -> Vec<BlockHash> {
-        let mut evicted = Vec::new();
+    /// Unlinks what is over `capacity` or older than `before_ms`, oldest first, appending
+    /// its hashes to `evicted` (a buffer the caller reuses).
+    fn evict(&mut self, capacity: usize, before_ms: Option<u64>, evicted: &mut Vec<BlockHash>) {
         while self.head != NIL {
             let id = self.head;
             let node = self.nodes[id as usize];
@@ -172,7 +186,6 @@ impl Lru {
             self.free.push(id);
             evicted.push(BlockHash(node.hash));
         }
-        evicted
     }
 
     fn unlink(&mut self, id: u32) {

@@ -18,12 +18,15 @@ pub(crate) fn tiers_of(word: u32) -> u8 {
     (word & TIER_MASK) as u8
 }
 
-/// Holder words sorted by slot; never empty (an empty node is removed from the index).
-/// The spilled vector is boxed on purpose: a thin pointer keeps `Holders` at 16 bytes (a
-/// plain `Vec` would make every node 24), and spilling is rare.
+/// Holder words sorted by slot; empty only between a removal and the caller dropping the
+/// node. The spilled vector is boxed on purpose: a thin pointer keeps `Holders` at 16 bytes
+/// (a plain `Vec` would make every node 24), and spilling is rare.
 #[derive(Clone, Debug)]
 #[allow(clippy::box_collection)]
 pub(crate) enum Holders {
+    /// The last holder left; the node is about to be dropped. Its own variant so that
+    /// emptying a node allocates nothing.
+    Empty,
     One(u32),
     Two([u32; 2]),
     Many(Box<Vec<u32>>),
@@ -36,6 +39,7 @@ impl Holders {
 
     pub(crate) fn as_slice(&self) -> &[u32] {
         match self {
+            Self::Empty => &[],
             Self::One(w) => std::slice::from_ref(w),
             Self::Two(ws) => ws,
             Self::Many(v) => v,
@@ -83,11 +87,17 @@ impl Holders {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        matches!(self, Self::Many(v) if v.is_empty())
+        match self {
+            Self::Empty => true,
+            Self::Many(v) => v.is_empty(),
+            Self::One(_) | Self::Two(_) => false,
+        }
     }
 
     fn set(&mut self, i: usize, w: u32) {
         match self {
+            // `position` finds nothing in an empty set, so nothing is set there.
+            Self::Empty => {}
             Self::One(x) => *x = w,
             Self::Two(xs) => xs[i] = w,
             Self::Many(v) => v[i] = w,
@@ -95,7 +105,8 @@ impl Holders {
     }
 
     fn insert(&mut self, i: usize, w: u32) {
-        *self = match std::mem::replace(self, Self::One(0)) {
+        *self = match std::mem::replace(self, Self::Empty) {
+            Self::Empty => Self::One(w),
             Self::One(x) => {
                 if i == 0 {
                     Self::Two([w, x])
@@ -117,8 +128,8 @@ impl Holders {
     }
 
     fn delete(&mut self, i: usize) {
-        *self = match std::mem::replace(self, Self::One(0)) {
-            Self::One(_) => Self::Many(Box::default()),
+        *self = match std::mem::replace(self, Self::Empty) {
+            Self::Empty | Self::One(_) => Self::Empty,
             Self::Two(xs) => Self::One(xs[1 - i]),
             Self::Many(mut v) => {
                 v.remove(i);

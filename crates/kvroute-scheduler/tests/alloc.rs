@@ -128,6 +128,16 @@ fn assert_warm_cycles_do_not_allocate(
     eps: &[Arc<EndpointState>],
     requests: &[InferenceRequest],
 ) {
+    assert_cycles_after_warming_do_not_allocate(what, scheduler, eps, requests, WARM);
+}
+
+fn assert_cycles_after_warming_do_not_allocate(
+    what: &str,
+    scheduler: &Scheduler,
+    eps: &[Arc<EndpointState>],
+    requests: &[InferenceRequest],
+    warm: usize,
+) {
     // The counter is in place: this test would see an allocation.
     let probe = allocation_counter::measure(|| {
         black_box(Vec::<u8>::with_capacity(black_box(8)));
@@ -140,13 +150,13 @@ fn assert_warm_cycles_do_not_allocate(
         .iter()
         .map(|r| SchedulingRequest::new(Some(r), &hints))
         .collect();
-    for r in requests.iter().cycle().take(WARM) {
+    for r in requests.iter().cycle().take(warm) {
         black_box(scheduler.schedule(r, eps).unwrap());
     }
     let mut counts = Vec::with_capacity(MEASURED);
     let mut bytes = 0;
     let total = allocation_counter::measure(|| {
-        for r in requests.iter().cycle().take(MEASURED) {
+        for r in requests.iter().cycle().skip(warm).take(MEASURED) {
             let one = allocation_counter::measure(|| {
                 black_box(scheduler.schedule(r, eps).unwrap());
             });
@@ -204,4 +214,31 @@ fn a_warm_approximate_decision_for_text_allocates_nothing() {
         .map(|i| request(Prompt::Text(text(i))))
         .collect();
     assert_warm_cycles_do_not_allocate("approximate, text", &scheduler, &eps, &requests);
+}
+
+/// New prompts all the time, into approximate LRUs that are full: every decision records a
+/// prompt never seen and evicts as much, and still allocates nothing once the index has
+/// reached its size.
+#[test]
+fn new_prompts_into_a_full_approximate_index_allocate_nothing() {
+    let reg = registry();
+    let eps = reg.snapshot();
+    let config = DEFAULT_APPROX.replace("lruCapacityPerServer: 31250", "lruCapacityPerServer: 512");
+    assert_ne!(config, DEFAULT_APPROX);
+    let scheduler = EndpointPickerConfig::parse(&config)
+        .unwrap()
+        .build(&BuildContext::new(BLOCK_SIZE))
+        .unwrap();
+    let _load = load(&eps);
+    let warm = 3_000;
+    let requests: Vec<InferenceRequest> = (0..(warm + MEASURED) as u64)
+        .map(|i| request(Prompt::Text(text(i))))
+        .collect();
+    assert_cycles_after_warming_do_not_allocate(
+        "approximate, new prompts, full LRUs",
+        &scheduler,
+        &eps,
+        &requests,
+        warm,
+    );
 }

@@ -397,6 +397,19 @@ impl<'de> Visitor<'de> for SpecVisitor {
     }
 }
 
+/// A producer type's plugin: its own producer (it cannot read another's slot).
+fn own_producer(
+    own: Option<(SlotId, Arc<dyn Plugin>)>,
+    name: &str,
+    t: PluginType,
+) -> Result<Arc<dyn Plugin>, ConfigError> {
+    own.map(|(_, p)| p).ok_or_else(|| ConfigError::Unavailable {
+        name: name.to_owned(),
+        plugin_type: t.as_str(),
+        reason: "a producer cannot read another producer".into(),
+    })
+}
+
 /// Builds the plugin `spec` describes.
 pub(super) fn build(
     spec: &PluginSpec,
@@ -435,16 +448,7 @@ pub(super) fn build(
                 )
             });
             if t == T::ApproxPrefixCacheProducer {
-                match own {
-                    Some((_, p)) => p,
-                    None => {
-                        return Err(ConfigError::Unavailable {
-                            name: name.to_owned(),
-                            plugin_type: t.as_str(),
-                            reason: "a producer cannot read another producer".into(),
-                        });
-                    }
-                }
+                own_producer(own, name, t)?
             } else {
                 let weight = p.match_length_weight.unwrap_or(0.0);
                 if !(0.0..=1.0).contains(&weight) {
@@ -473,16 +477,7 @@ pub(super) fn build(
                 None => None,
             };
             if t == T::PrecisePrefixCacheProducer {
-                match own {
-                    Some((_, p)) => p,
-                    None => {
-                        return Err(ConfigError::Unavailable {
-                            name: name.to_owned(),
-                            plugin_type: t.as_str(),
-                            reason: "a producer cannot read another producer".into(),
-                        });
-                    }
-                }
+                own_producer(own, name, t)?
             } else {
                 Arc::new(prefix_scorer(t, own, named))
             }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use kvroute_core::EndpointId;
 use kvroute_endpoints::EndpointState;
 
+use crate::plugins::load::read_in_flight;
 use crate::{Candidates, CycleState, Decision, Plugin, SchedulingRequest, Scorer, SlotId};
 
 /// Prefers endpoints with fewer requests in flight through this router
@@ -45,11 +46,7 @@ impl Scorer for ActiveRequestScorer {
         candidates: &Candidates<'_>,
         scores: &mut [f64],
     ) {
-        // Each count read once, so the maximum is of the values scored.
-        for (s, (_, ep)) in scores.iter_mut().zip(candidates.iter()) {
-            *s = ep.in_flight() as f64;
-        }
-        let max = scores.iter().copied().fold(0.0, f64::max);
+        let (_, max) = read_in_flight(candidates, scores);
         let idle = self.idle_threshold as f64;
         for s in scores.iter_mut() {
             *s = if *s <= idle {

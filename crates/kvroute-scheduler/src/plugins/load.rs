@@ -38,17 +38,22 @@ impl Scorer for LoadScorer {
         candidates: &Candidates<'_>,
         scores: &mut [f64],
     ) {
-        // Each count is read once: others change while this request is scored, and the
-        // spread must be of the values scored.
-        for (s, (_, ep)) in scores.iter_mut().zip(candidates.iter()) {
-            *s = ep.in_flight() as f64;
-        }
-        let (min, max) = scores.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &l| {
-            (lo.min(l), hi.max(l))
-        });
+        let (min, max) = read_in_flight(candidates, scores);
         let spread = (max - min).max(self.headroom as f64);
         for s in scores.iter_mut() {
             *s = (max - *s) / spread;
         }
     }
+}
+
+/// Writes each candidate's in-flight count into `scores` and returns their least and most.
+/// Each count is read once: others change while a request is scored, and the range must be
+/// of the values scored.
+pub(crate) fn read_in_flight(candidates: &Candidates<'_>, scores: &mut [f64]) -> (f64, f64) {
+    for (s, (_, ep)) in scores.iter_mut().zip(candidates.iter()) {
+        *s = ep.in_flight() as f64;
+    }
+    scores.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &l| {
+        (lo.min(l), hi.max(l))
+    })
 }

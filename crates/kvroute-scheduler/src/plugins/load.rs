@@ -57,3 +57,31 @@ pub(crate) fn read_in_flight(candidates: &Candidates<'_>, scores: &mut [f64]) ->
         (lo.min(l), hi.max(l))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use kvroute_core::RequestHints;
+
+    use super::*;
+    use crate::test_util::registry;
+
+    #[test]
+    fn a_spread_within_the_headroom_costs_its_share() {
+        let eps = registry(3).snapshot();
+        let _g = [eps[0].acquire(), eps[0].acquire()];
+        let hints = RequestHints::default();
+        let kept = [0, 1, 2];
+        let score = |headroom| {
+            let mut s = [0.0; 3];
+            LoadScorer::new(headroom).score(
+                &SchedulingRequest::new(None, &hints),
+                &CycleState::new(0),
+                &Candidates::new(&eps, &kept),
+                &mut s,
+            );
+            s
+        };
+        assert_eq!(score(8), [0.0, 0.25, 0.25]);
+        assert_eq!(score(1), [0.0, 1.0, 1.0]);
+    }
+}

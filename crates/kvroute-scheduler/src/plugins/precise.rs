@@ -206,3 +206,6 @@ impl Producer for PreciseProducer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,127 @@
+use kvroute_core::{BlockHash, RequestHints};
+use kvroute_index::Tier;
+
+use super::*;
+use crate::test_util::{registry, request};
+
+const SLOT: SlotId = SlotId(0);
+
+fn hashes(tokens: &[u32], extra: &ExtraKeys<'_>) -> Vec<BlockHash> {
+    let mut out = Vec::new();
+    BlockHasher::new(4).hash_tokens(tokens, extra, &mut out);
+    out
+}
+
+/// What the producer says each endpoint holds of `req`'s prompt (`None`: no opinion).
+fn held(
+    producer: &PreciseProducer,
+    req: &kvroute_core::InferenceRequest,
+    eps: &[Arc<EndpointState>],
+) -> Option<Vec<f64>> {
+    let hints = RequestHints::default();
+    let mut state = CycleState::new(1);
+    producer.produce(&SchedulingRequest::new(Some(req), &hints), eps, &mut state);
+    state.prefix(SLOT).map(|p| p.held.clone())
+}
+
+fn producer(index: &Arc<Shared<PrefixIndex>>, tokenizers: Tokenizers) -> PreciseProducer {
+    PreciseProducer::new(SLOT, Arc::clone(index), 4, [1.0, 0.8, 0.5], tokenizers)
+}
+
+#[test]
+fn longest_held_prefix_weighted_by_tier() {
+    let index = Arc::new(Shared::new(PrefixIndex::new()));
+    let eps = registry(3).snapshot();
+    eps.iter().for_each(|e| e.set_events_confirmed(true));
+    let tokens: Vec<u32> = (0..16).collect();
+    let h = hashes(&tokens, &ExtraKeys::default());
+    {
+        let mut w = index.write();
+        w.store(eps[0].id(), &h[..2], Tier::Gpu);
+        w.store(eps[1].id(), &h, Tier::Gpu);
+        w.store(eps[2].id(), &h[..2], Tier::Cpu);
+        // A block held beyond a gap does not count.
+        w.store(eps[0].id(), &h[3..], Tier::Gpu);
+    }
+    let p = producer(&index, Tokenizers::new());
+    let req = request(Prompt::Tokens(tokens.clone()));
+    let s = held(&p, &req, &eps).unwrap();
+    assert_eq!(s[0], 0.5);
+    assert_eq!(s[1], 1.0);
+    assert!((s[2] - 0.4).abs() < 1e-12, "{s:?}");
+    // A salted request names other blocks: nothing held.
+    let mut salted = req.clone();
+    salted.cache_salt = Some("tenant".into());
+    assert_eq!(held(&p, &salted, &eps).unwrap(), [0.0; 3]);
+    // An endpoint whose stream is broken: its entries are not trusted.
+    eps[1].set_events_confirmed(false);
+    assert_eq!(held(&p, &req, &eps).unwrap()[1], 0.0);
+    // Shorter than a block: nothing held; text without a tokenizer: no opinion at all.
+    assert_eq!(
+        held(&p, &request(Prompt::Tokens(vec![1, 2])), &eps).unwrap(),
+        [0.0; 3]
+    );
+    assert!(held(&p, &request(Prompt::Text("hello".into())), &eps).is_none());
+}
+
+#[test]
+fn text_and_chat_prompts_are_tokenized_with_the_models_tokenizer() {
+    let path = std::env::var("KVROUTE_TEST_TOKENIZER")
+        .expect("KVROUTE_TEST_TOKENIZER: run tests/run, which fetches Qwen3's tokenizer.json");
+    let json = std::fs::read(&path).unwrap();
+    let config =
+        std::fs::read(std::path::Path::new(&path).with_file_name("tokenizer_config.json")).unwrap();
+    let qwen = Arc::new(ModelTokenizer::new(&json, Some(&config)).unwrap());
+    let mut tokenizers = Tokenizers::new();
+    tokenizers.insert("qwen", Arc::clone(&qwen));
+    let index = Arc::new(Shared::new(PrefixIndex::new()));
+    let eps = registry(2).snapshot();
+    eps.iter().for_each(|e| e.set_events_confirmed(true));
+    let text = "The quick brown fox jumps over the lazy dog, again and again and again.";
+    let mut req = request(Prompt::Text(text.into()));
+    req.model = "qwen".into();
+    // What the pod would report: the blocks of the tokens vLLM computes.
+    let tokens = qwen.encode_prompt(&req.prompt, &req.chat).unwrap();
+    assert!(tokens.len() >= 8);
+    index.write().store(
+        eps[1].id(),
+        &hashes(&tokens, &ExtraKeys::default()),
+        Tier::Gpu,
+    );
+    let p = producer(&index, tokenizers.clone());
+    assert_eq!(held(&p, &req, &eps).unwrap(), [0.0, 1.0]);
+    // A model without a tokenizer: no opinion.
+    req.model = "other".into();
+    assert!(held(&p, &req, &eps).is_none());
+    // A LoRA adapter of the model: tokenized as the base, its blocks rooted at the adapter's
+    // name, as vLLM reports them (`lora_name`).
+    let mut with_adapter = tokenizers;
+    with_adapter.insert_adapter("qwen-sql", "qwen");
+    let p = producer(&index, with_adapter);
+    req.model = "qwen-sql".into();
+    assert_eq!(
+        held(&p, &req, &eps).unwrap(),
+        [0.0, 0.0],
+        "base blocks do not serve it"
+    );
+    let lora = ExtraKeys {
+        lora: Some("qwen-sql"),
+        cache_salt: None,
+    };
+    index
+        .write()
+        .store(eps[0].id(), &hashes(&tokens, &lora), Tier::Gpu);
+    assert_eq!(held(&p, &req, &eps).unwrap(), [1.0, 0.0]);
+    // The token producer leaves the same ids in the cycle.
+    let hints = RequestHints::default();
+    let mut state = CycleState::new(0);
+    let mut tokenizers = Tokenizers::new();
+    tokenizers.insert("qwen", Arc::clone(&qwen));
+    req.model = "qwen".into();
+    TokenProducer::new(tokenizers).produce(
+        &SchedulingRequest::new(Some(&req), &hints),
+        &eps,
+        &mut state,
+    );
+    assert_eq!(state.tokens(), Some(tokens.as_slice()));
+}

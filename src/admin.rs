@@ -42,6 +42,10 @@ pub(crate) async fn serve(
                 continue;
             }
         };
+        // Small answers (probes, /metrics) must not wait for a delayed ACK.
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(error = %e, "admin socket: TCP_NODELAY not set");
+        }
         let state = Arc::clone(&state);
         let conn = hyper::server::conn::http1::Builder::new().serve_connection(
             TokioIo::new(stream),

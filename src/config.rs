@@ -10,6 +10,8 @@ use clap::{Args, Subcommand};
 use kvroute_index::{PrefixIndex, Shared};
 use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE};
 use kvroute_scheduler::{BuildContext, SchedulerHandle};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -82,6 +84,20 @@ fn write_stdout(text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reloads of `--config-file` by result (`applied`, `refused`).
+pub(crate) type Reloads = Family<[(&'static str, &'static str); 1], Counter>;
+
+/// Registers `kvroute_config_reloads_total`.
+pub(crate) fn register_reloads(prom: &mut prometheus_client::registry::Registry) -> Reloads {
+    let reloads = Reloads::default();
+    prom.register(
+        "config_reloads",
+        "Changes of the routing configuration file, by whether they were applied or refused",
+        reloads.clone(),
+    );
+    reloads
+}
+
 /// Re-reads `path` every couple of seconds; a changed configuration that builds replaces the
 /// running one (requests in progress finish with the old one), one that does not is logged
 /// and the running one stays.
@@ -90,6 +106,7 @@ pub(crate) async fn watch(
     mut current: String,
     ctx: BuildContext,
     handle: Arc<SchedulerHandle>,
+    reloads: Reloads,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
@@ -103,13 +120,17 @@ pub(crate) async fn watch(
             match build_config(&text, &ctx) {
                 Ok(scheduler) => {
                     handle.store(scheduler);
+                    reloads.get_or_create(&[("result", "applied")]).inc();
                     info!(file = %path.display(), "routing configuration reloaded");
                 }
-                Err(e) => error!(
-                    file = %path.display(),
-                    error = %e,
-                    "routing configuration refused; the running one stays"
-                ),
+                Err(e) => {
+                    reloads.get_or_create(&[("result", "refused")]).inc();
+                    error!(
+                        file = %path.display(),
+                        error = %e,
+                        "routing configuration refused; the running one stays"
+                    );
+                }
             }
             current = text;
         }

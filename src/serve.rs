@@ -21,7 +21,6 @@ use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE, LEAST_IN_FLIGHT
 use kvroute_scheduler::{BuildContext, EndpointPickerConfig, SchedulerHandle, Tokenizers};
 use kvroute_tokens::ModelTokenizer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -354,6 +353,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let scraper = Scraper::new(scrape_config, ScrapeMetrics::register(&mut prom));
     prom.register_collector(Box::new(LoadCollector::new(Arc::clone(&registry))));
+    let reloads = crate::config::register_reloads(&mut prom);
 
     let router = Router::new(
         Arc::clone(&registry),
@@ -392,7 +392,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .add_service(health_service)
             .add_service(ExtProcService::new(router).into_server())
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(grpc_listener),
+                kvroute_extproc::incoming(grpc_listener),
                 grpc_shutdown.cancelled_owned(),
             ),
     );
@@ -410,6 +410,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             text,
             ctx,
             Arc::clone(&scheduler),
+            reloads,
             token.clone(),
         ))
     });

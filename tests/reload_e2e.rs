@@ -185,6 +185,13 @@ async fn config_file_changes_are_applied_or_refused_without_losing_a_request() {
     let failed: Vec<_> = answers.iter().filter(|s| s.status != Some(200)).collect();
     assert!(failed.is_empty(), "{failed:?}\n{}", kvroute.log_text());
     assert_eq!(kvroute.log_count("routing configuration refused"), 1);
+    let metrics = kvroute.metrics().await;
+    for want in [
+        r#"kvroute_config_reloads_total{result="applied"} 2"#,
+        r#"kvroute_config_reloads_total{result="refused"} 1"#,
+    ] {
+        assert!(metrics.contains(want), "{want} in {metrics}");
+    }
     stop.cancel();
 }
 

@@ -17,7 +17,7 @@ pub mod usage;
 /// Envoy's body send modes, as [`ExtProcConfig::assumed_body_mode`] names them.
 pub use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 pub use metrics::{Metrics, Outcome};
-pub use server::{ExtProcService, ResponseStream};
+pub use server::{ExtProcService, ResponseStream, incoming};
 pub use stream::{
     DEFAULT_INLINE_DECISION_BYTES, DEFAULT_MAX_BODY_BYTES, DecisionJob, DecisionOutcome,
     ExtProcConfig, ExtProcError, Router, StreamState, default_decision_threads,

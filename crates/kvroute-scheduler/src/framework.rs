@@ -104,7 +104,7 @@ impl Scheduler {
     /// Fewest requests in flight wins, with `fallbacks` next-best endpoints listed after the
     /// primary; equal endpoints take turns.
     pub fn least_in_flight(fallbacks: usize) -> Self {
-        let load: Arc<dyn Plugin> = Arc::new(LoadScorer::new(1));
+        let load: Arc<dyn Plugin> = Arc::new(LoadScorer::new(1, None));
         let picker: Arc<dyn Plugin> = Arc::new(MaxScorePicker::new(fallbacks + 1));
         let profile = Profile {
             name: "default".into(),

@@ -494,7 +494,10 @@ pub(super) fn build(
             p.match_labels.clone(),
             p.match_expressions.clone(),
         )),
-        (Params::Load(p), _) => Arc::new(LoadScorer::new(p.headroom.unwrap_or(8))),
+        (Params::Load(p), _) => Arc::new(LoadScorer::new(
+            p.headroom.unwrap_or(8),
+            Some(ctx.staleness),
+        )),
         (Params::Ttft(p), _) => {
             let reads = p
                 .producers

@@ -1,21 +1,30 @@
 //! Load scorers.
 
+use std::time::{Duration, Instant};
+
 use crate::{Candidates, CycleState, Plugin, SchedulingRequest, Scorer};
 
-/// Prefers endpoints with fewer requests in flight (`load-scorer`, kvroute's own):
+/// Prefers endpoints with fewer requests (`load-scorer`, kvroute's own):
 /// `(max − n) / max(max − min, headroom)` over the candidates. Like the min–max queue
 /// scorer, but a spread smaller than `headroom` requests only costs its share, so a
-/// prefix-cache hit is not given up for one request of imbalance.
+/// prefix-cache hit is not given up for one request of imbalance. `n` is the larger of the
+/// requests this router has in flight there and, when its last scrape is fresh, the
+/// requests the pod reports running and waiting: the router's own count is immediate but
+/// sees only its share of the traffic (other replicas, other routers), the pod's sees all of
+/// it but lags a scrape.
 #[derive(Debug)]
 pub(crate) struct LoadScorer {
     headroom: usize,
+    staleness: Option<Duration>,
 }
 
 impl LoadScorer {
-    /// In-flight spread (requests) that counts in full; at least 1.
-    pub(crate) fn new(headroom: usize) -> Self {
+    /// In-flight spread (requests) that counts in full, at least 1; scrapes younger than
+    /// `staleness` count too (`None`: the router's own count alone).
+    pub(crate) fn new(headroom: usize, staleness: Option<Duration>) -> Self {
         Self {
             headroom: headroom.max(1),
+            staleness,
         }
     }
 }
@@ -38,7 +47,18 @@ impl Scorer for LoadScorer {
         candidates: &Candidates<'_>,
         scores: &mut [f64],
     ) {
-        let (min, max) = read_in_flight(candidates, scores);
+        let (mut min, mut max) = read_in_flight(candidates, scores);
+        if let Some(staleness) = self.staleness {
+            let now = Instant::now();
+            for (s, (_, ep)) in scores.iter_mut().zip(candidates.iter()) {
+                if let Some(load) = ep.fresh_load(now, staleness) {
+                    *s = s.max(f64::from(load.running) + f64::from(load.waiting));
+                }
+            }
+            (min, max) = scores.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &l| {
+                (lo.min(l), hi.max(l))
+            });
+        }
         let spread = (max - min).max(self.headroom as f64);
         for s in scores.iter_mut() {
             *s = (max - *s) / spread;
@@ -73,7 +93,7 @@ mod tests {
         let kept = [0, 1, 2];
         let score = |headroom| {
             let mut s = [0.0; 3];
-            LoadScorer::new(headroom).score(
+            LoadScorer::new(headroom, None).score(
                 &SchedulingRequest::new(None, &hints),
                 &CycleState::new(0),
                 &Candidates::new(&eps, &kept),
@@ -83,5 +103,32 @@ mod tests {
         };
         assert_eq!(score(8), [0.0, 0.25, 0.25]);
         assert_eq!(score(1), [0.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn what_the_pods_report_counts_when_it_is_more_and_fresh() {
+        let eps = registry(3).snapshot();
+        let _g = [eps[0].acquire(), eps[0].acquire()];
+        let now = Instant::now();
+        // Endpoint 1 is busy with another router's traffic: 6 running, 2 waiting.
+        let busy = kvroute_endpoints::PodLoad {
+            running: 6,
+            waiting: 2,
+            ..Default::default()
+        };
+        eps[1].record_scrape(busy.clone(), now);
+        // Endpoint 2's report is old: not read.
+        eps[2].record_scrape(busy, now - Duration::from_secs(5));
+        let hints = RequestHints::default();
+        let kept = [0, 1, 2];
+        let mut s = [0.0; 3];
+        LoadScorer::new(1, Some(Duration::from_secs(2))).score(
+            &SchedulingRequest::new(None, &hints),
+            &CycleState::new(0),
+            &Candidates::new(&eps, &kept),
+            &mut s,
+        );
+        // Loads 2, 8, 0.
+        assert_eq!(s, [0.75, 0.0, 1.0]);
     }
 }

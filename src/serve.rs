@@ -13,8 +13,8 @@ use kvroute_endpoints::{
 };
 use kvroute_events::{EventMetrics, IndexCollector, SubscriberConfig, Subscriptions};
 use kvroute_extproc::{
-    BodySendMode, DEFAULT_INLINE_DECISION_BYTES, DEFAULT_MAX_BODY_BYTES, ExtProcConfig,
-    ExtProcService, Metrics, Router, default_decision_threads,
+    BodySendMode, DEFAULT_DECISION_QUEUE, DEFAULT_INLINE_DECISION_BYTES, DEFAULT_MAX_BODY_BYTES,
+    ExtProcConfig, ExtProcService, Metrics, Router, default_decision_threads,
 };
 use kvroute_index::{PrefixIndex, Shared};
 use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE, LEAST_IN_FLIGHT};
@@ -64,6 +64,9 @@ pub(crate) struct ServeArgs {
     /// Threads of the blocking decision pool (default: one fewer than the cores, at least 1).
     #[arg(long, default_value_t = default_decision_threads())]
     decision_threads: usize,
+    /// Decisions that may wait for the pool; beyond that a request is answered 503 at once.
+    #[arg(long, default_value_t = DEFAULT_DECISION_QUEUE)]
+    decision_queue: usize,
     /// Seconds open streams get to finish after SIGTERM before the process exits.
     #[arg(long, default_value_t = 30)]
     shutdown_grace_secs: u64,
@@ -243,6 +246,10 @@ pub(crate) fn build_config(
     if !ignored.is_empty() {
         info!(sections = ?ignored, "configuration sections read but set by kvroute's flags instead");
     }
+    let gates: Vec<&str> = config.feature_gates().collect();
+    if !gates.is_empty() {
+        info!(?gates, "feature gates read; kvroute acts on none of them");
+    }
     if let Some(scheme) = config.metrics_scheme()
         && scheme != "http"
     {
@@ -251,7 +258,7 @@ pub(crate) fn build_config(
             "metrics-data-source scheme: kvroute scrapes over http"
         );
     }
-    config.build(ctx)
+    EndpointPickerConfig::load(text, ctx)
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -363,6 +370,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             assumed_body_mode: args.assume_body_mode.into(),
             inline_decision_bytes: args.inline_decision_bytes,
             decision_threads: args.decision_threads.max(1),
+            decision_queue: args.decision_queue,
         },
         metrics,
     );

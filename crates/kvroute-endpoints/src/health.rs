@@ -2,18 +2,19 @@
 //! has nothing in flight and looks like the least loaded one, so failures must push it
 //! down, then out, and a recovered pod must come back by itself.
 //!
-//! Every failure counts, a failed scrape as much as a failed request, and any success resets
-//! the count. With `n` consecutive failures and no ejection running the endpoint is
+//! Failures are failed requests (a 5xx answer, a refused connection); scrapes count neither
+//! way (see `EndpointState::record_scrape_error`). A success resets the count, and failures
+//! older than `base_ejection` are forgotten, so an endpoint scored down until nothing was sent
+//! to it comes back. With `n` consecutive failures and no ejection running the endpoint is
 //! [`Health::Degraded`] with factor `1 / (n + 1)` (one failure halves its score, four leave
 //! a fifth); at [`HealthConfig::consecutive_failures`] it is ejected for `base_ejection ×
 //! 2^(k-1)` (capped at `max_ejection`), `k` counting the ejections since it last stayed
 //! healthy for `max_ejection`. When that time is up it is back on probation: degraded as if
 //! one failure short of the threshold, and ejected again (for twice as long) at its next
 //! failure; its next success clears it. A success during an ejection resets the count but
-//! does not end the ejection, so a pod whose `/metrics` answers while its API fails stays
-//! out for the whole time.
+//! does not end the ejection.
 //!
-//! State is five atomics; reads are three loads. Time is passed in, so tests use a fake
+//! State is six atomics; reads are four loads. Time is passed in, so tests use a fake
 //! clock.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

@@ -3,7 +3,7 @@
 //! Owns who the routable endpoints are right now and how loaded and healthy each is: the
 //! requests kvroute routed there (in flight, prefill backlog), what the pod's own `/metrics`
 //! last said ([`PodLoad`], read by the [`Scraper`]) and passive health ([`Health`]: failed
-//! requests and scrapes degrade, then eject, an endpoint). Readers on the request path take a
+//! requests degrade, then eject, an endpoint). Readers on the request path take a
 //! lock-free snapshot ([`Registry::snapshot`]) and read atomics and `ArcSwap`s; writers (a
 //! static list today, Kubernetes discovery later) replace the whole list, and the state of
 //! endpoints that stay carries over; [`EndpointsListener`]s hear who left. The only I/O is

@@ -135,7 +135,7 @@ impl Collector for LoadCollector {
             eps,
             (
                 "endpoint_ejections",
-                "Times the endpoint was ejected by passive health (consecutive failed scrapes and requests).",
+                "Times the endpoint was ejected by passive health (consecutive failed requests).",
                 MetricType::Counter,
             ),
             |ep| Some(ConstCounter::new(ep.ejections())),
@@ -249,7 +249,7 @@ mod tests {
             now,
         );
         for _ in 0..5 {
-            snap[1].record_scrape_error(now);
+            snap[1].record_scrape_error();
             snap[1].record_outcome(false, now);
         }
         let mut out = String::new();

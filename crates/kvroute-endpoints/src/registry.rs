@@ -29,6 +29,7 @@ pub struct EndpointState {
     scraped: ArcSwapOption<Scraped>,
     scrape_errors: AtomicU64,
     health: HealthState,
+    departed: AtomicBool,
 }
 
 impl EndpointState {
@@ -41,6 +42,7 @@ impl EndpointState {
             scraped: ArcSwapOption::empty(),
             scrape_errors: AtomicU64::new(0),
             health: HealthState::new(health),
+            departed: AtomicBool::new(false),
         }
     }
 
@@ -53,6 +55,14 @@ impl EndpointState {
     /// Who this is.
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
+    }
+
+    /// Whether this state has left the registry (the endpoint went, or came back with
+    /// another address as a new state). Set before the endpoint-change listeners run, so a
+    /// plugin that checks it under the lock its pruning takes never records for a departed
+    /// endpoint after the pruning.
+    pub fn departed(&self) -> bool {
+        self.departed.load(Ordering::Acquire)
     }
 
     /// Shorthand for the id.
@@ -111,16 +121,14 @@ impl EndpointState {
     }
 
     /// Counts a failed scrape (refused, timed out, not 200, too large, unparseable): an
-    /// error for the metrics, and a health failure once the pod has served its metrics. The
-    /// last good scrape is kept, and ages.
-    pub fn record_scrape_error(&self, now: Instant) {
+    /// error for the metrics. The last good scrape is kept, and ages.
+    ///
+    /// Not a health failure: a pod's `/metrics` can time out while its API serves (vLLM
+    /// answers both on one event loop), and a pod that is gone fails its requests, which
+    /// count. A failing scrape only leaves the load unknown (stale), which the load scorers
+    /// rank last.
+    pub fn record_scrape_error(&self) {
         self.scrape_errors.fetch_add(1, Ordering::Relaxed);
-        // A pod that never served its metrics (none on that port, a server that is not a
-        // model server) is only a pod whose load is unknown; one that served them and stops
-        // is likely gone.
-        if self.scraped.load().is_some() {
-            self.health.failure(now);
-        }
     }
 
     /// Scrapes that failed since the endpoint appeared.
@@ -274,6 +282,7 @@ impl Registry {
     pub fn replace(&self, endpoints: Vec<Endpoint>) -> bool {
         let mut changed = false;
         let mut departed = Vec::new();
+        let mut departed_states: Vec<Arc<EndpointState>> = Vec::new();
         let mut stored = Arc::default();
         self.current.rcu(|old| {
             let by_id: HashMap<&EndpointId, &Arc<EndpointState>> =
@@ -287,11 +296,12 @@ impl Registry {
                 };
                 fresh.insert(ep.id.clone(), state);
             }
-            departed = old
+            departed_states = old
                 .iter()
                 .filter(|e| fresh.get(e.id()).is_none_or(|n| !Arc::ptr_eq(n, e)))
-                .map(|e| e.id().clone())
+                .cloned()
                 .collect();
+            departed = departed_states.iter().map(|e| e.id().clone()).collect();
             let mut list: Vec<Arc<EndpointState>> = fresh.into_values().collect();
             list.sort_by(|a, b| a.id().cmp(b.id()));
             changed = list.len() != old.len()
@@ -299,6 +309,9 @@ impl Registry {
             stored = Arc::new(list);
             Arc::clone(&stored)
         });
+        for state in &departed_states {
+            state.departed.store(true, Ordering::Release);
+        }
         if changed {
             for listener in self.listeners.load().iter() {
                 listener.endpoints_changed(&stored, &departed);
@@ -469,9 +482,14 @@ mod tests {
             state.fresh_load(t0 + stale, stale).is_none(),
             "2 s old: stale"
         );
-        state.record_scrape_error(t0 + stale);
+        state.record_scrape_error();
         assert_eq!(state.scrape_errors(), 1);
-        assert_eq!(state.consecutive_failures(), 1);
+        assert_eq!(
+            state.consecutive_failures(),
+            0,
+            "a failed scrape leaves the load unknown, not the pod failing"
+        );
+        state.record_outcome(false, t0 + stale);
         assert_eq!(
             state.scraped().as_ref().map(|s| s.load.waiting),
             Some(3),

@@ -360,7 +360,7 @@ async fn follow(ep: Arc<EndpointState>, shared: Arc<Shared>, stop: CancellationT
             Err(e) => {
                 link = None;
                 shared.metrics.count(e.label());
-                ep.record_scrape_error(now);
+                ep.record_scrape_error();
                 if failing {
                     debug!(error = %e, "scrape failed");
                 } else {

@@ -19,6 +19,6 @@ pub use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::process
 pub use metrics::{Metrics, Outcome};
 pub use server::{ExtProcService, ResponseStream, incoming};
 pub use stream::{
-    DEFAULT_INLINE_DECISION_BYTES, DEFAULT_MAX_BODY_BYTES, DecisionJob, DecisionOutcome,
-    ExtProcConfig, ExtProcError, Router, StreamState, default_decision_threads,
+    DEFAULT_DECISION_QUEUE, DEFAULT_INLINE_DECISION_BYTES, DEFAULT_MAX_BODY_BYTES, DecisionJob,
+    DecisionOutcome, ExtProcConfig, ExtProcError, Router, StreamState, default_decision_threads,
 };

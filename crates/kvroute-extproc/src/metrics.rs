@@ -20,6 +20,8 @@ pub enum Outcome {
     BodyTooLarge,
     /// Answered 503: no endpoint to route to.
     NoEndpoint,
+    /// Answered 503: the decision pool's queue was full.
+    Overloaded,
 }
 
 impl Outcome {
@@ -30,6 +32,7 @@ impl Outcome {
             Self::BadRequest => "bad_request",
             Self::BodyTooLarge => "body_too_large",
             Self::NoEndpoint => "no_endpoint",
+            Self::Overloaded => "overloaded",
         }
     }
 }

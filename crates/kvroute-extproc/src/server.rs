@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
@@ -50,12 +51,37 @@ pub struct ExtProcService {
 #[derive(Clone, Debug)]
 struct DecisionPool {
     permits: Arc<Semaphore>,
+    /// Jobs handed to the pool and not finished (running or waiting).
+    queued: Arc<AtomicUsize>,
+    /// Most jobs that may be queued: threads plus waiting places.
+    capacity: usize,
+}
+
+/// Gives a pool place back when its job ends, however it ends.
+struct Place(Arc<AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl DecisionPool {
-    fn run(&self, job: DecisionJob) -> PendingDecision {
+    /// A place in the queue, if one is free.
+    fn reserve(&self) -> Option<Place> {
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.capacity).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Place(Arc::clone(&self.queued)))
+    }
+
+    /// Runs `job` in its `place`: after the jobs ahead of it, on a blocking thread.
+    fn run(&self, place: Place, job: DecisionJob) -> PendingDecision {
         let permits = Arc::clone(&self.permits);
         Box::pin(async move {
+            let _place = place;
             // The semaphore is never closed, so acquiring only waits.
             let permit = permits.acquire_owned().await;
             tokio::task::spawn_blocking(move || {
@@ -74,10 +100,13 @@ impl ExtProcService {
     /// A service routing with `router`.
     pub fn new(router: Arc<Router>) -> Self {
         let threads = router.config().decision_threads.max(1);
+        let capacity = threads + router.config().decision_queue;
         Self {
             router,
             pool: DecisionPool {
                 permits: Arc::new(Semaphore::new(threads)),
+                queued: Arc::new(AtomicUsize::new(0)),
+                capacity,
             },
         }
     }
@@ -180,7 +209,13 @@ impl Stream for ResponseStream {
                     }
                     this.pending.extend(this.scratch.drain(..));
                     if let Some(job) = this.state.take_job() {
-                        this.deciding = Some(this.pool.run(job));
+                        match this.pool.reserve() {
+                            Some(place) => this.deciding = Some(this.pool.run(place, job)),
+                            None => {
+                                this.state.refuse(job, &mut this.scratch);
+                                this.pending.extend(this.scratch.drain(..));
+                            }
+                        }
                     }
                 }
             }
@@ -190,9 +225,69 @@ impl Stream for ResponseStream {
 
 #[cfg(test)]
 mod tests {
+    use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+    use kvroute_scheduler::{Scheduler, SchedulerHandle};
+    use test_support::envoy::{
+        immediate, protocol_config, request_body, request_headers, with_config,
+    };
+    use test_support::{chat_body, registry};
     use tokio_stream::StreamExt;
 
     use super::*;
+    use crate::{ExtProcConfig, Metrics};
+
+    /// A stream holding a heavy decision job, over `router`.
+    fn with_job(router: &Arc<Router>) -> (StreamState, DecisionJob) {
+        let mut s = StreamState::deferring(Arc::clone(router));
+        let mut out = Vec::new();
+        let headers = with_config(
+            request_headers("POST", "/v1/chat/completions", &[], false),
+            protocol_config(
+                BodySendMode::FullDuplexStreamed,
+                BodySendMode::FullDuplexStreamed,
+                false,
+            ),
+        );
+        s.on_message(headers, &mut out).unwrap();
+        s.on_message(request_body(&chat_body(50_000), true), &mut out)
+            .unwrap();
+        let job = s.take_job().unwrap();
+        (s, job)
+    }
+
+    #[test]
+    fn a_full_decision_queue_answers_503_at_once() {
+        let mut prom = prometheus_client::registry::Registry::default();
+        let router = Router::new(
+            registry(&[8001]),
+            Arc::new(SchedulerHandle::new(Scheduler::least_in_flight(0))),
+            ExtProcConfig::default(),
+            Metrics::register(&mut prom),
+        );
+        let pool = DecisionPool {
+            permits: Arc::new(Semaphore::new(1)),
+            queued: Arc::new(AtomicUsize::new(0)),
+            capacity: 2,
+        };
+        let (_, a) = with_job(&router);
+        let (_, b) = with_job(&router);
+        let (mut refused, c) = with_job(&router);
+        let running = pool.run(pool.reserve().unwrap(), a);
+        let waiting = pool.run(pool.reserve().unwrap(), b);
+        assert!(
+            pool.reserve().is_none(),
+            "a third decision finds the queue full"
+        );
+        let mut out = Vec::new();
+        refused.refuse(c, &mut out);
+        assert_eq!(
+            immediate(&out[0]).unwrap().status.as_ref().unwrap().code,
+            503
+        );
+        // A place comes back when a queued decision ends (here: is dropped unpolled).
+        drop((running, waiting));
+        assert!(pool.reserve().is_some());
+    }
 
     #[tokio::test]
     async fn accepted_sockets_have_nagle_off() {

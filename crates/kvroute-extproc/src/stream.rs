@@ -45,6 +45,9 @@ pub struct ExtProcConfig {
     pub inline_decision_bytes: usize,
     /// Threads of the blocking decision pool; streams wait their turn beyond that.
     pub decision_threads: usize,
+    /// Decisions that may wait for the pool; a request beyond that is answered 503 at once
+    /// rather than queued without bound (each waiting one holds its body).
+    pub decision_queue: usize,
 }
 
 impl Default for ExtProcConfig {
@@ -55,9 +58,13 @@ impl Default for ExtProcConfig {
             assumed_body_mode: BodySendMode::FullDuplexStreamed,
             inline_decision_bytes: DEFAULT_INLINE_DECISION_BYTES,
             decision_threads: default_decision_threads(),
+            decision_queue: DEFAULT_DECISION_QUEUE,
         }
     }
 }
+
+/// Decisions that may wait for the pool by default.
+pub const DEFAULT_DECISION_QUEUE: usize = 128;
 
 /// One thread fewer than the machine has, at least one: the async workers keep a core.
 pub fn default_decision_threads() -> usize {
@@ -576,6 +583,20 @@ impl StreamState {
         } else {
             self.resume(job.run(), out);
         }
+    }
+
+    /// Answers the request of a [`DecisionJob`] that could not be queued: 503, counted.
+    pub fn refuse(&mut self, job: DecisionJob, out: &mut Vec<ProcessingResponse>) {
+        drop(job);
+        self.router.metrics.outcome(Outcome::Overloaded);
+        self.reply(
+            protocol::immediate(
+                503,
+                "overloaded",
+                "kvroute's routing decision queue is full",
+            ),
+            out,
+        );
     }
 
     /// Continues the stream with what its [`DecisionJob`] found: the routing answer (or a

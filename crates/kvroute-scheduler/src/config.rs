@@ -10,7 +10,7 @@
 mod params;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use kvroute_index::{ApproxIndex, PrefixIndex, Shared};
 use serde::Deserialize;
@@ -45,6 +45,14 @@ pub enum ConfigError {
     /// parameters among it); the message names the line.
     #[error(transparent)]
     Yaml(#[from] serde_yaml_ng::Error),
+    /// An error found while building, with the line of what it names.
+    #[error("line {line}: {error}")]
+    At {
+        /// 1-based line of the plugin or reference.
+        line: usize,
+        /// What is wrong there.
+        error: Box<ConfigError>,
+    },
     /// An `apiVersion` this build does not read.
     #[error("apiVersion {0:?} is not one of {API_VERSIONS:?}")]
     ApiVersion(String),
@@ -73,6 +81,18 @@ pub enum ConfigError {
         plugin_type: &'static str,
         /// The role it was asked to play.
         role: &'static str,
+    },
+    /// A weight that is negative or not a number.
+    #[error(
+        "profile {profile:?}: plugin {plugin:?} has weight {weight}; weights are finite and not negative"
+    )]
+    Weight {
+        /// The profile.
+        profile: String,
+        /// The plugin reference.
+        plugin: String,
+        /// The weight given.
+        weight: f64,
     },
     /// A profile listing two pickers.
     #[error("profile {0:?} lists more than one picker")]
@@ -125,7 +145,39 @@ pub struct EndpointPickerConfig {
 /// Feature gates, as a list of names (`[flowControl]`, `gate=false` turns one off).
 #[derive(Debug, Default, Deserialize)]
 #[serde(transparent)]
-struct FeatureGates(Vec<String>);
+struct FeatureGates(Vec<FeatureGate>);
+
+/// Upstream's registered gates, and the Inference Extension's older `dataLayer`; kvroute
+/// acts on none of them (flow control and HA are other issues), and refuses other names as
+/// upstream does.
+const FEATURE_GATES: [&str; 3] = ["flowControl", "haPopulateNonLeaderDatastore", "dataLayer"];
+
+/// One gate, checked while the YAML is read so that an unknown one is refused with its line.
+#[derive(Debug)]
+struct FeatureGate {
+    name: String,
+    on: bool,
+}
+
+impl<'de> Deserialize<'de> for FeatureGate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let (name, on) = match text.split_once('=') {
+            Some((n, v)) => (n, v != "false"),
+            None => (text.as_str(), true),
+        };
+        if !FEATURE_GATES.contains(&name) {
+            return Err(serde::de::Error::custom(format!(
+                "unknown feature gate {name:?} (known: {})",
+                FEATURE_GATES.join(", ")
+            )));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            on,
+        })
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -142,12 +194,16 @@ struct PluginRef {
     weight: Option<f64>,
 }
 
-/// An approximate index's producer name, capacity and TTL.
-type ApproxKey = (String, usize, Option<u64>);
+/// What makes one approximate index reusable by another build: its producer's name, and
+/// everything that decides its hashes and its bounds (chunk bytes, blocks hashed, capacity).
+type ApproxKey = (String, usize, usize, usize);
 
 /// What building a scheduler needs from outside the configuration: the index the pods' KV
-/// events keep, the tokenizers, the pool's block size; and the approximate indexes of a
-/// previous build, kept across reloads so a new configuration does not start blind.
+/// events keep, the tokenizers, the pool's block size; and the approximate indexes the
+/// running scheduler uses, found again by a reload so a new configuration does not start
+/// blind. It holds them weakly: an index no scheduler uses any more is freed with the last
+/// one that did, so a configuration changed back and forth never revives one that missed
+/// endpoint changes meanwhile.
 #[derive(Debug)]
 pub struct BuildContext {
     /// The precise index, when the pods' KV events are followed.
@@ -159,7 +215,7 @@ pub struct BuildContext {
     /// A scrape of a pod's metrics older than this is not read (upstream's
     /// `--metrics-staleness-threshold`).
     pub staleness: std::time::Duration,
-    approx: Mutex<HashMap<ApproxKey, Arc<Shared<ApproxIndex>>>>,
+    approx: Mutex<HashMap<ApproxKey, Weak<Shared<ApproxIndex>>>>,
 }
 
 impl BuildContext {
@@ -174,26 +230,67 @@ impl BuildContext {
         }
     }
 
-    /// The approximate index of the producer `name` with these bounds: the one a previous
-    /// build made if any, so that a reload keeps what was learnt.
-    fn approx_index(
-        &self,
-        name: &str,
-        capacity: usize,
-        ttl_ms: Option<u64>,
-    ) -> Arc<Shared<ApproxIndex>> {
+    /// The approximate index of the producer `name` with these settings: the one the running
+    /// scheduler uses if any, so that a reload keeps what was learnt.
+    fn approx_index(&self, key: ApproxKey) -> Arc<Shared<ApproxIndex>> {
         let mut cache = self.approx.lock().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(
-            cache
-                .entry((name.to_owned(), capacity, ttl_ms))
-                .or_insert_with(|| Arc::new(Shared::new(ApproxIndex::new(capacity, ttl_ms)))),
-        )
+        if let Some(index) = cache.get(&key).and_then(Weak::upgrade) {
+            return index;
+        }
+        cache.retain(|_, w| w.strong_count() > 0);
+        let index = Arc::new(Shared::new(ApproxIndex::new(key.3, None)));
+        cache.insert(key, Arc::downgrade(&index));
+        index
     }
 
-    /// Every approximate index built so far (for sizes).
+    /// Every approximate index in use (for sizes).
     pub fn approx_indexes(&self) -> Vec<Arc<Shared<ApproxIndex>>> {
         let cache = self.approx.lock().unwrap_or_else(PoisonError::into_inner);
-        cache.values().cloned().collect()
+        cache.values().filter_map(Weak::upgrade).collect()
+    }
+}
+
+impl ConfigError {
+    /// The line of `yaml` where the plugin or reference this error names is written.
+    fn line_in(&self, yaml: &str) -> Option<usize> {
+        let find = |keys: &[&str], value: &str| {
+            yaml.lines().position(|l| {
+                keys.iter().any(|k| {
+                    [
+                        format!("{k}: {value}"),
+                        format!("{k}: \"{value}\""),
+                        format!("{k}: '{value}'"),
+                    ]
+                    .iter()
+                    .any(|p| {
+                        l.contains(p.as_str())
+                            && l[l.find(p.as_str()).unwrap_or(0) + p.len()..]
+                                .chars()
+                                .next()
+                                .is_none_or(|c| matches!(c, ' ' | ',' | '}' | '#' | '\r'))
+                    })
+                })
+            })
+        };
+        let line = match self {
+            Self::UnknownRef { name, .. } => {
+                find(&["pluginRef", "prefixMatchInfoProducerName"], name)
+                    .or_else(|| find(&["-", "producers"], name))
+            }
+            Self::WrongRole { name, .. } | Self::Unavailable { name, .. } => {
+                find(&["name"], name).or_else(|| find(&["type"], name))
+            }
+            Self::Weight { plugin, .. } => find(&["pluginRef"], plugin),
+            Self::DuplicateName(name) => {
+                let mut lines = yaml.lines().enumerate().filter(|(_, l)| {
+                    l.contains(&format!("name: {name}")) || l.contains(&format!("type: {name}"))
+                });
+                lines.nth(1).map(|(i, _)| i)
+            }
+            Self::TwoPickers(profile) => find(&["name"], profile),
+            _ => None,
+        };
+        line.map(|i| i + 1)
     }
 }
 
@@ -215,14 +312,26 @@ impl EndpointPickerConfig {
         Ok(config)
     }
 
-    /// Whether feature gate `name` is on (`name` listed, and not as `name=false`).
-    pub fn feature_gate(&self, name: &str) -> bool {
+    /// The feature gates turned on.
+    pub fn feature_gates(&self) -> impl Iterator<Item = &str> {
         self.feature_gates
             .0
             .iter()
-            .any(|g| match g.split_once('=') {
-                Some((n, v)) => n == name && v != "false",
-                None => g == name,
+            .filter(|g| g.on)
+            .map(|g| g.name.as_str())
+    }
+
+    /// Parses `yaml` and builds it; an error found while building is given the line of the
+    /// plugin or reference it names, where the text shows one.
+    pub fn load(yaml: &str, ctx: &BuildContext) -> Result<Scheduler, ConfigError> {
+        Self::parse(yaml)?
+            .build(ctx)
+            .map_err(|e| match e.line_in(yaml) {
+                Some(line) => ConfigError::At {
+                    line,
+                    error: Box::new(e),
+                },
+                None => e,
             })
     }
 
@@ -363,7 +472,15 @@ impl EndpointPickerConfig {
                 }
                 if p.scorer().is_some() {
                     // Upstream's default weight is 1.
-                    scorers.push((Arc::clone(p), r.weight.unwrap_or(1.0)));
+                    let weight = r.weight.unwrap_or(1.0);
+                    if !weight.is_finite() || weight < 0.0 {
+                        return Err(ConfigError::Weight {
+                            profile: spec.name.clone(),
+                            plugin: r.plugin_ref.clone(),
+                            weight,
+                        });
+                    }
+                    scorers.push((Arc::clone(p), weight));
                 }
                 if p.picker().is_some() {
                     if picker.is_some() {
@@ -430,7 +547,7 @@ fn approx_producer(
         slot,
         chunk_bytes,
         max_blocks,
-        ctx.approx_index(name, capacity, None),
+        ctx.approx_index((name.to_owned(), chunk_bytes, max_blocks, capacity)),
     ))
 }
 
@@ -473,14 +590,19 @@ fn precise_producer(
 /// A prefix scorer over its own producer, or over the one it names.
 fn prefix_scorer(
     plugin_type: PluginType,
+    name: &str,
     own: Option<(SlotId, Arc<dyn Plugin>)>,
     named: Option<SlotId>,
-) -> PrefixScorer {
+) -> Result<PrefixScorer, ConfigError> {
     match (named, own) {
-        (Some(slot), _) => PrefixScorer::new(plugin_type.as_str(), slot, None),
-        (None, Some((slot, p))) => PrefixScorer::new(plugin_type.as_str(), slot, Some(p)),
-        // No slot of its own and none named: reads a slot nobody fills, so it scores 0.
-        (None, None) => PrefixScorer::new(plugin_type.as_str(), SlotId(usize::MAX), None),
+        (Some(slot), _) => Ok(PrefixScorer::new(plugin_type.as_str(), slot, None)),
+        (None, Some((slot, p))) => Ok(PrefixScorer::new(plugin_type.as_str(), slot, Some(p))),
+        // A prefix type always has a slot of its own; refused rather than read a wrong one.
+        (None, None) => Err(ConfigError::Unavailable {
+            name: name.to_owned(),
+            plugin_type: plugin_type.as_str(),
+            reason: "no prefix producer to read".into(),
+        }),
     }
 }
 

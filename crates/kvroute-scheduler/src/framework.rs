@@ -4,11 +4,10 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use arc_swap::{ArcSwap, Guard};
 use kvroute_core::EndpointId;
-use std::time::Instant;
-
 use kvroute_endpoints::{EndpointState, EndpointsListener, Health};
 
 use crate::cycle::{Candidates, CycleState};
@@ -74,6 +73,7 @@ struct Cycle {
     totals: Vec<f64>,
     scores: Vec<f64>,
     picked: Vec<usize>,
+    health: Vec<Health>,
 }
 
 /// Totals closer than this are ties: they differ only by float noise.
@@ -176,6 +176,7 @@ impl Scheduler {
             totals,
             scores,
             picked,
+            health,
         } = cycle;
         state.reset(self.slots);
         for p in &self.producers {
@@ -209,15 +210,19 @@ impl Scheduler {
                 return Err(ScheduleError::AllFiltered);
             }
         }
-        // Passive health, among what the filters left: ejected endpoints are left out (unless
-        // nothing else is left, as Envoy's panic threshold does), degraded ones are scored
-        // down below.
+        // Passive health, among what the filters left, read once per endpoint (it changes
+        // concurrently): ejected endpoints are left out unless nothing else is left (Envoy's
+        // panic threshold), degraded ones are scored down below.
         let now = Instant::now();
-        if kept
-            .iter()
-            .any(|&i| endpoints[i].health(now) != Health::Ejected)
-        {
-            kept.retain(|&i| endpoints[i].health(now) != Health::Ejected);
+        health.clear();
+        health.extend(kept.iter().map(|&i| endpoints[i].health(now)));
+        if health.iter().any(|&h| h != Health::Ejected) {
+            let mut j = 0;
+            kept.retain(|_| {
+                j += 1;
+                health[j - 1] != Health::Ejected
+            });
+            health.retain(|&h| h != Health::Ejected);
         }
         let candidates = Candidates::new(endpoints, kept);
         totals.clear();
@@ -236,10 +241,12 @@ impl Scheduler {
                 *t += weight * s;
             }
         }
-        for (t, (_, ep)) in totals.iter_mut().zip(candidates.iter()) {
+        for (t, h) in totals.iter_mut().zip(health.iter()) {
             // Scaled, not sunk: a degraded endpoint still gets its turn among equals, so
             // it either recovers (a success clears it) or reaches the ejection threshold.
-            if let Health::Degraded(factor) = ep.health(now) {
+            // Weights are never negative (the configuration refuses them), so scaling
+            // only ever lowers a total.
+            if let Health::Degraded(factor) = h {
                 *t *= factor;
             }
         }
@@ -248,11 +255,17 @@ impl Scheduler {
         if let Some(picker) = profile.picker.picker() {
             picker.pick(totals, turn, picked);
         }
-        let first = picked.first().copied().unwrap_or(0);
+        // A picker that returns nothing (or out of range) gets the first candidate.
+        let first = picked
+            .first()
+            .copied()
+            .filter(|&i| i < kept.len())
+            .unwrap_or(0);
         let pos = candidates.position(first);
         let fallbacks = picked
             .iter()
             .skip(1)
+            .filter(|&&i| i < kept.len() && i != first)
             .map(|&i| Arc::clone(candidates.get(i)))
             .collect();
         let prefill = state

@@ -7,7 +7,8 @@
 //! picker. Plugins read each other only through the cycle state's typed slots and name each
 //! other in the configuration, never by holding one another; a decision is returned by value
 //! and then shown to the plugins that keep state (the approximate index). It does no I/O and
-//! never blocks; a warm scheduling cycle allocates nothing unless it tokenizes.
+//! never blocks; a warm scheduling cycle allocates nothing unless it tokenizes or returns
+//! fallbacks.
 
 pub mod config;
 mod cycle;

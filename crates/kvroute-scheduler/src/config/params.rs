@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use kvroute_index::DEFAULT_LRU_CAPACITY;
-use kvroute_tokens::{DEFAULT_CHUNK_BYTES, DEFAULT_MAX_BLOCKS};
+use kvroute_tokens::DEFAULT_CHUNK_BYTES;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 
@@ -21,6 +21,13 @@ use crate::plugins::pod_load::{LoadAwareScorer, LoraAffinityScorer, PodLoadScore
 use crate::plugins::precise::TokenProducer;
 use crate::plugins::ttft::TtftScorer;
 use crate::{Plugin, SlotId};
+
+/// Upstream's default `maxPrefixTokensToMatch`.
+const DEFAULT_MAX_PREFIX_TOKENS: usize = 131_072;
+
+/// Most blocks a prompt is hashed into: bounds the work and memory a configuration can ask
+/// of every request (1M tokens at 16 tokens a block).
+const MAX_PREFIX_BLOCKS: usize = 65_536;
 
 macro_rules! plugin_types {
     ($($variant:ident => $name:literal),* $(,)?) => {
@@ -124,7 +131,7 @@ impl PluginSpec {
 pub(crate) struct ApproxParams {
     /// Tokens per block (kvroute hashes `4 ×` as many bytes of text): upstream's default 16.
     block_size_tokens: Option<usize>,
-    /// The older parameter: characters per block.
+    /// The deprecated name of `blockSizeTokens`.
     block_size: Option<usize>,
     max_prefix_blocks_to_match: Option<usize>,
     max_prefix_tokens_to_match: Option<usize>,
@@ -423,18 +430,31 @@ pub(super) fn build(
     let own_slot = slots.get(name).copied();
     Ok(match (&spec.params, spec.plugin_type) {
         (Params::Approx(p), t) => {
+            // Upstream's precedence: `blockSizeTokens`, else the deprecated `blockSize` (also
+            // tokens); `maxPrefixTokensToMatch`, else the deprecated `maxPrefixBlocksToMatch`.
+            let unavailable = |reason: String| ConfigError::Unavailable {
+                name: name.to_owned(),
+                plugin_type: t.as_str(),
+                reason,
+            };
             let tokens = p
                 .block_size_tokens
+                .or(p.block_size)
                 .unwrap_or(DEFAULT_CHUNK_BYTES / BYTES_PER_TOKEN);
-            let chunk_bytes = p
-                .block_size
-                .unwrap_or(tokens.saturating_mul(BYTES_PER_TOKEN))
-                .max(1);
-            let max_blocks = match (p.max_prefix_blocks_to_match, p.max_prefix_tokens_to_match) {
-                (Some(b), _) => b,
-                (None, Some(t)) => (t / tokens.max(1)).max(1),
-                (None, None) => DEFAULT_MAX_BLOCKS,
+            if tokens == 0 {
+                return Err(unavailable("blockSizeTokens must be at least 1".into()));
+            }
+            let chunk_bytes = tokens.saturating_mul(BYTES_PER_TOKEN);
+            let max_blocks = match (p.max_prefix_tokens_to_match, p.max_prefix_blocks_to_match) {
+                (Some(t), _) if t > 0 => (t / tokens).max(1),
+                (_, Some(b)) if b > 0 => b,
+                _ => DEFAULT_MAX_PREFIX_TOKENS / tokens,
             };
+            if max_blocks > MAX_PREFIX_BLOCKS {
+                return Err(unavailable(format!(
+                    "{max_blocks} blocks to match is over kvroute's bound of {MAX_PREFIX_BLOCKS}"
+                )));
+            }
             let capacity = p.lru_capacity_per_server.unwrap_or(DEFAULT_LRU_CAPACITY);
             let named = p
                 .prefix_match_info_producer_name
@@ -459,7 +479,9 @@ pub(super) fn build(
                     });
                 }
                 let scale = p.match_length_scale_tokens.unwrap_or(8192).max(1);
-                Arc::new(prefix_scorer(t, own, named).with_match_length(weight, scale as f64))
+                Arc::new(
+                    prefix_scorer(t, name, own, named)?.with_match_length(weight, scale as f64),
+                )
             }
         }
         (Params::Precise(p), t) => {
@@ -479,7 +501,7 @@ pub(super) fn build(
             if t == T::PrecisePrefixCacheProducer {
                 own_producer(own, name, t)?
             } else {
-                Arc::new(prefix_scorer(t, own, named))
+                Arc::new(prefix_scorer(t, name, own, named)?)
             }
         }
         (Params::Picker(p), t) => {

@@ -115,6 +115,10 @@ impl Plugin for NoHitLruScorer {
             return;
         }
         let mut used = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        // As the approximate producer does: checked under the lock the pruning takes.
+        if decision.primary().departed() {
+            return;
+        }
         used.clock += 1;
         let clock = used.clock;
         used.last.insert(decision.primary().id().clone(), clock);

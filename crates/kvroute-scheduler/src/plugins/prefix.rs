@@ -64,12 +64,20 @@ impl Plugin for ApproxProducer {
         let Some(info) = state.prefix(self.slot).filter(|p| !p.blocks.is_empty()) else {
             return;
         };
-        let endpoint = decision.primary().id();
+        let primary = decision.primary();
+        let endpoint = primary.id();
         let now = self.now_ms();
         // Short write holds keep readers' latency flat (docs/index.md, "Sharing"); the last
         // chunk goes first so the prompt's beginning ends up most recently used.
         for chunk in info.blocks.rchunks(WRITE_BATCH_BLOCKS) {
-            self.index.write().record(endpoint, chunk, now);
+            let mut index = self.index.write();
+            // Checked under the lock `endpoints_changed` prunes under, and the registry
+            // marks a state departed before it calls that: a decision that finishes after
+            // its endpoint left records nothing that would outlive the pruning.
+            if primary.departed() {
+                return;
+            }
+            index.record(endpoint, chunk, now);
         }
     }
 

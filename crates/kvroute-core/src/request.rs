@@ -37,6 +37,9 @@ pub struct RequestHints {
     pub session_id: Option<String>,
     /// Names an `InferenceObjective` (header `x-gateway-inference-objective`).
     pub objective: Option<String>,
+    /// The endpoint that served this session before, as the router encoded it in its last
+    /// answer (header `x-session-token`, upstream's session affinity).
+    pub session_token: Option<String>,
 }
 
 /// What the router needs to know of one inference request, parsed from its body once.

@@ -153,11 +153,19 @@ pub(crate) fn request_body_response(
     }
 }
 
-pub(crate) fn response_headers_response() -> ProcessingResponse {
+/// The answer to the response headers: pass, setting `set` (none for most requests).
+pub(crate) fn response_headers_response(set: &[(&'static str, String)]) -> ProcessingResponse {
+    let mut common = pass();
+    if !set.is_empty() {
+        common.header_mutation = Some(HeaderMutation {
+            set_headers: set.iter().map(|(k, v)| set_header(k, v)).collect(),
+            remove_headers: Vec::new(),
+        });
+    }
     ProcessingResponse {
         response: Some(processing_response::Response::ResponseHeaders(
             HeadersResponse {
-                response: Some(pass()),
+                response: Some(common),
             },
         )),
         ..ProcessingResponse::default()

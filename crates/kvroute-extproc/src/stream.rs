@@ -191,6 +191,8 @@ pub struct StreamState {
     /// of run inline.
     defer_heavy: bool,
     job: Option<DecisionJob>,
+    /// Headers the scheduler asked the response to carry (session affinity).
+    response_headers: Vec<(&'static str, String)>,
 }
 
 /// The CPU-heavy part of routing one request (parsing its body, tokenizing the prompt,
@@ -289,6 +291,7 @@ impl StreamState {
             response_done: false,
             defer_heavy: false,
             job: None,
+            response_headers: Vec::new(),
         }
     }
 
@@ -363,6 +366,7 @@ impl StreamState {
         self.hints = RequestHints {
             session_id: header(headers, "x-session-id").map(str::to_owned),
             objective: header(headers, "x-gateway-inference-objective").map(str::to_owned),
+            session_token: header(headers, "x-session-token").map(str::to_owned),
         };
         self.subset = metadata.and_then(|m| {
             protocol::metadata_strings(m, protocol::SUBSET_NAMESPACE, protocol::SUBSET_KEY)
@@ -670,6 +674,7 @@ impl StreamState {
     fn claim(&mut self, scheduled: Result<Decision, ScheduleError>) -> Result<String, NoEndpoint> {
         match scheduled {
             Ok(decision) => {
+                self.response_headers = decision.response_headers().to_vec();
                 self.guard = Some(
                     decision
                         .primary()
@@ -718,7 +723,7 @@ impl StreamState {
         if let (Some(status), Some(target)) = (self.status, self.target()) {
             target.record_outcome(status < 500, Instant::now());
         }
-        out.push(protocol::response_headers_response());
+        out.push(protocol::response_headers_response(&self.response_headers));
         if h.end_of_stream {
             self.finish_response();
         }

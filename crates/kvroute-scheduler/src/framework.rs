@@ -150,8 +150,13 @@ impl Scheduler {
             .unwrap_or_else(PoisonError::into_inner)
             .pop()
             .unwrap_or_default();
-        let decided = self.run(request, endpoints, &mut cycle);
-        if let Ok(decision) = &decided {
+        let mut decided = self.run(request, endpoints, &mut cycle);
+        if let Ok(decision) = &mut decided {
+            for (_, plugin) in &self.plugins {
+                if let Some(header) = plugin.response_header(decision) {
+                    decision.response_headers.push(header);
+                }
+            }
             for (_, plugin) in &self.plugins {
                 plugin.decided(request, &cycle.state, decision);
             }

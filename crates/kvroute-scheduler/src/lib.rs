@@ -51,6 +51,7 @@ pub struct Decision {
     primary: Arc<EndpointState>,
     fallbacks: Vec<Arc<EndpointState>>,
     prefill_tokens: u64,
+    response_headers: Vec<(&'static str, String)>,
 }
 
 impl Decision {
@@ -65,7 +66,14 @@ impl Decision {
             primary,
             fallbacks,
             prefill_tokens,
+            response_headers: Vec::new(),
         }
+    }
+
+    /// Headers the response should carry back to the client (set by plugins such as
+    /// session affinity); empty for most decisions.
+    pub fn response_headers(&self) -> &[(&'static str, String)] {
+        &self.response_headers
     }
 
     /// Prompt tokens the primary is expected to compute (those no prefix producer saw cached

@@ -57,6 +57,12 @@ pub trait Plugin: Send + Sync + Debug + 'static {
     fn decided(&self, _request: &SchedulingRequest<'_>, _state: &CycleState, _decision: &Decision) {
     }
 
+    /// A header the response should carry back to the client for this decision (the
+    /// session affinity token).
+    fn response_header(&self, _decision: &Decision) -> Option<(&'static str, String)> {
+        None
+    }
+
     /// The endpoint set changed: drop whatever is held for `departed` endpoints.
     fn endpoints_changed(&self, _current: &[Arc<EndpointState>], _departed: &[EndpointId]) {}
 }

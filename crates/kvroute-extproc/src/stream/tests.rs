@@ -27,7 +27,11 @@ impl Harness {
     }
 
     fn with(ports: &[u16], config: ExtProcConfig, fallbacks: usize) -> Self {
-        let scheduler = Arc::new(SchedulerHandle::new(Scheduler::least_in_flight(fallbacks)));
+        Self::scheduled(ports, config, Scheduler::least_in_flight(fallbacks))
+    }
+
+    fn scheduled(ports: &[u16], config: ExtProcConfig, scheduler: Scheduler) -> Self {
+        let scheduler = Arc::new(SchedulerHandle::new(scheduler));
         let registry = registry(ports);
         let mut prom = prometheus_client::registry::Registry::with_prefix("kvroute");
         let metrics = Metrics::register(&mut prom);
@@ -669,4 +673,46 @@ fn a_heavy_decision_is_left_to_the_caller_and_resumed() {
         immediate(&out[0]).unwrap().status.as_ref().unwrap().code,
         400
     );
+}
+
+#[test]
+fn a_session_token_comes_back_on_the_response_and_brings_the_session_home() {
+    let config = "
+plugins: [{type: session-affinity-scorer}, {type: load-scorer}]
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: session-affinity-scorer, weight: 10}
+  - {pluginRef: load-scorer}
+";
+    let scheduler = kvroute_scheduler::EndpointPickerConfig::load(
+        config,
+        &kvroute_scheduler::BuildContext::new(16),
+    )
+    .unwrap();
+    let h = Harness::scheduled(&[8001, 8002, 8003], ExtProcConfig::default(), scheduler);
+    // The first turn: routed by load; its answer carries the token of who served it.
+    let mut s = h.stream();
+    let out = send(&mut s, request_headers("GET", "/v1/models", &[], true));
+    let served = set_header(&out[0], "x-gateway-destination-endpoint")
+        .unwrap()
+        .to_owned();
+    let out = send(&mut s, response_headers(200, "application/json", false));
+    let token = set_header(&out[0], "x-session-token").unwrap().to_owned();
+    // Later turns send it back and go to the same endpoint, though it is the busiest.
+    let mut held: Vec<StreamState> = Vec::new();
+    for _ in 0..4 {
+        let mut s = h.stream();
+        let out = send(
+            &mut s,
+            request_headers("GET", "/v1/models", &[("x-session-token", &token)], true),
+        );
+        assert_eq!(
+            set_header(&out[0], "x-gateway-destination-endpoint"),
+            Some(served.as_str())
+        );
+        // Still in flight: the endpoint only gets busier.
+        held.push(s);
+    }
+    assert_eq!(h.in_flight(), 5);
 }

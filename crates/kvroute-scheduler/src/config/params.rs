@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kvroute_index::DEFAULT_LRU_CAPACITY;
 use kvroute_tokens::DEFAULT_CHUNK_BYTES;
@@ -19,6 +20,7 @@ use crate::plugins::load::LoadScorer;
 use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use crate::plugins::pod_load::{LoadAwareScorer, LoraAffinityScorer, PodLoadScorer, Signal};
 use crate::plugins::precise::TokenProducer;
+use crate::plugins::session::{SESSION_TOKEN_HEADER, SessionAffinityScorer, Strategy};
 use crate::plugins::ttft::TtftScorer;
 use crate::{Plugin, SlotId};
 
@@ -73,6 +75,7 @@ plugin_types! {
     ActiveRequestScorer => "active-request-scorer",
     NoHitLruScorer => "no-hit-lru-scorer",
     TokenProducer => "token-producer",
+    SessionAffinityScorer => "session-affinity-scorer",
     LoadScorer => "load-scorer",
     TtftScorer => "ttft-scorer",
 }
@@ -284,6 +287,46 @@ pub(crate) struct TokenProducerParams {
     _uds_tokenizer_config: Option<de::IgnoredAny>,
 }
 
+/// `session-affinity-scorer`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct SessionParams {
+    /// `encoded_endpoint_header` (default) or `session_id`.
+    strategy: Option<String>,
+    encoded_endpoint_header_config: Option<HeaderConfig>,
+    session_id_config: Option<SessionIdConfig>,
+    /// Upstream names the profile whose pick the token carries; kvroute has one profile
+    /// running per request.
+    #[serde(rename = "profileName")]
+    _profile_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HeaderConfig {
+    header: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SessionIdConfig {
+    #[serde(default)]
+    sources: Vec<SessionSource>,
+    eviction_ttl_seconds: Option<f64>,
+    /// kvroute sweeps expired sessions when its table is full instead of on a timer.
+    #[serde(rename = "evictionSweepSeconds")]
+    _eviction_sweep_seconds: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SessionSource {
+    header: Option<String>,
+    attribute: Option<String>,
+    #[serde(rename = "producer")]
+    _producer: Option<String>,
+}
+
 /// A plugin type without parameters.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -304,6 +347,7 @@ pub(crate) enum Params {
     ActiveRequest(ActiveRequestParams),
     NoHitLru(NoHitLruParams),
     Token(#[allow(dead_code, reason = "read only to validate the YAML")] TokenProducerParams),
+    Session(SessionParams),
     None(NoParams),
 }
 
@@ -337,6 +381,7 @@ impl<'de> DeserializeSeed<'de> for ParamsSeed {
             T::ActiveRequestScorer => Params::ActiveRequest(or_default(d)?),
             T::NoHitLruScorer => Params::NoHitLru(or_default(d)?),
             T::TokenProducer => Params::Token(or_default(d)?),
+            T::SessionAffinityScorer => Params::Session(or_default(d)?),
             T::SingleProfileHandler
             | T::PrefillFilter
             | T::DecodeFilter
@@ -415,6 +460,59 @@ fn own_producer(
         plugin_type: t.as_str(),
         reason: "a producer cannot read another producer".into(),
     })
+}
+
+/// `session-affinity-scorer` from its parameters: kvroute reads the two headers upstream
+/// defaults to (others would need the ext_proc server to pass every header through).
+fn session_scorer(
+    p: &SessionParams,
+    name: &str,
+    t: PluginType,
+) -> Result<Arc<dyn Plugin>, ConfigError> {
+    let unavailable = |reason: String| ConfigError::Unavailable {
+        name: name.to_owned(),
+        plugin_type: t.as_str(),
+        reason,
+    };
+    let strategy = match p.strategy.as_deref().unwrap_or("encoded_endpoint_header") {
+        "encoded_endpoint_header" => Strategy::EncodedEndpoint,
+        "session_id" => Strategy::SessionId,
+        other => return Err(unavailable(format!("unknown strategy {other:?}"))),
+    };
+    if let Some(h) = p
+        .encoded_endpoint_header_config
+        .as_ref()
+        .and_then(|c| c.header.as_deref())
+        .filter(|h| !h.trim().eq_ignore_ascii_case(SESSION_TOKEN_HEADER))
+    {
+        return Err(unavailable(format!(
+            "header {h:?}: kvroute reads the session token from {SESSION_TOKEN_HEADER}"
+        )));
+    }
+    let mut ttl = 300.0;
+    if let Some(c) = &p.session_id_config {
+        if let Some(s) = c.sources.iter().find(|s| {
+            s.attribute.is_some()
+                || s.header
+                    .as_deref()
+                    .is_some_and(|h| !h.trim().eq_ignore_ascii_case("x-session-id"))
+        }) {
+            return Err(unavailable(format!(
+                "session source {:?}: kvroute reads the session id from x-session-id",
+                s.header.as_deref().or(s.attribute.as_deref()).unwrap_or("")
+            )));
+        }
+        ttl = c.eviction_ttl_seconds.unwrap_or(ttl);
+    }
+    let ttl = Duration::try_from_secs_f64(ttl)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .ok_or_else(|| {
+            unavailable(format!(
+                "evictionTtlSeconds {ttl} is not a positive duration"
+            ))
+        })?;
+    Ok(Arc::new(SessionAffinityScorer::new(strategy, ttl)))
 }
 
 /// Builds the plugin `spec` describes.
@@ -561,6 +659,7 @@ pub(super) fn build(
             ))
         }
         (Params::Token(_), _) => Arc::new(TokenProducer::new(ctx.tokenizers.clone())),
+        (Params::Session(p), t) => session_scorer(p, name, t)?,
         (Params::None(_), T::LoraAffinityScorer) => {
             Arc::new(LoraAffinityScorer::new(ctx.staleness))
         }

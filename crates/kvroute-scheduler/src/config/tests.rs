@@ -328,6 +328,13 @@ plugins:
   parameters: {lruSize: 2048, prefixMatchInfoProducerName: approx-prefix-cache-producer, prefixPluginType: a, prefixPluginName: b}
 - type: ttft-scorer
   parameters: {producers: [approx-prefix-cache-producer]}
+- type: session-affinity-scorer
+  parameters: {strategy: encoded_endpoint_header, encodedEndpointHeaderConfig: {header: x-session-token}, profileName: default}
+- name: by-session-id
+  type: session-affinity-scorer
+  parameters:
+    strategy: session_id
+    sessionIdConfig: {sources: [{header: x-session-id}], evictionTtlSeconds: 300, evictionSweepSeconds: 10}
 - type: load-scorer
   parameters: {headroom: 4}
 - type: label-selector-filter
@@ -360,6 +367,8 @@ schedulingProfiles:
   - {pluginRef: active-request-scorer}
   - {pluginRef: no-hit-lru-scorer}
   - {pluginRef: ttft-scorer}
+  - {pluginRef: session-affinity-scorer}
+  - {pluginRef: by-session-id}
   - {pluginRef: load-scorer}
   - {pluginRef: weighted-random-picker}
 "#;
@@ -370,7 +379,7 @@ schedulingProfiles:
         .plugins()
         .filter(|(_, w)| w.is_some())
         .count();
-    assert_eq!(scorers, 12);
+    assert_eq!(scorers, 14);
     // It schedules: every scorer runs over endpoints with no scrapes, no cache, no load.
     let reg = registry(4);
     let req = request(Prompt::Tokens((0..64).collect()));

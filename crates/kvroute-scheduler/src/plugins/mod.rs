@@ -24,3 +24,4 @@ impl Plugin for DataSource {
 }
 pub(crate) mod active;
 pub(crate) mod pod_load;
+pub(crate) mod session;

@@ -31,12 +31,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use kvroute_core::{ApiKind, Endpoint, InferenceRequest, Prompt, RequestHints};
+use kvroute_core::{Endpoint, InferenceRequest, Prompt, RequestHints};
 use kvroute_endpoints::{EndpointState, InFlightGuard, Registry};
 use kvroute_index::{PrefixIndex, Shared, Tier};
 use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE};
 use kvroute_scheduler::{BuildContext, EndpointPickerConfig, Scheduler, SchedulingRequest};
 use kvroute_tokens::{BlockHasher, ExtraKeys};
+use test_support::completion as request;
 
 const SIZES: [usize; 3] = [8, 64, 1_000];
 const BLOCK_SIZE: usize = 16;
@@ -97,19 +98,6 @@ fn prompt_text(seed: u64) -> String {
     text.push_str("\n\n");
     text.push_str(&prose(seed, SUFFIX_BYTES));
     text
-}
-
-fn request(prompt: Prompt) -> InferenceRequest {
-    InferenceRequest {
-        api: ApiKind::Completions,
-        model: "m".into(),
-        prompt,
-        cache_salt: None,
-        stream: false,
-        max_tokens: None,
-        chat: Default::default(),
-        hints: RequestHints::default(),
-    }
 }
 
 fn registry(n: usize) -> Registry {

@@ -120,7 +120,7 @@ fn endpoint_index(
 
 #[cfg(test)]
 mod test_util {
-    use kvroute_core::{ApiKind, Endpoint, InferenceRequest, Prompt, RequestHints};
+    use kvroute_core::Endpoint;
     use kvroute_endpoints::Registry;
 
     /// `n` endpoints on 127.0.0.1, ports 1 to `n`.
@@ -134,17 +134,5 @@ mod test_util {
         reg
     }
 
-    /// A completions request for `prompt` under model `m`.
-    pub(crate) fn request(prompt: Prompt) -> InferenceRequest {
-        InferenceRequest {
-            api: ApiKind::Completions,
-            model: "m".into(),
-            prompt,
-            cache_salt: None,
-            stream: false,
-            max_tokens: None,
-            chat: Default::default(),
-            hints: RequestHints::default(),
-        }
-    }
+    pub(crate) use test_support::completion as request;
 }

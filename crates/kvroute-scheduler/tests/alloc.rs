@@ -17,12 +17,13 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use kvroute_core::{ApiKind, Endpoint, InferenceRequest, Prompt, RequestHints};
+use kvroute_core::{Endpoint, InferenceRequest, Prompt, RequestHints};
 use kvroute_endpoints::{EndpointState, InFlightGuard, Registry};
 use kvroute_index::{PrefixIndex, Shared, Tier};
 use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE};
 use kvroute_scheduler::{BuildContext, EndpointPickerConfig, Scheduler, SchedulingRequest};
 use kvroute_tokens::{BlockHasher, ExtraKeys};
+use test_support::completion as request;
 
 const ENDPOINTS: usize = 64;
 const BLOCK_SIZE: usize = 16;
@@ -64,19 +65,6 @@ fn text(seed: u64) -> String {
         }
     }
     out
-}
-
-fn request(prompt: Prompt) -> InferenceRequest {
-    InferenceRequest {
-        api: ApiKind::Completions,
-        model: "m".into(),
-        prompt,
-        cache_salt: None,
-        stream: false,
-        max_tokens: None,
-        chat: Default::default(),
-        hints: RequestHints::default(),
-    }
 }
 
 fn registry() -> Registry {

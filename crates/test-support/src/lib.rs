@@ -8,8 +8,22 @@ pub mod http;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use kvroute_core::Endpoint;
+use kvroute_core::{ApiKind, Endpoint, InferenceRequest, Prompt, RequestHints};
 use kvroute_endpoints::Registry;
+
+/// A completions request for `prompt` under model `m`, as the body parser would give it.
+pub fn completion(prompt: Prompt) -> InferenceRequest {
+    InferenceRequest {
+        api: ApiKind::Completions,
+        model: "m".into(),
+        prompt,
+        cache_salt: None,
+        stream: false,
+        max_tokens: None,
+        chat: Default::default(),
+        hints: RequestHints::default(),
+    }
+}
 
 /// A registry holding endpoints on 127.0.0.1 at `ports`.
 pub fn registry(ports: &[u16]) -> Arc<Registry> {

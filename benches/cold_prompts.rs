@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use kvroute_extproc::{ExtProcConfig, ExtProcService, Metrics, Router};
@@ -33,7 +32,7 @@ use kvroute_index::{PrefixIndex, Shared};
 use kvroute_scheduler::config::DEFAULT_PRECISE;
 use kvroute_scheduler::{BuildContext, EndpointPickerConfig, SchedulerHandle, Tokenizers};
 use kvroute_tokens::ModelTokenizer;
-use test_support::envoy::{protocol_config, request_body, request_headers, with_config};
+use test_support::envoy::{full_duplex_chat_headers, request_body};
 use test_support::registry;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -82,16 +81,7 @@ async fn decide(client: &mut ExternalProcessorClient<Channel>, body: &[u8]) -> D
         .await
         .unwrap()
         .into_inner();
-    tx.send(with_config(
-        request_headers("POST", "/v1/chat/completions", &[], false),
-        protocol_config(
-            BodySendMode::FullDuplexStreamed,
-            BodySendMode::FullDuplexStreamed,
-            false,
-        ),
-    ))
-    .await
-    .unwrap();
+    tx.send(full_duplex_chat_headers()).await.unwrap();
     let pieces: Vec<&[u8]> = body.chunks(64 << 10).collect();
     let last = pieces.len() - 1;
     let mut sent = Instant::now();

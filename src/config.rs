@@ -53,7 +53,7 @@ pub(crate) fn run(cmd: &ConfigCommand) -> anyhow::Result<()> {
             // Checked as if KV events were followed, so precise plugins build too.
             let mut ctx = BuildContext::new(*block_size);
             ctx.precise_index = Some(Arc::new(Shared::new(PrefixIndex::new())));
-            let scheduler = build_config(&text, &ctx)
+            let (_, scheduler) = build_config(&text, &ctx)
                 .with_context(|| format!("{} cannot be used", file.display()))?;
             let mut out = String::new();
             for p in scheduler.profiles() {
@@ -118,7 +118,7 @@ pub(crate) async fn watch(
         }
         if let Some(text) = changed(&path, &current).await {
             match build_config(&text, &ctx) {
-                Ok(scheduler) => {
+                Ok((_, scheduler)) => {
                     handle.store(scheduler);
                     reloads.get_or_create(&[("result", "applied")]).inc();
                     info!(file = %path.display(), "routing configuration reloaded");

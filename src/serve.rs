@@ -236,11 +236,12 @@ impl Policy {
     }
 }
 
-/// Parses and builds `text`, logging what kvroute reads but does not act on.
+/// Parses and builds `text`, logging what kvroute reads but does not act on; returns the
+/// parsed configuration too, for what it says beyond scheduling (the scrape path).
 pub(crate) fn build_config(
     text: &str,
     ctx: &BuildContext,
-) -> Result<kvroute_scheduler::Scheduler, kvroute_scheduler::ConfigError> {
+) -> Result<(EndpointPickerConfig, kvroute_scheduler::Scheduler), kvroute_scheduler::ConfigError> {
     let config = EndpointPickerConfig::parse(text)?;
     let ignored = config.ignored_sections();
     if !ignored.is_empty() {
@@ -258,7 +259,8 @@ pub(crate) fn build_config(
             "metrics-data-source scheme: kvroute scrapes over http"
         );
     }
-    EndpointPickerConfig::load(text, ctx)
+    let scheduler = config.build_from(text, ctx)?;
+    Ok((config, scheduler))
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -341,10 +343,8 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         (None, Some(text)) => text.clone(),
         (None, None) => args.policy.config(subscriptions.is_some()).to_owned(),
     };
-    let scheduler = build_config(&text, &ctx).context("routing configuration")?;
-    let metrics_path = EndpointPickerConfig::parse(&text)
-        .ok()
-        .and_then(|c| c.metrics_path().map(str::to_owned));
+    let (config, scheduler) = build_config(&text, &ctx).context("routing configuration")?;
+    let metrics_path = config.metrics_path().map(str::to_owned);
     let scheduler = Arc::new(SchedulerHandle::new(scheduler));
     registry.subscribe(Arc::clone(&scheduler) as Arc<dyn kvroute_endpoints::EndpointsListener>);
     let scrape_config = ScrapeConfig {

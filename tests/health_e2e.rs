@@ -46,11 +46,7 @@ fn per_pod(of: &[usize], n: usize) -> Vec<usize> {
 async fn a_failing_pod_is_ejected_and_taken_back_when_it_recovers() {
     let dir = scratch("health");
     let stop = CancellationToken::new();
-    let pods = [
-        sim_pod(&stop).await,
-        sim_pod(&stop).await,
-        sim_pod(&stop).await,
-    ];
+    let pods = sim_pods(3, &stop).await;
     let addrs: Vec<SocketAddr> = pods.iter().map(|p| p.http).collect();
     let list = addrs
         .iter()

@@ -79,14 +79,9 @@ async fn logged(kvroute: &Kvroute, text: &str, n: usize) -> Instant {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_file_changes_are_applied_or_refused_without_losing_a_request() {
     let dir = scratch("reload");
-    // Simulated vLLM pods: they serve the /metrics kvroute scrapes (the fake `Backends`
-    // do not, and failed scrapes would eject them).
+    // Simulated vLLM pods: they serve the /metrics kvroute scrapes, so their load is known.
     let stop = CancellationToken::new();
-    let pods = [
-        sim_pod(&stop).await,
-        sim_pod(&stop).await,
-        sim_pod(&stop).await,
-    ];
+    let pods = sim_pods(3, &stop).await;
     let addrs: Vec<SocketAddr> = pods.iter().map(|p| p.http).collect();
     let names = ["a", "b", "c"];
     let endpoints: String = addrs

@@ -661,6 +661,18 @@ impl Envoy {
     }
 }
 
+/// `n` simulated vLLM pods ([`sim_pod`]).
+pub async fn sim_pods(
+    n: usize,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Vec<kvroute_sim::server::Bound> {
+    let mut pods = Vec::with_capacity(n);
+    for _ in 0..n {
+        pods.push(sim_pod(stop).await);
+    }
+    pods
+}
+
 /// A simulated vLLM pod (`kvroute_sim`) on 127.0.0.1, every port its own, running until
 /// `stop` is cancelled: OpenAI API and vLLM's `/metrics` on `http`, 10× the modelled speed.
 pub async fn sim_pod(stop: &tokio_util::sync::CancellationToken) -> kvroute_sim::server::Bound {

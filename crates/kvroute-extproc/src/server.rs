@@ -225,11 +225,8 @@ impl Stream for ResponseStream {
 
 #[cfg(test)]
 mod tests {
-    use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
     use kvroute_scheduler::{Scheduler, SchedulerHandle};
-    use test_support::envoy::{
-        immediate, protocol_config, request_body, request_headers, with_config,
-    };
+    use test_support::envoy::{full_duplex_chat_headers, immediate, request_body};
     use test_support::{chat_body, registry};
     use tokio_stream::StreamExt;
 
@@ -240,14 +237,7 @@ mod tests {
     fn with_job(router: &Arc<Router>) -> (StreamState, DecisionJob) {
         let mut s = StreamState::deferring(Arc::clone(router));
         let mut out = Vec::new();
-        let headers = with_config(
-            request_headers("POST", "/v1/chat/completions", &[], false),
-            protocol_config(
-                BodySendMode::FullDuplexStreamed,
-                BodySendMode::FullDuplexStreamed,
-                false,
-            ),
-        );
+        let headers = full_duplex_chat_headers();
         s.on_message(headers, &mut out).unwrap();
         s.on_message(request_body(&chat_body(50_000), true), &mut out)
             .unwrap();

@@ -213,6 +213,7 @@ pub struct DecisionJob {
 #[derive(Debug)]
 pub struct DecisionOutcome {
     chunks: Vec<Vec<u8>>,
+    subset: Option<Vec<String>>,
     result: Result<Result<Decision, ScheduleError>, ParseError>,
     started: Instant,
     trailers_follow: bool,
@@ -226,18 +227,20 @@ impl DecisionJob {
             [one] => Cow::Borrowed(one),
             many => Cow::Owned(many.concat()),
         };
-        let parsed = InferenceRequest::parse(self.api, &body, self.hints.clone());
+        // The hints move into the request, which carries them to the scheduler.
+        let parsed = InferenceRequest::parse(self.api, &body, self.hints);
         drop(body);
         let result = parsed.map(|request| {
             schedule(
                 &self.router,
                 self.subset.as_deref(),
-                &self.hints,
+                &request.hints,
                 Some(&request),
             )
         });
         DecisionOutcome {
             chunks: self.chunks,
+            subset: self.subset,
             result,
             started: self.started,
             trailers_follow: self.trailers_follow,
@@ -573,11 +576,13 @@ impl StreamState {
         self.request_body_done = true;
         // A provisional claim must not weigh against its own endpoint in the final choice.
         self.guard = None;
+        // The job owns what it reads (the outcome gives the subset back); the hints are not
+        // read again once the body is complete.
         let job = DecisionJob {
             router: Arc::clone(&self.router),
             api: self.api,
-            hints: self.hints.clone(),
-            subset: self.subset.clone(),
+            hints: std::mem::take(&mut self.hints),
+            subset: self.subset.take(),
             chunks: std::mem::take(&mut self.chunks),
             started: Instant::now(),
             trailers_follow,
@@ -611,10 +616,12 @@ impl StreamState {
         };
         let DecisionOutcome {
             chunks,
+            subset,
             result,
             started,
             trailers_follow,
         } = outcome;
+        self.subset = subset;
         let decided = match result {
             Ok(decided) => decided,
             Err(e) => {

@@ -31,13 +31,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use kvroute_core::{Endpoint, InferenceRequest, Prompt, RequestHints};
+use kvroute_core::{InferenceRequest, Prompt, RequestHints};
 use kvroute_endpoints::{EndpointState, InFlightGuard, Registry};
 use kvroute_index::{PrefixIndex, Shared, Tier};
 use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE};
 use kvroute_scheduler::{BuildContext, EndpointPickerConfig, Scheduler, SchedulingRequest};
 use kvroute_tokens::{BlockHasher, ExtraKeys};
 use test_support::completion as request;
+use test_support::{endpoints, splitmix64, token_ids};
 
 const SIZES: [usize; 3] = [8, 64, 1_000];
 const BLOCK_SIZE: usize = 16;
@@ -57,18 +58,6 @@ const RING: usize = 256;
 const NEW_SEED: u64 = 1 << 32;
 /// Decisions timed one by one for the percentiles.
 const TIMED: usize = 20_000;
-
-fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// `n` token ids below a 150k vocabulary, distinct per `seed`.
-fn token_ids(seed: u64, n: usize) -> impl Iterator<Item = u32> {
-    (0..n as u64).map(move |i| (splitmix64(seed.wrapping_mul(1_000_003) ^ i) % 150_000) as u32)
-}
 
 /// The shared system prompt, then the part of conversation `seed`.
 fn prompt_tokens(seed: u64) -> Vec<u32> {
@@ -98,16 +87,6 @@ fn prompt_text(seed: u64) -> String {
     text.push_str("\n\n");
     text.push_str(&prose(seed, SUFFIX_BYTES));
     text
-}
-
-fn registry(n: usize) -> Registry {
-    let reg = Registry::new();
-    reg.replace(
-        (1..=n)
-            .map(|p| Endpoint::from_address(([127, 0, 0, 1], p as u16).into()))
-            .collect(),
-    );
-    reg
 }
 
 /// What the pods' KV events would have told: endpoint `e` holds (in GPU memory) the
@@ -180,7 +159,7 @@ fn load(eps: &[Arc<EndpointState>]) -> Vec<InFlightGuard> {
 struct Case {
     name: &'static str,
     scheduler: Scheduler,
-    registry: Registry,
+    registry: Arc<Registry>,
     requests: Vec<InferenceRequest>,
     /// Endpoints holding anything in the approximate index after warming.
     approx_holders: Option<usize>,
@@ -196,7 +175,7 @@ fn text(seed: u64) -> Prompt {
 }
 
 fn build(name: &'static str, n: usize) -> Case {
-    let registry = registry(n);
+    let registry = endpoints(n as u16);
     let eps = registry.snapshot();
     let mut ctx = BuildContext::new(BLOCK_SIZE);
     let (yaml, make): (Option<&str>, fn(u64) -> Prompt) = match name {

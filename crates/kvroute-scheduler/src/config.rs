@@ -324,15 +324,19 @@ impl EndpointPickerConfig {
     /// Parses `yaml` and builds it; an error found while building is given the line of the
     /// plugin or reference it names, where the text shows one.
     pub fn load(yaml: &str, ctx: &BuildContext) -> Result<Scheduler, ConfigError> {
-        Self::parse(yaml)?
-            .build(ctx)
-            .map_err(|e| match e.line_in(yaml) {
-                Some(line) => ConfigError::At {
-                    line,
-                    error: Box::new(e),
-                },
-                None => e,
-            })
+        Self::parse(yaml)?.build_from(yaml, ctx)
+    }
+
+    /// [`Self::build`], giving an error the line of `yaml` (the text this configuration was
+    /// parsed from) where what it names is written.
+    pub fn build_from(&self, yaml: &str, ctx: &BuildContext) -> Result<Scheduler, ConfigError> {
+        self.build(ctx).map_err(|e| match e.line_in(yaml) {
+            Some(line) => ConfigError::At {
+                line,
+                error: Box::new(e),
+            },
+            None => e,
+        })
     }
 
     /// The plugins, by name, with their types.

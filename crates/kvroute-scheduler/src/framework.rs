@@ -156,8 +156,6 @@ impl Scheduler {
                 if let Some(header) = plugin.response_header(decision) {
                     decision.response_headers.push(header);
                 }
-            }
-            for (_, plugin) in &self.plugins {
                 plugin.decided(request, &cycle.state, decision);
             }
         }

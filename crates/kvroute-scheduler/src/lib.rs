@@ -120,19 +120,6 @@ fn endpoint_index(
 
 #[cfg(test)]
 mod test_util {
-    use kvroute_core::Endpoint;
-    use kvroute_endpoints::Registry;
-
-    /// `n` endpoints on 127.0.0.1, ports 1 to `n`.
-    pub(crate) fn registry(n: u16) -> Registry {
-        let reg = Registry::new();
-        reg.replace(
-            (1..=n)
-                .map(|p| Endpoint::from_address(([127, 0, 0, 1], p).into()))
-                .collect(),
-        );
-        reg
-    }
-
     pub(crate) use test_support::completion as request;
+    pub(crate) use test_support::endpoints as registry;
 }

@@ -17,13 +17,14 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use kvroute_core::{Endpoint, InferenceRequest, Prompt, RequestHints};
+use kvroute_core::{InferenceRequest, Prompt, RequestHints};
 use kvroute_endpoints::{EndpointState, InFlightGuard, Registry};
 use kvroute_index::{PrefixIndex, Shared, Tier};
 use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE};
 use kvroute_scheduler::{BuildContext, EndpointPickerConfig, Scheduler, SchedulingRequest};
 use kvroute_tokens::{BlockHasher, ExtraKeys};
 use test_support::completion as request;
+use test_support::{endpoints, splitmix64, token_ids};
 
 const ENDPOINTS: usize = 64;
 const BLOCK_SIZE: usize = 16;
@@ -31,17 +32,6 @@ const BLOCK_SIZE: usize = 16;
 const REQUESTS: u64 = 16;
 const WARM: usize = 200;
 const MEASURED: usize = 1_000;
-
-fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-fn token_ids(seed: u64, n: usize) -> impl Iterator<Item = u32> {
-    (0..n as u64).map(move |i| (splitmix64(seed.wrapping_mul(1_000_003) ^ i) % 150_000) as u32)
-}
 
 /// ~2,000 tokens: a shared system prompt, then the part of conversation `seed`.
 fn tokens(seed: u64) -> Vec<u32> {
@@ -67,14 +57,8 @@ fn text(seed: u64) -> String {
     out
 }
 
-fn registry() -> Registry {
-    let reg = Registry::new();
-    reg.replace(
-        (1..=ENDPOINTS)
-            .map(|p| Endpoint::from_address(([127, 0, 0, 1], p as u16).into()))
-            .collect(),
-    );
-    reg
+fn registry() -> Arc<Registry> {
+    endpoints(ENDPOINTS as u16)
 }
 
 /// Endpoint `e` holds conversations `s ≡ e (mod 64)` among the first 256 (in GPU memory,

@@ -24,6 +24,19 @@ pub fn protocol_config(
     }
 }
 
+/// The first message of a chat completion's stream in `FULL_DUPLEX_STREAMED` mode both ways
+/// (the `deploy/envoy` setup): its headers, a body to follow.
+pub fn full_duplex_chat_headers() -> ProcessingRequest {
+    with_config(
+        request_headers("POST", "/v1/chat/completions", &[], false),
+        protocol_config(
+            BodySendMode::FullDuplexStreamed,
+            BodySendMode::FullDuplexStreamed,
+            false,
+        ),
+    )
+}
+
 fn header_map(headers: &[(&str, &str)]) -> HeaderMap {
     HeaderMap {
         headers: headers

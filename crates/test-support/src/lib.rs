@@ -25,6 +25,25 @@ pub fn completion(prompt: Prompt) -> InferenceRequest {
     }
 }
 
+/// `n` endpoints on 127.0.0.1, ports 1 to `n`.
+pub fn endpoints(n: u16) -> Arc<Registry> {
+    registry(&(1..=n).collect::<Vec<_>>())
+}
+
+/// `n` token ids below a 150k vocabulary, the same for the same `seed`, distinct across
+/// seeds: prompts of a known shape without a tokenizer.
+pub fn token_ids(seed: u64, n: usize) -> impl Iterator<Item = u32> {
+    (0..n as u64).map(move |i| (splitmix64(seed.wrapping_mul(1_000_003) ^ i) % 150_000) as u32)
+}
+
+/// A 64-bit mix (SplitMix64's finaliser), for seeded test data.
+pub fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 /// A registry holding endpoints on 127.0.0.1 at `ports`.
 pub fn registry(ports: &[u16]) -> Arc<Registry> {
     let reg = Arc::new(Registry::new());

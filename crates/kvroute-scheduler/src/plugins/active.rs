@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use kvroute_core::EndpointId;
 use kvroute_endpoints::EndpointState;
 
-use crate::plugins::load::read_in_flight;
+use crate::plugins::load::{min_max, read_in_flight};
 use crate::{Candidates, CycleState, Decision, Plugin, SchedulingRequest, Scorer, SlotId};
 
 /// Prefers endpoints with fewer requests in flight through this router
@@ -46,7 +46,8 @@ impl Scorer for ActiveRequestScorer {
         candidates: &Candidates<'_>,
         scores: &mut [f64],
     ) {
-        let (_, max) = read_in_flight(candidates, scores);
+        read_in_flight(candidates, scores);
+        let (_, max) = min_max(scores);
         let idle = self.idle_threshold as f64;
         for s in scores.iter_mut() {
             *s = if *s <= idle {
@@ -161,12 +162,7 @@ impl Scorer for NoHitLruScorer {
             *s = used.last.get(ep.id()).map_or(f64::NAN, |&t| t as f64);
         }
         drop(used);
-        let (lo, hi) = scores
-            .iter()
-            .filter(|s| !s.is_nan())
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &t| {
-                (lo.min(t), hi.max(t))
-            });
+        let (lo, hi) = min_max(scores);
         for s in scores.iter_mut() {
             *s = if s.is_nan() {
                 1.0

@@ -47,7 +47,7 @@ impl Scorer for LoadScorer {
         candidates: &Candidates<'_>,
         scores: &mut [f64],
     ) {
-        let (mut min, mut max) = read_in_flight(candidates, scores);
+        read_in_flight(candidates, scores);
         if let Some(staleness) = self.staleness {
             let now = Instant::now();
             for (s, (_, ep)) in scores.iter_mut().zip(candidates.iter()) {
@@ -55,10 +55,8 @@ impl Scorer for LoadScorer {
                     *s = s.max(f64::from(load.running) + f64::from(load.waiting));
                 }
             }
-            (min, max) = scores.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &l| {
-                (lo.min(l), hi.max(l))
-            });
         }
+        let (min, max) = min_max(scores);
         let spread = (max - min).max(self.headroom as f64);
         for s in scores.iter_mut() {
             *s = (max - *s) / spread;
@@ -66,16 +64,22 @@ impl Scorer for LoadScorer {
     }
 }
 
-/// Writes each candidate's in-flight count into `scores` and returns their least and most.
-/// Each count is read once: others change while a request is scored, and the range must be
-/// of the values scored.
-pub(crate) fn read_in_flight(candidates: &Candidates<'_>, scores: &mut [f64]) -> (f64, f64) {
+/// Writes each candidate's in-flight count into `scores`, each read once: others change
+/// while a request is scored, and what is derived from them must be of the values scored.
+pub(crate) fn read_in_flight(candidates: &Candidates<'_>, scores: &mut [f64]) {
     for (s, (_, ep)) in scores.iter_mut().zip(candidates.iter()) {
         *s = ep.in_flight() as f64;
     }
-    scores.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &l| {
-        (lo.min(l), hi.max(l))
-    })
+}
+
+/// The least and the most of `values` (counts, so at least 0), skipping NaN (unknown).
+pub(crate) fn min_max(values: &[f64]) -> (f64, f64) {
+    values
+        .iter()
+        .filter(|v| !v.is_nan())
+        .fold((f64::INFINITY, 0.0f64), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        })
 }
 
 #[cfg(test)]

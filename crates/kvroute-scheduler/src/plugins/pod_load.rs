@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use kvroute_endpoints::PodLoad;
 
+use crate::plugins::load::min_max;
 use crate::{Candidates, CycleState, Plugin, SchedulingRequest, Scorer};
 
 /// Which scraped figure a scorer reads.
@@ -81,10 +82,7 @@ impl Scorer for PodLoadScorer {
                 }
             }
             Signal::Waiting | Signal::Running => {
-                let known = scores.iter().copied().filter(|s| !s.is_nan());
-                let (min, max) = known.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-                    (lo.min(v), hi.max(v))
-                });
+                let (min, max) = min_max(scores);
                 for s in scores.iter_mut() {
                     *s = if s.is_nan() {
                         0.0

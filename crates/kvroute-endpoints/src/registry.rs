@@ -46,9 +46,9 @@ impl EndpointState {
         }
     }
 
-    /// A state outside any registry, for tests of code that reads endpoints (schedulers,
-    /// metrics) without a registry around them.
-    pub fn detached(endpoint: Endpoint, health: HealthConfig) -> Arc<Self> {
+    /// A state outside any registry, for tests.
+    #[cfg(test)]
+    fn detached(endpoint: Endpoint, health: HealthConfig) -> Arc<Self> {
         Arc::new(Self::new(endpoint, health))
     }
 

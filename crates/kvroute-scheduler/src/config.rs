@@ -339,11 +339,6 @@ impl EndpointPickerConfig {
         })
     }
 
-    /// The plugins, by name, with their types.
-    pub fn plugins(&self) -> impl Iterator<Item = (&str, PluginType)> {
-        self.plugins.iter().map(|p| (p.name(), p.plugin_type))
-    }
-
     /// The path of the pods' metrics endpoint if a `metrics-data-source` sets one.
     pub fn metrics_path(&self) -> Option<&str> {
         self.plugins.iter().find_map(|p| match &p.params {

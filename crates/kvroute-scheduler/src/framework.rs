@@ -124,11 +124,6 @@ impl Scheduler {
         )
     }
 
-    /// The configured plugins, by name.
-    pub fn plugins(&self) -> impl Iterator<Item = (&str, &Arc<dyn Plugin>)> {
-        self.plugins.iter().map(|(n, p)| (n.as_str(), p))
-    }
-
     /// The configured profiles.
     pub fn profiles(&self) -> &[Profile] {
         &self.profiles

@@ -57,8 +57,9 @@ pub(crate) struct ServeArgs {
     /// 1.34 sends no `protocol_config`); set it to what the ext_proc filter is configured with.
     #[arg(long, value_enum, default_value_t = BodyMode::FullDuplexStreamed)]
     assume_body_mode: BodyMode,
-    /// Bodies larger than this (bytes) are parsed, tokenized and scheduled on the blocking
-    /// decision pool instead of an async worker.
+    /// When a configured plugin tokenizes, bodies larger than this (bytes) are parsed,
+    /// tokenized and scheduled on the blocking decision pool instead of an async worker
+    /// (without tokenization, only bodies over 1 MiB are).
     #[arg(long, default_value_t = DEFAULT_INLINE_DECISION_BYTES)]
     inline_decision_bytes: usize,
     /// Threads of the blocking decision pool (default: one fewer than the cores, at least 1).

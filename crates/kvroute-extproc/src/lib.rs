@@ -20,5 +20,6 @@ pub use metrics::{Metrics, Outcome};
 pub use server::{ExtProcService, ResponseStream, incoming};
 pub use stream::{
     DEFAULT_DECISION_QUEUE, DEFAULT_INLINE_DECISION_BYTES, DEFAULT_MAX_BODY_BYTES, DecisionJob,
-    DecisionOutcome, ExtProcConfig, ExtProcError, Router, StreamState, default_decision_threads,
+    DecisionOutcome, ExtProcConfig, ExtProcError, PARSE_INLINE_BYTES, Router, StreamState,
+    default_decision_threads,
 };

@@ -252,12 +252,17 @@ pub(crate) fn immediate(status: u16, kind: &str, message: &str) -> ProcessingRes
     }
 }
 
-/// The override that asks Envoy to buffer the request body, so a STREAMED-mode filter still
-/// lets kvroute read the whole body before Envoy picks the upstream. Header and trailer modes
-/// are left at DEFAULT, which Envoy reads as "keep the configured mode".
-pub(crate) fn buffer_request_body(response_body_mode: BodySendMode) -> ProcessingMode {
+/// An override of the request body mode (to BUFFERED, so a STREAMED-mode filter still lets
+/// kvroute read the whole body before Envoy picks the upstream; to NONE, when no configured
+/// plugin reads it). The response body mode is restated as configured, since the override
+/// replaces both; header and trailer modes are left at DEFAULT, which Envoy reads as "keep
+/// the configured mode".
+pub(crate) fn request_body_mode(
+    request_body_mode: BodySendMode,
+    response_body_mode: BodySendMode,
+) -> ProcessingMode {
     ProcessingMode {
-        request_body_mode: BodySendMode::Buffered as i32,
+        request_body_mode: request_body_mode as i32,
         response_body_mode: response_body_mode as i32,
         ..ProcessingMode::default()
     }

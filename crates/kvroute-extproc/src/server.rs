@@ -225,7 +225,7 @@ impl Stream for ResponseStream {
 
 #[cfg(test)]
 mod tests {
-    use kvroute_scheduler::{Scheduler, SchedulerHandle};
+    use kvroute_scheduler::SchedulerHandle;
     use test_support::envoy::{full_duplex_chat_headers, immediate, request_body};
     use test_support::{chat_body, registry};
     use tokio_stream::StreamExt;
@@ -239,8 +239,11 @@ mod tests {
         let mut out = Vec::new();
         let headers = full_duplex_chat_headers();
         s.on_message(headers, &mut out).unwrap();
-        s.on_message(request_body(&chat_body(50_000), true), &mut out)
-            .unwrap();
+        s.on_message(
+            request_body(&chat_body(crate::PARSE_INLINE_BYTES + 1_000), true),
+            &mut out,
+        )
+        .unwrap();
         let job = s.take_job().unwrap();
         (s, job)
     }
@@ -250,7 +253,7 @@ mod tests {
         let mut prom = prometheus_client::registry::Registry::default();
         let router = Router::new(
             registry(&[8001]),
-            Arc::new(SchedulerHandle::new(Scheduler::least_in_flight(0))),
+            Arc::new(SchedulerHandle::new(crate::stream::tests::body_reading(0))),
             ExtProcConfig::default(),
             Metrics::register(&mut prom),
         );

@@ -14,7 +14,7 @@ use crate::cycle::{Candidates, CycleState};
 use crate::plugins::handler::SingleProfileHandler;
 use crate::plugins::load::LoadScorer;
 use crate::plugins::pickers::MaxScorePicker;
-use crate::{Decision, Plugin, ScheduleError, SchedulingRequest};
+use crate::{BodyUse, Decision, Plugin, ScheduleError, SchedulingRequest};
 
 /// A scheduling profile: filters, then weighted scorers summed per candidate, then a
 /// picker.
@@ -51,6 +51,7 @@ pub struct Scheduler {
     profiles: Vec<Profile>,
     handler: Arc<dyn Plugin>,
     slots: usize,
+    body_use: BodyUse,
     pool: Mutex<Vec<Cycle>>,
     turn: AtomicU64,
 }
@@ -90,12 +91,24 @@ impl Scheduler {
         handler: Arc<dyn Plugin>,
         slots: usize,
     ) -> Self {
+        let body_use = producers
+            .iter()
+            .chain(std::iter::once(&handler))
+            .chain(
+                profiles
+                    .iter()
+                    .flat_map(|p| p.plugins().map(|(plugin, _)| plugin)),
+            )
+            .map(|p| p.body_use())
+            .max()
+            .unwrap_or_default();
         Self {
             plugins,
             producers,
             profiles,
             handler,
             slots,
+            body_use,
             pool: Mutex::new(Vec::new()),
             turn: AtomicU64::new(0),
         }
@@ -122,6 +135,12 @@ impl Scheduler {
             Arc::new(SingleProfileHandler),
             0,
         )
+    }
+
+    /// What of a request's body the plugins that run need: the request path reads no body
+    /// for [`BodyUse::None`], and hands tokenizing decisions on long bodies to its pool.
+    pub fn body_use(&self) -> BodyUse {
+        self.body_use
     }
 
     /// The configured profiles.

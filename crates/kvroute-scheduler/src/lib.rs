@@ -24,7 +24,7 @@ use kvroute_endpoints::EndpointState;
 pub use config::{BuildContext, ConfigError, EndpointPickerConfig};
 pub use cycle::{Candidates, CycleState, PrefixInfo, SlotId};
 pub use framework::{Profile, Scheduler, SchedulerHandle};
-pub use plugin::{Filter, Picker, Plugin, Producer, ProfileHandler, Scorer};
+pub use plugin::{BodyUse, Filter, Picker, Plugin, Producer, ProfileHandler, Scorer};
 pub use plugins::precise::Tokenizers;
 
 /// What a scheduler is asked about one request.

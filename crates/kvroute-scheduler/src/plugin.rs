@@ -65,6 +65,25 @@ pub trait Plugin: Send + Sync + Debug + 'static {
 
     /// The endpoint set changed: drop whatever is held for `departed` endpoints.
     fn endpoints_changed(&self, _current: &[Arc<EndpointState>], _departed: &[EndpointId]) {}
+
+    /// What of the request body this plugin reads, so that the request path does no body
+    /// work that no configured plugin needs.
+    fn body_use(&self) -> BodyUse {
+        BodyUse::None
+    }
+}
+
+/// How much of a request's body a plugin (or a whole scheduler) needs, in increasing cost.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Default)]
+pub enum BodyUse {
+    /// Headers are enough: the body can pass by unread (Envoy need not even send it).
+    #[default]
+    None,
+    /// The parsed body: model, prompt text.
+    Parsed,
+    /// The prompt's token ids: the body is parsed and tokenized, which can take
+    /// milliseconds for a long cold prompt.
+    Tokenized,
 }
 
 /// Computes data other plugins read, once per request, before any profile runs.

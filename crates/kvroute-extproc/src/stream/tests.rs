@@ -27,7 +27,7 @@ impl Harness {
     }
 
     fn with(ports: &[u16], config: ExtProcConfig, fallbacks: usize) -> Self {
-        Self::scheduled(ports, config, Scheduler::least_in_flight(fallbacks))
+        Self::scheduled(ports, config, body_reading(fallbacks))
     }
 
     fn scheduled(ports: &[u16], config: ExtProcConfig, scheduler: Scheduler) -> Self {
@@ -57,6 +57,65 @@ impl Harness {
     fn in_flight(&self) -> usize {
         self.registry.snapshot().iter().map(|e| e.in_flight()).sum()
     }
+}
+
+/// Fewest requests in flight, with a LoRA-affinity scorer of weight 0 so that bodies are read
+/// and parsed (routing stays by load, and no prefix is remembered).
+pub(crate) fn body_reading(fallbacks: usize) -> Scheduler {
+    let yaml = format!(
+        "plugins:
+- {{type: load-scorer, parameters: {{headroom: 1}}}}
+- {{type: lora-affinity-scorer}}
+- {{type: max-score-picker, parameters: {{maxNumOfEndpoints: {}}}}}
+schedulingProfiles:
+- name: default
+  plugins:
+  - {{pluginRef: load-scorer, weight: 1}}
+  - {{pluginRef: lora-affinity-scorer, weight: 0}}
+  - {{pluginRef: max-score-picker}}
+",
+        fallbacks + 1
+    );
+    kvroute_scheduler::EndpointPickerConfig::load(&yaml, &kvroute_scheduler::BuildContext::new(16))
+        .unwrap()
+}
+
+/// A scheduler whose plugins read no body routes at the request headers, whatever the body
+/// mode: the body flows through unparsed (echoed in full-duplex mode), and where Envoy waits
+/// for the headers answer it is asked not to send the body at all.
+#[test]
+fn a_profile_that_reads_no_body_routes_at_the_headers() {
+    let h = Harness::scheduled(
+        &[8001, 8002],
+        ExtProcConfig::default(),
+        Scheduler::least_in_flight(0),
+    );
+    let mut s = h.stream();
+    let out = send(&mut s, full_duplex_headers(CHAT));
+    assert_eq!(kinds(&out), ["request_headers"]);
+    assert!(set_header(&out[0], "x-gateway-destination-endpoint").is_some());
+    assert!(
+        out[0].mode_override.is_none(),
+        "full duplex takes no override"
+    );
+    // Not JSON at all: nobody reads it, so it passes.
+    let out = send(&mut s, request_body(b"not json", true));
+    assert_eq!(streamed_body(&out), (b"not json".to_vec(), true));
+    assert_eq!(h.in_flight(), 1);
+
+    let mut s = h.stream();
+    let out = send(
+        &mut s,
+        chat_headers(BodySendMode::Buffered, BodySendMode::Streamed, false),
+    );
+    assert_eq!(kinds(&out), ["request_headers"]);
+    let mode = out[0].mode_override.expect("asks Envoy to keep the body");
+    assert_eq!(mode.request_body_mode, BodySendMode::None as i32);
+    assert_eq!(mode.response_body_mode, BodySendMode::Streamed as i32);
+    // Were it sent anyway, it is let through.
+    let out = send(&mut s, request_body(b"{", true));
+    assert_eq!(kinds(&out), ["request_body"]);
+    assert_eq!(h.in_flight(), 2);
 }
 
 fn send(s: &mut StreamState, msg: ProcessingRequest) -> Vec<ProcessingResponse> {
@@ -632,14 +691,18 @@ proptest! {
 fn a_heavy_decision_is_left_to_the_caller_and_resumed() {
     let h = Harness::new(&[8001, 8002]);
     let mut s = StreamState::deferring(Arc::clone(&h.router));
-    let small = chat_body(1_000);
-    assert!(small.len() <= DEFAULT_INLINE_DECISION_BYTES);
+    // No plugin tokenizes: parsing alone is cheap up to PARSE_INLINE_BYTES.
+    let small = chat_body(100_000);
+    assert!(small.len() > DEFAULT_INLINE_DECISION_BYTES);
     send(&mut s, full_duplex_headers(CHAT));
     let out = send(&mut s, request_body(&small, true));
-    assert!(s.take_job().is_none(), "a small body is decided inline");
+    assert!(
+        s.take_job().is_none(),
+        "a body to parse only is decided inline"
+    );
     assert_eq!(kind(&out[0]), "request_headers");
 
-    let big = chat_body(100_000);
+    let big = chat_body(PARSE_INLINE_BYTES + 1_000);
     let mut s = StreamState::deferring(Arc::clone(&h.router));
     send(&mut s, full_duplex_headers(CHAT));
     let out = send(&mut s, request_body(&big, true));
@@ -665,7 +728,10 @@ fn a_heavy_decision_is_left_to_the_caller_and_resumed() {
     // A malformed large body is refused by the job, as inline.
     let mut s = StreamState::deferring(Arc::clone(&h.router));
     send(&mut s, full_duplex_headers(CHAT));
-    send(&mut s, request_body(&vec![b'{'; 20_000], true));
+    send(
+        &mut s,
+        request_body(&vec![b'{'; PARSE_INLINE_BYTES + 1], true),
+    );
     let outcome = s.take_job().unwrap().run();
     let mut out = Vec::new();
     s.resume(outcome, &mut out);

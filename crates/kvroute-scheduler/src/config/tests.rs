@@ -6,8 +6,8 @@ use kvroute_index::{PrefixIndex, Shared, Tier};
 use kvroute_tokens::{BlockHasher, ExtraKeys};
 
 use super::*;
-use crate::SchedulingRequest;
 use crate::test_util::{registry, request};
+use crate::{BodyUse, SchedulingRequest};
 
 fn precise_ctx(block_size: usize) -> BuildContext {
     let mut ctx = BuildContext::new(block_size);
@@ -110,6 +110,32 @@ fn references_are_checked() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("--kv-events-port"), "{err}");
+}
+
+/// The request path reads a body only for plugins that need one, and tokenizes only for
+/// the precise ones; an unlisted producer still counts when a listed scorer reads it.
+#[test]
+fn a_scheduler_knows_what_of_the_body_its_plugins_need() {
+    let ctx = precise_ctx(16);
+    let need = |yaml: &str| build(yaml, &ctx).unwrap().body_use();
+    assert_eq!(need(LEAST_IN_FLIGHT), BodyUse::None);
+    assert_eq!(need(DEFAULT_APPROX), BodyUse::Parsed);
+    assert_eq!(need(DEFAULT_PRECISE), BodyUse::Tokenized);
+    assert_eq!(
+        need("plugins:\n- type: session-affinity-scorer\n- type: queue-scorer\n"),
+        BodyUse::None
+    );
+    assert_eq!(
+        need("plugins:\n- type: lora-affinity-scorer\n"),
+        BodyUse::Parsed
+    );
+    assert_eq!(
+        need(
+            "plugins:\n- {type: precise-prefix-cache-producer, name: p}\n- type: ttft-scorer\n  parameters: {producers: [p]}\nschedulingProfiles:\n- name: default\n  plugins: [{pluginRef: ttft-scorer}]\n"
+        ),
+        BodyUse::Tokenized
+    );
+    assert_eq!(Scheduler::least_in_flight(0).body_use(), BodyUse::None);
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use kvroute_endpoints::PodLoad;
 
 use crate::plugins::load::min_max;
-use crate::{Candidates, CycleState, Plugin, SchedulingRequest, Scorer};
+use crate::{BodyUse, Candidates, CycleState, Plugin, SchedulingRequest, Scorer};
 
 /// Which scraped figure a scorer reads.
 #[derive(Clone, Copy, Debug)]
@@ -163,6 +163,10 @@ impl Plugin for LoraAffinityScorer {
 
     fn scorer(&self) -> Option<&dyn Scorer> {
         Some(self)
+    }
+
+    fn body_use(&self) -> BodyUse {
+        BodyUse::Parsed
     }
 }
 

@@ -10,7 +10,7 @@ use kvroute_index::{PrefixIndex, Shared};
 use kvroute_tokens::{BlockHasher, ExtraKeys, ModelTokenizer};
 
 use crate::cycle::TokenState;
-use crate::{CycleState, Plugin, Producer, SchedulingRequest, SlotId, endpoint_index};
+use crate::{BodyUse, CycleState, Plugin, Producer, SchedulingRequest, SlotId, endpoint_index};
 
 /// The tokenizers of the models served, by model name (as requests name them), and one for
 /// any other name; and the LoRA adapters served, by name, with their base model.
@@ -101,6 +101,10 @@ impl Plugin for TokenProducer {
     fn producer(&self) -> Option<&dyn Producer> {
         Some(self)
     }
+
+    fn body_use(&self) -> BodyUse {
+        BodyUse::Tokenized
+    }
 }
 
 impl Producer for TokenProducer {
@@ -158,6 +162,10 @@ impl Plugin for PreciseProducer {
 
     fn writes(&self) -> Option<SlotId> {
         Some(self.slot)
+    }
+
+    fn body_use(&self) -> BodyUse {
+        BodyUse::Tokenized
     }
 }
 

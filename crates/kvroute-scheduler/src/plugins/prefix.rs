@@ -11,7 +11,7 @@ use kvroute_tokens::ApproxHasher;
 
 use crate::cycle::{BYTES_PER_TOKEN, estimate_tokens};
 use crate::{
-    Candidates, CycleState, Decision, Plugin, Producer, SchedulingRequest, Scorer, SlotId,
+    BodyUse, Candidates, CycleState, Decision, Plugin, Producer, SchedulingRequest, Scorer, SlotId,
     endpoint_index,
 };
 
@@ -89,6 +89,10 @@ impl Plugin for ApproxProducer {
         for id in departed {
             index.remove_endpoint(id);
         }
+    }
+
+    fn body_use(&self) -> BodyUse {
+        BodyUse::Parsed
     }
 }
 
@@ -196,6 +200,10 @@ impl Plugin for PrefixScorer {
         if let Some(own) = &self.own {
             own.endpoints_changed(current, departed);
         }
+    }
+
+    fn body_use(&self) -> BodyUse {
+        BodyUse::Parsed
     }
 }
 

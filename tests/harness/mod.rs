@@ -83,6 +83,7 @@ impl Backends {
                     let Ok((stream, _)) = listener.accept().await else {
                         return;
                     };
+                    let _ = stream.set_nodelay(true);
                     tokio::spawn(async move {
                         let svc = service_fn(move |req| backend(req, me, delay));
                         let _ = hyper::server::conn::http1::Builder::new()

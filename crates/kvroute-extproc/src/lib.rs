@@ -13,11 +13,12 @@ pub mod protocol;
 mod server;
 mod stream;
 pub mod usage;
+pub mod wire;
 
 /// Envoy's body send modes, as [`ExtProcConfig::assumed_body_mode`] names them.
 pub use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 pub use metrics::{Metrics, Outcome};
-pub use server::{ExtProcService, ResponseStream, incoming};
+pub use server::{ExtProcServer, ExtProcService, ResponseStream, incoming};
 pub use stream::{
     DEFAULT_DECISION_QUEUE, DEFAULT_INLINE_DECISION_BYTES, DEFAULT_MAX_BODY_BYTES, DecisionJob,
     DecisionOutcome, ExtProcConfig, ExtProcError, PARSE_INLINE_BYTES, Router, StreamState,

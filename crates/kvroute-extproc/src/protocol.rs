@@ -4,13 +4,15 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
+
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
-    ProcessingResponse, StreamedBodyResponse, TrailersResponse, body_mutation, processing_response,
+    BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
+    ProcessingResponse, TrailersResponse, processing_response,
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
@@ -193,37 +195,20 @@ pub(crate) fn trailers_response(request: bool) -> ProcessingResponse {
     }
 }
 
-/// A body chunk handed back in full-duplex streamed mode.
-pub(crate) fn streamed_chunk(body: Vec<u8>, end_of_stream: bool) -> CommonResponse {
-    CommonResponse {
-        body_mutation: Some(BodyMutation {
-            mutation: Some(body_mutation::Mutation::StreamedResponse(
-                StreamedBodyResponse {
-                    body,
-                    end_of_stream,
-                    ..StreamedBodyResponse::default()
-                },
-            )),
-        }),
-        ..CommonResponse::default()
-    }
-}
-
-/// Splits `chunks` into pieces of at most [`MAX_CHUNK`] bytes without copying chunks that
-/// already fit; an empty body becomes one empty piece.
-pub(crate) fn rechunk(chunks: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+/// Splits `chunks` into pieces of at most [`MAX_CHUNK`] bytes (slices, never copies); an
+/// empty body becomes one empty piece.
+pub(crate) fn rechunk(chunks: Vec<Bytes>) -> Vec<Bytes> {
     let mut out = Vec::with_capacity(chunks.len());
-    for chunk in chunks {
-        if chunk.len() <= MAX_CHUNK {
-            if !chunk.is_empty() {
-                out.push(chunk);
-            }
-        } else {
-            out.extend(chunk.chunks(MAX_CHUNK).map(<[u8]>::to_vec));
+    for mut chunk in chunks {
+        while chunk.len() > MAX_CHUNK {
+            out.push(chunk.split_to(MAX_CHUNK));
+        }
+        if !chunk.is_empty() {
+            out.push(chunk);
         }
     }
     if out.is_empty() {
-        out.push(Vec::new());
+        out.push(Bytes::new());
     }
     out
 }
@@ -274,10 +259,12 @@ mod tests {
 
     #[test]
     fn rechunk_keeps_small_chunks_and_splits_large() {
-        let out = rechunk(vec![vec![1; 10], vec![], vec![2; MAX_CHUNK * 2 + 1]]);
-        let sizes: Vec<usize> = out.iter().map(Vec::len).collect();
+        let big = Bytes::from(vec![2; MAX_CHUNK * 2 + 1]);
+        let out = rechunk(vec![Bytes::from(vec![1; 10]), Bytes::new(), big.clone()]);
+        let sizes: Vec<usize> = out.iter().map(Bytes::len).collect();
         assert_eq!(sizes, vec![10, MAX_CHUNK, MAX_CHUNK, 1]);
-        assert_eq!(rechunk(vec![]), vec![Vec::<u8>::new()]);
+        assert_eq!(out[1].as_ptr(), big.as_ptr(), "pieces are slices");
+        assert_eq!(rechunk(vec![]), vec![Bytes::new()]);
     }
 
     #[test]

@@ -9,17 +9,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
-    ExternalProcessor, ExternalProcessorServer,
-};
-use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use tokio::sync::Semaphore;
 use tokio::task::JoinError;
 use tokio_stream::Stream;
+use tonic::codegen::{BoxFuture, Service, StdError, http};
+use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, error};
 
 use crate::stream::{DecisionJob, DecisionOutcome, Router, StreamState};
+use crate::wire::{ExtProcCodec, Inbound, Outbound};
 
 /// The connections `listener` accepts, with Nagle's algorithm off. tonic sets `TCP_NODELAY`
 /// only on sockets it accepts itself, not on an incoming stream it is handed; without it a
@@ -111,26 +110,25 @@ impl ExtProcService {
         }
     }
 
-    /// The tonic server for this service, accepting messages up to twice the body limit: a
-    /// buffered-mode body over the limit then still reaches the state machine, which answers
-    /// it 413, instead of failing gRPC decoding (which Envoy would turn into a 500).
-    pub fn into_server(self) -> ExternalProcessorServer<Self> {
-        let limit = self.router.config().max_body_bytes.saturating_mul(2) + MESSAGE_OVERHEAD;
-        ExternalProcessorServer::new(self)
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit)
+    /// The gRPC service for a tonic server, accepting messages up to twice the body limit:
+    /// a buffered-mode body over the limit then still reaches the state machine, which
+    /// answers it 413, instead of failing gRPC decoding (which Envoy would turn into a 500).
+    pub fn into_server(self) -> ExtProcServer {
+        let max_message = self.router.config().max_body_bytes.saturating_mul(2) + MESSAGE_OVERHEAD;
+        ExtProcServer {
+            service: self,
+            max_message,
+        }
     }
 }
 
-#[tonic::async_trait]
-impl ExternalProcessor for ExtProcService {
-    type ProcessStream = ResponseStream;
+impl StreamingService<Inbound> for ExtProcService {
+    type Response = Outbound;
+    type ResponseStream = ResponseStream;
+    type Future = std::future::Ready<Result<Response<ResponseStream>, Status>>;
 
-    async fn process(
-        &self,
-        request: Request<Streaming<ProcessingRequest>>,
-    ) -> Result<Response<Self::ProcessStream>, Status> {
-        Ok(Response::new(ResponseStream {
+    fn call(&mut self, request: Request<Streaming<Inbound>>) -> Self::Future {
+        std::future::ready(Ok(Response::new(ResponseStream {
             inbound: request.into_inner(),
             state: StreamState::deferring(Arc::clone(&self.router)),
             pending: VecDeque::new(),
@@ -138,17 +136,60 @@ impl ExternalProcessor for ExtProcService {
             done: false,
             pool: self.pool.clone(),
             deciding: None,
-        }))
+        })))
+    }
+}
+
+/// The `envoy.service.ext_proc.v3.ExternalProcessor` gRPC service with kvroute's codec
+/// (body chunks as slices of the frames they came in: [`crate::wire`]), for a tonic server.
+#[derive(Clone, Debug)]
+pub struct ExtProcServer {
+    service: ExtProcService,
+    max_message: usize,
+}
+
+/// The one method of the service.
+const PROCESS_PATH: &str = "/envoy.service.ext_proc.v3.ExternalProcessor/Process";
+
+impl NamedService for ExtProcServer {
+    const NAME: &'static str = "envoy.service.ext_proc.v3.ExternalProcessor";
+}
+
+impl<B> Service<http::Request<B>> for ExtProcServer
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != PROCESS_PATH {
+            return Box::pin(async {
+                Ok(Status::unimplemented("kvroute serves ext_proc's Process only").into_http())
+            });
+        }
+        let service = self.service.clone();
+        let limit = Some(self.max_message);
+        Box::pin(async move {
+            let mut grpc = Grpc::new(ExtProcCodec).apply_max_message_size_config(limit, limit);
+            Ok(grpc.streaming(service, req).await)
+        })
     }
 }
 
 /// The answers to one ext_proc stream, produced as Envoy's messages are read. While a heavy
 /// decision runs on the pool, no further message is read.
 pub struct ResponseStream {
-    inbound: Streaming<ProcessingRequest>,
+    inbound: Streaming<Inbound>,
     state: StreamState,
-    pending: VecDeque<ProcessingResponse>,
-    scratch: Vec<ProcessingResponse>,
+    pending: VecDeque<Outbound>,
+    scratch: Vec<Outbound>,
     done: bool,
     pool: DecisionPool,
     deciding: Option<PendingDecision>,
@@ -164,7 +205,7 @@ impl std::fmt::Debug for ResponseStream {
 }
 
 impl Stream for ResponseStream {
-    type Item = Result<ProcessingResponse, Status>;
+    type Item = Result<Outbound, Status>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
@@ -273,6 +314,7 @@ mod tests {
         );
         let mut out = Vec::new();
         refused.refuse(c, &mut out);
+        let out: Vec<_> = out.into_iter().map(Outbound::into_message).collect();
         assert_eq!(
             immediate(&out[0]).unwrap().status.as_ref().unwrap().code,
             503

@@ -8,10 +8,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, ProtocolConfiguration,
-    processing_request::Request,
+    HttpHeaders, ProcessingResponse, ProtocolConfiguration,
 };
 use envoy_types::pb::google::protobuf::Struct;
 use kvroute_core::{ApiKind, InferenceRequest, ParseError, RequestHints};
@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 use crate::metrics::{Metrics, Outcome};
 use crate::protocol::{self, header};
 use crate::usage::UsageScanner;
+use crate::wire::{Body, Inbound, InboundKind, Outbound};
 
 /// Default limit on a request body kvroute buffers: 16 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
@@ -182,7 +183,7 @@ pub struct StreamState {
     request_id: String,
     hints: RequestHints,
     subset: Option<Vec<String>>,
-    chunks: Vec<Vec<u8>>,
+    chunks: Vec<Bytes>,
     body_len: usize,
     /// Streamed-mode body messages received while the headers answer was deferred.
     unanswered_chunks: usize,
@@ -212,7 +213,7 @@ pub struct DecisionJob {
     api: ApiKind,
     hints: RequestHints,
     subset: Option<Vec<String>>,
-    chunks: Vec<Vec<u8>>,
+    chunks: Vec<Bytes>,
     started: Instant,
     trailers_follow: bool,
 }
@@ -220,7 +221,7 @@ pub struct DecisionJob {
 /// What a [`DecisionJob`] found.
 #[derive(Debug)]
 pub struct DecisionOutcome {
-    chunks: Vec<Vec<u8>>,
+    chunks: Vec<Bytes>,
     subset: Option<Vec<String>>,
     result: Result<Result<Decision, ScheduleError>, ParseError>,
     started: Instant,
@@ -335,28 +336,29 @@ impl StreamState {
     /// order Envoy must receive them; possibly none while a body is being collected).
     pub fn on_message(
         &mut self,
-        msg: ProcessingRequest,
-        out: &mut Vec<ProcessingResponse>,
+        msg: impl Into<Inbound>,
+        out: &mut Vec<Outbound>,
     ) -> Result<(), ExtProcError> {
+        let msg = msg.into();
         if let Some(pc) = &msg.protocol_config {
             self.modes = Modes::from_config(pc);
             debug!(modes = ?self.modes, "protocol configuration");
         }
         let metadata = msg.metadata_context.map(|m| m.filter_metadata);
         match msg.request.ok_or(ExtProcError::EmptyMessage)? {
-            Request::RequestHeaders(h) => self.on_request_headers(&h, metadata.as_ref(), out),
-            Request::RequestBody(b) => self.on_request_body(b, out),
-            Request::RequestTrailers(_) => self.on_request_trailers(out),
-            Request::ResponseHeaders(h) => {
+            InboundKind::RequestHeaders(h) => self.on_request_headers(&h, metadata.as_ref(), out),
+            InboundKind::RequestBody(b) => self.on_request_body(b, out),
+            InboundKind::RequestTrailers(_) => self.on_request_trailers(out),
+            InboundKind::ResponseHeaders(h) => {
                 self.on_response_headers(&h, metadata.as_ref(), out);
                 Ok(())
             }
-            Request::ResponseBody(b) => {
+            InboundKind::ResponseBody(b) => {
                 self.on_response_body(b, out);
                 Ok(())
             }
-            Request::ResponseTrailers(_) => {
-                out.push(protocol::trailers_response(false));
+            InboundKind::ResponseTrailers(_) => {
+                out.push(Outbound::Message(protocol::trailers_response(false)));
                 self.finish_response();
                 Ok(())
             }
@@ -367,7 +369,7 @@ impl StreamState {
         &mut self,
         h: &HttpHeaders,
         metadata: Option<&HashMap<String, Struct>>,
-        out: &mut Vec<ProcessingResponse>,
+        out: &mut Vec<Outbound>,
     ) -> Result<(), ExtProcError> {
         if self.phase != RequestPhase::AwaitHeaders {
             return Err(ExtProcError::OutOfOrder("request headers"));
@@ -402,11 +404,11 @@ impl StreamState {
             match self.decide(None) {
                 Ok(dest) => {
                     self.router.metrics.outcome(Outcome::RoutedByLoad);
-                    out.push(protocol::headers_response(
+                    out.push(Outbound::Message(protocol::headers_response(
                         protocol::route_to(&dest),
                         Some(protocol::destination_metadata(&dest)),
                         mode_override,
-                    ));
+                    )));
                     self.phase = RequestPhase::Forwarding;
                     self.request_body_done = !body_follows;
                 }
@@ -432,14 +434,14 @@ impl StreamState {
                     Ok(dest) => {
                         self.provisional = true;
                         let response_mode = self.modes.response_body.unwrap_or(BodySendMode::None);
-                        out.push(protocol::headers_response(
+                        out.push(Outbound::Message(protocol::headers_response(
                             protocol::route_to(&dest),
                             Some(protocol::destination_metadata(&dest)),
                             Some(protocol::request_body_mode(
                                 BodySendMode::Buffered,
                                 response_mode,
                             )),
-                        ));
+                        )));
                     }
                     Err(none) => {
                         self.reply(none.reply(), out);
@@ -451,7 +453,11 @@ impl StreamState {
                 }
             }
             _ => {
-                out.push(protocol::headers_response(protocol::pass(), None, None));
+                out.push(Outbound::Message(protocol::headers_response(
+                    protocol::pass(),
+                    None,
+                    None,
+                )));
                 RequestPhase::Collecting {
                     headers_pending: false,
                 }
@@ -460,11 +466,7 @@ impl StreamState {
         Ok(())
     }
 
-    fn on_request_body(
-        &mut self,
-        b: HttpBody,
-        out: &mut Vec<ProcessingResponse>,
-    ) -> Result<(), ExtProcError> {
+    fn on_request_body(&mut self, b: Body, out: &mut Vec<Outbound>) -> Result<(), ExtProcError> {
         match self.phase {
             RequestPhase::AwaitHeaders => Err(ExtProcError::OutOfOrder("request body")),
             RequestPhase::Done => Ok(()),
@@ -479,7 +481,10 @@ impl StreamState {
                 if self.modes.request_full_duplex() {
                     push_streamed(out, vec![b.body], b.end_of_stream, true);
                 } else {
-                    out.push(protocol::request_body_response(protocol::pass(), None));
+                    out.push(Outbound::Message(protocol::request_body_response(
+                        protocol::pass(),
+                        None,
+                    )));
                 }
                 Ok(())
             }
@@ -521,10 +526,7 @@ impl StreamState {
         }
     }
 
-    fn on_request_trailers(
-        &mut self,
-        out: &mut Vec<ProcessingResponse>,
-    ) -> Result<(), ExtProcError> {
+    fn on_request_trailers(&mut self, out: &mut Vec<Outbound>) -> Result<(), ExtProcError> {
         match self.phase {
             RequestPhase::AwaitHeaders => Err(ExtProcError::OutOfOrder("request trailers")),
             RequestPhase::Done => Ok(()),
@@ -533,7 +535,7 @@ impl StreamState {
             } => {
                 self.complete_request_body(out, true);
                 if self.phase != RequestPhase::Done {
-                    out.push(protocol::trailers_response(true));
+                    out.push(Outbound::Message(protocol::trailers_response(true)));
                 }
                 Ok(())
             }
@@ -555,12 +557,12 @@ impl StreamState {
                         "trailers ended a body whose answers were all sent: request not routed"
                     );
                 }
-                out.push(protocol::trailers_response(true));
+                out.push(Outbound::Message(protocol::trailers_response(true)));
                 Ok(())
             }
             RequestPhase::Forwarding => {
                 self.request_body_done = true;
-                out.push(protocol::trailers_response(true));
+                out.push(Outbound::Message(protocol::trailers_response(true)));
                 Ok(())
             }
         }
@@ -568,12 +570,15 @@ impl StreamState {
 
     /// Routes by load while the body is still incomplete; used only where the protocol leaves
     /// no later point to route at.
-    fn route_without_body(&mut self, out: &mut Vec<ProcessingResponse>) {
+    fn route_without_body(&mut self, out: &mut Vec<Outbound>) {
         self.phase = RequestPhase::Forwarding;
         self.chunks.clear();
         if self.provisional {
             self.router.metrics.outcome(Outcome::RoutedByLoad);
-            out.push(protocol::request_body_response(protocol::pass(), None));
+            out.push(Outbound::Message(protocol::request_body_response(
+                protocol::pass(),
+                None,
+            )));
             return;
         }
         warn!(
@@ -584,17 +589,17 @@ impl StreamState {
         match self.decide(None) {
             Ok(dest) => {
                 self.router.metrics.outcome(Outcome::RoutedByLoad);
-                out.push(protocol::request_body_response(
+                out.push(Outbound::Message(protocol::request_body_response(
                     protocol::route_to(&dest),
                     Some(protocol::destination_metadata(&dest)),
-                ));
+                )));
             }
             Err(none) => self.reply(none.reply(), out),
         }
     }
 
     /// The whole body is here: parse, decide, and release what was held back.
-    fn complete_request_body(&mut self, out: &mut Vec<ProcessingResponse>, trailers_follow: bool) {
+    fn complete_request_body(&mut self, out: &mut Vec<Outbound>, trailers_follow: bool) {
         let RequestPhase::Collecting { .. } = self.phase else {
             return;
         };
@@ -625,7 +630,7 @@ impl StreamState {
     }
 
     /// Answers the request of a [`DecisionJob`] that could not be queued: 503, counted.
-    pub fn refuse(&mut self, job: DecisionJob, out: &mut Vec<ProcessingResponse>) {
+    pub fn refuse(&mut self, job: DecisionJob, out: &mut Vec<Outbound>) {
         drop(job);
         self.router.metrics.outcome(Outcome::Overloaded);
         self.reply(
@@ -640,7 +645,7 @@ impl StreamState {
 
     /// Continues the stream with what its [`DecisionJob`] found: the routing answer (or a
     /// local reply), and whatever of the body was held back.
-    pub fn resume(&mut self, outcome: DecisionOutcome, out: &mut Vec<ProcessingResponse>) {
+    pub fn resume(&mut self, outcome: DecisionOutcome, out: &mut Vec<Outbound>) {
         let RequestPhase::Collecting { headers_pending } = self.phase else {
             return;
         };
@@ -675,25 +680,28 @@ impl StreamState {
         self.phase = RequestPhase::Forwarding;
         let metadata = Some(protocol::destination_metadata(&dest));
         if !headers_pending {
-            out.push(protocol::request_body_response(
+            out.push(Outbound::Message(protocol::request_body_response(
                 protocol::route_to(&dest),
                 metadata,
-            ));
+            )));
         } else if self.modes.request_full_duplex() {
-            out.push(protocol::headers_response(
+            out.push(Outbound::Message(protocol::headers_response(
                 protocol::route_to(&dest),
                 metadata,
                 None,
-            ));
+            )));
             push_streamed(out, chunks, !trailers_follow, true);
         } else {
-            out.push(protocol::headers_response(
+            out.push(Outbound::Message(protocol::headers_response(
                 protocol::route_to(&dest),
                 metadata,
                 None,
-            ));
+            )));
             for _ in 0..std::mem::take(&mut self.unanswered_chunks) {
-                out.push(protocol::request_body_response(protocol::pass(), None));
+                out.push(Outbound::Message(protocol::request_body_response(
+                    protocol::pass(),
+                    None,
+                )));
             }
         }
     }
@@ -736,8 +744,8 @@ impl StreamState {
         }
     }
 
-    fn reply(&mut self, reply: ProcessingResponse, out: &mut Vec<ProcessingResponse>) {
-        out.push(reply);
+    fn reply(&mut self, reply: ProcessingResponse, out: &mut Vec<Outbound>) {
+        out.push(Outbound::Message(reply));
         self.phase = RequestPhase::Done;
         self.chunks = Vec::new();
         self.guard = None;
@@ -747,7 +755,7 @@ impl StreamState {
         &mut self,
         h: &HttpHeaders,
         metadata: Option<&HashMap<String, Struct>>,
-        out: &mut Vec<ProcessingResponse>,
+        out: &mut Vec<Outbound>,
     ) {
         let headers = h.headers.as_ref();
         self.status = header(headers, ":status").and_then(|s| s.parse().ok());
@@ -760,7 +768,9 @@ impl StreamState {
         if let (Some(status), Some(target)) = (self.status, self.target()) {
             target.record_outcome(status < 500, Instant::now());
         }
-        out.push(protocol::response_headers_response(&self.response_headers));
+        out.push(Outbound::Message(protocol::response_headers_response(
+            &self.response_headers,
+        )));
         if h.end_of_stream {
             self.finish_response();
         }
@@ -785,7 +795,7 @@ impl StreamState {
         }
     }
 
-    fn on_response_body(&mut self, b: HttpBody, out: &mut Vec<ProcessingResponse>) {
+    fn on_response_body(&mut self, b: Body, out: &mut Vec<Outbound>) {
         if self.response_done {
             debug!(bytes = b.body.len(), "ignoring response body after its end");
             return;
@@ -802,7 +812,9 @@ impl StreamState {
         if self.modes.response_full_duplex() {
             push_streamed(out, vec![b.body], b.end_of_stream, false);
         } else {
-            out.push(protocol::response_body_response(protocol::pass()));
+            out.push(Outbound::Message(protocol::response_body_response(
+                protocol::pass(),
+            )));
         }
         if b.end_of_stream {
             self.finish_response();
@@ -858,23 +870,21 @@ impl NoEndpoint {
 }
 
 /// Sends body pieces back in streamed form (request or response side), at most
-/// [`protocol::MAX_CHUNK`] bytes each, the last one carrying `end_of_stream`.
-fn push_streamed(
-    out: &mut Vec<ProcessingResponse>,
-    chunks: Vec<Vec<u8>>,
-    end_of_stream: bool,
-    request: bool,
-) {
+/// [`protocol::MAX_CHUNK`] bytes each, the last one carrying `end_of_stream`: slices of the
+/// chunks as they came, never copies.
+fn push_streamed(out: &mut Vec<Outbound>, chunks: Vec<Bytes>, end_of_stream: bool, request: bool) {
     let pieces = protocol::rechunk(chunks);
     let last = pieces.len() - 1;
-    for (i, piece) in pieces.into_iter().enumerate() {
-        let common = protocol::streamed_chunk(piece, end_of_stream && i == last);
-        out.push(if request {
-            protocol::request_body_response(common, None)
-        } else {
-            protocol::response_body_response(common)
-        });
-    }
+    out.extend(
+        pieces
+            .into_iter()
+            .enumerate()
+            .map(|(i, body)| Outbound::Chunk {
+                request,
+                body,
+                end_of_stream: end_of_stream && i == last,
+            }),
+    );
 }
 
 /// Whether `addr` is named by the data plane's subset, as `ip:port` or as a bare IP.

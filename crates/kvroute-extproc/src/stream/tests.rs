@@ -121,7 +121,12 @@ fn a_profile_that_reads_no_body_routes_at_the_headers() {
 fn send(s: &mut StreamState, msg: ProcessingRequest) -> Vec<ProcessingResponse> {
     let mut out = Vec::new();
     s.on_message(msg, &mut out).unwrap();
-    out
+    messages(out)
+}
+
+/// Answers as envoy-types messages, to inspect them.
+fn messages(out: Vec<Outbound>) -> Vec<ProcessingResponse> {
+    out.into_iter().map(Outbound::into_message).collect()
 }
 
 fn first(
@@ -716,6 +721,7 @@ fn a_heavy_decision_is_left_to_the_caller_and_resumed() {
     let outcome = std::thread::spawn(move || job.run()).join().unwrap();
     let mut out = Vec::new();
     s.resume(outcome, &mut out);
+    let out = messages(out);
     assert_eq!(kind(&out[0]), "request_headers");
     assert!(set_header(&out[0], "x-gateway-destination-endpoint").is_some());
     assert_eq!(
@@ -735,6 +741,7 @@ fn a_heavy_decision_is_left_to_the_caller_and_resumed() {
     let outcome = s.take_job().unwrap().run();
     let mut out = Vec::new();
     s.resume(outcome, &mut out);
+    let out = messages(out);
     assert_eq!(
         immediate(&out[0]).unwrap().status.as_ref().unwrap().code,
         400

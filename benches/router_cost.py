@@ -32,6 +32,8 @@ and reported: a run with errors is not a valid figure.
 from __future__ import annotations
 
 import argparse
+import http.client
+import http.server
 import json
 import os
 import pathlib
@@ -42,6 +44,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -175,9 +178,85 @@ SERVER = """
   server {{
     listen 127.0.0.1:{port} reuseport;
     location = /metrics {{ default_type text/plain; return 200 ""; }}
+    location /sse/ {{
+      proxy_pass http://127.0.0.1:{sse};
+      proxy_http_version 1.1;
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }}
     location / {{ default_type application/json; return 200 '{answer}'; }}
   }}
 """
+
+SSE_EVENTS = 40
+SSE_GAP = 0.005
+
+
+class SseHandler(http.server.BaseHTTPRequestHandler):
+    """Answers any POST with SSE_EVENTS server-sent events SSE_GAP apart, each carrying the
+    CLOCK_MONOTONIC time it was sent, so that a client on this host reads each event's delay."""
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, *args) -> None:  # noqa: D102 - quiet
+        pass
+
+    def read_body(self) -> None:
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                self.rfile.read(size + 2)
+                if size == 0:
+                    return
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.read_body()
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        start = time.monotonic()
+        for i in range(SSE_EVENTS):
+            time.sleep(max(0.0, start + i * SSE_GAP - time.monotonic()))
+            event = f'data: {{"sent_ns":{time.monotonic_ns()}}}\n\n'.encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+        done = b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":40}}\n\ndata: [DONE]\n\n'
+        self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+        self.wfile.flush()
+
+
+def sse_delays(port: int, requests: int) -> list[float]:
+    """Sequential streamed chat requests through 127.0.0.1:`port`: each event's delay (ms)
+    from the backend's write to the client's read."""
+    body = b'{"model":"bench","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    delays = []
+    for _ in range(requests):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.connect()
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.request("POST", "/sse/v1/chat/completions", body, {"content-type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.status
+        pending = b""
+        while True:
+            data = resp.read1(65536)
+            now = time.monotonic_ns()
+            if not data:
+                break
+            pending += data
+            while b"\n\n" in pending:
+                event, pending = pending.split(b"\n\n", 1)
+                if b"sent_ns" in event:
+                    sent = json.loads(event[len(b"data: "):])["sent_ns"]
+                    delays.append((now - sent) / 1e6)
+        conn.close()
+    return delays
 
 
 class Procs:
@@ -271,6 +350,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured run")
     ap.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads")
     ap.add_argument("--kvroute-args", default="", help="extra arguments for kvroute serve")
+    ap.add_argument("--sse-requests", type=int, default=20,
+                    help=f"streamed requests per setup ({SSE_EVENTS} events {SSE_GAP * 1e3:.0f} ms apart) "
+                         "whose per-event delay is measured; 0: none")
     ap.add_argument("--json", help="write the figures here as JSON")
     args = ap.parse_args()
 
@@ -286,11 +368,15 @@ def main() -> None:
     work = pathlib.Path(tempfile.mkdtemp(prefix="kvroute-router-cost-"))
     procs = Procs()
     results: list[dict] = []
+    sse_results: list[dict] = []
     try:
         backends = [free_port(), free_port()]
         for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (work / d).mkdir()
-        servers = "".join(SERVER.format(port=p, answer=ANSWER) for p in backends)
+        sse = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SseHandler)
+        threading.Thread(target=sse.serve_forever, daemon=True).start()
+        servers = "".join(SERVER.format(port=p, answer=ANSWER, sse=sse.server_address[1])
+                          for p in backends)
         (work / "nginx.conf").write_text(NGINX.format(dir=work, servers=servers))
         procs.start(["nginx", "-c", str(work / "nginx.conf")], work / "nginx.log")
         for p in backends:
@@ -341,6 +427,12 @@ def main() -> None:
                              kvroute_cpu_ms_per_req=None if kv_cpu is None else kv_cpu * 1e3 / n)
                     results.append(r)
                     print(json.dumps(r), file=sys.stderr, flush=True)
+            if args.sse_requests:
+                d = sorted(sse_delays(listen, args.sse_requests))
+                s = {"mode": mode, "events": len(d), "p50_ms": d[len(d) // 2],
+                     "p99_ms": d[min(len(d) - 1, int(len(d) * 0.99))], "max_ms": d[-1]}
+                sse_results.append(s)
+                print(json.dumps({"sse": s}), file=sys.stderr, flush=True)
             procs.stop(ev)
     finally:
         procs.stop_all()
@@ -358,8 +450,17 @@ def main() -> None:
         size = f"{r['body_bytes'] // 1024} KiB"
         print(f"| {r['mode']} | {size} | {r['concurrency']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {added} | "
               f"{r['rps']:,.0f} | {kcpu} | {r['envoy_cpu_ms_per_req']:.3f} | {r['errors']} |")
+    if sse_results:
+        base = next((s for s in sse_results if s["mode"] == "alone"), None)
+        print()
+        print("| mode | SSE events | delay per event p50 / p99 / max ms | added p50 / p99 ms |")
+        print("|---|---|---|---|")
+        for s in sse_results:
+            added = "–" if base is None or s is base else \
+                f"{s['p50_ms'] - base['p50_ms']:.2f} / {s['p99_ms'] - base['p99_ms']:.2f}"
+            print(f"| {s['mode']} | {s['events']} | {s['p50_ms']:.2f} / {s['p99_ms']:.2f} / {s['max_ms']:.2f} | {added} |")
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
+        pathlib.Path(args.json).write_text(json.dumps({"runs": results, "sse": sse_results}, indent=1))
     shutil.rmtree(work, ignore_errors=True)
     if any(r["errors"] for r in results):
         sys.exit("router_cost: some runs had errors; their figures are not valid")

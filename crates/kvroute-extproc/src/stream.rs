@@ -768,6 +768,12 @@ impl StreamState {
         if let (Some(status), Some(target)) = (self.status, self.target()) {
             target.record_outcome(status < 500, Instant::now());
         }
+        if self.modes.response_body == Some(BodySendMode::None)
+            && let Some(guard) = &mut self.guard
+        {
+            // No body will be seen: the headers are the last sign of the answer starting.
+            guard.prefilled();
+        }
         out.push(Outbound::Message(protocol::response_headers_response(
             &self.response_headers,
         )));

@@ -580,6 +580,28 @@ fn the_served_endpoint_takes_the_in_flight_count() {
 }
 
 #[test]
+/// With the response body not sent (response body mode NONE, which spares every streamed
+/// chunk a round trip through kvroute), the response headers end the prefill backlog and
+/// the stream's end (Envoy keeps it open until the response is over) the request.
+#[test]
+fn without_response_body_the_headers_end_the_backlog_and_the_stream_the_request() {
+    let h = Harness::new(&[8001]);
+    let backlog = || h.registry.snapshot()[0].prefill_backlog();
+    let mut s = h.stream();
+    send(
+        &mut s,
+        chat_headers(BodySendMode::Buffered, BodySendMode::None, false),
+    );
+    send(&mut s, request_body(&chat_body(300), true));
+    assert!(backlog() > 0);
+    let out = send(&mut s, response_headers(200, "text/event-stream", false));
+    assert_eq!(kinds(&out), ["response_headers"]);
+    assert_eq!((backlog(), h.in_flight()), (0, 1));
+    drop(s);
+    assert_eq!(h.in_flight(), 0);
+}
+
+#[test]
 fn the_prefill_backlog_lasts_until_the_first_bytes_of_the_answer() {
     let h = Harness::new(&[8001]);
     let backlog = || h.registry.snapshot()[0].prefill_backlog();

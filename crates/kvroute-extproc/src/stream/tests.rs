@@ -579,7 +579,6 @@ fn the_served_endpoint_takes_the_in_flight_count() {
     assert_eq!(h.in_flight(), 1);
 }
 
-#[test]
 /// With the response body not sent (response body mode NONE, which spares every streamed
 /// chunk a round trip through kvroute), the response headers end the prefill backlog and
 /// the stream's end (Envoy keeps it open until the response is over) the request.

@@ -5,7 +5,8 @@
                     └─ ext_proc ─▶ kvroute (or no ext_proc at all: "alone")
 
 For each Envoy setup (alone; kvroute with the request body FULL_DUPLEX_STREAMED; kvroute
-with the request body BUFFERED), each chat body size and each concurrency, wrk runs for
+with the request body BUFFERED; kvroute with no request body, "headers-only", for
+profiles that read none, e.g. --kvroute-args "--policy least-in-flight"), each chat body size and each concurrency, wrk runs for
 --duration seconds after a one-second warm-up, and the run reports latency p50/p99, the
 latency kvroute adds over Envoy alone, req/s, and the CPU per request of kvroute and of
 Envoy (utime + stime from /proc, divided by the requests wrk completed).
@@ -148,6 +149,9 @@ def envoy_config(mode: str, listen: int, admin: int, grpc: int, backends: list[i
                    "          - name: envoy.filters.http.router\n")
     elif mode == "buffered":
         sub("request_body_mode: FULL_DUPLEX_STREAMED", "request_body_mode: BUFFERED")
+    elif mode == "headers-only":
+        # For profiles that read no body (--policy least-in-flight): Envoy sends none.
+        sub("request_body_mode: FULL_DUPLEX_STREAMED", "request_body_mode: NONE")
     elif mode != "full-duplex":
         raise ValueError(mode)
     return text
@@ -290,6 +294,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of `pid`, MiB."""
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def wait_until(what: str, check, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     last = None
@@ -424,7 +436,8 @@ def main() -> None:
                     n = max(r["requests"], 1)
                     r.update(mode=mode, body_bytes=size, concurrency=conns,
                              envoy_cpu_ms_per_req=envoy_cpu * 1e3 / n,
-                             kvroute_cpu_ms_per_req=None if kv_cpu is None else kv_cpu * 1e3 / n)
+                             kvroute_cpu_ms_per_req=None if kv_cpu is None else kv_cpu * 1e3 / n,
+                             kvroute_rss_mib=rss_mib(kv.pid) if kv and mode != "alone" else None)
                     results.append(r)
                     print(json.dumps(r), file=sys.stderr, flush=True)
             if args.sse_requests:
@@ -438,8 +451,8 @@ def main() -> None:
         procs.stop_all()
 
     alone = {(r["body_bytes"], r["concurrency"]): r for r in results if r["mode"] == "alone"}
-    print("| mode | body | conc | p50 ms | p99 ms | added p50 / p99 ms | req/s | CPU/req kvroute ms | CPU/req Envoy ms | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| mode | body | conc | p50 ms | p99 ms | added p50 / p99 ms | req/s | CPU/req kvroute ms | CPU/req Envoy ms | kvroute RSS MiB | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         base = alone.get((r["body_bytes"], r["concurrency"]))
         added = "–" if r["mode"] == "alone" or base is None else \
@@ -447,9 +460,10 @@ def main() -> None:
         r["added_p50_ms"] = None if added == "–" else r["p50_ms"] - base["p50_ms"]
         r["added_p99_ms"] = None if added == "–" else r["p99_ms"] - base["p99_ms"]
         kcpu = "–" if r["kvroute_cpu_ms_per_req"] is None else f"{r['kvroute_cpu_ms_per_req']:.3f}"
+        rss = "–" if r["kvroute_rss_mib"] is None else f"{r['kvroute_rss_mib']:.0f}"
         size = f"{r['body_bytes'] // 1024} KiB"
         print(f"| {r['mode']} | {size} | {r['concurrency']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {added} | "
-              f"{r['rps']:,.0f} | {kcpu} | {r['envoy_cpu_ms_per_req']:.3f} | {r['errors']} |")
+              f"{r['rps']:,.0f} | {kcpu} | {r['envoy_cpu_ms_per_req']:.3f} | {rss} | {r['errors']} |")
     if sse_results:
         base = next((s for s in sse_results if s["mode"] == "alone"), None)
         print()

@@ -28,6 +28,13 @@ use tracing::{info, warn};
 
 use crate::{admin, shutdown};
 
+/// Streams Envoy may reset before kvroute has accepted them, per connection, before the
+/// connection is closed. h2's default (20, a guard against rapid-reset floods) is crossed as
+/// soon as a burst of clients disconnects at once (seen: 150), and closing the connection
+/// then fails every other request on it with a 500. Envoy opens at most 1,024 requests to a
+/// cluster by default (its circuit breaker), so that many resets are a burst, not a flood.
+const MAX_PENDING_ACCEPT_RESETS: usize = 1_024;
+
 /// The gRPC service name Envoy's health checks ask about.
 const EXT_PROC_SERVICE: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
 
@@ -398,6 +405,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let grpc_shutdown = token.clone();
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
+            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
             .add_service(health_service)
             .add_service(ExtProcService::new(router).into_server())
             .serve_with_incoming_shutdown(

@@ -407,3 +407,68 @@ fn the_shipped_envoy_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// With a routing profile that reads no body (`--policy least-in-flight`), every request is
+/// routed at its headers and its body reaches the pod unchanged, whatever the body modes:
+/// echoed in full-duplex mode; kept in Envoy (kvroute asks it not to send the body) in
+/// buffered mode; and with the response body not sent at all, the request still ends when
+/// its response does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_that_reads_no_body_lets_every_body_through() {
+    let dir = scratch("no-body");
+    let backends = Backends::start(2, Duration::from_millis(20)).await;
+    let kvroute = Kvroute::start(&dir, &backends.list(), &["--policy", "least-in-flight"]).await;
+    let modes = [
+        ("FULL_DUPLEX_STREAMED", "FULL_DUPLEX_STREAMED"),
+        ("BUFFERED", "STREAMED"),
+        ("BUFFERED", "NONE"),
+    ];
+    let mut sent = 0;
+    for (request_body_mode, response_body_mode) in modes {
+        let envoy = Envoy::start(
+            &dir,
+            &EnvoyOptions {
+                request_body_mode,
+                response_body_mode,
+                fail_open: false,
+                grpc_port: kvroute.grpc_port,
+                pool: &backends.addrs,
+            },
+        )
+        .await;
+        for (path, body, stream) in workload(8) {
+            let hash = body_hash(&body);
+            let reply = http(envoy.port, "POST", path, &[], body).await;
+            let modes = format!("{request_body_mode}/{response_body_mode}");
+            assert_eq!(reply.status, 200, "{modes}: {reply:?}");
+            assert_eq!(reply.header("x-body-hash"), hash, "{modes}: body changed");
+            assert_eq!(
+                reply.header("x-served-by"),
+                reply.header("x-destination-seen"),
+                "{modes}"
+            );
+            if stream {
+                assert!(reply.text().contains("data: [DONE]"), "{modes}");
+            }
+            sent += 1;
+        }
+    }
+    let settled = eventually(Duration::from_secs(5), async || {
+        let m = kvroute.metrics().await;
+        m.contains(&format!(
+            r#"kvroute_requests_total{{outcome="routed_by_load"}} {sent}"#
+        )) && !m
+            .lines()
+            .any(|l| l.starts_with("kvroute_endpoint_in_flight_requests{") && !l.ends_with(" 0"))
+    })
+    .await;
+    let m = kvroute.metrics().await;
+    assert!(
+        settled,
+        "every request routed at its headers and ended: {m}"
+    );
+    assert!(
+        !m.contains(r#"outcome="routed"}"#),
+        "no body was parsed: {m}"
+    );
+}

@@ -1,0 +1,78 @@
+//! A burst of ext_proc streams that Envoy resets before kvroute has accepted them (a wave of
+//! clients disconnecting at once: 150 in the router-cost benchmark) must not close the
+//! HTTP/2 connection they share. h2's default allows 20 such resets per connection, then
+//! closes it, and every other request on that connection fails (Envoy answers 500).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingResponse, processing_response};
+use harness::*;
+use prost::Message;
+use tokio::net::TcpStream;
+
+const PROCESS: &str = "http://kvroute/envoy.service.ext_proc.v3.ExternalProcessor/Process";
+
+fn grpc_request() -> tonic::codegen::http::Request<()> {
+    tonic::codegen::http::Request::post(PROCESS)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// One gRPC message frame: uncompressed, length, bytes.
+fn frame(msg: &impl Message) -> Bytes {
+    let body = msg.encode_to_vec();
+    let mut out = vec![0u8];
+    out.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(&body);
+    Bytes::from(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_reset_before_acceptance_do_not_close_the_connection() {
+    let dir = scratch("resets");
+    let backends = Backends::start(1, Duration::ZERO).await;
+    let kvroute = Kvroute::start(&dir, &backends.list(), &[]).await;
+    let tcp = TcpStream::connect(("127.0.0.1", kvroute.grpc_port))
+        .await
+        .unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    // Opened and reset at once, all written before kvroute reads any of them.
+    for _ in 0..200 {
+        let (_response, mut send) = client.send_request(grpc_request(), false).unwrap();
+        send.send_reset(h2::Reason::CANCEL);
+        client = client.ready().await.unwrap();
+    }
+    // The same connection still serves a whole request: a GET answered by load.
+    let (response, mut send) = client.send_request(grpc_request(), false).unwrap();
+    let headers = test_support::envoy::request_headers("GET", "/v1/models", &[], true);
+    send.send_data(frame(&headers), true).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("an answer in time")
+        .expect("the connection survived the resets");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let data = tokio::time::timeout(Duration::from_secs(5), body.data())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let answer = ProcessingResponse::decode(&data[5..]).unwrap();
+    assert!(
+        matches!(
+            answer.response,
+            Some(processing_response::Response::RequestHeaders(_))
+        ),
+        "{answer:?}"
+    );
+    assert!(!connection.is_finished());
+}

@@ -195,34 +195,16 @@ pub(crate) fn trailers_response(request: bool) -> ProcessingResponse {
     }
 }
 
-/// Cuts `chunks` into pieces of at most [`MAX_CHUNK`] bytes, as few as the body's length
-/// allows: every piece is one message for Envoy to take apart, so a body Envoy sent in many
-/// small chunks is joined (one copy) and cut again; one already in as few pieces as it
-/// can be is handed back as slices, never copied. An empty body becomes one empty piece.
+/// Cuts `chunks` into pieces of at most [`MAX_CHUNK`] bytes: slices, never copies. An
+/// empty body becomes one empty piece.
 pub(crate) fn rechunk(chunks: Vec<Bytes>) -> Vec<Bytes> {
-    let total: usize = chunks.iter().map(Bytes::len).sum();
-    let fewest = total.div_ceil(MAX_CHUNK).max(1);
-    let pieces: usize = chunks
-        .iter()
-        .filter(|c| !c.is_empty())
-        .map(|c| c.len().div_ceil(MAX_CHUNK))
-        .sum();
-    let mut whole = if pieces > fewest {
-        let mut joined = bytes::BytesMut::with_capacity(total);
-        for chunk in &chunks {
-            joined.extend_from_slice(chunk);
-        }
-        vec![joined.freeze()]
-    } else {
-        chunks
-    };
-    let mut out = Vec::with_capacity(fewest);
-    for chunk in &mut whole {
+    let mut out = Vec::with_capacity(chunks.len());
+    for mut chunk in chunks {
         while chunk.len() > MAX_CHUNK {
             out.push(chunk.split_to(MAX_CHUNK));
         }
         if !chunk.is_empty() {
-            out.push(std::mem::take(chunk));
+            out.push(chunk);
         }
     }
     if out.is_empty() {
@@ -276,33 +258,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rechunk_hands_back_as_few_pieces_as_the_length_allows() {
-        let sizes = |out: &[Bytes]| out.iter().map(Bytes::len).collect::<Vec<_>>();
-        // Already as few as can be: slices of the chunks, not copies.
+    fn rechunk_cuts_large_chunks_into_slices() {
         let big = Bytes::from(vec![2; MAX_CHUNK * 2 + 1]);
-        let out = rechunk(vec![Bytes::new(), big.clone()]);
-        assert_eq!(sizes(&out), [MAX_CHUNK, MAX_CHUNK, 1]);
+        let out = rechunk(vec![Bytes::from(vec![1; 10]), Bytes::new(), big.clone()]);
+        let sizes: Vec<usize> = out.iter().map(Bytes::len).collect();
+        assert_eq!(sizes, [10, MAX_CHUNK, MAX_CHUNK, 1]);
         assert_eq!(
-            out[1].as_ptr(),
+            out[2].as_ptr(),
             big[MAX_CHUNK..].as_ptr(),
             "pieces are slices"
         );
-        // Fourteen 16 KiB chunks become four pieces, bytes in order.
-        let chunks: Vec<Bytes> = (0..14u8).map(|i| Bytes::from(vec![i; 16 << 10])).collect();
-        let body: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
-        let out = rechunk(chunks);
-        assert_eq!(
-            sizes(&out),
-            [
-                MAX_CHUNK,
-                MAX_CHUNK,
-                MAX_CHUNK,
-                14 * (16 << 10) - 3 * MAX_CHUNK
-            ]
-        );
-        assert_eq!(out.concat(), body);
-        let out = rechunk(vec![Bytes::from(vec![1; 10]), Bytes::new(), big]);
-        assert_eq!(sizes(&out), [MAX_CHUNK, MAX_CHUNK, 11]);
         assert_eq!(rechunk(vec![]), vec![Bytes::new()]);
         assert_eq!(
             rechunk(vec![Bytes::new(), Bytes::new()]),

@@ -229,16 +229,13 @@ pub struct DecisionOutcome {
 }
 
 impl DecisionJob {
-    /// Parses the body and schedules the request.
+    /// Parses the body and schedules the request. A body that came in pieces is joined
+    /// once, for the parser, and handed back joined: full-duplex mode then returns it to
+    /// Envoy in as few messages as its length allows, as slices of that one buffer.
     pub fn run(self) -> DecisionOutcome {
-        let body: Cow<'_, [u8]> = match self.chunks.as_slice() {
-            [] => Cow::Borrowed(&[]),
-            [one] => Cow::Borrowed(one),
-            many => Cow::Owned(many.concat()),
-        };
+        let body = join(self.chunks);
         // The hints move into the request, which carries them to the scheduler.
         let parsed = InferenceRequest::parse(self.api, &body, self.hints);
-        drop(body);
         let result = parsed.map(|request| {
             schedule(
                 &self.router,
@@ -248,11 +245,26 @@ impl DecisionJob {
             )
         });
         DecisionOutcome {
-            chunks: self.chunks,
+            chunks: vec![body],
             subset: self.subset,
             result,
             started: self.started,
             trailers_follow: self.trailers_follow,
+        }
+    }
+}
+
+/// The pieces of a body as one buffer: the piece itself when there is one, else one copy.
+fn join(mut chunks: Vec<Bytes>) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => {
+            let mut joined = bytes::BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+            for chunk in &chunks {
+                joined.extend_from_slice(chunk);
+            }
+            joined.freeze()
         }
     }
 }

@@ -713,6 +713,25 @@ proptest! {
     }
 }
 
+/// Envoy cuts a body into many small chunks; the parser needs it joined anyway, and the
+/// joined buffer goes back in as few messages as its length allows.
+#[test]
+fn a_body_in_many_chunks_goes_back_in_as_few_messages_as_its_length_allows() {
+    let h = Harness::new(&[8001, 8002]);
+    let mut s = h.stream();
+    let body = chat_body(220 << 10);
+    send(&mut s, full_duplex_headers(CHAT));
+    let chunks = split(&body, body.len().div_ceil(16 << 10));
+    let last = chunks.len() - 1;
+    let mut out = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        out.extend(send(&mut s, request_body(c, i == last)));
+    }
+    assert_eq!(kind(&out[0]), "request_headers");
+    assert_eq!(out.len() - 1, body.len().div_ceil(protocol::MAX_CHUNK));
+    assert_eq!(streamed_body(&out[1..]), (body, true));
+}
+
 #[test]
 fn a_heavy_decision_is_left_to_the_caller_and_resumed() {
     let h = Harness::new(&[8001, 8002]);

@@ -5,7 +5,8 @@
                     └─ ext_proc ─▶ kvroute (or no ext_proc at all: "alone")
 
 For each Envoy setup (alone; kvroute with the request body FULL_DUPLEX_STREAMED; kvroute
-with the request body BUFFERED; kvroute with no request body, "headers-only", for
+with the request body BUFFERED, and the same with no response body,
+"buffered-response-none"; kvroute with no request body, "headers-only", for
 profiles that read none, e.g. --kvroute-args "--policy least-in-flight"), each chat body size and each concurrency, wrk runs for
 --duration seconds after a one-second warm-up, and the run reports latency p50/p99, the
 latency kvroute adds over Envoy alone, req/s, and the CPU per request of kvroute and of
@@ -149,6 +150,10 @@ def envoy_config(mode: str, listen: int, admin: int, grpc: int, backends: list[i
                    "          - name: envoy.filters.http.router\n")
     elif mode == "buffered":
         sub("request_body_mode: FULL_DUPLEX_STREAMED", "request_body_mode: BUFFERED")
+    elif mode == "buffered-response-none":
+        # The response body is not sent to kvroute: no round trip per streamed event.
+        sub("request_body_mode: FULL_DUPLEX_STREAMED", "request_body_mode: BUFFERED")
+        sub("response_body_mode: FULL_DUPLEX_STREAMED", "response_body_mode: NONE")
     elif mode == "headers-only":
         # For profiles that read no body (--policy least-in-flight): Envoy sends none.
         sub("request_body_mode: FULL_DUPLEX_STREAMED", "request_body_mode: NONE")

@@ -51,13 +51,12 @@ async fn routes_every_request_to_the_chosen_endpoint(
     let kvroute = Kvroute::start(&dir, &backends.list(), &[]).await;
     let envoy = Envoy::start(
         &dir,
-        &EnvoyOptions {
+        &EnvoyOptions::modes(
             request_body_mode,
             response_body_mode,
-            fail_open: false,
-            grpc_port: kvroute.grpc_port,
-            pool: &backends.addrs,
-        },
+            kvroute.grpc_port,
+            &backends.addrs,
+        ),
     )
     .await;
 
@@ -427,13 +426,12 @@ async fn a_profile_that_reads_no_body_lets_every_body_through() {
     for (request_body_mode, response_body_mode) in modes {
         let envoy = Envoy::start(
             &dir,
-            &EnvoyOptions {
+            &EnvoyOptions::modes(
                 request_body_mode,
                 response_body_mode,
-                fail_open: false,
-                grpc_port: kvroute.grpc_port,
-                pool: &backends.addrs,
-            },
+                kvroute.grpc_port,
+                &backends.addrs,
+            ),
         )
         .await;
         for (path, body, stream) in workload(8) {

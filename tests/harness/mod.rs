@@ -350,9 +350,24 @@ pub struct EnvoyOptions<'a> {
 impl<'a> EnvoyOptions<'a> {
     /// The shipped config as it is: full-duplex both ways, fail-closed.
     pub fn full_duplex(grpc_port: u16, pool: &'a [SocketAddr]) -> Self {
+        Self::modes(
+            "FULL_DUPLEX_STREAMED",
+            "FULL_DUPLEX_STREAMED",
+            grpc_port,
+            pool,
+        )
+    }
+
+    /// The shipped config with these body modes, fail-closed.
+    pub fn modes(
+        request_body_mode: &'a str,
+        response_body_mode: &'a str,
+        grpc_port: u16,
+        pool: &'a [SocketAddr],
+    ) -> Self {
         Self {
-            request_body_mode: "FULL_DUPLEX_STREAMED",
-            response_body_mode: "FULL_DUPLEX_STREAMED",
+            request_body_mode,
+            response_body_mode,
             fail_open: false,
             grpc_port,
             pool,

@@ -48,6 +48,10 @@ pub struct SubscriberConfig {
     pub silence: Duration,
     /// Longest wait for a replay to end.
     pub replay_timeout: Duration,
+    /// How long after subscribing the replay socket is asked once more, for events
+    /// published while the subscription was still reaching the publisher (ZMQ's "slow
+    /// joiner"), unless a live message comes first.
+    pub join_replay: Duration,
 }
 
 impl Default for SubscriberConfig {
@@ -59,6 +63,7 @@ impl Default for SubscriberConfig {
             block_size: 16,
             silence: Duration::from_secs(10),
             replay_timeout: Duration::from_secs(2),
+            join_replay: Duration::from_millis(500),
         }
     }
 }
@@ -285,9 +290,26 @@ pub async fn follow(
         }
         let mut last = Instant::now();
         let mut check = tokio::time::interval(check_every);
+        // An event published while the subscription was still on its way to the publisher
+        // is in neither that replay nor the live stream, and an idle pod publishes nothing
+        // after it that would reveal the gap: ask the replay socket once more when the
+        // subscription has surely arrived, unless a live message came first (any gap then
+        // shows in its sequence).
+        let join = tokio::time::sleep(config.join_replay);
+        tokio::pin!(join);
+        let mut joined = replay_at.is_none();
         loop {
             let received = tokio::select! {
                 () = stop.cancelled() => break 'connect,
+                () = &mut join, if !joined => {
+                    joined = true;
+                    if let Some(at) = &replay_at
+                        && catch_up(&mut follower, at, &config, &index, &metrics, &stop).await
+                    {
+                        ep.set_events_confirmed(true);
+                    }
+                    continue;
+                }
                 _ = check.tick() => {
                     if last.elapsed() > config.silence && ep.in_flight() > 0 {
                         warn!(silent_for = ?last.elapsed(), "KV events silent while serving: unconfirmed, reconnecting");
@@ -315,6 +337,7 @@ pub async fn follow(
                 }
             };
             last = Instant::now();
+            joined = true;
             ep.set_events_confirmed(true);
             let frames = msg.into_vec();
             let [_topic, seq, payload] = frames.as_slice() else {

@@ -239,7 +239,7 @@ fn prompt(pieces: &[u8]) -> Vec<u32> {
 
 const SETTLE: Duration = Duration::from_secs(5);
 /// Long enough that a test's first request surely lands before it, on a loaded machine.
-const JOIN_REPLAY: Duration = Duration::from_secs(2);
+const JOIN_REPLAY: Duration = Duration::from_secs(3);
 
 async fn settles(f: &Followed, bound: &Bound, prompts: &[Vec<u32>]) -> bool {
     eventually(SETTLE, async || f.mirrors(bound, prompts).await).await

@@ -9,7 +9,9 @@ use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
-use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::{
+    BodySendMode, HeaderSendMode,
+};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
     ProcessingResponse, TrailersResponse, processing_response,
@@ -239,9 +241,9 @@ pub(crate) fn immediate(status: u16, kind: &str, message: &str) -> ProcessingRes
 
 /// An override of the request body mode (to BUFFERED, so a STREAMED-mode filter still lets
 /// kvroute read the whole body before Envoy picks the upstream; to NONE, when no configured
-/// plugin reads it). The response body mode is restated as configured, since the override
-/// replaces both; header and trailer modes are left at DEFAULT, which Envoy reads as "keep
-/// the configured mode".
+/// plugin reads it). An override replaces every mode: the response body mode is restated as
+/// configured, and both trailer modes as SEND, since DEFAULT would mean SKIP for trailers
+/// (kvroute answers trailers in every phase); header modes stay DEFAULT, which is SEND.
 pub(crate) fn request_body_mode(
     request_body_mode: BodySendMode,
     response_body_mode: BodySendMode,
@@ -249,6 +251,8 @@ pub(crate) fn request_body_mode(
     ProcessingMode {
         request_body_mode: request_body_mode as i32,
         response_body_mode: response_body_mode as i32,
+        request_trailer_mode: HeaderSendMode::Send as i32,
+        response_trailer_mode: HeaderSendMode::Send as i32,
         ..ProcessingMode::default()
     }
 }

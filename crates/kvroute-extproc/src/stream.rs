@@ -131,6 +131,9 @@ struct Modes {
     request_body: Option<BodySendMode>,
     response_body: Option<BodySendMode>,
     body_without_waiting: bool,
+    /// Envoy announced these modes (else they are `--assume-body-mode` for both bodies,
+    /// which may not be the response's: no mode override restates them).
+    announced: bool,
 }
 
 impl Modes {
@@ -139,6 +142,7 @@ impl Modes {
             request_body: Some(config.assumed_body_mode),
             response_body: Some(config.assumed_body_mode),
             body_without_waiting: false,
+            announced: false,
         }
     }
 
@@ -147,6 +151,7 @@ impl Modes {
             request_body: BodySendMode::try_from(pc.request_body_mode).ok(),
             response_body: BodySendMode::try_from(pc.response_body_mode).ok(),
             body_without_waiting: pc.send_body_without_waiting_for_header_response,
+            announced: true,
         }
     }
 
@@ -403,9 +408,12 @@ impl StreamState {
             // Nothing to read, or nothing the configured plugins would read: route by load
             // now, and let any body flow through. Where Envoy waits for this answer before
             // sending the body, ask it not to send the body at all (honoured with
-            // allow_mode_override, unless the response body is full-duplex).
+            // allow_mode_override; Envoy ignores overrides while the response body is
+            // full-duplex, and the response mode is only known when Envoy announced it).
             let skip_body = body_follows
+                && self.modes.announced
                 && !self.modes.request_full_duplex()
+                && !self.modes.response_full_duplex()
                 && !self.modes.body_without_waiting;
             let mode_override = skip_body.then(|| {
                 protocol::request_body_mode(

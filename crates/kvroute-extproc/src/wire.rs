@@ -1,7 +1,7 @@
 //! The ext_proc messages as they cross the wire, with body chunks as [`Bytes`]. A chunk
 //! Envoy sends is sliced out of the gRPC frame buffer, not copied into a fresh vector, and
-//! full-duplex mode hands the same slices back: a body is copied once on the way in (frames
-//! into one message) and once on the way out (into the encode buffer), however it is cut.
+//! full-duplex mode hands slices back: a chunk is copied once on the way in (frames into one
+//! message) and once on the way out (into the encode buffer).
 //! envoy-types' generated messages hold bodies in `Vec<u8>`, so the body-carrying messages
 //! are declared here, field for field with `envoy/service/ext_proc/v3/external_processor.proto`,
 //! and everything else is envoy-types' own.

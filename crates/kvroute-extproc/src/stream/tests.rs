@@ -1,6 +1,8 @@
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::{
+    BodySendMode, HeaderSendMode,
+};
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use kvroute_endpoints::Registry;
 use kvroute_scheduler::{Scheduler, SchedulerHandle};
@@ -112,10 +114,30 @@ fn a_profile_that_reads_no_body_routes_at_the_headers() {
     let mode = out[0].mode_override.expect("asks Envoy to keep the body");
     assert_eq!(mode.request_body_mode, BodySendMode::None as i32);
     assert_eq!(mode.response_body_mode, BodySendMode::Streamed as i32);
+    // DEFAULT would turn trailers off for this request.
+    assert_eq!(mode.request_trailer_mode, HeaderSendMode::Send as i32);
+    assert_eq!(mode.response_trailer_mode, HeaderSendMode::Send as i32);
     // Were it sent anyway, it is let through.
     let out = send(&mut s, request_body(b"{", true));
     assert_eq!(kinds(&out), ["request_body"]);
     assert_eq!(h.in_flight(), 2);
+
+    // No override where Envoy ignores it (full-duplex response), nor where the response's
+    // mode is only assumed (no protocol_config): it would restate the wrong one.
+    let mut s = h.stream();
+    let out = send(
+        &mut s,
+        chat_headers(
+            BodySendMode::Buffered,
+            BodySendMode::FullDuplexStreamed,
+            false,
+        ),
+    );
+    assert!(out[0].mode_override.is_none());
+    let mut s = h.stream();
+    let out = send(&mut s, request_headers("POST", CHAT, &[], false));
+    assert_eq!(kinds(&out), ["request_headers"]);
+    assert!(out[0].mode_override.is_none());
 }
 
 fn send(s: &mut StreamState, msg: ProcessingRequest) -> Vec<ProcessingResponse> {

@@ -135,6 +135,21 @@ fn a_scheduler_knows_what_of_the_body_its_plugins_need() {
         ),
         BodyUse::Tokenized
     );
+    // Upstream's style: the precise scorer with its own producer.
+    assert_eq!(
+        need("plugins:\n- type: precise-prefix-cache-scorer\n"),
+        BodyUse::Tokenized
+    );
+    // The TTFT scorer estimates the prompt from its text when no producer is named; the
+    // no-hit LRU scorer needs to know whether a request has a prompt.
+    assert_eq!(
+        need("plugins:\n- type: ttft-scorer\n  parameters: {producers: []}\n"),
+        BodyUse::Parsed
+    );
+    assert_eq!(
+        need("plugins:\n- type: no-hit-lru-scorer\n"),
+        BodyUse::Parsed
+    );
     assert_eq!(Scheduler::least_in_flight(0).body_use(), BodyUse::None);
 }
 

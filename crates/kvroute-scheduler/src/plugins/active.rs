@@ -8,7 +8,7 @@ use kvroute_core::EndpointId;
 use kvroute_endpoints::EndpointState;
 
 use crate::plugins::load::{min_max, read_in_flight};
-use crate::{Candidates, CycleState, Decision, Plugin, SchedulingRequest, Scorer, SlotId};
+use crate::{BodyUse, Candidates, CycleState, Decision, Plugin, SchedulingRequest, Scorer, SlotId};
 
 /// Prefers endpoints with fewer requests in flight through this router
 /// (`active-request-scorer`): an endpoint at or under `idle_threshold` scores 1, the others
@@ -141,6 +141,10 @@ impl Plugin for NoHitLruScorer {
         for id in departed {
             used.last.remove(id);
         }
+    }
+
+    fn body_use(&self) -> BodyUse {
+        BodyUse::Parsed
     }
 }
 

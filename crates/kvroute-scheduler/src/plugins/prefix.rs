@@ -203,7 +203,10 @@ impl Plugin for PrefixScorer {
     }
 
     fn body_use(&self) -> BodyUse {
-        BodyUse::Parsed
+        // A scorer with its own precise producer tokenizes.
+        self.own
+            .as_ref()
+            .map_or(BodyUse::Parsed, |p| p.body_use().max(BodyUse::Parsed))
     }
 }
 

@@ -1,6 +1,6 @@
 //! kvroute's predicted-TTFT scorer.
 
-use crate::{Candidates, CycleState, Plugin, SchedulingRequest, Scorer, SlotId};
+use crate::{BodyUse, Candidates, CycleState, Plugin, SchedulingRequest, Scorer, SlotId};
 
 /// Prefers the endpoint where this request would get its first token soonest
 /// (`ttft-scorer`, kvroute's own): the prefill queued there (tokens routed and not yet
@@ -32,6 +32,10 @@ impl Plugin for TtftScorer {
 
     fn reads(&self) -> &[SlotId] {
         &self.reads
+    }
+
+    fn body_use(&self) -> BodyUse {
+        BodyUse::Parsed
     }
 }
 

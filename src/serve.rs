@@ -78,6 +78,13 @@ pub(crate) struct ServeArgs {
     /// Seconds open streams get to finish after SIGTERM before the process exits.
     #[arg(long, default_value_t = 30)]
     shutdown_grace_secs: u64,
+    /// After SIGTERM, health answers NOT_SERVING and /readyz 503 while new requests are
+    /// still served for this long, so that the data plane's health checks and Kubernetes'
+    /// endpoint removal stop sending before the listener closes; then open streams drain
+    /// (--shutdown-grace-secs). Set it above the health check's time to notice (the shipped
+    /// Envoy config: 2 checks 2 s apart). SIGINT skips it.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    lame_duck: Duration,
     #[command(flatten)]
     events: EventArgs,
     #[command(flatten)]
@@ -399,6 +406,8 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
 
     let token = CancellationToken::new();
+    // Cancelled at the signal, before `token`: readiness goes first (lame duck).
+    let draining = CancellationToken::new();
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, readiness(&registry)).await;
 
@@ -416,7 +425,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let admin_state = Arc::new(admin::AdminState {
         metrics: prom,
         endpoints: Arc::clone(&registry),
-        draining: token.clone(),
+        draining: draining.clone(),
     });
     let admin = tokio::spawn(admin::serve(admin_listener, admin_state, token.clone()));
     let events = subscriptions.map(|s| tokio::spawn(s.run(Arc::clone(&registry), token.clone())));
@@ -432,8 +441,14 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ))
     });
 
-    shutdown::on_signal(token.clone()).await?;
+    let stop = shutdown::wait(&token).await?;
+    draining.cancel();
     set_health(&reporter, ServingStatus::NotServing).await;
+    if stop == shutdown::Stop::Term && !args.lame_duck.is_zero() {
+        info!(lame_duck = ?args.lame_duck, "health NOT_SERVING; routing on until the lame duck period ends");
+        tokio::time::sleep(args.lame_duck).await;
+    }
+    token.cancel();
 
     let grace = Duration::from_secs(args.shutdown_grace_secs);
     let drained = tokio::time::timeout(grace, async {

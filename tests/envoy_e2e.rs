@@ -363,6 +363,60 @@ async fn sigterm_drains_open_streams() {
     );
 }
 
+/// After SIGTERM kvroute is a lame duck for `--lame-duck`: readiness and gRPC health say
+/// NOT_SERVING at once, so the data plane stops sending, but requests that still come are
+/// routed (fail-closed Envoy would answer them 500 were the listener closed); then it drains
+/// and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_starts_a_lame_duck_period_that_still_routes() {
+    let dir = scratch("lame-duck");
+    let backends = Backends::start(1, Duration::ZERO).await;
+    let mut kvroute = Kvroute::start(&dir, &backends.list(), &["--lame-duck", "3s"]).await;
+    let envoy = Envoy::start(
+        &dir,
+        &EnvoyOptions::full_duplex(kvroute.grpc_port, &backends.addrs),
+    )
+    .await;
+    let body = br#"{"model":"m","prompt":"hello"}"#;
+    let reply = http(envoy.port, "POST", "/v1/completions", &[], body.to_vec()).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let signalled = std::time::Instant::now();
+    kvroute.terminate();
+    let not_ready = eventually(Duration::from_secs(2), async || {
+        http(kvroute.admin_port, "GET", "/readyz", &[], Vec::new())
+            .await
+            .status
+            == 503
+    })
+    .await;
+    assert!(not_ready, "readiness goes at once: {}", kvroute.log_text());
+    let mut routed = 0;
+    while signalled.elapsed() < Duration::from_millis(2_000) {
+        let reply = http(envoy.port, "POST", "/v1/completions", &[], body.to_vec()).await;
+        assert_eq!(
+            reply.status, 200,
+            "still routing in the lame duck period: {reply:?}"
+        );
+        assert_eq!(
+            reply.header("x-served-by"),
+            reply.header("x-destination-seen")
+        );
+        routed += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(routed > 5, "{routed}");
+    assert_eq!(
+        kvroute.wait_exit(Duration::from_secs(10)).await,
+        Some(true),
+        "{}",
+        kvroute.log_text()
+    );
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(3),
+        "exited before the lame duck period ended"
+    );
+}
+
 /// With the default policy, requests that share a long system prompt keep going to the
 /// endpoint that served the first of them (its prefix cache), and different prompts spread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,18 +3,24 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use kvroute_endpoints::Registry;
 use prometheus_client::encoding::text::encode;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
+
+/// A client that has not sent a whole request head this long after connecting (or after its
+/// last answer) is disconnected: probes and scrapes send theirs at once, and an idle or
+/// trickling connection must not hold a task and a socket for ever.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the admin handlers read.
 pub(crate) struct AdminState {
@@ -47,13 +53,16 @@ pub(crate) async fn serve(
             debug!(error = %e, "admin socket: TCP_NODELAY not set");
         }
         let state = Arc::clone(&state);
-        let conn = hyper::server::conn::http1::Builder::new().serve_connection(
-            TokioIo::new(stream),
-            service_fn(move |req| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(handle(&state, &req)) }
-            }),
-        );
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(
+                TokioIo::new(stream),
+                service_fn(move |req| {
+                    let state = Arc::clone(&state);
+                    async move { Ok::<_, Infallible>(handle(&state, &req)) }
+                }),
+            );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -103,4 +112,54 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A client that never finishes its request head is disconnected after the timeout,
+    /// while one that sends it is answered at once.
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_request_is_disconnected() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(AdminState {
+            metrics: prometheus_client::registry::Registry::default(),
+            endpoints: Arc::new(Registry::new()),
+            draining: CancellationToken::new(),
+        });
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, state, stop.clone()));
+
+        let started = Instant::now();
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: kvroute\r\n")
+            .await
+            .unwrap();
+        let mut prompt = tokio::net::TcpStream::connect(addr).await.unwrap();
+        prompt
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: kvroute\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        prompt.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(HEADER_READ_TIMEOUT * 3, slow.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok(),
+            "a trickling client still holds its connection"
+        );
+        assert!(started.elapsed() >= HEADER_READ_TIMEOUT - Duration::from_millis(200));
+        assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
+        stop.cancel();
+        server.await.unwrap();
+    }
 }

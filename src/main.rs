@@ -22,11 +22,20 @@ struct Cli {
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` is used when unset.
     #[arg(long, global = true, env = "KVROUTE_LOG")]
     log: Option<String>,
+    /// Log lines as text, or as one JSON object each (for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "KVROUTE_LOG_FORMAT")]
+    log_format: LogFormat,
     /// Threads running the async request path (default: one per core the process may use).
     /// Fewer threads wake each other less: one costs a quarter less CPU per request than
     /// two where other processes share the cores (docs/operations.md).
     #[arg(long, global = true, env = "KVROUTE_WORKER_THREADS")]
     worker_threads: Option<std::num::NonZeroUsize>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -49,11 +58,13 @@ fn main() -> anyhow::Result<()> {
         Some(f) => EnvFilter::try_new(f)?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = cli.worker_threads {
         runtime.worker_threads(n.get());

@@ -218,10 +218,16 @@ async fn get_ok(port: u16, path: &str) -> Option<String> {
     (200..300).contains(&reply.status).then(|| reply.text())
 }
 
-/// The port of the `ip:port` that follows `key` in a log line.
+/// The port of the `ip:port` that follows `key` in a log line, as text (`grpc=ip:port`) or
+/// JSON (`"grpc":"ip:port"`).
 fn port_after(line: &str, key: &str) -> Option<u16> {
-    let rest = &line[line.find(key)? + key.len()..];
-    let addr = rest.split_whitespace().next()?;
+    let json = format!("\"{key}\":\"");
+    let text = format!("{key}=");
+    let (at, len) = line
+        .find(&text)
+        .map(|at| (at, text.len()))
+        .or_else(|| line.find(&json).map(|at| (at, json.len())))?;
+    let addr = line[at + len..].split([' ', '"']).next()?;
     addr.parse::<SocketAddr>().ok().map(|a| a.port())
 }
 
@@ -265,7 +271,7 @@ impl Kvroute {
             ports = text
                 .lines()
                 .find(|l| l.contains("kvroute serving"))
-                .and_then(|l| Some((port_after(l, "grpc=")?, port_after(l, "admin=")?)));
+                .and_then(|l| Some((port_after(l, "grpc")?, port_after(l, "admin")?)));
             ports.is_some()
         })
         .await;

@@ -14,7 +14,7 @@ use kvroute_endpoints::{
 use kvroute_events::{EventMetrics, IndexCollector, SubscriberConfig, Subscriptions};
 use kvroute_extproc::{
     BodySendMode, DEFAULT_DECISION_QUEUE, DEFAULT_INLINE_DECISION_BYTES, DEFAULT_MAX_BODY_BYTES,
-    ExtProcConfig, ExtProcService, Metrics, Router, default_decision_threads,
+    DEFAULT_MAX_STREAMS, ExtProcConfig, ExtProcService, Metrics, Router, default_decision_threads,
 };
 use kvroute_index::{PrefixIndex, Shared};
 use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE, LEAST_IN_FLIGHT};
@@ -75,6 +75,10 @@ pub(crate) struct ServeArgs {
     /// Decisions that may wait for the pool; beyond that a request is answered 503 at once.
     #[arg(long, default_value_t = DEFAULT_DECISION_QUEUE)]
     decision_queue: usize,
+    /// ext_proc streams open at once; a stream beyond is refused (RESOURCE_EXHAUSTED, so
+    /// Envoy's failure mode answers its request), counted as outcome too_many_streams.
+    #[arg(long, default_value_t = DEFAULT_MAX_STREAMS)]
+    max_streams: usize,
     /// Seconds open streams get to finish after SIGTERM before the process exits.
     #[arg(long, default_value_t = 30)]
     shutdown_grace_secs: u64,
@@ -386,6 +390,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             inline_decision_bytes: args.inline_decision_bytes,
             decision_threads: args.decision_threads.max(1),
             decision_queue: args.decision_queue,
+            max_streams: args.max_streams,
         },
         metrics,
     );

@@ -1,7 +1,9 @@
-//! A burst of ext_proc streams that Envoy resets before kvroute has accepted them (a wave of
-//! clients disconnecting at once: 150 in the router-cost benchmark) must not close the
-//! HTTP/2 connection they share. h2's default allows 20 such resets per connection, then
-//! closes it, and every other request on that connection fails (Envoy answers 500).
+//! kvroute's gRPC port under stream floods, through a raw HTTP/2 client. A burst of ext_proc
+//! streams that Envoy resets before kvroute has accepted them (a wave of clients
+//! disconnecting at once: 150 in the router-cost benchmark) must not close the HTTP/2
+//! connection they share: h2's default allows 20 such resets per connection, then closes it,
+//! and every other request on that connection fails (Envoy answers 500). And no more than
+//! `--max-streams` streams are open at once.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -32,6 +34,63 @@ fn frame(msg: &impl Message) -> Bytes {
     out.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
     out.extend_from_slice(&body);
     Bytes::from(out)
+}
+
+/// A whole request on `client`: a GET answered by load. `None` when the stream is refused.
+async fn routes_a_get(client: &mut h2::client::SendRequest<Bytes>) -> Option<ProcessingResponse> {
+    let (response, mut send) = client.send_request(grpc_request(), false).unwrap();
+    let headers = test_support::envoy::request_headers("GET", "/v1/models", &[], true);
+    send.send_data(frame(&headers), true).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("an answer in time")
+        .expect("the connection is up");
+    assert_eq!(response.status(), 200);
+    if let Some(status) = response.headers().get("grpc-status") {
+        assert_eq!(status, "8", "refused as RESOURCE_EXHAUSTED");
+        return None;
+    }
+    let mut body = response.into_body();
+    let data = tokio::time::timeout(Duration::from_secs(5), body.data())
+        .await
+        .unwrap()?
+        .unwrap();
+    Some(ProcessingResponse::decode(&data[5..]).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_more_than_max_streams_are_open_at_once() {
+    let dir = scratch("max-streams");
+    let backends = Backends::start(1, Duration::ZERO).await;
+    let kvroute = Kvroute::start(&dir, &backends.list(), &["--max-streams", "1"]).await;
+    let tcp = TcpStream::connect(("127.0.0.1", kvroute.grpc_port))
+        .await
+        .unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    // One stream stays open: its body never comes.
+    let (_open, mut holding) = client.send_request(grpc_request(), false).unwrap();
+    let headers = test_support::envoy::request_headers("POST", "/v1/completions", &[], false);
+    holding.send_data(frame(&headers), false).unwrap();
+    let refused = eventually(Duration::from_secs(5), async || {
+        routes_a_get(&mut client).await.is_none()
+    })
+    .await;
+    assert!(refused, "a second stream is refused while one is open");
+    assert!(
+        kvroute
+            .metrics()
+            .await
+            .contains(r#"kvroute_requests_total{outcome="too_many_streams"}"#)
+    );
+    // When it ends, its place is free again.
+    holding.send_reset(h2::Reason::CANCEL);
+    let served = eventually(Duration::from_secs(5), async || {
+        routes_a_get(&mut client).await.is_some()
+    })
+    .await;
+    assert!(served, "{}", kvroute.log_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

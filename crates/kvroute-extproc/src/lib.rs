@@ -20,7 +20,7 @@ pub use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::process
 pub use metrics::{Metrics, Outcome};
 pub use server::{ExtProcServer, ExtProcService, ResponseStream, incoming};
 pub use stream::{
-    DEFAULT_DECISION_QUEUE, DEFAULT_INLINE_DECISION_BYTES, DEFAULT_MAX_BODY_BYTES, DecisionJob,
-    DecisionOutcome, ExtProcConfig, ExtProcError, PARSE_INLINE_BYTES, Router, StreamState,
-    default_decision_threads,
+    DEFAULT_DECISION_QUEUE, DEFAULT_INLINE_DECISION_BYTES, DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_STREAMS, DecisionJob, DecisionOutcome, ExtProcConfig, ExtProcError,
+    PARSE_INLINE_BYTES, Router, StreamState, default_decision_threads,
 };

@@ -22,6 +22,8 @@ pub enum Outcome {
     NoEndpoint,
     /// Answered 503: the decision pool's queue was full.
     Overloaded,
+    /// Its stream was refused: `--max-streams` were open.
+    TooManyStreams,
 }
 
 impl Outcome {
@@ -33,6 +35,7 @@ impl Outcome {
             Self::BodyTooLarge => "body_too_large",
             Self::NoEndpoint => "no_endpoint",
             Self::Overloaded => "overloaded",
+            Self::TooManyStreams => "too_many_streams",
         }
     }
 }

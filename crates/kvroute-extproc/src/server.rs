@@ -17,6 +17,7 @@ use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, error};
 
+use crate::metrics::Outcome;
 use crate::stream::{DecisionJob, DecisionOutcome, Router, StreamState};
 use crate::wire::{ExtProcCodec, Inbound, Outbound};
 
@@ -42,6 +43,8 @@ const MESSAGE_OVERHEAD: usize = 1 << 20;
 pub struct ExtProcService {
     router: Arc<Router>,
     pool: DecisionPool,
+    /// Streams open now.
+    open: Arc<AtomicUsize>,
 }
 
 /// Threads for decisions too heavy for an async worker (long prompts to parse and tokenize):
@@ -107,6 +110,7 @@ impl ExtProcService {
                 queued: Arc::new(AtomicUsize::new(0)),
                 capacity,
             },
+            open: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -128,7 +132,20 @@ impl StreamingService<Inbound> for ExtProcService {
     type Future = std::future::Ready<Result<Response<ResponseStream>, Status>>;
 
     fn call(&mut self, request: Request<Streaming<Inbound>>) -> Self::Future {
+        let max = self.router.config().max_streams;
+        let opened = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            });
+        if opened.is_err() {
+            self.router.metrics().outcome(Outcome::TooManyStreams);
+            return std::future::ready(Err(Status::resource_exhausted(format!(
+                "kvroute has {max} ext_proc streams open (--max-streams)"
+            ))));
+        }
         std::future::ready(Ok(Response::new(ResponseStream {
+            _slot: Place(Arc::clone(&self.open)),
             inbound: request.into_inner(),
             state: StreamState::deferring(Arc::clone(&self.router)),
             pending: VecDeque::new(),
@@ -186,6 +203,8 @@ where
 /// The answers to one ext_proc stream, produced as Envoy's messages are read. While a heavy
 /// decision runs on the pool, no further message is read.
 pub struct ResponseStream {
+    /// This stream's place among `--max-streams`, given back when it ends.
+    _slot: Place,
     inbound: Streaming<Inbound>,
     state: StreamState,
     pending: VecDeque<Outbound>,

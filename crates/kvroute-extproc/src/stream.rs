@@ -55,7 +55,15 @@ pub struct ExtProcConfig {
     /// Decisions that may wait for the pool; a request beyond that is answered 503 at once
     /// rather than queued without bound (each waiting one holds its body).
     pub decision_queue: usize,
+    /// ext_proc streams open at once (each may hold a body up to `max_body_bytes`); a
+    /// stream beyond that is refused with `RESOURCE_EXHAUSTED`, and Envoy's failure mode
+    /// answers its request.
+    pub max_streams: usize,
 }
+
+/// Streams open at once by default: far above what one Envoy opens to a cluster (1,024 by
+/// its default circuit breaker), so only a flood or a leak reaches it.
+pub const DEFAULT_MAX_STREAMS: usize = 10_000;
 
 impl Default for ExtProcConfig {
     /// The endpoint-picker reference setup: 16 MiB bodies, full-duplex streaming.
@@ -66,6 +74,7 @@ impl Default for ExtProcConfig {
             inline_decision_bytes: DEFAULT_INLINE_DECISION_BYTES,
             decision_threads: default_decision_threads(),
             decision_queue: DEFAULT_DECISION_QUEUE,
+            max_streams: DEFAULT_MAX_STREAMS,
         }
     }
 }
@@ -109,6 +118,10 @@ impl Router {
     /// The server's settings.
     pub fn config(&self) -> &ExtProcConfig {
         &self.config
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 }
 

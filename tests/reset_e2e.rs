@@ -69,15 +69,20 @@ async fn no_more_than_max_streams_are_open_at_once() {
     let (client, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(connection);
     let mut client = client.ready().await.unwrap();
-    // One stream stays open: its body never comes.
-    let (_open, mut holding) = client.send_request(grpc_request(), false).unwrap();
+    // One stream stays open: its body never comes. Its response headers say it was taken
+    // (a refused stream's carry its grpc-status at once).
+    let (open, mut holding) = client.send_request(grpc_request(), false).unwrap();
     let headers = test_support::envoy::request_headers("POST", "/v1/completions", &[], false);
     holding.send_data(frame(&headers), false).unwrap();
-    let refused = eventually(Duration::from_secs(5), async || {
-        routes_a_get(&mut client).await.is_none()
-    })
-    .await;
-    assert!(refused, "a second stream is refused while one is open");
+    let open = tokio::time::timeout(Duration::from_secs(5), open)
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    assert!(open.headers().get("grpc-status").is_none(), "{open:?}");
+    assert!(
+        routes_a_get(&mut client).await.is_none(),
+        "a second stream is refused while one is open"
+    );
     assert!(
         kvroute
             .metrics()

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use kvroute_core::{ChatOptions, Prompt};
 use kvroute_extproc::{ExtProcConfig, Metrics, Router, StreamState};
@@ -28,7 +27,7 @@ use kvroute_index::{PrefixIndex, Shared, Tier};
 use kvroute_scheduler::config::DEFAULT_PRECISE;
 use kvroute_scheduler::{BuildContext, EndpointPickerConfig, SchedulerHandle, Tokenizers};
 use kvroute_tokens::{BlockHasher, ExtraKeys, ModelTokenizer};
-use test_support::envoy::{protocol_config, request_body, request_headers, with_config};
+use test_support::envoy::{full_duplex_chat_headers, request_body};
 use test_support::registry;
 
 fn tokenizer_path() -> PathBuf {
@@ -109,17 +108,7 @@ fn tokenize(c: &mut Criterion) {
 }
 
 fn messages(body: Vec<u8>) -> Vec<ProcessingRequest> {
-    vec![
-        with_config(
-            request_headers("POST", "/v1/chat/completions", &[], false),
-            protocol_config(
-                BodySendMode::FullDuplexStreamed,
-                BodySendMode::FullDuplexStreamed,
-                false,
-            ),
-        ),
-        request_body(&body, true),
-    ]
+    vec![full_duplex_chat_headers(), request_body(&body, true)]
 }
 
 fn body(messages: &[serde_json::Value]) -> Vec<u8> {

@@ -116,21 +116,9 @@ async fn streams_reset_before_acceptance_do_not_close_the_connection() {
         client = client.ready().await.unwrap();
     }
     // The same connection still serves a whole request: a GET answered by load.
-    let (response, mut send) = client.send_request(grpc_request(), false).unwrap();
-    let headers = test_support::envoy::request_headers("GET", "/v1/models", &[], true);
-    send.send_data(frame(&headers), true).unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(5), response)
+    let answer = routes_a_get(&mut client)
         .await
-        .expect("an answer in time")
         .expect("the connection survived the resets");
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
-    let data = tokio::time::timeout(Duration::from_secs(5), body.data())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let answer = ProcessingResponse::decode(&data[5..]).unwrap();
     assert!(
         matches!(
             answer.response,

@@ -197,22 +197,20 @@ pub(crate) fn trailers_response(request: bool) -> ProcessingResponse {
     }
 }
 
-/// Cuts `chunks` into pieces of at most [`MAX_CHUNK`] bytes: slices, never copies. An
-/// empty body becomes one empty piece.
-pub(crate) fn rechunk(chunks: Vec<Bytes>) -> Vec<Bytes> {
-    let mut out = Vec::with_capacity(chunks.len());
-    for mut chunk in chunks {
-        while chunk.len() > MAX_CHUNK {
-            out.push(chunk.split_to(MAX_CHUNK));
+/// `body` in pieces of at most [`MAX_CHUNK`] bytes: slices, never copies. An empty body is
+/// one empty piece.
+pub(crate) fn pieces(mut body: Bytes) -> impl Iterator<Item = Bytes> {
+    let mut last = false;
+    std::iter::from_fn(move || {
+        if last {
+            return None;
         }
-        if !chunk.is_empty() {
-            out.push(chunk);
+        if body.len() > MAX_CHUNK {
+            return Some(body.split_to(MAX_CHUNK));
         }
-    }
-    if out.is_empty() {
-        out.push(Bytes::new());
-    }
-    out
+        last = true;
+        Some(std::mem::take(&mut body))
+    })
 }
 
 /// A local reply in place of the upstream one: an OpenAI-style JSON error body.
@@ -262,21 +260,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rechunk_cuts_large_chunks_into_slices() {
+    fn pieces_cut_a_large_body_into_slices() {
         let big = Bytes::from(vec![2; MAX_CHUNK * 2 + 1]);
-        let out = rechunk(vec![Bytes::from(vec![1; 10]), Bytes::new(), big.clone()]);
+        let out: Vec<Bytes> = pieces(big.clone()).collect();
         let sizes: Vec<usize> = out.iter().map(Bytes::len).collect();
-        assert_eq!(sizes, [10, MAX_CHUNK, MAX_CHUNK, 1]);
+        assert_eq!(sizes, [MAX_CHUNK, MAX_CHUNK, 1]);
         assert_eq!(
-            out[2].as_ptr(),
+            out[1].as_ptr(),
             big[MAX_CHUNK..].as_ptr(),
             "pieces are slices"
         );
-        assert_eq!(rechunk(vec![]), vec![Bytes::new()]);
-        assert_eq!(
-            rechunk(vec![Bytes::new(), Bytes::new()]),
-            vec![Bytes::new()]
-        );
+        let small: Vec<Bytes> = pieces(Bytes::from(vec![1; 10])).collect();
+        assert_eq!(small.iter().map(Bytes::len).collect::<Vec<_>>(), [10]);
+        assert_eq!(pieces(Bytes::new()).collect::<Vec<_>>(), vec![Bytes::new()]);
     }
 
     #[test]

@@ -239,7 +239,8 @@ pub struct DecisionJob {
 /// What a [`DecisionJob`] found.
 #[derive(Debug)]
 pub struct DecisionOutcome {
-    chunks: Vec<Bytes>,
+    /// The body, joined: what full-duplex mode hands back.
+    body: Bytes,
     subset: Option<Vec<String>>,
     result: Result<Result<Decision, ScheduleError>, ParseError>,
     started: Instant,
@@ -263,7 +264,7 @@ impl DecisionJob {
             )
         });
         DecisionOutcome {
-            chunks: vec![body],
+            body,
             subset: self.subset,
             result,
             started: self.started,
@@ -512,7 +513,7 @@ impl StreamState {
                 }
                 self.request_body_done = b.end_of_stream;
                 if self.modes.request_full_duplex() {
-                    push_streamed(out, vec![b.body], b.end_of_stream, true);
+                    push_streamed(out, b.body, b.end_of_stream, true);
                 } else {
                     out.push(Outbound::Message(protocol::request_body_response(
                         protocol::pass(),
@@ -683,7 +684,7 @@ impl StreamState {
             return;
         };
         let DecisionOutcome {
-            chunks,
+            body,
             subset,
             result,
             started,
@@ -723,7 +724,7 @@ impl StreamState {
                 metadata,
                 None,
             )));
-            push_streamed(out, chunks, !trailers_follow, true);
+            push_streamed(out, body, !trailers_follow, true);
         } else {
             out.push(Outbound::Message(protocol::headers_response(
                 protocol::route_to(&dest),
@@ -849,7 +850,7 @@ impl StreamState {
             guard.prefilled();
         }
         if self.modes.response_full_duplex() {
-            push_streamed(out, vec![b.body], b.end_of_stream, false);
+            push_streamed(out, b.body, b.end_of_stream, false);
         } else {
             out.push(Outbound::Message(protocol::response_body_response(
                 protocol::pass(),
@@ -908,22 +909,18 @@ impl NoEndpoint {
     }
 }
 
-/// Sends body pieces back in streamed form (request or response side), at most
-/// [`protocol::MAX_CHUNK`] bytes each, the last one carrying `end_of_stream`: slices of the
-/// chunks as they came, never copies.
-fn push_streamed(out: &mut Vec<Outbound>, chunks: Vec<Bytes>, end_of_stream: bool, request: bool) {
-    let pieces = protocol::rechunk(chunks);
-    let last = pieces.len() - 1;
-    out.extend(
-        pieces
-            .into_iter()
-            .enumerate()
-            .map(|(i, body)| Outbound::Chunk {
-                request,
-                body,
-                end_of_stream: end_of_stream && i == last,
-            }),
-    );
+/// Sends a body back in streamed form (request or response side), in pieces of at most
+/// [`protocol::MAX_CHUNK`] bytes (slices, never copies), the last one carrying
+/// `end_of_stream`.
+fn push_streamed(out: &mut Vec<Outbound>, body: Bytes, end_of_stream: bool, request: bool) {
+    let mut pieces = protocol::pieces(body).peekable();
+    while let Some(body) = pieces.next() {
+        out.push(Outbound::Chunk {
+            request,
+            body,
+            end_of_stream: end_of_stream && pieces.peek().is_none(),
+        });
+    }
 }
 
 /// Whether `addr` is named by the data plane's subset, as `ip:port` or as a bare IP.

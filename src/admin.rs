@@ -1,5 +1,5 @@
 //! The admin HTTP port: `/metrics` (Prometheus text), `/healthz` (the process answers),
-//! `/readyz` (an endpoint is known and the process is not draining).
+//! `/readyz` (the endpoints were listed and the process is not draining).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -11,9 +11,9 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use kvroute_endpoints::Registry;
 use prometheus_client::encoding::text::encode;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -25,7 +25,9 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the admin handlers read.
 pub(crate) struct AdminState {
     pub(crate) metrics: prometheus_client::registry::Registry,
-    pub(crate) endpoints: Arc<Registry>,
+    /// True once the endpoint source was read in full (a static list at once; a pool after
+    /// its first full list of pods).
+    pub(crate) listed: watch::Receiver<bool>,
     pub(crate) draining: CancellationToken,
 }
 
@@ -98,8 +100,11 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         "/readyz" => {
             if state.draining.is_cancelled() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else if state.endpoints.is_empty() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "no endpoint known\n")
+            } else if !*state.listed.borrow() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "endpoints not listed yet\n",
+                )
             } else {
                 text(StatusCode::OK, "ready\n")
             }
@@ -130,7 +135,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(AdminState {
             metrics: prometheus_client::registry::Registry::default(),
-            endpoints: Arc::new(Registry::new()),
+            listed: watch::channel(true).1,
             draining: CancellationToken::new(),
         });
         let stop = CancellationToken::new();

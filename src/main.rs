@@ -41,7 +41,7 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve Envoy's ext_proc API and pick an endpoint for each request.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Run one simulated vLLM pod (OpenAI API, /metrics, KV events on ZMQ).
     Sim(sim::SimArgs),
     /// Compare routing policies on a simulated cluster, in virtual time.
@@ -71,7 +71,7 @@ fn main() -> anyhow::Result<()> {
     }
     let runtime = runtime.enable_all().build()?;
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve::run(args)),
+        Command::Serve(args) => runtime.block_on(serve::run(*args)),
         Command::Sim(args) => runtime.block_on(sim::run(args)),
         Command::Bench(args) => bench::run_bench(&args),
         Command::Demo(args) => bench::run_demo(&args),

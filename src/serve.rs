@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use kvroute_discovery::{Discovery, DiscoveryMetrics, PoolSpec, Source};
 use kvroute_endpoints::{
     InFlightCollector, LoadCollector, Registry, ScrapeConfig, ScrapeMetrics, Scraper,
 };
@@ -21,6 +22,7 @@ use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE, LEAST_IN_FLIGHT
 use kvroute_scheduler::{BuildContext, EndpointPickerConfig, SchedulerHandle, Tokenizers};
 use kvroute_tokens::ModelTokenizer;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -48,6 +50,8 @@ pub(crate) struct ServeArgs {
     admin_addr: SocketAddr,
     #[command(flatten)]
     endpoints: EndpointArgs,
+    #[command(flatten)]
+    pool: PoolArgs,
     /// Request bodies larger than this are answered 413.
     #[arg(long, default_value_t = DEFAULT_MAX_BODY_BYTES, env = "KVROUTE_MAX_BODY_BYTES")]
     max_body_bytes: usize,
@@ -308,18 +312,96 @@ struct EndpointArgs {
     /// A YAML file listing endpoints (`endpoints: [{address, name, labels}]`).
     #[arg(long)]
     endpoints_file: Option<PathBuf>,
+    /// Follow this `InferencePool` (in --pool-namespace) and the pods it selects, through
+    /// the Kubernetes API (in-cluster service account, else KUBECONFIG).
+    #[arg(long)]
+    pool_name: Option<String>,
+    /// Follow the pods matching this label selector (`app=vllm,tier=a`) without an
+    /// `InferencePool`, on --endpoint-target-ports.
+    #[arg(long, requires = "endpoint_target_ports")]
+    endpoint_selector: Option<String>,
+}
+
+/// Where the pool lives and how it is read (upstream's flags).
+#[derive(Debug, Args)]
+struct PoolArgs {
+    /// Namespace of the pool and its pods.
+    #[arg(long, env = "NAMESPACE", default_value = "default")]
+    pool_namespace: String,
+    /// API group of the `InferencePool`: `inference.networking.k8s.io` (v1) or
+    /// `inference.networking.x-k8s.io` (v1alpha2).
+    #[arg(long, default_value = "inference.networking.k8s.io")]
+    pool_group: String,
+    /// Target ports of the pods for --endpoint-selector, comma-separated; each port is a
+    /// data-parallel rank.
+    #[arg(long, value_delimiter = ',')]
+    endpoint_target_ports: Vec<u16>,
+}
+
+/// Where endpoints come from, once the flags are checked.
+enum EndpointSource {
+    Static(Vec<kvroute_core::Endpoint>),
+    Cluster(Source),
+}
+
+impl EndpointSource {
+    fn from_args(args: &EndpointArgs, pool: &PoolArgs) -> anyhow::Result<Self> {
+        Ok(match args {
+            EndpointArgs {
+                endpoints: Some(list),
+                ..
+            } => Self::Static(kvroute_endpoints::parse_list(list)?),
+            EndpointArgs {
+                endpoints_file: Some(path),
+                ..
+            } => Self::Static(kvroute_endpoints::load_file(path)?),
+            EndpointArgs {
+                pool_name: Some(name),
+                ..
+            } => Self::Cluster(Source::Pool {
+                name: name.clone(),
+                group: pool.pool_group.parse()?,
+            }),
+            EndpointArgs {
+                endpoint_selector: Some(selector),
+                ..
+            } => Self::Cluster(Source::Selector(PoolSpec::from_flags(
+                selector,
+                &pool.endpoint_target_ports,
+            )?)),
+            _ => anyhow::bail!(
+                "give --endpoints, --endpoints-file, --pool-name or --endpoint-selector"
+            ),
+        })
+    }
 }
 
 pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let endpoints = match (&args.endpoints.endpoints, &args.endpoints.endpoints_file) {
-        (Some(list), _) => kvroute_endpoints::parse_list(list)?,
-        (None, Some(path)) => kvroute_endpoints::load_file(path)?,
-        (None, None) => anyhow::bail!("give --endpoints or --endpoints-file"),
-    };
+    let source = EndpointSource::from_args(&args.endpoints, &args.pool)?;
     let registry = Arc::new(Registry::new());
-    registry.replace(endpoints);
-
     let mut prom = prometheus_client::registry::Registry::with_prefix("kvroute");
+    // True once the endpoints were read in full: at once for a static list, after the first
+    // full list of the pool's pods for a cluster source.
+    let (listed_tx, listed) = watch::channel(false);
+    let discovery = match source {
+        EndpointSource::Static(endpoints) => {
+            registry.replace(endpoints);
+            listed_tx.send_replace(true);
+            None
+        }
+        EndpointSource::Cluster(source) => {
+            let client = Discovery::infer_client()
+                .await
+                .context("connecting to the Kubernetes API server")?;
+            Some(Discovery::new(
+                client,
+                args.pool.pool_namespace.clone(),
+                source,
+                DiscoveryMetrics::register(&mut prom),
+            ))
+        }
+    };
+
     let metrics = Metrics::register(&mut prom);
     prom.register_collector(Box::new(InFlightCollector::new(Arc::clone(&registry))));
 
@@ -414,7 +496,17 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Cancelled at the signal, before `token`: readiness goes first (lame duck).
     let draining = CancellationToken::new();
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    set_health(&reporter, readiness(&registry)).await;
+    set_health(&reporter, ServingStatus::NotServing).await;
+    let discovering =
+        discovery.map(|d| tokio::spawn(d.run(Arc::clone(&registry), listed_tx, token.clone())));
+    let mut ready_rx = listed.clone();
+    let ready_reporter = reporter.clone();
+    let serving = tokio::spawn(async move {
+        if ready_rx.wait_for(|listed| *listed).await.is_ok() {
+            set_health(&ready_reporter, ServingStatus::Serving).await;
+            info!("endpoints listed: serving");
+        }
+    });
 
     let grpc_shutdown = token.clone();
     let grpc = tokio::spawn(
@@ -429,7 +521,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     let admin_state = Arc::new(admin::AdminState {
         metrics: prom,
-        endpoints: Arc::clone(&registry),
+        listed,
         draining: draining.clone(),
     });
     let admin = tokio::spawn(admin::serve(admin_listener, admin_state, token.clone()));
@@ -447,6 +539,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
 
     let stop = shutdown::wait(&token).await?;
+    serving.abort();
     draining.cancel();
     set_health(&reporter, ServingStatus::NotServing).await;
     if stop == shutdown::Stop::Term && !args.lame_duck.is_zero() {
@@ -463,6 +556,11 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             && let Err(e) = events.await
         {
             warn!(error = %e, "KV-event subscriptions task failed");
+        }
+        if let Some(discovering) = discovering
+            && let Err(e) = discovering.await
+        {
+            warn!(error = %e, "discovery task failed");
         }
         if let Err(e) = scrapes.await {
             warn!(error = %e, "metrics scraper task failed");
@@ -488,14 +586,6 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ),
     }
     Ok(())
-}
-
-fn readiness(registry: &Registry) -> ServingStatus {
-    if registry.is_empty() {
-        ServingStatus::NotServing
-    } else {
-        ServingStatus::Serving
-    }
 }
 
 /// Health of both the whole server (`""`) and the ext_proc service name, which is what

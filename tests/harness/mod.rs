@@ -248,8 +248,14 @@ impl Kvroute {
 
     /// Runs `kvroute serve` on ephemeral ports with `args`, and waits until it is ready.
     async fn spawn(dir: &Path, args: &[&str]) -> Self {
+        Self::spawn_env(dir, args, &[]).await
+    }
+
+    /// As [`Kvroute::spawn`], with these environment variables set.
+    pub async fn spawn_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let log = dir.join(format!("kvroute-{}.log", unique()));
         let child = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+            .envs(env.iter().copied())
             .args([
                 "serve",
                 "--grpc-addr",

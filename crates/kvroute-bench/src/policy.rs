@@ -209,6 +209,7 @@ impl PolicyRouter {
                     id: EndpointId::new(format!("pod-{i:04}")),
                     address: ([10, 0, (i >> 8) as u8, (i & 0xff) as u8], 8000).into(),
                     labels: Default::default(),
+                    rank: 0,
                 })
                 .collect(),
         );

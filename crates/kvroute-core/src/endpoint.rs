@@ -35,6 +35,9 @@ pub struct Endpoint {
     pub address: SocketAddr,
     /// Labels of the pod (or static entry), for filters that select by label.
     pub labels: BTreeMap<String, String>,
+    /// Data-parallel rank within its pod (the index of its target port; 0 for a pod that
+    /// serves on one port): vLLM publishes rank r's KV events on the events port + r.
+    pub rank: u16,
 }
 
 impl Endpoint {
@@ -44,6 +47,7 @@ impl Endpoint {
             id: EndpointId::new(address.to_string()),
             address,
             labels: BTreeMap::new(),
+            rank: 0,
         }
     }
 }

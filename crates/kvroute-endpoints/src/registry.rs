@@ -330,6 +330,7 @@ mod tests {
             id: EndpointId::new(name),
             address: addr.parse().unwrap(),
             labels: Default::default(),
+            rank: 0,
         }
     }
 

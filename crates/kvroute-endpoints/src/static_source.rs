@@ -152,6 +152,7 @@ fn build(entries: Vec<FileEndpoint>) -> Result<Vec<Endpoint>, StaticSourceError>
                 id: EndpointId::new(name),
                 address: e.address,
                 labels: e.labels,
+                rank: 0,
             })
         })
         .collect()

@@ -259,10 +259,23 @@ pub async fn follow(
     stop: CancellationToken,
 ) {
     let ip = ep.address().ip();
-    let events_at = format!("tcp://{}", SocketAddr::new(ip, config.port));
-    let replay_at = config
-        .replay_port
-        .map(|p| format!("tcp://{}", SocketAddr::new(ip, p)));
+    // A data-parallel rank publishes on the base ports plus its rank, replay included
+    // (vLLM's `ZmqEventPublisher.offset_endpoint_port`).
+    let rank = ep.endpoint().rank;
+    let (Some(port), Some(replay_port)) = (
+        config.port.checked_add(rank),
+        config
+            .replay_port
+            .map_or(Some(None), |p| p.checked_add(rank).map(Some)),
+    ) else {
+        warn!(
+            rank,
+            "KV-event port plus data-parallel rank is past 65535: not following"
+        );
+        return;
+    };
+    let events_at = format!("tcp://{}", SocketAddr::new(ip, port));
+    let replay_at = replay_port.map(|p| format!("tcp://{}", SocketAddr::new(ip, p)));
     let mut follower = Follower::new(ep.id().clone(), config.block_size);
     let check_every = (config.silence / 4).max(Duration::from_millis(10));
     'connect: while !stop.is_cancelled() {

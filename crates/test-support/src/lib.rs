@@ -2,6 +2,7 @@
 //! checks: Envoy's ext_proc messages as Envoy sends them, and readers of the answers.
 //! Used only by tests and benches; never by shipped code.
 
+pub mod apiserver;
 pub mod envoy;
 pub mod http;
 

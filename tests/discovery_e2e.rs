@@ -1,0 +1,184 @@
+//! Kubernetes discovery end to end: `kvroute serve --pool-name` reads an `InferencePool`
+//! and its pods from the in-process API server (`test_support::apiserver`, through a
+//! kubeconfig as a user's would point at a cluster), simulated vLLM pods serve on their own
+//! loopback addresses (127.0.0.k, one target port, as pod IPs do), real Envoy is in front
+//! and a steady stream of chat requests flows while pods come and go. None is lost and none
+//! goes to a pod that has left.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use harness::*;
+use kvroute_sim::server::Bound;
+use test_support::apiserver::{ApiServer, Resource, inference_pool, pod};
+use tokio_util::sync::CancellationToken;
+
+const NS: &str = "llm";
+
+/// A simulated pod at 127.0.0.`k`:`port`, stopped with its own token.
+async fn pod_at(k: u8, port: u16) -> (Bound, CancellationToken) {
+    let stop = CancellationToken::new();
+    let at = |p| SocketAddr::from(([127, 0, 0, k], p));
+    let bound = kvroute_sim::server::start(
+        kvroute_sim::server::ServerConfig {
+            http: at(port),
+            events: at(0),
+            replay: at(0),
+            topic: String::new(),
+            model: "m".into(),
+            profile: kvroute_sim::Profile::h100_llama31_8b(),
+            speed: 10.0,
+            encoding: kvroute_sim::wire::EventEncoding::Map,
+            tokenizer: None,
+            chat_template: None,
+        },
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    (bound, stop)
+}
+
+fn ready_pod(name: &str, k: u8, ready: bool) -> serde_json::Value {
+    pod(NS, name, &format!("127.0.0.{k}"), &[("app", "vllm")], ready)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_come_and_go_while_requests_flow() {
+    let dir = scratch("discovery");
+    let api = ApiServer::start().await;
+    api.install(Resource::inference_pool());
+    // One target port for every pod, as in a cluster: free on 127.0.0.1, so (almost
+    // surely) on the other loopback addresses too.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    api.apply(
+        &Resource::inference_pool(),
+        inference_pool(NS, "pool", &[("app", "vllm")], &[port]),
+    );
+    let mut pods = Vec::new();
+    for (name, k) in [("a", 2), ("b", 3), ("c", 4)] {
+        pods.push((name, pod_at(k, port).await));
+        api.apply(&Resource::pods(), ready_pod(name, k, true));
+    }
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig(NS)).unwrap();
+    let kvroute = Kvroute::spawn_env(
+        &dir,
+        &[
+            "--pool-name",
+            "pool",
+            "--pool-namespace",
+            NS,
+            "--refresh-metrics-interval",
+            "50ms",
+        ],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    )
+    .await;
+    let addrs: Vec<SocketAddr> = pods.iter().map(|(_, (b, _))| b.http).collect();
+    let envoy = Envoy::start(&dir, &EnvoyOptions::full_duplex(kvroute.grpc_port, &addrs)).await;
+
+    let traffic = Traffic::start(envoy.port, 4, "disc");
+    let begin = Instant::now();
+    let warm = traffic
+        .wait_answered_since(begin, 40, Duration::from_secs(20))
+        .await;
+    let up = envoy.upstreams_of(&warm).await;
+    for (_, (bound, _)) in &pods {
+        let n = up.iter().filter(|u| **u == bound.http.to_string()).count();
+        assert!(n > 0, "pod {} got none of {up:?}", bound.http);
+    }
+
+    // A new pod: running first, then Ready in the API; requests reach it.
+    let (d, d_stop) = pod_at(5, port).await;
+    api.apply(&Resource::pods(), ready_pod("d", 5, false));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ready_at = Instant::now();
+    api.apply(&Resource::pods(), ready_pod("d", 5, true));
+    let mut first = None;
+    let reached = eventually(Duration::from_secs(10), async || {
+        let sent = traffic.answered_since(ready_at);
+        let ups = envoy.upstreams();
+        first = sent
+            .iter()
+            .filter(|s| ups.get(&s.id).is_some_and(|u| *u == d.http.to_string()))
+            .map(|s| s.started)
+            .min();
+        first.is_some()
+    })
+    .await;
+    assert!(
+        reached,
+        "the new pod got no request: {}",
+        kvroute.log_text()
+    );
+    println!(
+        "pod Ready to its first routed request (sent): {:?}",
+        first.unwrap() - ready_at
+    );
+    pods.push(("d", (d, d_stop)));
+
+    // Pod "a" is deleted (as Kubernetes does on scale-in: the API object goes, the
+    // process gets a grace period to finish what it holds).
+    let a = pods[0].1.0.http.to_string();
+    api.delete(&Resource::pods(), NS, "a");
+    let gone = eventually(Duration::from_secs(5), async || {
+        !kvroute
+            .metrics()
+            .await
+            .contains("kvroute_endpoint_in_flight_requests{endpoint=\"a\"}")
+    })
+    .await;
+    let left_at = Instant::now();
+    assert!(gone, "a never left: {}", kvroute.log_text());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    pods[0].1.1.cancel();
+
+    // Pod "b" turns not ready (a failing readiness probe): no new request for it.
+    api.apply(&Resource::pods(), ready_pod("b", 3, false));
+    let b = pods[1].1.0.http.to_string();
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            !kvroute
+                .metrics()
+                .await
+                .contains("kvroute_endpoint_in_flight_requests{endpoint=\"b\"}")
+        })
+        .await
+    );
+    let unready_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let (sent, answers) = traffic.stop().await;
+    assert_eq!(answers.len(), sent, "every request came back");
+    let failed: Vec<&Sent> = answers.iter().filter(|s| s.status != Some(200)).collect();
+    assert!(failed.is_empty(), "lost requests: {failed:?}");
+    let ups = envoy.upstreams_of(&answers).await;
+    for (s, u) in answers.iter().zip(&ups) {
+        assert!(
+            !(s.started > left_at && *u == a),
+            "{} went to deleted pod a after it left",
+            s.id
+        );
+        assert!(
+            !(s.started > unready_at && *u == b),
+            "{} went to unready pod b after it left",
+            s.id
+        );
+    }
+    println!(
+        "{sent} requests, none lost; after the changes: {} to the others",
+        answers.iter().filter(|s| s.started > unready_at).count()
+    );
+    for (_, (_, stop)) in &pods {
+        stop.cancel();
+    }
+}

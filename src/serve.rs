@@ -403,6 +403,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
 
     let metrics = Metrics::register(&mut prom);
+    registry.subscribe(Arc::new(metrics.clone()));
     prom.register_collector(Box::new(InFlightCollector::new(Arc::clone(&registry))));
 
     anyhow::ensure!(

@@ -19,14 +19,24 @@ use tokio_util::sync::CancellationToken;
 
 const NS: &str = "llm";
 
-/// A simulated pod at 127.0.0.`k`:`port`, stopped with its own token.
-async fn pod_at(k: u8, port: u16) -> (Bound, CancellationToken) {
+/// A port free on 127.0.0.1, so (almost surely) on the other loopback addresses too.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A simulated pod at 127.0.0.`k`:`port` publishing KV events on `events`, stopped with
+/// its own token.
+async fn pod_at(k: u8, port: u16, events: u16) -> (Bound, CancellationToken) {
     let stop = CancellationToken::new();
     let at = |p| SocketAddr::from(([127, 0, 0, k], p));
     let bound = kvroute_sim::server::start(
         kvroute_sim::server::ServerConfig {
             http: at(port),
-            events: at(0),
+            events: at(events),
             replay: at(0),
             topic: String::new(),
             model: "m".into(),
@@ -52,20 +62,15 @@ async fn pods_come_and_go_while_requests_flow() {
     let dir = scratch("discovery");
     let api = ApiServer::start().await;
     api.install(Resource::inference_pool());
-    // One target port for every pod, as in a cluster: free on 127.0.0.1, so (almost
-    // surely) on the other loopback addresses too.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // One target port and one events port for every pod, as in a cluster.
+    let (port, events) = (free_port(), free_port());
     api.apply(
         &Resource::inference_pool(),
         inference_pool(NS, "pool", &[("app", "vllm")], &[port]),
     );
     let mut pods = Vec::new();
     for (name, k) in [("a", 2), ("b", 3), ("c", 4)] {
-        pods.push((name, pod_at(k, port).await));
+        pods.push((name, pod_at(k, port, events).await));
         api.apply(&Resource::pods(), ready_pod(name, k, true));
     }
     let kubeconfig = dir.join("kubeconfig");
@@ -79,6 +84,8 @@ async fn pods_come_and_go_while_requests_flow() {
             NS,
             "--refresh-metrics-interval",
             "50ms",
+            "--kv-events-port",
+            &events.to_string(),
         ],
         &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     )
@@ -86,6 +93,11 @@ async fn pods_come_and_go_while_requests_flow() {
     let addrs: Vec<SocketAddr> = pods.iter().map(|(_, (b, _))| b.http).collect();
     let envoy = Envoy::start(&dir, &EnvoyOptions::full_duplex(kvroute.grpc_port, &addrs)).await;
 
+    let confirmed = |m: &str, pod: &str| {
+        m.contains(&format!(
+            "kvroute_endpoint_kv_events_confirmed{{endpoint=\"{pod}\"}} 1"
+        ))
+    };
     let traffic = Traffic::start(envoy.port, 4, "disc");
     let begin = Instant::now();
     let warm = traffic
@@ -96,9 +108,17 @@ async fn pods_come_and_go_while_requests_flow() {
         let n = up.iter().filter(|u| **u == bound.http.to_string()).count();
         assert!(n > 0, "pod {} got none of {up:?}", bound.http);
     }
+    // Without a replay port a stream is in sequence from its first live message on.
+    let mut m = String::new();
+    let subscribed = eventually(Duration::from_secs(10), async || {
+        m = kvroute.metrics().await;
+        ["a", "b", "c"].iter().all(|p| confirmed(&m, p))
+    })
+    .await;
+    assert!(subscribed, "KV events not followed for every pod: {m}");
 
     // A new pod: running first, then Ready in the API; requests reach it.
-    let (d, d_stop) = pod_at(5, port).await;
+    let (d, d_stop) = pod_at(5, port, events).await;
     api.apply(&Resource::pods(), ready_pod("d", 5, false));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let ready_at = Instant::now();
@@ -125,6 +145,14 @@ async fn pods_come_and_go_while_requests_flow() {
         first.unwrap() - ready_at
     );
     pods.push(("d", (d, d_stop)));
+    assert!(
+        eventually(Duration::from_secs(10), async || confirmed(
+            &kvroute.metrics().await,
+            "d"
+        ))
+        .await,
+        "the new pod's KV events are not followed"
+    );
 
     // Pod "a" is deleted (as Kubernetes does on scale-in: the API object goes, the
     // process gets a grace period to finish what it holds).
@@ -139,6 +167,11 @@ async fn pods_come_and_go_while_requests_flow() {
     .await;
     let left_at = Instant::now();
     assert!(gone, "a never left: {}", kvroute.log_text());
+    let m = kvroute.metrics().await;
+    assert!(
+        !m.lines().any(|l| l.contains("endpoint=\"a\"")),
+        "a's series outlived it: {m}"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     pods[0].1.1.cancel();
 
@@ -181,4 +214,61 @@ async fn pods_come_and_go_while_requests_flow() {
     for (_, (_, stop)) in &pods {
         stop.cancel();
     }
+}
+
+/// `/readyz` and gRPC health (what Envoy's health check and the kubelet's probe ask) stay
+/// not ready until the pool exists and its pods were listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_until_the_pool_is_listed() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let dir = scratch("discovery-ready");
+    let api = ApiServer::start().await;
+    api.install(Resource::inference_pool());
+    api.apply(&Resource::pods(), ready_pod("a", 2, true));
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig(NS)).unwrap();
+    let kvroute = Kvroute::launch(
+        &dir,
+        &["--pool-name", "pool", "--pool-namespace", NS],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    )
+    .await;
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", kvroute.grpc_port))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut health = HealthClient::new(channel);
+    let status = async |health: &mut HealthClient<tonic::transport::Channel>| {
+        health
+            .check(HealthCheckRequest {
+                service: "envoy.service.ext_proc.v3.ExternalProcessor".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let readyz = http(kvroute.admin_port, "GET", "/readyz", &[], Vec::new()).await;
+    assert_eq!(readyz.status, 503, "{}", readyz.text());
+    assert!(readyz.text().contains("not listed"), "{}", readyz.text());
+    assert_eq!(status(&mut health).await, ServingStatus::NotServing as i32);
+
+    api.apply(
+        &Resource::inference_pool(),
+        inference_pool(NS, "pool", &[("app", "vllm")], &[8000]),
+    );
+    let ready = eventually(Duration::from_secs(10), async || {
+        http(kvroute.admin_port, "GET", "/readyz", &[], Vec::new())
+            .await
+            .status
+            == 200
+    })
+    .await;
+    assert!(ready, "{}", kvroute.log_text());
+    assert_eq!(status(&mut health).await, ServingStatus::Serving as i32);
 }

@@ -253,6 +253,18 @@ impl Kvroute {
 
     /// As [`Kvroute::spawn`], with these environment variables set.
     pub async fn spawn_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let k = Self::launch(dir, args, env).await;
+        let ready = eventually(Duration::from_secs(20), async || {
+            get_ok(k.admin_port, "/readyz").await.is_some()
+        })
+        .await;
+        assert!(ready, "kvroute never became ready: {}", k.log_text());
+        k
+    }
+
+    /// Runs `kvroute serve` with `args` and `env`, and waits until it says where it
+    /// listens, not until it is ready.
+    pub async fn launch(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let log = dir.join(format!("kvroute-{}.log", unique()));
         let child = Command::new(env!("CARGO_BIN_EXE_kvroute"))
             .envs(env.iter().copied())
@@ -293,11 +305,6 @@ impl Kvroute {
             "kvroute never said where it listens: {}",
             k.log_text()
         );
-        let ready = eventually(Duration::from_secs(20), async || {
-            get_ok(admin_port, "/readyz").await.is_some()
-        })
-        .await;
-        assert!(ready, "kvroute never became ready: {}", k.log_text());
         k
     }
 

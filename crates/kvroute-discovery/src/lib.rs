@@ -1,7 +1,7 @@
 //! Where kvroute's endpoints come from in a cluster: an `InferencePool` (or upstream's
 //! `--endpoint-selector` flags) and the pods that match it, followed through kube-rs.
 //!
-//! It watches three things, each with kube-runtime's `watcher` and default backoff into a
+//! It watches three things, each with kube-runtime's `watcher` and backoff into a
 //! reflector `Store` (so a relist prunes pods deleted while the watch was down): the pool
 //! object (its selector and target ports), the pods that selector matches, and
 //! `InferenceObjective`s when their CRD is installed. After every change it hands the

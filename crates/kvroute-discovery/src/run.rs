@@ -13,7 +13,8 @@ use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::utils::Backoff;
+use kube::runtime::watcher::{self, DefaultBackoff, Event};
 use kube::runtime::{WatchStreamExt, watcher as watch_fn};
 use kube::{Client, Resource};
 use kvroute_endpoints::Registry;
@@ -83,7 +84,7 @@ impl DiscoveryMetrics {
         );
         registry.register(
             "discovery_relists",
-            "Full lists of a resource (the first, and each after a watch expired), by resource",
+            "Full lists of a resource completed (the first, and one after each watch that expired), by resource",
             m.relists.clone(),
         );
         registry.register(
@@ -322,9 +323,11 @@ async fn follow_pool<K>(
                 metrics.error("pool");
                 warn!(error = %e, "pool watch failed; retrying with backoff");
             }
-            Some(Ok(Event::Init)) => metrics.relist("pool"),
-            Some(Ok(Event::InitApply(_))) => {}
-            Some(Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))) => {
+            Some(Ok(Event::Init | Event::InitApply(_))) => {}
+            Some(Ok(event @ (Event::InitDone | Event::Apply(_) | Event::Delete(_)))) => {
+                if matches!(event, Event::InitDone) {
+                    metrics.relist("pool");
+                }
                 let spec = match store.state().first() {
                     None => {
                         warn!("InferencePool not found: no endpoints until it exists");
@@ -354,7 +357,41 @@ async fn follow_pool<K>(
 /// The shortest time between two rebuilds of the endpoint list from the pods' store.
 const PUBLISH_EVERY: Duration = Duration::from_millis(20);
 
-/// A watcher with kube's default backoff, reflected into a fresh store.
+/// kube's default backoff (0.8 s doubling to 30 s, with jitter), except that a reset only
+/// counts once the watch has gone [`STEADY_AFTER`] without failing. kube resets the backoff on
+/// every `Ok` item, and its watcher yields `Event::Init` before each list attempt: with the
+/// default, a list that keeps failing (an API server that is away, a CRD not installed) is
+/// retried every 0.8 s for ever.
+#[derive(Default)]
+struct SteadyBackoff {
+    inner: DefaultBackoff,
+    last_failure: Option<Instant>,
+}
+
+/// How long a watch must go without failing before its backoff starts again from 0.8 s.
+const STEADY_AFTER: Duration = Duration::from_secs(60);
+
+impl Iterator for SteadyBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        self.last_failure = Some(Instant::now());
+        self.inner.next()
+    }
+}
+
+impl Backoff for SteadyBackoff {
+    fn reset(&mut self) {
+        if self
+            .last_failure
+            .is_none_or(|at| at.elapsed() >= STEADY_AFTER)
+        {
+            self.inner.reset();
+        }
+    }
+}
+
+/// A watcher with [`SteadyBackoff`], reflected into a fresh store.
 fn reflected<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -367,7 +404,9 @@ where
     K::DynamicType: Default + Eq + Hash + Clone,
 {
     let (reader, writer) = reflector::store();
-    let stream = watch_fn(api, config).default_backoff().reflect(writer);
+    let stream = watch_fn(api, config)
+        .backoff(SteadyBackoff::default())
+        .reflect(writer);
     (reader, stream)
 }
 
@@ -456,12 +495,9 @@ fn note(
             warn!(error = %e, "pod watch failed; keeping the last known endpoints and retrying with backoff");
             false
         }
-        Ok(Event::Init) => {
-            metrics.relist("pods");
-            false
-        }
-        Ok(Event::InitApply(_)) => false,
+        Ok(Event::Init | Event::InitApply(_)) => false,
         Ok(Event::InitDone) => {
+            metrics.relist("pods");
             *listed = true;
             true
         }
@@ -523,9 +559,11 @@ impl ObjectiveFollower {
                     self.metrics.error("objectives");
                     debug!(error = %e, "objective watch failed; retrying with backoff");
                 }
-                Some(Ok(Event::Init)) => self.metrics.relist("objectives"),
-                Some(Ok(Event::InitApply(_))) => {}
-                Some(Ok(_)) => {
+                Some(Ok(Event::Init | Event::InitApply(_))) => {}
+                Some(Ok(event)) => {
+                    if matches!(event, Event::InitDone) {
+                        self.metrics.relist("objectives");
+                    }
                     let map: HashMap<String, i32> = store
                         .state()
                         .iter()

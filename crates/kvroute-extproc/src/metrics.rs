@@ -1,5 +1,9 @@
 //! The ext_proc server's metrics, registered under the caller's prefix (`kvroute_`).
 
+use std::sync::{Arc, Mutex, PoisonError};
+
+use kvroute_core::EndpointId;
+use kvroute_endpoints::{EndpointState, EndpointsListener};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -51,7 +55,14 @@ pub struct Metrics {
     decision_seconds: Histogram,
     tokens: Family<TokenLabels, Counter>,
     stream_errors: Counter,
+    /// Held while a per-endpoint series is written for an endpoint checked to be present,
+    /// and while a departed endpoint's series are removed: a response that ends just as its
+    /// endpoint leaves never brings the series back.
+    endpoint_series: Arc<Mutex<()>>,
 }
+
+/// The `kind` label values of `endpoint_tokens`.
+const TOKEN_KINDS: [&str; 3] = ["prompt", "completion", "cached"];
 
 impl Metrics {
     /// Creates the metrics and registers them in `registry`.
@@ -62,6 +73,7 @@ impl Metrics {
             decision_seconds: Histogram::new(exponential_buckets(1e-6, 2.0, 22)),
             tokens: Family::default(),
             stream_errors: Counter::default(),
+            endpoint_series: Arc::default(),
         };
         registry.register(
             "requests",
@@ -113,23 +125,87 @@ impl Metrics {
         self.responses.get_or_create(&[("class", class)]).inc();
     }
 
-    pub(crate) fn usage(&self, endpoint: &str, usage: &Usage) {
-        let add = |kind, n| {
+    pub(crate) fn usage(&self, endpoint: &EndpointState, usage: &Usage) {
+        let _held = self
+            .endpoint_series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if endpoint.departed() {
+            return;
+        }
+        let counts = [
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens.unwrap_or(0),
+        ];
+        for (kind, n) in TOKEN_KINDS.into_iter().zip(counts) {
             if n > 0 {
                 self.tokens
                     .get_or_create(&[
-                        ("endpoint", endpoint.to_owned()),
+                        ("endpoint", endpoint.id().to_string()),
                         ("kind", String::from(kind)),
                     ])
                     .inc_by(n);
             }
-        };
-        add("prompt", usage.prompt_tokens);
-        add("completion", usage.completion_tokens);
-        add("cached", usage.cached_tokens.unwrap_or(0));
+        }
     }
 
     pub(crate) fn stream_error(&self) {
         self.stream_errors.inc();
+    }
+}
+
+impl EndpointsListener for Metrics {
+    /// Drops the departed endpoints' token series, so that a pool that churns pods does not
+    /// grow `/metrics` without bound.
+    fn endpoints_changed(&self, _current: &[Arc<EndpointState>], departed: &[EndpointId]) {
+        let _held = self
+            .endpoint_series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for id in departed {
+            for kind in TOKEN_KINDS {
+                self.tokens
+                    .remove(&[("endpoint", id.to_string()), ("kind", String::from(kind))]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_departed_endpoints_token_series_go_and_stay_gone() {
+        let mut prom = Registry::default();
+        let metrics = Metrics::register(&mut prom);
+        let endpoints = test_support::endpoints(2);
+        endpoints.subscribe(Arc::new(metrics.clone()));
+        let usage = Usage {
+            prompt_tokens: 10,
+            completion_tokens: 2,
+            cached_tokens: Some(4),
+        };
+        let snapshot = endpoints.snapshot();
+        let (a, b) = (&snapshot[0], &snapshot[1]);
+        metrics.usage(a, &usage);
+        metrics.usage(b, &usage);
+        let a_label = format!("endpoint=\"{}\"", a.id());
+        assert_eq!(text(&prom).matches(&a_label).count(), 3);
+
+        endpoints.replace(vec![b.endpoint().clone()]);
+        assert!(!text(&prom).contains(&a_label), "{}", text(&prom));
+        // A response that ends after its endpoint left adds nothing back.
+        metrics.usage(a, &usage);
+        let after = text(&prom);
+        assert!(!after.contains(&a_label), "{after}");
+        assert!(after.contains(&format!("endpoint=\"{}\"", b.id())));
     }
 }

@@ -870,9 +870,7 @@ impl StreamState {
         let usage = self.usage.take().and_then(UsageScanner::finish);
         if let Some(guard) = self.guard.take() {
             if let Some(usage) = usage {
-                self.router
-                    .metrics
-                    .usage(guard.endpoint().id().as_str(), &usage);
+                self.router.metrics.usage(guard.endpoint(), &usage);
             }
             self.router.metrics.response(self.status);
         }

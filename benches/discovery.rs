@@ -92,6 +92,8 @@ async fn start(dir: &std::path::Path, kubeconfig: &std::path::Path) -> Kvroute {
             "127.0.0.1:0",
             "--admin-addr",
             "127.0.0.1:0",
+            "--grpc-health-port",
+            "0",
             "--pool-name",
             "pool",
             "--pool-namespace",

@@ -404,6 +404,7 @@ def main() -> None:
         if any(m != "alone" for m in modes):
             argv = [str(kvroute), "serve", "--endpoints", ",".join(f"127.0.0.1:{p}" for p in backends),
                     "--grpc-addr", f"127.0.0.1:{grpc}", "--admin-addr", f"127.0.0.1:{kv_admin}",
+                    "--grpc-health-port", "0",
                     *args.kvroute_args.split()]
             kv = procs.start(argv, work / "kvroute.log", env=dict(os.environ, KVROUTE_LOG="warn"))
             wait_until("kvroute", lambda: urllib.request.urlopen(

@@ -11,7 +11,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +24,9 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the admin handlers read.
 pub(crate) struct AdminState {
-    pub(crate) metrics: prometheus_client::registry::Registry,
+    /// kvroute's own metrics, then upstream's names for the same things; served as one
+    /// exposition.
+    pub(crate) metrics: [prometheus_client::registry::Registry; 2],
     /// True once the endpoint source was read in full (a static list at once; a pool after
     /// its first full list of pods).
     pub(crate) listed: watch::Receiver<bool>,
@@ -82,7 +84,12 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
     match req.uri().path() {
         "/metrics" => {
             let mut body = String::new();
-            match encode(&mut body, &state.metrics) {
+            let encoded = state
+                .metrics
+                .iter()
+                .try_for_each(|r| encode_registry(&mut body, r))
+                .and_then(|()| encode_eof(&mut body));
+            match encoded {
                 Ok(()) => Response::builder()
                     .header(
                         "content-type",
@@ -134,7 +141,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(AdminState {
-            metrics: prometheus_client::registry::Registry::default(),
+            metrics: Default::default(),
             listed: watch::channel(true).1,
             draining: CancellationToken::new(),
         });

@@ -25,11 +25,27 @@ struct Cli {
     /// Log lines as text, or as one JSON object each (for log collectors).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "KVROUTE_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Upstream's log format flag: `json` is `--log-format json`, `console` is text.
+    #[arg(long, global = true, value_enum, conflicts_with = "log_format")]
+    zap_encoder: Option<ZapEncoder>,
+    /// Upstream's verbosity (`-v 2` is the default): up to 2 logs info, 3 and 4 debug, 5 and
+    /// more trace. `--log` and `RUST_LOG` win over it.
+    #[arg(short = 'v', long = "v", global = true, value_name = "LEVEL")]
+    verbosity: Option<u8>,
+    /// Upstream's zap level: `debug`, `info`, `error`, or a verbosity number; wins over -v.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    zap_log_level: Option<String>,
     /// Threads running the async request path (default: one per core the process may use).
     /// Fewer threads wake each other less: one costs a quarter less CPU per request than
     /// two where other processes share the cores (docs/operations.md).
     #[arg(long, global = true, env = "KVROUTE_WORKER_THREADS")]
     worker_threads: Option<std::num::NonZeroUsize>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ZapEncoder {
+    Json,
+    Console,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -54,14 +70,21 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = match &cli.log {
-        Some(f) => EnvFilter::try_new(f)?,
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    let filter = match (&cli.log, upstream_level(&cli)?) {
+        (Some(f), _) => EnvFilter::try_new(f)?,
+        (None, _) if std::env::var_os("RUST_LOG").is_some() => EnvFilter::try_from_default_env()?,
+        (None, Some(level)) => EnvFilter::new(level),
+        (None, None) => EnvFilter::new("info"),
+    };
+    let log_format = match cli.zap_encoder {
+        Some(ZapEncoder::Json) => LogFormat::Json,
+        Some(ZapEncoder::Console) => LogFormat::Text,
+        None => cli.log_format,
     };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match cli.log_format {
+    match log_format {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => logs.json().init(),
     }
@@ -77,4 +100,23 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => bench::run_demo(&args),
         Command::Config(cmd) => config::run(&cmd),
     }
+}
+
+/// The tracing level upstream's `--zap-log-level` or `-v` asks for, if either was given
+/// (upstream's levels: 2 default, 3 verbose, 4 debug, 5 trace).
+fn upstream_level(cli: &Cli) -> anyhow::Result<Option<&'static str>> {
+    let verbosity = match cli.zap_log_level.as_deref() {
+        Some("error") => return Ok(Some("error")),
+        Some("info") => return Ok(Some("info")),
+        Some("debug") => return Ok(Some("debug")),
+        Some(n) => Some(n.parse::<u8>().map_err(|_| {
+            anyhow::anyhow!("--zap-log-level {n:?}: give debug, info, error or a number")
+        })?),
+        None => cli.verbosity,
+    };
+    Ok(verbosity.map(|v| match v {
+        0..=2 => "info",
+        3 | 4 => "debug",
+        _ => "trace",
+    }))
 }

@@ -10,12 +10,13 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use kvroute_discovery::{Discovery, DiscoveryMetrics, PoolSpec, Source};
 use kvroute_endpoints::{
-    InFlightCollector, LoadCollector, Registry, ScrapeConfig, ScrapeMetrics, Scraper,
+    InFlightCollector, LoadCollector, PoolCollector, Registry, ScrapeConfig, ScrapeMetrics, Scraper,
 };
 use kvroute_events::{EventMetrics, IndexCollector, SubscriberConfig, Subscriptions};
 use kvroute_extproc::{
     BodySendMode, DEFAULT_DECISION_QUEUE, DEFAULT_INLINE_DECISION_BYTES, DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_STREAMS, ExtProcConfig, ExtProcService, Metrics, Router, default_decision_threads,
+    DEFAULT_MAX_STREAMS, ExtProcConfig, ExtProcService, Metrics, Router, UpstreamMetrics,
+    default_decision_threads,
 };
 use kvroute_index::{PrefixIndex, Shared};
 use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE, LEAST_IN_FLIGHT};
@@ -45,9 +46,22 @@ pub(crate) struct ServeArgs {
     /// Address of the ext_proc gRPC server (and its gRPC health service).
     #[arg(long, default_value = "0.0.0.0:9002", env = "KVROUTE_GRPC_ADDR")]
     grpc_addr: SocketAddr,
+    /// Upstream's form of --grpc-addr: the ext_proc port on every interface.
+    #[arg(long, conflicts_with = "grpc_addr")]
+    grpc_port: Option<u16>,
+    /// gRPC health alone, on this port of the ext_proc address's interface (what the
+    /// kubelet's probes ask: `liveness` is SERVING while the process runs; `readiness`,
+    /// `inference-extension`, `""` and the ext_proc service name once the endpoints were
+    /// listed and until SIGTERM).
+    #[arg(long, default_value_t = 9003)]
+    grpc_health_port: u16,
     /// Address of the admin HTTP server: /metrics, /healthz, /readyz.
     #[arg(long, default_value = "0.0.0.0:9090", env = "KVROUTE_ADMIN_ADDR")]
     admin_addr: SocketAddr,
+    /// Upstream's form of --admin-addr: kvroute's own /metrics (and probes) port on every
+    /// interface.
+    #[arg(long, conflicts_with = "admin_addr")]
+    metrics_port: Option<u16>,
     #[command(flatten)]
     endpoints: EndpointArgs,
     #[command(flatten)]
@@ -93,6 +107,12 @@ pub(crate) struct ServeArgs {
     /// Envoy config: 2 checks 2 s apart). SIGINT skips it.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     lame_duck: Duration,
+    /// Upstream's name for --lame-duck: how long ext_proc keeps serving after SIGTERM has
+    /// turned health NOT_SERVING.
+    #[arg(long, value_parser = parse_duration, conflicts_with = "lame_duck")]
+    drain_timeout: Option<Duration>,
+    #[command(flatten)]
+    upstream: UpstreamArgs,
     #[command(flatten)]
     events: EventArgs,
     #[command(flatten)]
@@ -110,7 +130,70 @@ struct ScrapeArgs {
     metrics_staleness_threshold: Duration,
     /// The pods' metrics port (default: the endpoint's own port, as vLLM serves it).
     #[arg(long)]
-    metrics_port: Option<u16>,
+    model_server_metrics_port: Option<u16>,
+    /// The pods' metrics path (default: the configuration's `metrics-data-source` path,
+    /// else /metrics).
+    #[arg(long)]
+    model_server_metrics_path: Option<String>,
+    /// The pods' metrics scheme; kvroute scrapes over `http` only.
+    #[arg(long, default_value = "http", value_parser = ["http"])]
+    model_server_metrics_scheme: String,
+    /// Read for compatibility (it applies to `https` scrapes, which kvroute does not make).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    model_server_metrics_https_insecure_skip_verify: Option<bool>,
+}
+
+/// Upstream's flags for what kvroute does differently, accepted so that upstream's charts
+/// and manifests run kvroute unchanged; each says at start what it means here.
+#[derive(Debug, Args)]
+struct UpstreamArgs {
+    /// Leader election: kvroute runs active-active (every replica routes), so none is held.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    ha_enable_leader_election: Option<bool>,
+    /// Trace export: kvroute emits no traces; `true` is refused rather than ignored.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    tracing: Option<bool>,
+    /// TLS on the ext_proc port: not supported yet, so `true` is refused at start.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    secure_serving: Option<bool>,
+    /// Authentication of /metrics: not supported yet, so `true` is refused at start.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    metrics_endpoint_auth: Option<bool>,
+    /// Alpha plugins: kvroute gates none, so every plugin it knows is allowed.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    allow_experimental_plugins: Option<bool>,
+    /// Ignore the data plane's subset hint (`envoy.lb.subset_hint`) and choose among every
+    /// endpoint.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    disable_endpoint_subset_filter: Option<bool>,
+    /// Health on the ext_proc port: kvroute serves it there always (and on
+    /// --grpc-health-port).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    health_checking: Option<bool>,
+}
+
+impl UpstreamArgs {
+    /// Refuses what kvroute cannot honour, and says what the rest mean here.
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.secure_serving != Some(true),
+            "--secure-serving: kvroute serves ext_proc in plaintext (TLS is not supported yet); pass --secure-serving=false and keep the data plane's connection to kvroute plaintext"
+        );
+        anyhow::ensure!(
+            self.metrics_endpoint_auth != Some(true),
+            "--metrics-endpoint-auth: kvroute's /metrics has no authentication yet; pass --metrics-endpoint-auth=false and restrict the metrics port by network policy"
+        );
+        anyhow::ensure!(
+            self.tracing != Some(true),
+            "--tracing: kvroute emits no traces; pass --tracing=false"
+        );
+        if self.ha_enable_leader_election == Some(true) {
+            info!(
+                "--ha-enable-leader-election: kvroute runs active-active, every replica routes; no leader is elected"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// A duration as Go writes one: `50ms`, `2s`, `1m`.
@@ -377,6 +460,15 @@ impl EndpointSource {
 }
 
 pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    args.upstream.check()?;
+    let grpc_addr = args
+        .grpc_port
+        .map_or(args.grpc_addr, |p| SocketAddr::from(([0, 0, 0, 0], p)));
+    let admin_addr = args
+        .metrics_port
+        .map_or(args.admin_addr, |p| SocketAddr::from(([0, 0, 0, 0], p)));
+    let health_addr = SocketAddr::new(grpc_addr.ip(), args.grpc_health_port);
+    let lame_duck = args.drain_timeout.unwrap_or(args.lame_duck);
     let source = EndpointSource::from_args(&args.endpoints, &args.pool)?;
     let registry = Arc::new(Registry::new());
     let mut prom = prometheus_client::registry::Registry::with_prefix("kvroute");
@@ -402,8 +494,19 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
 
-    let metrics = Metrics::register(&mut prom);
+    // Upstream's metric names, whole (no prefix), beside kvroute's own.
+    let mut upstream_prom = prometheus_client::registry::Registry::default();
+    let priorities = discovery
+        .as_ref()
+        .map(|d| Arc::new(d.objectives()) as Arc<dyn kvroute_core::Priorities>);
+    let metrics = Metrics::register(&mut prom)
+        .with_upstream(UpstreamMetrics::register(&mut upstream_prom, priorities));
     registry.subscribe(Arc::new(metrics.clone()));
+    upstream_prom.register_collector(Box::new(PoolCollector::new(
+        Arc::clone(&registry),
+        args.endpoints.pool_name.clone().unwrap_or_default(),
+        args.scrape.metrics_staleness_threshold,
+    )));
     prom.register_collector(Box::new(InFlightCollector::new(Arc::clone(&registry))));
 
     anyhow::ensure!(
@@ -455,8 +558,13 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .refresh_metrics_interval
             .max(Duration::from_millis(50)),
         staleness: args.scrape.metrics_staleness_threshold,
-        port: args.scrape.metrics_port,
-        path: metrics_path.unwrap_or_else(|| "/metrics".to_owned()),
+        port: args.scrape.model_server_metrics_port,
+        path: args
+            .scrape
+            .model_server_metrics_path
+            .clone()
+            .or(metrics_path)
+            .unwrap_or_else(|| "/metrics".to_owned()),
         expected_block_size: u32::try_from(args.events.block_size).ok(),
         ..ScrapeConfig::default()
     };
@@ -474,19 +582,24 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             decision_threads: args.decision_threads.max(1),
             decision_queue: args.decision_queue,
             max_streams: args.max_streams,
+            subset_filter: args.upstream.disable_endpoint_subset_filter != Some(true),
         },
         metrics,
     );
 
-    // Bind both ports before serving anything, so a taken port fails the start cleanly.
-    let grpc_listener = TcpListener::bind(args.grpc_addr)
+    // Bind every port before serving anything, so a taken port fails the start cleanly.
+    let grpc_listener = TcpListener::bind(grpc_addr)
         .await
-        .with_context(|| format!("binding ext_proc address {}", args.grpc_addr))?;
-    let admin_listener = TcpListener::bind(args.admin_addr)
+        .with_context(|| format!("binding ext_proc address {grpc_addr}"))?;
+    let health_listener = TcpListener::bind(health_addr)
         .await
-        .with_context(|| format!("binding admin address {}", args.admin_addr))?;
+        .with_context(|| format!("binding gRPC health address {health_addr}"))?;
+    let admin_listener = TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("binding admin address {admin_addr}"))?;
     info!(
         grpc = %grpc_listener.local_addr()?,
+        health = %health_listener.local_addr()?,
         admin = %admin_listener.local_addr()?,
         endpoints = registry.len(),
         kv_events = ?args.events.kv_events_port,
@@ -498,6 +611,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let draining = CancellationToken::new();
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::NotServing).await;
+    reporter
+        .set_service_status("liveness", ServingStatus::Serving)
+        .await;
     let discovering =
         discovery.map(|d| tokio::spawn(d.run(Arc::clone(&registry), listed_tx, token.clone())));
     let mut ready_rx = listed.clone();
@@ -510,6 +626,14 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
 
     let grpc_shutdown = token.clone();
+    let health = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service.clone())
+            .serve_with_incoming_shutdown(
+                kvroute_extproc::incoming(health_listener),
+                token.clone().cancelled_owned(),
+            ),
+    );
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
@@ -521,7 +645,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             ),
     );
     let admin_state = Arc::new(admin::AdminState {
-        metrics: prom,
+        metrics: [prom, upstream_prom],
         listed,
         draining: draining.clone(),
     });
@@ -543,9 +667,12 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     serving.abort();
     draining.cancel();
     set_health(&reporter, ServingStatus::NotServing).await;
-    if stop == shutdown::Stop::Term && !args.lame_duck.is_zero() {
-        info!(lame_duck = ?args.lame_duck, "health NOT_SERVING; routing on until the lame duck period ends");
-        tokio::time::sleep(args.lame_duck).await;
+    if stop == shutdown::Stop::Term && !lame_duck.is_zero() {
+        info!(
+            ?lame_duck,
+            "health NOT_SERVING; routing on until the lame duck period ends"
+        );
+        tokio::time::sleep(lame_duck).await;
     }
     token.cancel();
 
@@ -553,6 +680,11 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let drained = tokio::time::timeout(grace, async {
         let grpc = grpc.await;
         let admin = admin.await;
+        match health.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "gRPC health server failed"),
+            Err(e) => warn!(error = %e, "gRPC health server task failed"),
+        }
         if let Some(events) = events
             && let Err(e) = events.await
         {
@@ -589,11 +721,17 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Health of both the whole server (`""`) and the ext_proc service name, which is what
-/// Envoy's gRPC health check and Kubernetes' gRPC probe ask about.
+/// The service names that report readiness: the whole server (`""`), the ext_proc service
+/// (what Envoy's gRPC health check asks), and the names upstream's charts probe.
+const READINESS_SERVICES: [&str; 4] = ["", EXT_PROC_SERVICE, "readiness", "inference-extension"];
+
+/// Readiness under every name that reports it. `liveness` is not among them: it is SERVING
+/// from the start to the end (a kubelet must not restart a process that waits for its pool
+/// or drains).
 async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
-    reporter.set_service_status("", status).await;
-    reporter.set_service_status(EXT_PROC_SERVICE, status).await;
+    for service in READINESS_SERVICES {
+        reporter.set_service_status(service, status).await;
+    }
 }
 
 #[cfg(test)]

@@ -211,6 +211,18 @@ async fn pods_come_and_go_while_requests_flow() {
         "{sent} requests, none lost; after the changes: {} to the others",
         answers.iter().filter(|s| s.started > unready_at).count()
     );
+    // Upstream's metric names, for dashboards built on the upstream picker: c and d remain.
+    let m = kvroute.metrics().await;
+    for want in [
+        "llm_d_epp_ready_endpoints{name=\"pool\"} 2",
+        "inference_pool_ready_pods{name=\"pool\"} 2",
+        "llm_d_epp_request_total{model_name=\"m\",target_model_name=\"m\",fairness_id=\"\",priority=\"0\"}",
+        "inference_objective_request_total{model_name=\"m\"",
+        "llm_d_epp_request_ttft_seconds_count{model_name=\"m\"",
+        "llm_d_epp_per_endpoint_queue_size{name=\"pool\",model_server_endpoint=\"c\"}",
+    ] {
+        assert!(m.contains(want), "missing {want}: {m}");
+    }
     for (_, (_, stop)) in &pods {
         stop.cancel();
     }

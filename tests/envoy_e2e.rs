@@ -198,9 +198,18 @@ async fn malformed_bodies_get_kvroutes_400_through_envoy() {
         )
         .await;
         for (body, want) in [
-            (&b"{\"model\": "[..], "invalid request body"),
-            (br#"{"messages":[]}"#, "model not found"),
-            (br#"{"model":"m"}"#, "messages not found"),
+            (
+                &b"{\"model\": "[..],
+                "inference error: BadRequest - error unmarshaling request bodyMap: ",
+            ),
+            (
+                br#"{"messages":[]}"#,
+                "inference error: BadRequest - model not found in request body",
+            ),
+            (
+                br#"{"model":"m"}"#,
+                "inference error: BadRequest - invalid chat completions request: must have valid messages field",
+            ),
         ] {
             let reply = http(
                 envoy.port,
@@ -211,13 +220,9 @@ async fn malformed_bodies_get_kvroutes_400_through_envoy() {
             )
             .await;
             assert_eq!(reply.status, 400, "{body_mode}: {reply:?}");
-            let json: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
-            assert_eq!(json["error"]["code"], 400);
-            assert!(
-                json["error"]["message"].as_str().unwrap().contains(want),
-                "{json}"
-            );
-            assert!(reply.header("content-type").starts_with("application/json"));
+            // Upstream's picker's words, so that what was built on it still matches.
+            assert!(reply.text().starts_with(want), "{}", reply.text());
+            assert!(reply.header("content-type").starts_with("text/plain"));
         }
         let big = serde_json::json!({"model": "m", "prompt": "x".repeat(200_000)});
         let reply = http(

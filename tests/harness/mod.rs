@@ -274,6 +274,8 @@ impl Kvroute {
                 "127.0.0.1:0",
                 "--admin-addr",
                 "127.0.0.1:0",
+                "--grpc-health-port",
+                "0",
                 "--log",
                 "info,kvroute_extproc=debug",
             ])

@@ -18,3 +18,10 @@ pub use request::{
     ApiKind, ChatMessage, ChatOptions, ContentPart, InferenceRequest, MessageContent, ParseError,
     Prompt, RequestHints,
 };
+
+/// Where a request's priority comes from: its `InferenceObjective`, by name (the cluster's
+/// objectives, kept by discovery). Upstream reads an unknown or unset objective as 0.
+pub trait Priorities: Send + Sync + std::fmt::Debug {
+    /// The priority of the objective named `objective`, if one applies.
+    fn priority(&self, objective: &str) -> Option<i32>;
+}

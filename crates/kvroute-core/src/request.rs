@@ -35,7 +35,8 @@ impl ApiKind {
 pub struct RequestHints {
     /// Groups the turns of one conversation (header `x-session-id`).
     pub session_id: Option<String>,
-    /// Names an `InferenceObjective` (header `x-gateway-inference-objective`).
+    /// Names an `InferenceObjective` (header `x-llm-d-inference-objective`, or the older
+    /// `x-gateway-inference-objective`).
     pub objective: Option<String>,
     /// The endpoint that served this session before, as the router encoded it in its last
     /// answer (header `x-session-token`, upstream's session affinity).
@@ -151,17 +152,18 @@ pub enum ContentPart {
 /// to a 400 answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
-    /// Not JSON, or JSON of the wrong shape.
-    #[error("invalid request body: {0}")]
+    /// Not JSON, or JSON of the wrong shape. The messages are upstream's picker's, word for
+    /// word where it has one (clients and tests built on it match them).
+    #[error("error unmarshaling request bodyMap: {0}")]
     Json(#[from] serde_json::Error),
     /// The body has no string `model`.
     #[error("model not found in request body")]
     MissingModel,
     /// A completion without `prompt`.
-    #[error("prompt not found in completions request body")]
+    #[error("invalid completions request: must have prompt field")]
     MissingPrompt,
     /// A chat completion without `messages`.
-    #[error("messages not found in chat completions request body")]
+    #[error("invalid chat completions request: must have valid messages field")]
     MissingMessages,
     /// The path does not name an API whose body kvroute reads.
     #[error("path does not name an inference API")]

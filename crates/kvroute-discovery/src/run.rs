@@ -137,6 +137,12 @@ impl Objectives {
     }
 }
 
+impl kvroute_core::Priorities for Objectives {
+    fn priority(&self, objective: &str) -> Option<i32> {
+        Objectives::priority(self, objective)
+    }
+}
+
 /// Follows a pool's pods into a registry (see the crate docs).
 pub struct Discovery {
     client: Client,

@@ -12,6 +12,7 @@ mod metrics;
 pub mod protocol;
 mod server;
 mod stream;
+mod upstream;
 pub mod usage;
 pub mod wire;
 
@@ -24,3 +25,4 @@ pub use stream::{
     DEFAULT_MAX_STREAMS, DecisionJob, DecisionOutcome, ExtProcConfig, ExtProcError,
     PARSE_INLINE_BYTES, Router, StreamState, default_decision_threads,
 };
+pub use upstream::{MAX_MODEL_LABELS, UpstreamMetrics};

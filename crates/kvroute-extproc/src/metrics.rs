@@ -9,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::upstream::UpstreamMetrics;
 use crate::usage::Usage;
 
 /// How a request left kvroute's hands; one label value per way.
@@ -59,6 +60,8 @@ pub struct Metrics {
     /// and while a departed endpoint's series are removed: a response that ends just as its
     /// endpoint leaves never brings the series back.
     endpoint_series: Arc<Mutex<()>>,
+    /// Upstream's names for the same events, when asked for ([`Metrics::with_upstream`]).
+    pub(crate) upstream: Option<UpstreamMetrics>,
 }
 
 /// The `kind` label values of `endpoint_tokens`.
@@ -74,6 +77,7 @@ impl Metrics {
             tokens: Family::default(),
             stream_errors: Counter::default(),
             endpoint_series: Arc::default(),
+            upstream: None,
         };
         registry.register(
             "requests",
@@ -109,8 +113,17 @@ impl Metrics {
             .inc();
     }
 
+    /// Also records every request under upstream's metric names (`upstream`).
+    pub fn with_upstream(mut self, upstream: UpstreamMetrics) -> Self {
+        self.upstream = Some(upstream);
+        self
+    }
+
     pub(crate) fn decision(&self, seconds: f64) {
         self.decision_seconds.observe(seconds);
+        if let Some(u) = &self.upstream {
+            u.scheduled(seconds);
+        }
     }
 
     pub(crate) fn response(&self, status: Option<u16>) {

@@ -213,24 +213,65 @@ pub(crate) fn pieces(mut body: Bytes) -> impl Iterator<Item = Bytes> {
     })
 }
 
-/// A local reply in place of the upstream one: an OpenAI-style JSON error body.
-pub(crate) fn immediate(status: u16, kind: &str, message: &str) -> ProcessingResponse {
-    let body = serde_json::json!({
-        "error": {"message": message, "type": kind, "code": status}
-    });
+/// Why kvroute answered a request itself: the HTTP status and upstream's error code name
+/// (`pkg/common/error/error.go` in llm-d-router), which clients and dashboards built on the
+/// upstream picker match on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalReply {
+    /// 400: the body is not a valid inference request.
+    BadRequest,
+    /// 413: the body is over `--max-body-bytes` (upstream has no such limit of its own).
+    TooLarge,
+    /// 503 with `x-llm-d-request-dropped-reason: rejected-no-endpoints`: no endpoint to
+    /// route to.
+    NoEndpoints,
+    /// 503: kvroute's own decision queue is full.
+    Overloaded,
+}
+
+/// Upstream's header naming why a request was dropped.
+pub const DROPPED_REASON_HEADER: &str = "x-llm-d-request-dropped-reason";
+
+impl LocalReply {
+    fn status(self) -> u16 {
+        match self {
+            Self::BadRequest => 400,
+            Self::TooLarge => 413,
+            Self::NoEndpoints | Self::Overloaded => 503,
+        }
+    }
+
+    /// Upstream's code name (kvroute's own for 413, which upstream never sends).
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::BadRequest => "BadRequest",
+            Self::TooLarge => "RequestEntityTooLarge",
+            Self::NoEndpoints | Self::Overloaded => "ServiceUnavailable",
+        }
+    }
+}
+
+/// A local reply in place of the upstream one, as upstream's picker words it: the body
+/// `inference error: <Code> - <message>` in plain text, and for a drop for want of
+/// endpoints the dropped-reason header.
+pub(crate) fn immediate(reply: LocalReply, message: &str) -> ProcessingResponse {
+    let mut set_headers = vec![set_header("content-type", "text/plain; charset=utf-8")];
+    if reply == LocalReply::NoEndpoints {
+        set_headers.push(set_header(DROPPED_REASON_HEADER, "rejected-no-endpoints"));
+    }
     ProcessingResponse {
         response: Some(processing_response::Response::ImmediateResponse(
             ImmediateResponse {
                 status: Some(HttpStatus {
-                    code: i32::from(status),
+                    code: i32::from(reply.status()),
                 }),
                 headers: Some(HeaderMutation {
-                    set_headers: vec![set_header("content-type", "application/json")],
+                    set_headers,
                     remove_headers: Vec::new(),
                 }),
-                body: body.to_string().into_bytes(),
+                body: format!("inference error: {} - {message}", reply.code()).into_bytes(),
                 grpc_status: None,
-                details: format!("kvroute_{kind}"),
+                details: format!("kvroute_{}", reply.code()),
             },
         )),
         ..ProcessingResponse::default()

@@ -10,9 +10,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
-use envoy_types::pb::envoy::service::ext_proc::v3::{
-    HttpHeaders, ProcessingResponse, ProtocolConfiguration,
-};
+use envoy_types::pb::envoy::service::ext_proc::v3::{HttpHeaders, ProtocolConfiguration};
 use envoy_types::pb::google::protobuf::Struct;
 use kvroute_core::{ApiKind, InferenceRequest, ParseError, RequestHints};
 use kvroute_endpoints::{EndpointState, InFlightGuard, Registry};
@@ -20,7 +18,8 @@ use kvroute_scheduler::{BodyUse, Decision, ScheduleError, SchedulerHandle, Sched
 use tracing::{debug, warn};
 
 use crate::metrics::{Metrics, Outcome};
-use crate::protocol::{self, header};
+use crate::protocol::{self, LocalReply, header};
+use crate::upstream::RequestRecord;
 use crate::usage::UsageScanner;
 use crate::wire::{Body, Inbound, InboundKind, Outbound};
 
@@ -59,6 +58,9 @@ pub struct ExtProcConfig {
     /// stream beyond that is refused with `RESOURCE_EXHAUSTED`, and Envoy's failure mode
     /// answers its request.
     pub max_streams: usize,
+    /// Whether the data plane's subset hint (`envoy.lb.subset_hint`) narrows the candidates;
+    /// upstream's `--disable-endpoint-subset-filter` turns it off.
+    pub subset_filter: bool,
 }
 
 /// Streams open at once by default: far above what one Envoy opens to a cluster (1,024 by
@@ -75,6 +77,7 @@ impl Default for ExtProcConfig {
             decision_threads: default_decision_threads(),
             decision_queue: DEFAULT_DECISION_QUEUE,
             max_streams: DEFAULT_MAX_STREAMS,
+            subset_filter: true,
         }
     }
 }
@@ -220,6 +223,15 @@ pub struct StreamState {
     response_headers: Vec<(&'static str, String)>,
     /// What of the body the scheduler's plugins read, as of the request headers.
     body_use: BodyUse,
+    /// When the request headers came.
+    started: Instant,
+    /// Upstream's `x-llm-d-inference-fairness-id`, for upstream's metric labels.
+    fairness_id: String,
+    /// The request's model and whether it streams its answer, once its body was parsed.
+    model: String,
+    streaming: bool,
+    /// The request as upstream's metrics see it, from its first decision on.
+    record: Option<RequestRecord>,
 }
 
 /// The CPU-heavy part of routing one request (parsing its body, tokenizing the prompt,
@@ -245,6 +257,9 @@ pub struct DecisionOutcome {
     result: Result<Result<Decision, ScheduleError>, ParseError>,
     started: Instant,
     trailers_follow: bool,
+    /// The parsed request's model (empty when it did not parse) and `stream` flag.
+    model: String,
+    streaming: bool,
 }
 
 impl DecisionJob {
@@ -255,6 +270,9 @@ impl DecisionJob {
         let body = join(self.chunks);
         // The hints move into the request, which carries them to the scheduler.
         let parsed = InferenceRequest::parse(self.api, &body, self.hints);
+        let (model, streaming) = parsed
+            .as_ref()
+            .map_or_else(|_| (String::new(), false), |r| (r.model.clone(), r.stream));
         let result = parsed.map(|request| {
             schedule(
                 &self.router,
@@ -269,6 +287,8 @@ impl DecisionJob {
             result,
             started: self.started,
             trailers_follow: self.trailers_follow,
+            model,
+            streaming,
         }
     }
 }
@@ -336,6 +356,11 @@ impl StreamState {
             job: None,
             response_headers: Vec::new(),
             body_use: BodyUse::Parsed,
+            started: Instant::now(),
+            fairness_id: String::new(),
+            model: String::new(),
+            streaming: false,
+            record: None,
         }
     }
 
@@ -408,14 +433,25 @@ impl StreamState {
         let headers = h.headers.as_ref();
         self.api = ApiKind::from_path(header(headers, ":path").unwrap_or("/"));
         self.request_id = header(headers, "x-request-id").unwrap_or("").to_owned();
+        self.started = Instant::now();
+        if self.router.metrics.upstream.is_some() {
+            self.fairness_id = header(headers, "x-llm-d-inference-fairness-id")
+                .or_else(|| header(headers, "x-gateway-inference-fairness-id"))
+                .unwrap_or("")
+                .to_owned();
+        }
         self.hints = RequestHints {
             session_id: header(headers, "x-session-id").map(str::to_owned),
-            objective: header(headers, "x-gateway-inference-objective").map(str::to_owned),
+            objective: header(headers, "x-llm-d-inference-objective")
+                .or_else(|| header(headers, "x-gateway-inference-objective"))
+                .map(str::to_owned),
             session_token: header(headers, "x-session-token").map(str::to_owned),
         };
-        self.subset = metadata.and_then(|m| {
-            protocol::metadata_strings(m, protocol::SUBSET_NAMESPACE, protocol::SUBSET_KEY)
-        });
+        self.subset = metadata
+            .filter(|_| self.router.config.subset_filter)
+            .and_then(|m| {
+                protocol::metadata_strings(m, protocol::SUBSET_NAMESPACE, protocol::SUBSET_KEY)
+            });
         let body_follows = !h.end_of_stream && self.modes.request_body != Some(BodySendMode::None);
         self.body_use = self.router.scheduler.load().body_use();
         if !body_follows || self.api == ApiKind::Other || self.body_use == BodyUse::None {
@@ -446,7 +482,7 @@ impl StreamState {
                     self.phase = RequestPhase::Forwarding;
                     self.request_body_done = !body_follows;
                 }
-                Err(none) => self.reply(none.reply(), out),
+                Err(none) => self.reply(LocalReply::NoEndpoints, none.message(), out),
             }
             return Ok(());
         }
@@ -478,7 +514,7 @@ impl StreamState {
                         )));
                     }
                     Err(none) => {
-                        self.reply(none.reply(), out);
+                        self.reply(LocalReply::NoEndpoints, none.message(), out);
                         return Ok(());
                     }
                 }
@@ -529,7 +565,7 @@ impl StreamState {
                         "request body exceeds the limit of {} bytes",
                         self.router.config.max_body_bytes
                     );
-                    self.reply(protocol::immediate(413, "body_too_large", &msg), out);
+                    self.reply(LocalReply::TooLarge, &msg, out);
                     return Ok(());
                 }
                 self.body_len += b.body.len();
@@ -628,7 +664,7 @@ impl StreamState {
                     Some(protocol::destination_metadata(&dest)),
                 )));
             }
-            Err(none) => self.reply(none.reply(), out),
+            Err(none) => self.reply(LocalReply::NoEndpoints, none.message(), out),
         }
     }
 
@@ -668,11 +704,8 @@ impl StreamState {
         drop(job);
         self.router.metrics.outcome(Outcome::Overloaded);
         self.reply(
-            protocol::immediate(
-                503,
-                "overloaded",
-                "kvroute's routing decision queue is full",
-            ),
+            LocalReply::Overloaded,
+            "kvroute's routing decision queue is full",
             out,
         );
     }
@@ -689,13 +722,17 @@ impl StreamState {
             result,
             started,
             trailers_follow,
+            model,
+            streaming,
         } = outcome;
         self.subset = subset;
+        self.model = model;
+        self.streaming = streaming;
         let decided = match result {
             Ok(decided) => decided,
             Err(e) => {
                 self.router.metrics.outcome(Outcome::BadRequest);
-                self.reply(protocol::immediate(400, "bad_request", &e.to_string()), out);
+                self.reply(LocalReply::BadRequest, &e.to_string(), out);
                 return;
             }
         };
@@ -706,7 +743,7 @@ impl StreamState {
         let dest = match decided {
             Ok(dest) => dest,
             Err(none) => {
-                self.reply(none.reply(), out);
+                self.reply(LocalReply::NoEndpoints, none.message(), out);
                 return;
             }
         };
@@ -759,6 +796,18 @@ impl StreamState {
                         .primary()
                         .acquire_with_prefill(decision.prefill_tokens()),
                 );
+                if let Some(upstream) = &self.router.metrics.upstream {
+                    let record = self.record.get_or_insert_with(|| {
+                        upstream
+                            .start(
+                                &self.model,
+                                &self.fairness_id,
+                                self.hints.objective.as_deref(),
+                            )
+                            .since(self.started)
+                    });
+                    upstream.dispatched(record);
+                }
                 let mut dest = String::with_capacity(24 * (1 + decision.fallbacks().len()));
                 for (i, t) in decision.targets().enumerate() {
                     if i > 0 {
@@ -778,8 +827,20 @@ impl StreamState {
         }
     }
 
-    fn reply(&mut self, reply: ProcessingResponse, out: &mut Vec<Outbound>) {
-        out.push(Outbound::Message(reply));
+    fn reply(&mut self, reply: LocalReply, message: &str, out: &mut Vec<Outbound>) {
+        if let Some(upstream) = &self.router.metrics.upstream {
+            let record = self.record.get_or_insert_with(|| {
+                upstream
+                    .start(
+                        &self.model,
+                        &self.fairness_id,
+                        self.hints.objective.as_deref(),
+                    )
+                    .since(self.started)
+            });
+            upstream.error(record, reply.code());
+        }
+        out.push(Outbound::Message(protocol::immediate(reply, message)));
         self.phase = RequestPhase::Done;
         self.chunks = Vec::new();
         self.guard = None;
@@ -801,6 +862,14 @@ impl StreamState {
         // counts against the endpoint, anything else for it.
         if let (Some(status), Some(target)) = (self.status, self.target()) {
             target.record_outcome(status < 500, Instant::now());
+        }
+        if let (Some(upstream), Some(record)) = (&self.router.metrics.upstream, &mut self.record) {
+            if self.status != Some(200) {
+                upstream.error(record, "ModelServerError");
+            }
+            if self.modes.response_body == Some(BodySendMode::None) {
+                upstream.first_byte(record, self.streaming);
+            }
         }
         if self.modes.response_body == Some(BodySendMode::None)
             && let Some(guard) = &mut self.guard
@@ -848,6 +917,11 @@ impl StreamState {
         {
             // The first bytes of the answer: the prompt has been computed.
             guard.prefilled();
+            if let (Some(upstream), Some(record)) =
+                (&self.router.metrics.upstream, &mut self.record)
+            {
+                upstream.first_byte(record, self.streaming);
+            }
         }
         if self.modes.response_full_duplex() {
             push_streamed(out, b.body, b.end_of_stream, false);
@@ -868,6 +942,9 @@ impl StreamState {
         }
         self.response_done = true;
         let usage = self.usage.take().and_then(UsageScanner::finish);
+        if let (Some(upstream), Some(record)) = (&self.router.metrics.upstream, &mut self.record) {
+            upstream.ended(record, usage.as_ref(), true);
+        }
         if let Some(guard) = self.guard.take() {
             if let Some(usage) = usage {
                 self.router.metrics.usage(guard.endpoint(), &usage);
@@ -886,6 +963,9 @@ impl Drop for StreamState {
         if self.guard.is_some() && !self.response_done {
             self.router.metrics.response(self.status);
         }
+        if let (Some(upstream), Some(record)) = (&self.router.metrics.upstream, &mut self.record) {
+            upstream.ended(record, None, false);
+        }
     }
 }
 
@@ -897,13 +977,12 @@ struct NoEndpoint {
 }
 
 impl NoEndpoint {
-    fn reply(self) -> ProcessingResponse {
-        let why = if self.subset {
-            "no endpoint available in the data plane's subset"
+    fn message(self) -> &'static str {
+        if self.subset {
+            "failed to find endpoint candidates for serving the request (none in the data plane's subset)"
         } else {
-            "no endpoint available"
-        };
-        protocol::immediate(503, "service_unavailable", why)
+            "failed to find endpoint candidates for serving the request"
+        }
     }
 }
 

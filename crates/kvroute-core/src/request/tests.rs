@@ -100,16 +100,32 @@ fn escaped_text_is_unescaped() {
 #[test]
 fn malformed_bodies_are_rejected_with_reason() {
     let cases: &[(ApiKind, &str, &str)] = &[
-        (ApiKind::Completions, "", "invalid request body"),
-        (ApiKind::Completions, "{", "invalid request body"),
-        (ApiKind::Completions, "[1]", "invalid request body"),
+        (
+            ApiKind::Completions,
+            "",
+            "error unmarshaling request bodyMap",
+        ),
+        (
+            ApiKind::Completions,
+            "{",
+            "error unmarshaling request bodyMap",
+        ),
+        (
+            ApiKind::Completions,
+            "[1]",
+            "error unmarshaling request bodyMap",
+        ),
         (ApiKind::Completions, r#"{"prompt":"x"}"#, "model not found"),
         (
             ApiKind::Completions,
             r#"{"model":3,"prompt":"x"}"#,
-            "invalid request body",
+            "error unmarshaling request bodyMap",
         ),
-        (ApiKind::Completions, r#"{"model":"m"}"#, "prompt not found"),
+        (
+            ApiKind::Completions,
+            r#"{"model":"m"}"#,
+            "must have prompt field",
+        ),
         (
             ApiKind::Completions,
             r#"{"model":"m","prompt":[]}"#,
@@ -118,7 +134,7 @@ fn malformed_bodies_are_rejected_with_reason() {
         (
             ApiKind::Completions,
             r#"{"model":"m","prompt":[1,"a"]}"#,
-            "invalid request body",
+            "error unmarshaling request bodyMap",
         ),
         (
             ApiKind::Completions,
@@ -138,7 +154,7 @@ fn malformed_bodies_are_rejected_with_reason() {
         (
             ApiKind::ChatCompletions,
             r#"{"model":"m"}"#,
-            "messages not found",
+            "must have valid messages field",
         ),
         (
             ApiKind::ChatCompletions,
@@ -158,7 +174,7 @@ fn malformed_bodies_are_rejected_with_reason() {
         (
             ApiKind::ChatCompletions,
             r#"{"model":"m","messages":[{"role":"u","content":5}]}"#,
-            "invalid request body",
+            "error unmarshaling request bodyMap",
         ),
         (
             ApiKind::Other,

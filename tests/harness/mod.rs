@@ -124,6 +124,12 @@ async fn backend(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
+    let length_seen = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none")
+        .to_owned();
     let body = req.into_body().collect().await.unwrap().to_bytes();
     let stream = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
@@ -133,7 +139,8 @@ async fn backend(
     let builder = Response::builder()
         .header("x-served-by", me.to_string())
         .header("x-destination-seen", seen)
-        .header("x-body-hash", body_hash(&body));
+        .header("x-body-hash", body_hash(&body))
+        .header("x-content-length-seen", length_seen);
     let usage = format!(
         r#"{{"prompt_tokens":{},"completion_tokens":{}}}"#,
         body.len() / 4,

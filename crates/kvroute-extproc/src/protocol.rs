@@ -75,6 +75,19 @@ pub(crate) fn route_to(destination: &str) -> CommonResponse {
     }
 }
 
+/// [`route_to`], also stating the body's length, as upstream's picker does when it hands a
+/// body back whole: the model server then reads a `Content-Length` body rather than a
+/// chunked one (where Envoy keeps it).
+pub(crate) fn route_with_length(destination: &str, length: usize) -> CommonResponse {
+    let mut response = route_to(destination);
+    if let Some(mutation) = &mut response.header_mutation {
+        mutation
+            .set_headers
+            .push(set_header("content-length", &length.to_string()));
+    }
+    response
+}
+
 /// `dynamic_metadata = {"envoy.lb": {"x-gateway-destination-endpoint": destination}}`.
 pub(crate) fn destination_metadata(destination: &str) -> Struct {
     let inner = Struct {

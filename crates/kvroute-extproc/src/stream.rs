@@ -757,7 +757,7 @@ impl StreamState {
             )));
         } else if self.modes.request_full_duplex() {
             out.push(Outbound::Message(protocol::headers_response(
-                protocol::route_to(&dest),
+                protocol::route_with_length(&dest, body.len()),
                 metadata,
                 None,
             )));

@@ -210,6 +210,11 @@ fn full_duplex_defers_headers_until_the_body_is_complete() {
         "header and metadata agree"
     );
     assert!(common(&out[0]).unwrap().clear_route_cache);
+    assert_eq!(
+        set_header(&out[0], "content-length"),
+        Some(body.len().to_string().as_str()),
+        "the whole body's length, as upstream's picker states it"
+    );
     assert_eq!(streamed_body(&out[1..]), (body.clone(), true));
     assert!(
         out[1..]

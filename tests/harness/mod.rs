@@ -243,6 +243,8 @@ pub struct Kvroute {
     child: Option<Child>,
     pub grpc_port: u16,
     pub admin_port: u16,
+    /// The gRPC health port (`--grpc-health-port`).
+    pub health_port: u16,
     pub log: PathBuf,
 }
 
@@ -272,20 +274,27 @@ impl Kvroute {
     /// Runs `kvroute serve` with `args` and `env`, and waits until it says where it
     /// listens, not until it is ready.
     pub async fn launch(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut all = vec![
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--grpc-health-port",
+            "0",
+            "--log",
+            "info,kvroute_extproc=debug",
+        ];
+        all.extend_from_slice(args);
+        Self::launch_bare(dir, &all, env).await
+    }
+
+    /// Runs `kvroute serve ARGS` with nothing added (the ports too are the caller's), and
+    /// waits until it says where it listens.
+    pub async fn launch_bare(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let log = dir.join(format!("kvroute-{}.log", unique()));
         let child = Command::new(env!("CARGO_BIN_EXE_kvroute"))
             .envs(env.iter().copied())
-            .args([
-                "serve",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--grpc-health-port",
-                "0",
-                "--log",
-                "info,kvroute_extproc=debug",
-            ])
+            .arg("serve")
             .args(args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -298,15 +307,22 @@ impl Kvroute {
             ports = text
                 .lines()
                 .find(|l| l.contains("kvroute serving"))
-                .and_then(|l| Some((port_after(l, "grpc")?, port_after(l, "admin")?)));
+                .and_then(|l| {
+                    Some((
+                        port_after(l, "grpc")?,
+                        port_after(l, "admin")?,
+                        port_after(l, "health")?,
+                    ))
+                });
             ports.is_some()
         })
         .await;
-        let (grpc_port, admin_port) = ports.unwrap_or_default();
+        let (grpc_port, admin_port, health_port) = ports.unwrap_or_default();
         let k = Self {
             child: Some(child),
             grpc_port,
             admin_port,
+            health_port,
             log,
         };
         assert!(

@@ -14,8 +14,10 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 /// Prefix-cache-aware router for LLM inference: an Envoy ext_proc endpoint picker.
+/// Repeated flags: the last one wins, as upstream's pflag parses them (its chart relies on
+/// a later `--ha-enable-leader-election=false` overriding an earlier flag).
 #[derive(Debug, Parser)]
-#[command(name = "kvroute", version, about)]
+#[command(name = "kvroute", version, about, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -69,7 +71,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(with_default_command(std::env::args_os().collect()));
     let filter = match (&cli.log, upstream_level(&cli)?) {
         (Some(f), _) => EnvFilter::try_new(f)?,
         (None, _) if std::env::var_os("RUST_LOG").is_some() => EnvFilter::try_from_default_env()?,
@@ -119,4 +121,25 @@ fn upstream_level(cli: &Cli) -> anyhow::Result<Option<&'static str>> {
         3 | 4 => "debug",
         _ => "trace",
     }))
+}
+
+/// The subcommands; a command line that names none runs `serve`.
+const COMMANDS: [&str; 6] = ["serve", "sim", "bench", "demo", "config", "help"];
+
+/// Upstream's charts run their image with the picker's flags alone (`--pool-name P …`,
+/// no subcommand): that is `kvroute serve`. A line that names a subcommand, or asks only
+/// for help or the version, is left as it is.
+fn with_default_command(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let names_command = args
+        .iter()
+        .skip(1)
+        .any(|a| a.to_str().is_some_and(|a| COMMANDS.contains(&a)));
+    let only_asks = args.len() == 2
+        && args[1]
+            .to_str()
+            .is_some_and(|a| ["-h", "--help", "-V", "--version"].contains(&a));
+    if !names_command && !only_asks && args.len() > 1 {
+        args.insert(1, "serve".into());
+    }
+    args
 }

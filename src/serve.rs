@@ -15,8 +15,8 @@ use kvroute_endpoints::{
 use kvroute_events::{EventMetrics, IndexCollector, SubscriberConfig, Subscriptions};
 use kvroute_extproc::{
     BodySendMode, DEFAULT_DECISION_QUEUE, DEFAULT_INLINE_DECISION_BYTES, DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_STREAMS, ExtProcConfig, ExtProcService, Metrics, Router, UpstreamMetrics,
-    default_decision_threads,
+    DEFAULT_MAX_STREAMS, ExtProcConfig, ExtProcService, Metrics, Router, Tls, TlsSettings,
+    TlsVersion, UpstreamMetrics, default_decision_threads,
 };
 use kvroute_index::{PrefixIndex, Shared};
 use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE, LEAST_IN_FLIGHT};
@@ -114,6 +114,12 @@ pub(crate) struct ServeArgs {
     #[command(flatten)]
     upstream: UpstreamArgs,
     #[command(flatten)]
+    tls: TlsArgs,
+    /// Empty arguments are ignored: KServe's scheduler template renders `""` for flags it
+    /// leaves out. Anything else here is refused.
+    #[arg(hide = true, num_args = 0..)]
+    empty: Vec<String>,
+    #[command(flatten)]
     events: EventArgs,
     #[command(flatten)]
     scrape: ScrapeArgs,
@@ -145,6 +151,56 @@ struct ScrapeArgs {
 
 /// Upstream's flags for what kvroute does differently, accepted so that upstream's charts
 /// and manifests run kvroute unchanged; each says at start what it means here.
+/// TLS on the ext_proc port (upstream's flags and defaults).
+#[derive(Debug, Args)]
+struct TlsArgs {
+    /// Serve ext_proc over TLS (`--secure-serving=false`: plaintext). On by default, as
+    /// upstream's picker, whose data planes connect over TLS without verifying.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", require_equals = true, action = clap::ArgAction::Set)]
+    secure_serving: bool,
+    /// A directory with `tls.crt` and `tls.key` (PEM); without it a self-signed
+    /// certificate is made at start.
+    #[arg(long)]
+    cert_path: Option<PathBuf>,
+    /// Re-read the files under --cert-path when they change (every 2 s).
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", require_equals = true, action = clap::ArgAction::Set)]
+    enable_cert_reload: bool,
+    /// The oldest TLS version accepted: `VersionTLS12` or `VersionTLS13` (`VersionTLS10`
+    /// and `VersionTLS11` read as 1.2, the oldest kvroute speaks).
+    #[arg(long, default_value = "VersionTLS12", value_parser = ["VersionTLS10", "VersionTLS11", "VersionTLS12", "VersionTLS13"])]
+    tls_min_version: String,
+}
+
+impl TlsArgs {
+    /// The TLS the ext_proc port serves, if any.
+    fn tls(&self) -> anyhow::Result<Option<Tls>> {
+        if !self.secure_serving {
+            anyhow::ensure!(
+                self.cert_path.is_none(),
+                "--cert-path needs --secure-serving (on by default)"
+            );
+            return Ok(None);
+        }
+        let settings = TlsSettings {
+            cert_dir: self.cert_path.clone(),
+            reload: self.enable_cert_reload,
+            min_version: if self.tls_min_version == "VersionTLS13" {
+                TlsVersion::Tls13
+            } else {
+                TlsVersion::Tls12
+            },
+        };
+        if self.cert_path.is_none() {
+            info!(
+                "ext_proc serves TLS with a self-signed certificate (give --cert-path for your own)"
+            );
+        }
+        Ok(Some(
+            Tls::new(settings).context("TLS on the ext_proc port")?,
+        ))
+    }
+}
+
 #[derive(Debug, Args)]
 struct UpstreamArgs {
     /// Leader election: kvroute runs active-active (every replica routes), so none is held.
@@ -153,9 +209,6 @@ struct UpstreamArgs {
     /// Trace export: kvroute emits no traces; `true` is refused rather than ignored.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     tracing: Option<bool>,
-    /// TLS on the ext_proc port: not supported yet, so `true` is refused at start.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
-    secure_serving: Option<bool>,
     /// Authentication of /metrics: not supported yet, so `true` is refused at start.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     metrics_endpoint_auth: Option<bool>,
@@ -175,10 +228,6 @@ struct UpstreamArgs {
 impl UpstreamArgs {
     /// Refuses what kvroute cannot honour, and says what the rest mean here.
     fn check(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            self.secure_serving != Some(true),
-            "--secure-serving: kvroute serves ext_proc in plaintext (TLS is not supported yet); pass --secure-serving=false and keep the data plane's connection to kvroute plaintext"
-        );
         anyhow::ensure!(
             self.metrics_endpoint_auth != Some(true),
             "--metrics-endpoint-auth: kvroute's /metrics has no authentication yet; pass --metrics-endpoint-auth=false and restrict the metrics port by network policy"
@@ -461,6 +510,10 @@ impl EndpointSource {
 
 pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     args.upstream.check()?;
+    if let Some(stray) = args.empty.iter().find(|a| !a.trim().is_empty()) {
+        anyhow::bail!("unexpected argument {stray:?}");
+    }
+    let tls = args.tls.tls()?;
     let grpc_addr = args
         .grpc_port
         .map_or(args.grpc_addr, |p| SocketAddr::from(([0, 0, 0, 0], p)));
@@ -634,16 +687,21 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 token.clone().cancelled_owned(),
             ),
     );
-    let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
-            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
-            .add_service(health_service)
-            .add_service(ExtProcService::new(router).into_server())
-            .serve_with_incoming_shutdown(
-                kvroute_extproc::incoming(grpc_listener),
-                grpc_shutdown.cancelled_owned(),
-            ),
-    );
+    let grpc_server = tonic::transport::Server::builder()
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
+        .add_service(health_service)
+        .add_service(ExtProcService::new(router).into_server());
+    let grpc = match &tls {
+        Some(tls) => tokio::spawn(grpc_server.serve_with_incoming_shutdown(
+            tls.incoming(grpc_listener, token.clone()),
+            grpc_shutdown.cancelled_owned(),
+        )),
+        None => tokio::spawn(grpc_server.serve_with_incoming_shutdown(
+            kvroute_extproc::incoming(grpc_listener),
+            grpc_shutdown.cancelled_owned(),
+        )),
+    };
+    let cert_reload = tls.map(|tls| tokio::spawn(tls.watch(token.clone())));
     let admin_state = Arc::new(admin::AdminState {
         metrics: [prom, upstream_prom],
         listed,
@@ -689,6 +747,11 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             && let Err(e) = events.await
         {
             warn!(error = %e, "KV-event subscriptions task failed");
+        }
+        if let Some(reload) = cert_reload
+            && let Err(e) = reload.await
+        {
+            warn!(error = %e, "certificate reload task failed");
         }
         if let Some(discovering) = discovering
             && let Err(e) = discovering.await

@@ -248,7 +248,7 @@ async fn not_ready_until_the_pool_is_listed() {
     )
     .await;
     let channel =
-        tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", kvroute.grpc_port))
+        tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", kvroute.health_port))
             .unwrap()
             .connect()
             .await

@@ -132,8 +132,9 @@ async fn health(port: u16, service: &str) -> i32 {
         .status
 }
 
-/// Starts kvroute with `chart_args` (plus ports of its own, as a test must), checks it
-/// becomes ready on the pool's one pod and means what the flags say, then stops it.
+/// Starts kvroute with `chart_args` and no subcommand, as the charts start their image
+/// (plus ports of its own, as a test must), checks it becomes ready on the pool's one pod
+/// and means what the flags say, then stops it.
 async fn runs_as_the_chart_says(name: &str, chart_args: &[&str], probes: &[&str]) {
     let dir = scratch(name);
     let api = ApiServer::start().await;
@@ -331,7 +332,6 @@ async fn gie_inferencepool_chart() {
 #[tokio::test]
 async fn what_kvroute_cannot_honour_is_refused() {
     for (flag, want) in [
-        ("--secure-serving", "TLS is not supported"),
         ("--tracing=true", "no traces"),
         ("--metrics-endpoint-auth", "no authentication"),
     ] {

@@ -275,6 +275,7 @@ impl Kvroute {
     /// listens, not until it is ready.
     pub async fn launch(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut all = vec![
+            "serve",
             "--grpc-addr",
             "127.0.0.1:0",
             "--admin-addr",
@@ -288,13 +289,13 @@ impl Kvroute {
         Self::launch_bare(dir, &all, env).await
     }
 
-    /// Runs `kvroute serve ARGS` with nothing added (the ports too are the caller's), and
-    /// waits until it says where it listens.
+    /// Runs `kvroute ARGS` with nothing added (no subcommand: flags alone run `serve`, as
+    /// upstream's charts start their image; the ports too are the caller's), and waits until
+    /// it says where it listens.
     pub async fn launch_bare(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let log = dir.join(format!("kvroute-{}.log", unique()));
         let child = Command::new(env!("CARGO_BIN_EXE_kvroute"))
             .envs(env.iter().copied())
-            .arg("serve")
             .args(args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

@@ -12,6 +12,7 @@ mod metrics;
 pub mod protocol;
 mod server;
 mod stream;
+mod tls;
 mod upstream;
 pub mod usage;
 pub mod wire;
@@ -25,4 +26,5 @@ pub use stream::{
     DEFAULT_MAX_STREAMS, DecisionJob, DecisionOutcome, ExtProcConfig, ExtProcError,
     PARSE_INLINE_BYTES, Router, StreamState, default_decision_threads,
 };
+pub use tls::{Tls, TlsConn, TlsError, TlsSettings, TlsVersion};
 pub use upstream::{MAX_MODEL_LABELS, UpstreamMetrics};

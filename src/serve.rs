@@ -282,6 +282,10 @@ struct EventArgs {
     /// approximate until its events resume.
     #[arg(long, default_value_t = 10)]
     kv_events_silence_secs: u64,
+    /// A pod whose event or replay socket announces a ZMQ frame longer than this (bytes)
+    /// has that connection cut (and counted) rather than the memory reserved.
+    #[arg(long, default_value_t = kvroute_events::DEFAULT_MAX_FRAME_BYTES)]
+    kv_events_max_frame_bytes: u64,
     /// Tokenizers for precise routing of text and chat prompts: `DIR/<model>/tokenizer.json`
     /// (and `tokenizer_config.json` for the chat template) for each model name requests
     /// use (`Qwen/Qwen3-8B` is `DIR/Qwen/Qwen3-8B/`); `DIR/tokenizer.json` serves any other
@@ -582,6 +586,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 topic: args.events.kv_events_topic.clone(),
                 block_size: args.events.block_size,
                 silence: Duration::from_secs(args.events.kv_events_silence_secs.max(1)),
+                max_frame: args.events.kv_events_max_frame_bytes,
                 ..SubscriberConfig::default()
             },
             Arc::clone(&index),

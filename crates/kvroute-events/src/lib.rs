@@ -10,6 +10,7 @@ mod apply;
 mod decode;
 mod event;
 mod follow;
+mod guard;
 mod msgpack;
 mod subscribe;
 
@@ -17,5 +18,6 @@ pub use apply::{Applied, Applier};
 pub use decode::{DecodeError, EventBatch, decode_batch, sequence};
 pub use event::{BlockStored, FirstExtra, KvEvent, Medium};
 pub use follow::{CatchUp, Follower, Order};
+pub use guard::{DEFAULT_MAX_FRAME_BYTES, FrameTooLarge};
 pub use msgpack::MsgpackError;
 pub use subscribe::{EventMetrics, IndexCollector, SubscriberConfig, Subscriptions, follow};

@@ -21,6 +21,7 @@ use zeromq::{Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage};
 use crate::apply::Applied;
 use crate::decode::{DecodeError, sequence};
 use crate::follow::{CatchUp, Follower, Order};
+use crate::guard::{self, DEFAULT_MAX_FRAME_BYTES};
 
 /// The replay socket's end-of-replay sequence number (-1 as 8 signed bytes).
 const END_SEQ: u64 = u64::MAX;
@@ -52,6 +53,9 @@ pub struct SubscriberConfig {
     /// published while the subscription was still reaching the publisher (ZMQ's "slow
     /// joiner"), unless a live message comes first.
     pub join_replay: Duration,
+    /// ZMQ frames a pod announces above this length cut its connection (a hostile or broken
+    /// peer could otherwise make kvroute reserve any amount of memory: `crate::guard`).
+    pub max_frame: u64,
 }
 
 impl Default for SubscriberConfig {
@@ -64,6 +68,7 @@ impl Default for SubscriberConfig {
             silence: Duration::from_secs(10),
             replay_timeout: Duration::from_secs(2),
             join_replay: Duration::from_millis(500),
+            max_frame: DEFAULT_MAX_FRAME_BYTES,
         }
     }
 }
@@ -77,6 +82,7 @@ pub struct EventMetrics {
     blocks: Family<Label, Counter>,
     resyncs: Family<Label, Counter>,
     silences: Counter,
+    oversized: Counter,
 }
 
 impl EventMetrics {
@@ -102,6 +108,11 @@ impl EventMetrics {
             "kv_event_silences",
             "Times an endpoint's stream said nothing while it served requests: unconfirmed, reconnected and caught up",
             m.silences.clone(),
+        );
+        registry.register(
+            "kv_event_oversized_frames",
+            "Connections to a pod's KV-event or replay socket cut because it announced a frame over --kv-events-max-frame-bytes",
+            m.oversized.clone(),
         );
         m
     }
@@ -274,8 +285,40 @@ pub async fn follow(
         );
         return;
     };
-    let events_at = format!("tcp://{}", SocketAddr::new(ip, port));
-    let replay_at = replay_port.map(|p| format!("tcp://{}", SocketAddr::new(ip, p)));
+    // kvroute's sockets reach the pod through relays that check the frame lengths it
+    // announces; they end with this task.
+    let relays = stop.child_token();
+    let _relays_end = relays.clone().drop_guard();
+    let relay = async |port: u16| {
+        let oversized = metrics.oversized.clone();
+        guard::start(
+            SocketAddr::new(ip, port),
+            config.max_frame,
+            move || {
+                oversized.inc();
+            },
+            relays.clone(),
+        )
+        .await
+        .map(|local| format!("tcp://{local}"))
+    };
+    let events_at = match relay(port).await {
+        Ok(at) => at,
+        Err(e) => {
+            warn!(error = %e, "no local port for the KV-event relay: not following");
+            return;
+        }
+    };
+    let replay_at = match replay_port {
+        Some(p) => match relay(p).await {
+            Ok(at) => Some(at),
+            Err(e) => {
+                warn!(error = %e, "no local port for the replay relay: not following");
+                return;
+            }
+        },
+        None => None,
+    };
     let mut follower = Follower::new(ep.id().clone(), config.block_size);
     let check_every = (config.silence / 4).max(Duration::from_millis(10));
     'connect: while !stop.is_cancelled() {
@@ -293,7 +336,7 @@ pub async fn follow(
             pause(&stop).await;
             continue;
         }
-        info!(at = %events_at, "following KV events");
+        info!(at = %SocketAddr::new(ip, port), relay = %events_at, "following KV events");
         // In sequence once a replay has caught up, or (without one) from the first live
         // message on.
         if let Some(at) = &replay_at

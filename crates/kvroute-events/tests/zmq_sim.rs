@@ -118,6 +118,7 @@ fn follow_all(pods: &[Bound], replay: bool, silence: Duration) -> Followed {
         silence,
         replay_timeout: Duration::from_secs(1),
         join_replay: JOIN_REPLAY,
+        ..SubscriberConfig::default()
     };
     let stop = CancellationToken::new();
     tokio::spawn(

@@ -97,6 +97,11 @@ pub(crate) struct ServeArgs {
     /// Envoy's failure mode answers its request), counted as outcome too_many_streams.
     #[arg(long, default_value_t = DEFAULT_MAX_STREAMS)]
     max_streams: usize,
+    /// A stream whose request is not answered (routed or refused) this long after it opened
+    /// is ended (DEADLINE_EXCEEDED, counted as outcome request_timeout): a client trickling
+    /// its body holds it no longer. The response is bounded by the data plane's timeouts.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    stream_request_timeout: Duration,
     /// Seconds open streams get to finish after SIGTERM before the process exits.
     #[arg(long, default_value_t = 30)]
     shutdown_grace_secs: u64,
@@ -641,6 +646,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             decision_queue: args.decision_queue,
             max_streams: args.max_streams,
             subset_filter: args.upstream.disable_endpoint_subset_filter != Some(true),
+            request_timeout: args.stream_request_timeout,
         },
         metrics,
     );

@@ -136,3 +136,65 @@ async fn streams_reset_before_acceptance_do_not_close_the_connection() {
     );
     assert!(!connection.is_finished());
 }
+
+/// A request whose body never comes (a client trickling it, or a data plane that stopped
+/// sending) is given up after --stream-request-timeout: the stream ends DEADLINE_EXCEEDED,
+/// counted, and its place comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_left_unanswered_is_given_up_after_the_timeout() {
+    let dir = scratch("request-timeout");
+    let backends = Backends::start(1, Duration::ZERO).await;
+    let kvroute = Kvroute::start(
+        &dir,
+        &backends.list(),
+        &[
+            "--secure-serving=false",
+            "--stream-request-timeout",
+            "500ms",
+            "--max-streams",
+            "1",
+        ],
+    )
+    .await;
+    let tcp = TcpStream::connect(("127.0.0.1", kvroute.grpc_port))
+        .await
+        .unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    // Full-duplex chat headers announce a body, which never follows.
+    let (response, mut send) = client.send_request(grpc_request(), false).unwrap();
+    send.send_data(
+        frame(&test_support::envoy::full_duplex_chat_headers()),
+        false,
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let mut body = response.into_body();
+    let trailers = tokio::time::timeout(Duration::from_secs(5), async {
+        while body.data().await.is_some() {}
+        body.trailers().await
+    })
+    .await
+    .expect("the stream ends in time")
+    .unwrap()
+    .expect("a gRPC status");
+    assert_eq!(trailers["grpc-status"], "4", "DEADLINE_EXCEEDED");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    assert!(
+        kvroute
+            .metrics()
+            .await
+            .contains(r#"kvroute_requests_total{outcome="request_timeout"} 1"#)
+    );
+    // Its place (--max-streams 1) is free again.
+    assert!(routes_a_get(&mut client).await.is_some());
+}

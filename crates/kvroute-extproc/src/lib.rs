@@ -23,8 +23,8 @@ pub use metrics::{Metrics, Outcome};
 pub use server::{ExtProcServer, ExtProcService, ResponseStream, incoming};
 pub use stream::{
     DEFAULT_DECISION_QUEUE, DEFAULT_INLINE_DECISION_BYTES, DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_STREAMS, DecisionJob, DecisionOutcome, ExtProcConfig, ExtProcError,
-    PARSE_INLINE_BYTES, Router, StreamState, default_decision_threads,
+    DEFAULT_MAX_STREAMS, DEFAULT_REQUEST_TIMEOUT, DecisionJob, DecisionOutcome, ExtProcConfig,
+    ExtProcError, PARSE_INLINE_BYTES, Router, StreamState, default_decision_threads,
 };
 pub use tls::{Tls, TlsConn, TlsError, TlsSettings, TlsVersion};
 pub use upstream::{MAX_MODEL_LABELS, UpstreamMetrics};

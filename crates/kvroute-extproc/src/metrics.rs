@@ -29,6 +29,8 @@ pub enum Outcome {
     Overloaded,
     /// Its stream was refused: `--max-streams` were open.
     TooManyStreams,
+    /// Its stream was ended: no answer within `--stream-request-timeout`.
+    RequestTimeout,
 }
 
 impl Outcome {
@@ -41,6 +43,7 @@ impl Outcome {
             Self::NoEndpoint => "no_endpoint",
             Self::Overloaded => "overloaded",
             Self::TooManyStreams => "too_many_streams",
+            Self::RequestTimeout => "request_timeout",
         }
     }
 }

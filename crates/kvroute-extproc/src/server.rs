@@ -153,6 +153,9 @@ impl StreamingService<Inbound> for ExtProcService {
             done: false,
             pool: self.pool.clone(),
             deciding: None,
+            deadline: Some(Box::pin(tokio::time::sleep(
+                self.router.config().request_timeout,
+            ))),
         })))
     }
 }
@@ -212,6 +215,8 @@ pub struct ResponseStream {
     done: bool,
     pool: DecisionPool,
     deciding: Option<PendingDecision>,
+    /// Until the request is answered: when the stream gives up on it.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl std::fmt::Debug for ResponseStream {
@@ -251,6 +256,17 @@ impl Stream for ResponseStream {
             }
             if this.done {
                 return Poll::Ready(None);
+            }
+            if this.state.decided() {
+                this.deadline = None;
+            } else if let Some(deadline) = &mut this.deadline
+                && deadline.as_mut().poll(cx).is_ready()
+            {
+                this.state.router_metrics().outcome(Outcome::RequestTimeout);
+                this.done = true;
+                return Poll::Ready(Some(Err(Status::deadline_exceeded(
+                    "no answer to the request within --stream-request-timeout",
+                ))));
             }
             match ready!(Pin::new(&mut this.inbound).poll_next(cx)) {
                 None => {

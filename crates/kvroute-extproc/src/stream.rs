@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
@@ -61,7 +61,17 @@ pub struct ExtProcConfig {
     /// Whether the data plane's subset hint (`envoy.lb.subset_hint`) narrows the candidates;
     /// upstream's `--disable-endpoint-subset-filter` turns it off.
     pub subset_filter: bool,
+    /// A stream whose request has not been answered (routed or refused) this long after it
+    /// opened is ended with `DEADLINE_EXCEEDED`: a client trickling its body, or a data
+    /// plane that stopped sending, holds neither the body nor a stream place for ever. The
+    /// response that follows a routed request is not bounded here (Envoy's route timeout
+    /// bounds it, and ends the stream with it).
+    pub request_timeout: Duration,
 }
+
+/// Time from a stream's start to its request's answer, by default: far beyond any
+/// upload a model server would accept, as Envoy's own stream idle timeout (5 min).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Streams open at once by default: far above what one Envoy opens to a cluster (1,024 by
 /// its default circuit breaker), so only a flood or a leak reaches it.
@@ -78,6 +88,7 @@ impl Default for ExtProcConfig {
             decision_queue: DEFAULT_DECISION_QUEUE,
             max_streams: DEFAULT_MAX_STREAMS,
             subset_filter: true,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }
@@ -371,6 +382,12 @@ impl StreamState {
         let mut s = Self::new(router);
         s.defer_heavy = true;
         s
+    }
+
+    /// Whether the request has had its answer: routed, or answered locally. Until then the
+    /// stream holds its body and counts against `--stream-request-timeout`.
+    pub fn decided(&self) -> bool {
+        matches!(self.phase, RequestPhase::Forwarding | RequestPhase::Done)
     }
 
     /// The decision the last message left to run, if any. Until it is resumed, no further

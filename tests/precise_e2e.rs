@@ -7,74 +7,13 @@
 
 mod harness;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use harness::*;
-use kvroute_sim::Profile;
-use kvroute_sim::server::{self, Bound, ServerConfig};
-use kvroute_sim::wire::EventEncoding;
+use kvroute_sim::server::Bound;
 use tokio_util::sync::CancellationToken;
-
-/// A pool's pods share their event ports, so the two pods listen on two loopback addresses
-/// with the same ports (the first pod's, bound to 0).
-async fn two_pods(
-    stop: &CancellationToken,
-    tokenizer: Option<Arc<tokenizers::Tokenizer>>,
-    chat_template: Option<Arc<kvroute_chat::ChatTemplate>>,
-) -> [Bound; 2] {
-    let config = |ip: [u8; 4], ports: Option<Bound>| ServerConfig {
-        http: SocketAddr::from((ip, ports.map_or(0, |b| b.http.port()))),
-        events: SocketAddr::from((ip, ports.map_or(0, |b| b.events.port()))),
-        replay: SocketAddr::from((ip, ports.map_or(0, |b| b.replay.port()))),
-        topic: format!("kv@{}.{}.{}.{}@m", ip[0], ip[1], ip[2], ip[3]),
-        model: "m".into(),
-        profile: Profile::h100_llama31_8b(),
-        speed: 1000.0,
-        encoding: EventEncoding::Map,
-        tokenizer: tokenizer.clone(),
-        chat_template: chat_template.clone(),
-    };
-    for _ in 0..10 {
-        let a = server::start(config([127, 0, 0, 2], None), stop.child_token())
-            .await
-            .unwrap();
-        if let Ok(b) = server::start(config([127, 0, 0, 3], Some(a)), stop.child_token()).await {
-            return [a, b];
-        }
-    }
-    panic!("no common free ports for two pods");
-}
-
-fn completion(prompt: &[u32]) -> Vec<u8> {
-    serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 4})
-        .to_string()
-        .into_bytes()
-}
-
-/// A counter of a pod's `/metrics`.
-async fn pod_counter(pod: &Bound, name: &str) -> f64 {
-    let reply = test_support::http::request(pod.http, "GET", "/metrics", &[], Vec::new()).await;
-    reply
-        .text()
-        .lines()
-        .find(|l| l.starts_with(name) && l.contains('{'))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Blocks kvroute has seen stored, from its `/metrics`.
-async fn stored_blocks(kvroute: &Kvroute) -> f64 {
-    let key = "kvroute_kv_event_blocks_total{op=\"stored\"} ";
-    kvroute
-        .metrics()
-        .await
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.parse().ok())
-        .unwrap_or(0.0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefix_cached_behind_kvroutes_back_is_found_from_kv_events() {

@@ -373,6 +373,16 @@ impl Kvroute {
     }
 }
 
+impl Kvroute {
+    /// SIGKILL: the process ends at once, with nothing drained.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
 impl Drop for Kvroute {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -779,4 +789,66 @@ impl Envoy {
         assert!(complete, "access log incomplete");
         sent.iter().map(|s| upstreams[&s.id].clone()).collect()
     }
+}
+
+/// A pool's pods share their event ports, so the two pods listen on two loopback addresses
+/// with the same ports (the first pod's, bound to 0).
+pub async fn two_pods(
+    stop: &tokio_util::sync::CancellationToken,
+    tokenizer: Option<std::sync::Arc<tokenizers::Tokenizer>>,
+    chat_template: Option<std::sync::Arc<kvroute_chat::ChatTemplate>>,
+) -> [kvroute_sim::server::Bound; 2] {
+    let config = |ip: [u8; 4], ports: Option<kvroute_sim::server::Bound>| {
+        kvroute_sim::server::ServerConfig {
+            http: SocketAddr::from((ip, ports.map_or(0, |b| b.http.port()))),
+            events: SocketAddr::from((ip, ports.map_or(0, |b| b.events.port()))),
+            replay: SocketAddr::from((ip, ports.map_or(0, |b| b.replay.port()))),
+            topic: format!("kv@{}.{}.{}.{}@m", ip[0], ip[1], ip[2], ip[3]),
+            model: "m".into(),
+            profile: kvroute_sim::Profile::h100_llama31_8b(),
+            speed: 1000.0,
+            encoding: kvroute_sim::wire::EventEncoding::Map,
+            tokenizer: tokenizer.clone(),
+            chat_template: chat_template.clone(),
+        }
+    };
+    for _ in 0..10 {
+        let a = kvroute_sim::server::start(config([127, 0, 0, 2], None), stop.child_token())
+            .await
+            .unwrap();
+        if let Ok(b) =
+            kvroute_sim::server::start(config([127, 0, 0, 3], Some(a)), stop.child_token()).await
+        {
+            return [a, b];
+        }
+    }
+    panic!("no common free ports for two pods");
+}
+
+pub fn completion(prompt: &[u32]) -> Vec<u8> {
+    serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 4})
+        .to_string()
+        .into_bytes()
+}
+
+/// A counter of a pod's `/metrics`.
+pub async fn pod_counter(pod: &kvroute_sim::server::Bound, name: &str) -> f64 {
+    let reply = test_support::http::request(pod.http, "GET", "/metrics", &[], Vec::new()).await;
+    reply
+        .text()
+        .lines()
+        .find(|l| l.starts_with(name) && l.contains('{'))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Blocks kvroute has seen stored, from its `/metrics`.
+pub async fn stored_blocks(kvroute: &Kvroute) -> f64 {
+    let key = "kvroute_kv_event_blocks_total{op=\"stored\"} ";
+    kvroute
+        .metrics()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.parse().ok())
+        .unwrap_or(0.0)
 }

@@ -11,6 +11,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use kvroute_discovery::{MetricsAuth, Verdict};
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -30,6 +31,8 @@ pub(crate) struct AdminState {
     /// True once the endpoint source was read in full (a static list at once; a pool after
     /// its first full list of pods).
     pub(crate) listed: watch::Receiver<bool>,
+    /// Who may read `/metrics`, with `--metrics-endpoint-auth`.
+    pub(crate) metrics_auth: Option<MetricsAuth>,
     pub(crate) draining: CancellationToken,
 }
 
@@ -64,7 +67,12 @@ pub(crate) async fn serve(
                 TokioIo::new(stream),
                 service_fn(move |req| {
                     let state = Arc::clone(&state);
-                    async move { Ok::<_, Infallible>(handle(&state, &req)) }
+                    async move {
+                        if let Some(refused) = authorize(&state, &req).await {
+                            return Ok::<_, Infallible>(refused);
+                        }
+                        Ok::<_, Infallible>(handle(&state, &req))
+                    }
                 }),
             );
         let conn = graceful.watch(conn);
@@ -75,6 +83,38 @@ pub(crate) async fn serve(
         });
     }
     graceful.shutdown().await;
+}
+
+/// With `--metrics-endpoint-auth`, `/metrics` answers only a bearer token the API server
+/// vouches for and whose user may `get /metrics`; the probes stay open (the kubelet sends
+/// no token). None: go on.
+async fn authorize(state: &AdminState, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    let auth = state.metrics_auth.as_ref()?;
+    if req.uri().path() != "/metrics" {
+        return None;
+    }
+    let token = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let Some(token) = token else {
+        return Some(text(StatusCode::UNAUTHORIZED, "Unauthorized\n"));
+    };
+    match auth.review(token).await {
+        Ok(Verdict::Allowed) => None,
+        Ok(Verdict::Unauthenticated) => Some(text(StatusCode::UNAUTHORIZED, "Unauthorized\n")),
+        Ok(Verdict::Forbidden) => Some(text(StatusCode::FORBIDDEN, "Forbidden\n")),
+        Err(e) => {
+            warn!(error = %e, "metrics authentication: the API server could not be asked");
+            Some(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "authentication unavailable\n",
+            ))
+        }
+    }
 }
 
 fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -143,6 +183,7 @@ mod tests {
         let state = Arc::new(AdminState {
             metrics: Default::default(),
             listed: watch::channel(true).1,
+            metrics_auth: None,
             draining: CancellationToken::new(),
         });
         let stop = CancellationToken::new();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use kvroute_discovery::{Discovery, DiscoveryMetrics, PoolSpec, Source};
+use kvroute_discovery::{Discovery, DiscoveryMetrics, MetricsAuth, PoolSpec, Source};
 use kvroute_endpoints::{
     InFlightCollector, LoadCollector, PoolCollector, Registry, ScrapeConfig, ScrapeMetrics, Scraper,
 };
@@ -214,7 +214,11 @@ struct UpstreamArgs {
     /// Trace export: kvroute emits no traces; `true` is refused rather than ignored.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     tracing: Option<bool>,
-    /// Authentication of /metrics: not supported yet, so `true` is refused at start.
+    /// Authenticate /metrics: the caller's bearer token is reviewed by the API server
+    /// (TokenReview) and its user must be allowed `get` on `/metrics` (SubjectAccessReview),
+    /// as upstream's picker asks; needs a cluster source (--pool-name or
+    /// --endpoint-selector) and the ClusterRole in deploy/kubernetes/metrics-auth.yaml.
+    /// Off unless asked: the probes and an unauthenticated scrape keep working.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     metrics_endpoint_auth: Option<bool>,
     /// Alpha plugins: kvroute gates none, so every plugin it knows is allowed.
@@ -233,10 +237,6 @@ struct UpstreamArgs {
 impl UpstreamArgs {
     /// Refuses what kvroute cannot honour, and says what the rest mean here.
     fn check(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            self.metrics_endpoint_auth != Some(true),
-            "--metrics-endpoint-auth: kvroute's /metrics has no authentication yet; pass --metrics-endpoint-auth=false and restrict the metrics port by network policy"
-        );
         anyhow::ensure!(
             self.tracing != Some(true),
             "--tracing: kvroute emits no traces; pass --tracing=false"
@@ -537,8 +537,13 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // True once the endpoints were read in full: at once for a static list, after the first
     // full list of the pool's pods for a cluster source.
     let (listed_tx, listed) = watch::channel(false);
+    let mut metrics_auth = None;
     let discovery = match source {
         EndpointSource::Static(endpoints) => {
+            anyhow::ensure!(
+                args.upstream.metrics_endpoint_auth != Some(true),
+                "--metrics-endpoint-auth reviews tokens with the Kubernetes API server: it needs --pool-name or --endpoint-selector"
+            );
             registry.replace(endpoints);
             listed_tx.send_replace(true);
             None
@@ -547,6 +552,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             let client = Discovery::infer_client()
                 .await
                 .context("connecting to the Kubernetes API server")?;
+            if args.upstream.metrics_endpoint_auth == Some(true) {
+                metrics_auth = Some(MetricsAuth::new(client.clone()));
+            }
             Some(Discovery::new(
                 client,
                 args.pool.pool_namespace.clone(),
@@ -716,6 +724,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let admin_state = Arc::new(admin::AdminState {
         metrics: [prom, upstream_prom],
         listed,
+        metrics_auth,
         draining: draining.clone(),
     });
     let admin = tokio::spawn(admin::serve(admin_listener, admin_state, token.clone()));

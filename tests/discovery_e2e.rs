@@ -284,3 +284,70 @@ async fn not_ready_until_the_pool_is_listed() {
     assert!(ready, "{}", kvroute.log_text());
     assert_eq!(status(&mut health).await, ServingStatus::Serving as i32);
 }
+
+/// `--metrics-endpoint-auth`: `/metrics` answers a bearer token the API server vouches for
+/// (TokenReview) whose user may `get /metrics` (SubjectAccessReview); 401 without a valid
+/// token, 403 for a user who may not; the probes stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_need_a_token_the_api_server_vouches_for() {
+    let dir = scratch("metrics-auth");
+    let api = ApiServer::start().await;
+    api.install(Resource::inference_pool());
+    api.apply(
+        &Resource::inference_pool(),
+        inference_pool(NS, "pool", &[("app", "vllm")], &[8000]),
+    );
+    api.token(
+        "scraper-token",
+        "system:serviceaccount:monitoring:prometheus",
+        true,
+    );
+    api.token("other-token", "system:serviceaccount:llm:someone", false);
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig(NS)).unwrap();
+    let kvroute = Kvroute::spawn_env(
+        &dir,
+        &[
+            "--pool-name",
+            "pool",
+            "--pool-namespace",
+            NS,
+            "--metrics-endpoint-auth",
+        ],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    )
+    .await;
+    let get = async |auth: Option<&str>| {
+        let headers: Vec<(&str, String)> = auth
+            .map(|t| vec![("authorization", format!("Bearer {t}"))])
+            .unwrap_or_default();
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        http(kvroute.admin_port, "GET", "/metrics", &headers, Vec::new()).await
+    };
+    assert_eq!(get(None).await.status, 401);
+    assert_eq!(get(Some("forged")).await.status, 401);
+    assert_eq!(get(Some("other-token")).await.status, 403);
+    let ok = get(Some("scraper-token")).await;
+    assert_eq!(ok.status, 200);
+    assert!(ok.text().contains("kvroute_endpoints"));
+    let reviews = api.served().reviews;
+    assert_eq!(get(Some("scraper-token")).await.status, 200);
+    assert_eq!(api.served().reviews, reviews, "the verdict is cached");
+    // The probes need no token.
+    let ready = http(kvroute.admin_port, "GET", "/readyz", &[], Vec::new()).await;
+    assert_eq!(ready.status, 200);
+    // Exactly the two reviews, as deploy/kubernetes/metrics-auth.yaml grants.
+    let calls: Vec<_> = api
+        .calls()
+        .into_iter()
+        .filter(|(_, _, verb, _)| verb == "create")
+        .map(|(group, resource, ..)| format!("{group}/{resource}"))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            "authentication.k8s.io/tokenreviews",
+            "authorization.k8s.io/subjectaccessreviews"
+        ]
+    );
+}

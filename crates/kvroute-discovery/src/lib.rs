@@ -10,10 +10,12 @@
 //! prune indexes and per-endpoint series. It never writes to the API server, and an API
 //! server that goes away leaves the last known endpoints serving while the watches retry.
 
+mod auth;
 mod crd;
 mod pool;
 mod run;
 
+pub use auth::{MetricsAuth, Verdict};
 pub use crd::{ObjectiveSpec, PoolObjectReference, objective, objective_x, v1, v1alpha2};
 pub use pool::{PoolSpec, ROLE_LABEL, endpoints, routable_ip};
 pub use run::{Discovery, DiscoveryMetrics, Objectives, PoolGroup, Source};

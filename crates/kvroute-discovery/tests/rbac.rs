@@ -179,3 +179,33 @@ async fn every_call_discovery_makes_is_granted() {
         );
     }
 }
+
+/// The ClusterRole for `--metrics-endpoint-auth` lets kvroute create the two reviews and
+/// nothing else, and the reader role grants only `get /metrics`.
+#[test]
+fn the_metrics_auth_roles_grant_the_two_reviews_and_the_reading_only() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes/metrics-auth.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap())
+        .collect();
+    let role = |name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == name)
+            .unwrap()["rules"]
+            .clone()
+    };
+    assert_eq!(
+        role("kvroute-metrics-auth"),
+        json!([
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+            {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
+        ])
+    );
+    assert_eq!(
+        role("kvroute-metrics-reader"),
+        json!([{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}])
+    );
+    assert_eq!(docs.len(), 4);
+}

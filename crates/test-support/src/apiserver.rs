@@ -11,7 +11,9 @@
 //!   `BOOKMARK`s when asked (`allowWatchBookmarks`), an `ERROR` event with a `410 Gone`
 //!   status when that version was compacted away, and the stream closed after
 //!   `timeoutSeconds`;
-//! - a resource nobody installed answers `404` with a `Status` body (a missing CRD).
+//! - a resource nobody installed answers `404` with a `Status` body (a missing CRD);
+//! - `TokenReview` and `SubjectAccessReview` creations, answered from the tokens a test
+//!   sets ([`ApiServer::token`]).
 //!
 //! Faults a test can cause: [`ApiServer::compact`] (history dropped: older watches get
 //! `410`), [`ApiServer::drop_watches`] (connections cut), [`ApiServer::stop`] and
@@ -123,6 +125,8 @@ pub struct Served {
     pub gone: u64,
     /// `404` answers (resource not installed, or object missing).
     pub not_found: u64,
+    /// Token and access reviews answered.
+    pub reviews: u64,
 }
 
 /// The running fake; dropping it stops the listener and closes every watch.
@@ -150,6 +154,8 @@ struct State {
     watches: Vec<Watch>,
     next_watch: u64,
     served: Served,
+    /// Bearer token -> (user, may it get /metrics).
+    tokens: HashMap<String, (String, bool)>,
     calls: BTreeSet<(String, String, String, String)>,
 }
 
@@ -260,6 +266,15 @@ impl ApiServer {
     /// verb `get`, `list` or `watch`; calls for resources not installed included.
     pub fn calls(&self) -> BTreeSet<(String, String, String, String)> {
         self.shared.state().calls.clone()
+    }
+
+    /// Makes `token` a valid bearer token for `user`, who may (or may not) `get /metrics`,
+    /// as the reviews kvroute asks for (`--metrics-endpoint-auth`) will say.
+    pub fn token(&self, token: &str, user: &str, may_read_metrics: bool) {
+        self.shared
+            .state()
+            .tokens
+            .insert(token.into(), (user.into(), may_read_metrics));
     }
 
     /// Requests answered so far.
@@ -383,8 +398,18 @@ impl Shared {
     async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let path = req.uri().path().to_owned();
         let query = parse_query(req.uri().query().unwrap_or(""));
+        if req.method() == hyper::Method::POST {
+            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+            return match body {
+                Ok(body) => self.review(&path, &body),
+                Err(_) => status(StatusCode::BAD_REQUEST, "unreadable body"),
+            };
+        }
         if req.method() != hyper::Method::GET {
-            return status(StatusCode::METHOD_NOT_ALLOWED, "only GET is served");
+            return status(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only GET and reviews are served",
+            );
         }
         // The body of a GET is ignored; drain it so the connection stays usable.
         let _ = req.into_body().collect().await;
@@ -439,6 +464,50 @@ impl Shared {
             .installed
             .contains_key(&collection)
             .then(|| (collection, namespace.to_owned(), name))
+    }
+
+    /// `TokenReview` and `SubjectAccessReview` creations, answered from what the test set
+    /// with [`ApiServer::token`].
+    fn review(&self, path: &str, body: &[u8]) -> Response<Body> {
+        let Ok(mut review) = serde_json::from_slice::<Value>(body) else {
+            return status(StatusCode::BAD_REQUEST, "not JSON");
+        };
+        let mut state = self.state();
+        let (group, plural) = match path {
+            "/apis/authentication.k8s.io/v1/tokenreviews" => {
+                ("authentication.k8s.io", "tokenreviews")
+            }
+            "/apis/authorization.k8s.io/v1/subjectaccessreviews" => {
+                ("authorization.k8s.io", "subjectaccessreviews")
+            }
+            _ => {
+                state.served.not_found += 1;
+                return status(
+                    StatusCode::NOT_FOUND,
+                    &format!("no such resource to create ({path})"),
+                );
+            }
+        };
+        state
+            .calls
+            .insert((group.into(), plural.into(), "create".into(), String::new()));
+        state.served.reviews += 1;
+        let answer = if plural == "tokenreviews" {
+            let token = review["spec"]["token"].as_str().unwrap_or_default();
+            match state.tokens.get(token) {
+                Some((user, _)) => json!({"authenticated": true, "user": {"username": user}}),
+                None => json!({"authenticated": false}),
+            }
+        } else {
+            let user = review["spec"]["user"].as_str().unwrap_or_default();
+            let attrs = &review["spec"]["nonResourceAttributes"];
+            let allowed = attrs["path"] == "/metrics"
+                && attrs["verb"] == "get"
+                && state.tokens.values().any(|(u, may)| u == user && *may);
+            json!({"allowed": allowed})
+        };
+        review["status"] = answer;
+        json_response(StatusCode::CREATED, &review)
     }
 
     fn get(&self, collection: &str, namespace: &str, name: &str) -> Response<Body> {

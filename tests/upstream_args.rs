@@ -328,12 +328,12 @@ async fn gie_inferencepool_chart() {
 }
 
 /// What kvroute cannot honour it refuses at start with a reason, rather than running
-/// otherwise than asked.
+/// otherwise than asked (metrics authentication needs an API server to review tokens).
 #[tokio::test]
 async fn what_kvroute_cannot_honour_is_refused() {
     for (flag, want) in [
         ("--tracing=true", "no traces"),
-        ("--metrics-endpoint-auth", "no authentication"),
+        ("--metrics-endpoint-auth", "needs --pool-name or --endpoint-selector"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvroute"))
             .args(["serve", "--endpoints", "127.0.0.1:1", flag])

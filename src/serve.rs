@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{admin, shutdown};
 
@@ -523,12 +523,10 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("unexpected argument {stray:?}");
     }
     let tls = args.tls.tls()?;
-    let grpc_addr = args
-        .grpc_port
-        .map_or(args.grpc_addr, |p| SocketAddr::from(([0, 0, 0, 0], p)));
-    let admin_addr = args
-        .metrics_port
-        .map_or(args.admin_addr, |p| SocketAddr::from(([0, 0, 0, 0], p)));
+    // The port flags listen on every interface, IPv6 and IPv4 (as upstream's ":port"); the
+    // address flags on exactly what they name.
+    let grpc_addr = args.grpc_port.map_or(args.grpc_addr, every_interface);
+    let admin_addr = args.metrics_port.map_or(args.admin_addr, every_interface);
     let health_addr = SocketAddr::new(grpc_addr.ip(), args.grpc_health_port);
     let lame_duck = args.drain_timeout.unwrap_or(args.lame_duck);
     let source = EndpointSource::from_args(&args.endpoints, &args.pool)?;
@@ -660,13 +658,13 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
 
     // Bind every port before serving anything, so a taken port fails the start cleanly.
-    let grpc_listener = TcpListener::bind(grpc_addr)
+    let grpc_listener = bind(grpc_addr)
         .await
         .with_context(|| format!("binding ext_proc address {grpc_addr}"))?;
-    let health_listener = TcpListener::bind(health_addr)
+    let health_listener = bind(health_addr)
         .await
         .with_context(|| format!("binding gRPC health address {health_addr}"))?;
-    let admin_listener = TcpListener::bind(admin_addr)
+    let admin_listener = bind(admin_addr)
         .await
         .with_context(|| format!("binding admin address {admin_addr}"))?;
     info!(
@@ -802,6 +800,22 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// `[::]:port`: every interface, IPv6 and (dual-stack) IPv4.
+fn every_interface(port: u16) -> SocketAddr {
+    SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))
+}
+
+/// Binds `addr`; the IPv6 wildcard falls back to IPv4's where the host has no IPv6.
+async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Err(e) if addr.ip() == std::net::IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED) => {
+            debug!(error = %e, "no IPv6: listening on IPv4 only");
+            TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], addr.port()))).await
+        }
+        bound => bound,
+    }
 }
 
 /// The service names that report readiness: the whole server (`""`), the ext_proc service

@@ -333,7 +333,10 @@ async fn gie_inferencepool_chart() {
 async fn what_kvroute_cannot_honour_is_refused() {
     for (flag, want) in [
         ("--tracing=true", "no traces"),
-        ("--metrics-endpoint-auth", "needs --pool-name or --endpoint-selector"),
+        (
+            "--metrics-endpoint-auth",
+            "needs --pool-name or --endpoint-selector",
+        ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvroute"))
             .args(["serve", "--endpoints", "127.0.0.1:1", flag])

@@ -317,12 +317,151 @@ mod tests {
             }
         }
 
-        /// Nothing panics on arbitrary input.
+        /// A generated body (comments, blank lines, CRLF, spacing the format allows,
+        /// escaped label values, every value spelling) reads back sample for sample.
         #[test]
-        fn never_panics(text in "\\PC{0,200}") {
-            for s in samples(&text).flatten() {
-                let _ = s.label("a");
+        fn generated_bodies_read_back(body in body()) {
+            let (text, want) = body;
+            let got = all(&text).unwrap();
+            prop_assert_eq!(got.len(), want.len());
+            for (s, (name, labels, value)) in got.iter().zip(&want) {
+                prop_assert_eq!(s.name, name.as_str());
+                prop_assert!(s.value == *value || (value.is_nan() && s.value.is_nan()));
+                for (k, v) in labels {
+                    let got = s.label(k);
+                    prop_assert_eq!(got.as_deref(), Some(v.as_str()));
+                }
+            }
+        }
+
+        /// The same bodies with bytes flipped, inserted, deleted, cut off or copied: samples
+        /// up to the first error, which ends the iteration; a load in range or an error;
+        /// never a panic.
+        #[test]
+        fn mutated_bodies_fail_cleanly(
+            body in body(),
+            edits in proptest::collection::vec(test_support::mutate::mutation(EXPOSITION_TOKENS), 1..4),
+        ) {
+            let mut bytes = body.0.into_bytes();
+            for e in &edits {
+                e.apply(&mut bytes);
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            let read: Vec<_> = samples(&text).collect();
+            prop_assert!(read.iter().rev().skip(1).all(Result::is_ok));
+            for s in read.iter().flatten() {
+                let _ = (s.label("a"), s.label("le"), s.label("model_name"));
+            }
+            if let Ok(load) = crate::parse_load(&text) {
+                prop_assert!((0.0..=1.0).contains(&load.kv_usage));
             }
         }
     }
+
+    /// One sample as generated: name, labels, value.
+    type Want = (String, Vec<(String, String)>, f64);
+
+    /// A value and a spelling of it the Python client (or a hand) may write.
+    fn value() -> impl Strategy<Value = (String, f64)> {
+        prop_oneof![
+            3 => proptest::num::f64::ANY.prop_map(|v| (format!("{v:?}"), v)),
+            1 => (0..10_000u32).prop_map(|v| (v.to_string(), f64::from(v))),
+            1 => proptest::sample::select(vec![
+                ("+Inf", f64::INFINITY),
+                ("-Inf", f64::NEG_INFINITY),
+                ("NaN", f64::NAN),
+                ("1e3", 1000.0),
+                ("-0", -0.0),
+                ("1.7e9", 1.7e9),
+            ])
+            .prop_map(|(s, v)| (s.to_owned(), v)),
+        ]
+    }
+
+    /// One sample line in any spacing the format allows, and what it says.
+    fn line() -> impl Strategy<Value = (String, Want)> {
+        let name = prop_oneof![
+            proptest::sample::select(vec![
+                "vllm:num_requests_running",
+                "vllm:num_requests_waiting",
+                "vllm:kv_cache_usage_perc",
+                "vllm:lora_requests_info",
+                "vllm:cache_config_info",
+                "sglang:token_usage",
+            ])
+            .prop_map(str::to_owned),
+            "[a-zA-Z_:][a-zA-Z0-9_:]{0,12}",
+        ];
+        let labels = proptest::collection::btree_map(
+            "[a-zA-Z_][a-zA-Z0-9_]{0,8}",
+            prop_oneof![
+                "[a-z0-9,]{0,6}",
+                "\\PC{0,8}",
+                Just("q\"x\\y\nz}{,=".to_owned())
+            ],
+            0..4,
+        );
+        let pad = proptest::sample::select(vec!["", "", " ", "\t", " \t "]);
+        (
+            name,
+            labels,
+            value(),
+            proptest::option::of(any::<i64>()),
+            [pad.clone(), pad.clone(), pad.clone(), pad],
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(name, labels, (spelt, v), ts, [p0, p1, p2, p3], braces, trailing_comma)| {
+                    let mut line = format!("{p0}{name}");
+                    if braces || !labels.is_empty() {
+                        let body: Vec<String> = labels
+                            .iter()
+                            .map(|(k, v)| format!("{p1}{k}{p2}={p2}\"{}\"{p1}", escape(v)))
+                            .collect();
+                        let comma = if trailing_comma && !labels.is_empty() {
+                            ","
+                        } else {
+                            ""
+                        };
+                        line.push_str(&format!("{p1}{{{}{comma}}}", body.join(",")));
+                    }
+                    line.push_str(&format!(" {p1}{spelt}"));
+                    if let Some(ts) = ts {
+                        line.push_str(&format!("{p2} {ts}"));
+                    }
+                    line.push_str(p3);
+                    (line, (name, labels.into_iter().collect(), v))
+                },
+            )
+    }
+
+    /// A body: sample lines among `# HELP` / `# TYPE` comments and blank lines, LF or CRLF.
+    fn body() -> impl Strategy<Value = (String, Vec<Want>)> {
+        let entry = prop_oneof![
+            4 => line().prop_map(|(l, w)| (l, Some(w))),
+            1 => Just(("# HELP vllm:num_requests_running Number of requests {in} \"batches\".".to_owned(), None)),
+            1 => Just(("# TYPE vllm:num_requests_running gauge".to_owned(), None)),
+            1 => Just(("  ".to_owned(), None)),
+        ];
+        (
+            proptest::collection::vec(entry, 0..8),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(entries, crlf, final_eol)| {
+                let eol = if crlf { "\r\n" } else { "\n" };
+                let (lines, want): (Vec<String>, Vec<Option<Want>>) = entries.into_iter().unzip();
+                let mut text = lines.join(eol);
+                if final_eol {
+                    text.push_str(eol);
+                }
+                (text, want.into_iter().flatten().collect())
+            })
+    }
+
+    /// Prometheus text syntax a mutation may insert out of place (`test_support::mutate`).
+    const EXPOSITION_TOKENS: &[&[u8]] = &[
+        b"\n", b"\"", b"\\", b"{", b"}", b",", b"=", b" ", b"#", b"\xc3", b"1e999",
+    ];
 }

@@ -208,15 +208,154 @@ mod tests {
             prop_assert_eq!(s.finish().map(|u| u.completion_tokens), Some(2));
         }
 
+        /// A generated body, JSON or events, cut anywhere: the usage it was built with.
         #[test]
-        fn arbitrary_bytes_never_panic(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..8)) {
-            for ct in ["text/event-stream", "application/json"] {
-                let mut s = UsageScanner::for_content_type(ct);
-                for c in &chunks {
-                    s.feed(c);
-                }
-                let _ = s.finish();
-            }
+        fn generated_bodies_give_their_usage(body in body(), cuts in cuts()) {
+            let (content_type, bytes, want) = body;
+            prop_assert_eq!(scan(content_type, &bytes, &cuts), want);
         }
+
+        /// The same bodies with bytes flipped, inserted, deleted, cut off or copied: no panic,
+        /// and still the same answer however the body is cut.
+        #[test]
+        fn mutated_bodies_read_the_same_however_cut(
+            body in body(),
+            edits in proptest::collection::vec(test_support::mutate::mutation(USAGE_TOKENS), 1..4),
+            cuts in cuts(),
+        ) {
+            let (content_type, mut b, _) = body;
+            for e in &edits {
+                e.apply(&mut b);
+            }
+            prop_assert_eq!(scan(content_type, &b, &cuts), scan(content_type, &b, &[]));
+        }
+    }
+
+    /// Feeds `body` cut at `cuts` (fractions of its length, in 1/256) and finishes.
+    fn scan(content_type: &str, body: &[u8], cuts: &[u8]) -> Option<Usage> {
+        let mut at: Vec<usize> = cuts
+            .iter()
+            .map(|&c| usize::from(c) * body.len() / 256)
+            .collect();
+        at.sort_unstable();
+        let mut s = UsageScanner::for_content_type(content_type);
+        let mut last = 0;
+        for c in at.into_iter().chain([body.len()]) {
+            s.feed(&body[last..c]);
+            last = c;
+        }
+        s.finish()
+    }
+
+    /// SSE and JSON syntax a mutation may insert out of place (`test_support::mutate`).
+    const USAGE_TOKENS: &[&[u8]] = &[b"\n", b"\r\n", b"data:", b"\"usage\"", b"{", b"}", b"null"];
+
+    fn cuts() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..6)
+    }
+
+    /// A `usage` object in the shapes servers send (fields missing, details null or without
+    /// `cached_tokens`, extra fields), or `null`; and what it reads as.
+    fn usage() -> impl Strategy<Value = (serde_json::Value, Option<Usage>)> {
+        let n = prop_oneof![0..5000u64, any::<u64>()];
+        let details = prop_oneof![
+            Just(None),
+            Just(Some(serde_json::Value::Null)),
+            Just(Some(serde_json::json!({}))),
+            Just(Some(serde_json::json!({"cached_tokens": null}))),
+            (0..5000u64)
+                .prop_map(|c| Some(serde_json::json!({"cached_tokens": c, "audio_tokens": 0}))),
+        ];
+        let some = (
+            proptest::option::of(n.clone()),
+            proptest::option::of(n),
+            details,
+        )
+            .prop_map(|(p, c, d)| {
+                let mut v = serde_json::json!({"total_tokens": 1});
+                if let Some(p) = p {
+                    v["prompt_tokens"] = p.into();
+                }
+                if let Some(c) = c {
+                    v["completion_tokens"] = c.into();
+                }
+                let cached = d
+                    .as_ref()
+                    .and_then(|d| d.get("cached_tokens"))
+                    .and_then(serde_json::Value::as_u64);
+                if let Some(d) = d {
+                    v["prompt_tokens_details"] = d;
+                }
+                let u = Usage {
+                    prompt_tokens: p.unwrap_or(0),
+                    completion_tokens: c.unwrap_or(0),
+                    cached_tokens: cached,
+                };
+                (v, Some(u))
+            });
+        prop_oneof![1 => Just((serde_json::Value::Null, None)), 3 => some]
+    }
+
+    /// An event's JSON: a chunk with text (which may mention "usage"), with or without a
+    /// `usage` field; and the usage it carries.
+    fn event() -> impl Strategy<Value = (String, Option<Usage>)> {
+        (".{0,12}", proptest::option::of(usage())).prop_map(|(text, usage)| {
+            let mut v =
+                serde_json::json!({"id": "cmpl-1", "choices": [{"index": 0, "text": text}]});
+            let want = usage.and_then(|(json, u)| {
+                v["usage"] = json;
+                u
+            });
+            (v.to_string(), want)
+        })
+    }
+
+    /// A response body of either kind, its content type, and the usage it reports.
+    fn body() -> impl Strategy<Value = (&'static str, Vec<u8>, Option<Usage>)> {
+        let line = prop_oneof![
+            4 => event().prop_map(|(e, u)| (e, u, true)),
+            1 => Just((": keep-alive".to_owned(), None, false)),
+            1 => Just(("event: message".to_owned(), None, false)),
+            1 => Just(("data: [DONE]".to_owned(), None, false)),
+        ];
+        let sse = (
+            proptest::collection::vec((line, any::<bool>()), 0..6),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(lines, crlf, tail)| {
+                let eol = if crlf { "\r\n" } else { "\n" };
+                let mut out = String::new();
+                let mut want = None;
+                for ((text, usage, is_data), spaced) in lines {
+                    if is_data {
+                        out.push_str(if spaced { "data: " } else { "data:" });
+                        want = usage.or(want);
+                    }
+                    out.push_str(&text);
+                    out.push_str(eol);
+                    out.push_str(eol);
+                }
+                if tail {
+                    // A last event with no line end: read when the body ends.
+                    out.push_str(r#"data: {"usage":{"prompt_tokens":1,"completion_tokens":2}}"#);
+                    want = Some(Usage {
+                        prompt_tokens: 1,
+                        completion_tokens: 2,
+                        cached_tokens: None,
+                    });
+                }
+                ("text/event-stream; charset=utf-8", out.into_bytes(), want)
+            });
+        let json = (proptest::option::of(usage()), any::<bool>()).prop_map(|(usage, pretty)| {
+            let mut v = serde_json::json!({"id": "cmpl-2", "object": "text_completion", "choices": [{"text": "hi"}]});
+            let want = usage.and_then(|(json, u)| {
+                v["usage"] = json;
+                u
+            });
+            let text = if pretty { serde_json::to_string_pretty(&v) } else { serde_json::to_string(&v) };
+            ("application/json", text.unwrap_or_default().into_bytes(), want)
+        });
+        prop_oneof![sse, json]
     }
 }

@@ -5,6 +5,7 @@
 pub mod apiserver;
 pub mod envoy;
 pub mod http;
+pub mod mutate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,4 +1,5 @@
 use proptest::prelude::*;
+use test_support::mutate::mutation;
 
 use super::*;
 
@@ -189,11 +190,30 @@ fn malformed_bodies_are_rejected_with_reason() {
 }
 
 proptest! {
-    /// Any bytes either parse or give an error; never a panic.
+    /// A body built from a generated request, in any field order and with unknown fields
+    /// among the known ones, parses to exactly that request.
     #[test]
-    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-        let _ = InferenceRequest::parse(ApiKind::Completions, &bytes, RequestHints::default());
-        let _ = InferenceRequest::parse(ApiKind::ChatCompletions, &bytes, RequestHints::default());
+    fn generated_bodies_parse_to_what_was_generated(case in body()) {
+        let (api, body, want) = case;
+        let got = InferenceRequest::parse(api, &body, RequestHints::default());
+        prop_assert_eq!(got.ok(), Some(want), "{}", String::from_utf8_lossy(&body));
+    }
+
+    /// The same bodies with bytes flipped, inserted, deleted, cut off or copied elsewhere:
+    /// a request of the API's shape or an error, never a panic.
+    #[test]
+    fn mutated_bodies_fail_cleanly(
+        case in body(),
+        mutations in proptest::collection::vec(mutation(JSON_TOKENS), 1..4),
+    ) {
+        let (api, mut body, _) = case;
+        for m in &mutations {
+            m.apply(&mut body);
+        }
+        if let Ok(r) = InferenceRequest::parse(api, &body, RequestHints::default()) {
+            prop_assert_eq!(r.api, api);
+            prop_assert_eq!(matches!(r.prompt, Prompt::Chat(_)), api == ApiKind::ChatCompletions);
+        }
     }
 
     /// What serde_json writes for a prompt, the parser reads back unchanged.
@@ -212,6 +232,263 @@ proptest! {
         prop_assert_eq!(r.prompt, Prompt::Tokens(ids));
     }
 }
+
+/// Any string, newlines, quotes, backslashes and astral characters included.
+fn text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => "[a-z ]{0,8}",
+        1 => "(?s).{0,8}",
+        1 => prop::sample::select(vec!["", "\"\\/\u{8}\u{c}\n\r\t", "\u{0}", "é😀", "[DONE]"])
+            .prop_map(str::to_owned),
+    ]
+}
+
+/// JSON values without floats (which serde_json reads back to the nearest, not always the
+/// same, double), as kept verbatim in `tools`, `tool_calls` and template arguments.
+fn json() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::Value;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        text().prop_map(Value::String),
+    ];
+    leaf.prop_recursive(3, 16, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::vec(("[a-z_]{1,6}", inner), 0..4)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
+}
+
+/// An unknown field, as clients send many: skipped whatever it holds (floats too).
+fn extra_field() -> impl Strategy<Value = (String, String)> {
+    let name = prop::sample::select(vec![
+        "temperature",
+        "top_p",
+        "n",
+        "user",
+        "seed",
+        "logprobs",
+        "stream_options",
+        "response_format",
+        "x-vendor",
+        "",
+    ]);
+    let value = prop_oneof![
+        json().prop_map(|v| v.to_string()),
+        any::<f64>().prop_map(|f| serde_json::Value::from(f).to_string()),
+        Just("-0.0e-7".to_owned()),
+    ];
+    (name.prop_map(str::to_owned), value)
+}
+
+fn completions_prompt() -> impl Strategy<Value = Prompt> {
+    prop_oneof![
+        text().prop_map(Prompt::Text),
+        proptest::collection::vec(text(), 1..4).prop_map(Prompt::Texts),
+        proptest::collection::vec(any::<u32>(), 1..8).prop_map(Prompt::Tokens),
+        proptest::collection::vec(proptest::collection::vec(any::<u32>(), 0..4), 1..4)
+            .prop_map(Prompt::TokenBatches),
+    ]
+}
+
+fn prompt_json(p: &Prompt) -> serde_json::Value {
+    match p {
+        Prompt::Text(t) => t.as_str().into(),
+        Prompt::Texts(t) => t.as_slice().into(),
+        Prompt::Tokens(t) => t.as_slice().into(),
+        Prompt::TokenBatches(b) => b
+            .iter()
+            .map(|t| serde_json::Value::from(t.as_slice()))
+            .collect(),
+        Prompt::Chat(_) => unreachable!("completions prompts only"),
+    }
+}
+
+/// A message, and its JSON with fields in a shuffled order (content absent or `null` when
+/// empty, other parts with a payload the parser skips).
+fn message() -> impl Strategy<Value = (ChatMessage, String)> {
+    let part = prop_oneof![
+        text().prop_map(ContentPart::Text),
+        prop::sample::select(vec!["image_url", "input_audio", "file"])
+            .prop_map(|k| ContentPart::Other { kind: k.to_owned() }),
+    ];
+    let content = prop_oneof![
+        Just(MessageContent::Empty),
+        text().prop_map(MessageContent::Text),
+        proptest::collection::vec(part, 0..3).prop_map(MessageContent::Parts),
+    ];
+    (
+        prop::sample::select(vec!["system", "user", "assistant", "tool"]),
+        content,
+        proptest::option::of(json()),
+        proptest::option::of(text()),
+        proptest::option::of(text()),
+        proptest::option::of(text()),
+        any::<bool>(),
+    )
+        .prop_flat_map(|(role, content, tool_calls, tool_call_id, name, reasoning, null_content)| {
+            let m = ChatMessage {
+                role: role.to_owned(),
+                content,
+                tool_calls: tool_calls.filter(|v| !v.is_null()),
+                tool_call_id,
+                name,
+                reasoning_content: reasoning,
+            };
+            let mut fields = vec![field("role", &m.role)];
+            match &m.content {
+                MessageContent::Empty if null_content => fields.push(r#""content":null"#.to_owned()),
+                MessageContent::Empty => {}
+                MessageContent::Text(t) => fields.push(field("content", t)),
+                MessageContent::Parts(parts) => {
+                    let parts: Vec<String> = parts
+                        .iter()
+                        .map(|p| match p {
+                            ContentPart::Text(t) => format!(r#"{{"type":"text","text":{}}}"#, string(t)),
+                            ContentPart::Other { kind } => {
+                                format!(r#"{{"{kind}":{{"url":"data:,x","detail":[1,2.5]}},"type":"{kind}"}}"#)
+                            }
+                        })
+                        .collect();
+                    fields.push(format!(r#""content":[{}]"#, parts.join(",")));
+                }
+            }
+            if let Some(v) = &m.tool_calls {
+                fields.push(field("tool_calls", v));
+            }
+            for (k, v) in [("tool_call_id", &m.tool_call_id), ("name", &m.name), ("reasoning_content", &m.reasoning_content)] {
+                if let Some(v) = v {
+                    fields.push(field(k, v));
+                }
+            }
+            Just(fields).prop_shuffle().prop_map(move |f| (m.clone(), format!("{{{}}}", f.join(","))))
+        })
+}
+
+fn string(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+fn field(name: &str, value: &impl serde::Serialize) -> String {
+    format!("{}:{}", string(name), serde_json::to_string(value).unwrap())
+}
+
+/// A valid body of either API: its fields (known ones set or not, unknown ones mixed in)
+/// in a random order, compact or spaced out, and the request it must parse to.
+fn body() -> impl Strategy<Value = (ApiKind, Vec<u8>, InferenceRequest)> {
+    let api = prop_oneof![Just(ApiKind::Completions), Just(ApiKind::ChatCompletions)];
+    let options = (
+        text(),
+        proptest::option::of(any::<bool>()),
+        proptest::option::of(any::<u64>()),
+        proptest::option::of(any::<u64>()),
+        proptest::option::of(text()),
+        proptest::option::of(json()),
+        proptest::option::of(proptest::collection::vec(("[a-z_]{1,8}", json()), 0..3)),
+    );
+    (
+        api,
+        options,
+        completions_prompt(),
+        proptest::collection::vec(message(), 0..4),
+        proptest::collection::vec(extra_field(), 0..3),
+    )
+        .prop_flat_map(
+            |(
+                api,
+                (model, stream, max_tokens, max_completion, salt, tools, kwargs),
+                prompt,
+                messages,
+                extras,
+            )| {
+                let kwargs: Option<serde_json::Map<String, serde_json::Value>> =
+                    kwargs.map(|kv| kv.into_iter().collect());
+                let mut fields = vec![field("model", &model)];
+                let prompt = if api == ApiKind::Completions {
+                    fields.push(field("prompt", &prompt_json(&prompt)));
+                    prompt
+                } else {
+                    let json: Vec<&str> = messages.iter().map(|(_, j)| j.as_str()).collect();
+                    fields.push(format!(r#""messages":[{}]"#, json.join(",")));
+                    Prompt::Chat(messages.into_iter().map(|(m, _)| m).collect())
+                };
+                if let Some(v) = stream {
+                    fields.push(field("stream", &v));
+                }
+                if let Some(v) = max_tokens {
+                    fields.push(field("max_tokens", &v));
+                }
+                if let Some(v) = max_completion {
+                    fields.push(field("max_completion_tokens", &v));
+                }
+                if let Some(v) = &salt {
+                    fields.push(field("cache_salt", v));
+                }
+                if let Some(v) = &tools {
+                    fields.push(field("tools", v));
+                }
+                if let Some(v) = &kwargs {
+                    fields.push(field("chat_template_kwargs", v));
+                }
+                // The other API's prompt field is read and dropped, like any unknown one.
+                if api == ApiKind::ChatCompletions {
+                    fields.push(r#""prompt":"ignored""#.to_owned());
+                }
+                fields.extend(
+                    extras
+                        .into_iter()
+                        .map(|(k, v)| format!("{}:{v}", string(&k))),
+                );
+                let want = InferenceRequest {
+                    api,
+                    model,
+                    prompt,
+                    cache_salt: salt,
+                    stream: stream.unwrap_or(false),
+                    max_tokens: max_completion.or(max_tokens),
+                    chat: ChatOptions {
+                        tools: tools.filter(|t| !t.is_null()),
+                        template_kwargs: kwargs,
+                    },
+                    hints: RequestHints::default(),
+                };
+                (Just(fields).prop_shuffle(), any::<bool>()).prop_map(move |(fields, spaced)| {
+                    let sep = if spaced { ",\n  " } else { "," };
+                    let body = if spaced {
+                        format!("{{\n  {}\n}}\n", fields.join(sep))
+                    } else {
+                        format!("{{{}}}", fields.join(sep))
+                    };
+                    (api, body.into_bytes(), want.clone())
+                })
+            },
+        )
+}
+
+/// JSON tokens a mutation may insert out of place (`test_support::mutate`).
+const JSON_TOKENS: &[&[u8]] = &[
+    b"\"",
+    b"\\",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b":",
+    b"null",
+    b"-1",
+    b"1e999",
+    b"4294967296",
+    b"\\ud800",
+    b"\xff",
+    b"\"model\":\"m\"",
+    b"[[",
+    b"{\"type\":",
+];
 
 #[test]
 fn what_chat_templates_read_is_kept() {

@@ -19,38 +19,11 @@ use tokio_util::sync::CancellationToken;
 
 const NS: &str = "llm";
 
-/// A port free on 127.0.0.1, so (almost surely) on the other loopback addresses too.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A simulated pod at 127.0.0.`k`:`port` publishing KV events on `events`, stopped with
 /// its own token.
 async fn pod_at(k: u8, port: u16, events: u16) -> (Bound, CancellationToken) {
     let stop = CancellationToken::new();
-    let at = |p| SocketAddr::from(([127, 0, 0, k], p));
-    let bound = kvroute_sim::server::start(
-        kvroute_sim::server::ServerConfig {
-            http: at(port),
-            events: at(events),
-            replay: at(0),
-            topic: String::new(),
-            model: "m".into(),
-            profile: kvroute_sim::Profile::h100_llama31_8b(),
-            speed: 10.0,
-            encoding: kvroute_sim::wire::EventEncoding::Map,
-            tokenizer: None,
-            chat_template: None,
-        },
-        stop.clone(),
-    )
-    .await
-    .unwrap();
-    (bound, stop)
+    (sim_pod_at(k, port, events, 10.0, stop.clone()).await, stop)
 }
 
 fn ready_pod(name: &str, k: u8, ready: bool) -> serde_json::Value {

@@ -28,14 +28,6 @@ const NS: &str = "llm";
 const ADDRESSES: u8 = 12;
 const PODS: usize = 4;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Pod {
     name: String,
     ip: u8,
@@ -45,24 +37,7 @@ struct Pod {
 
 async fn start_pod(api: &ApiServer, n: usize, ip: u8, port: u16, events: u16) -> Pod {
     let stop = CancellationToken::new();
-    let at = |p| SocketAddr::from(([127, 0, 0, ip], p));
-    let bound = kvroute_sim::server::start(
-        kvroute_sim::server::ServerConfig {
-            http: at(port),
-            events: at(events),
-            replay: at(0),
-            topic: String::new(),
-            model: "m".into(),
-            profile: kvroute_sim::Profile::h100_llama31_8b(),
-            speed: 50.0,
-            encoding: kvroute_sim::wire::EventEncoding::Map,
-            tokenizer: None,
-            chat_template: None,
-        },
-        stop.clone(),
-    )
-    .await
-    .unwrap();
+    let bound = sim_pod_at(ip, port, events, 50.0, stop.clone()).await;
     let name = format!("vllm-{n}");
     api.apply(
         &Resource::pods(),

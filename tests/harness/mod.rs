@@ -747,24 +747,46 @@ pub async fn sim_pods(
 /// A simulated vLLM pod (`kvroute_sim`) on 127.0.0.1, every port its own, running until
 /// `stop` is cancelled: OpenAI API and vLLM's `/metrics` on `http`, 10× the modelled speed.
 pub async fn sim_pod(stop: &tokio_util::sync::CancellationToken) -> kvroute_sim::server::Bound {
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    sim_pod_at(1, 0, 0, 10.0, stop.child_token()).await
+}
+
+/// A simulated pod at 127.0.0.`ip` with its HTTP port `port` and KV events on `events`
+/// (0: any), `speed` times the modelled speed, running until `stop`: the pods of one pool
+/// share their ports on their own addresses.
+pub async fn sim_pod_at(
+    ip: u8,
+    port: u16,
+    events: u16,
+    speed: f64,
+    stop: tokio_util::sync::CancellationToken,
+) -> kvroute_sim::server::Bound {
+    let at = |p| SocketAddr::from(([127, 0, 0, ip], p));
     kvroute_sim::server::start(
         kvroute_sim::server::ServerConfig {
-            http: any,
-            events: any,
-            replay: any,
+            http: at(port),
+            events: at(events),
+            replay: at(0),
             topic: String::new(),
             model: "m".into(),
             profile: kvroute_sim::Profile::h100_llama31_8b(),
-            speed: 10.0,
+            speed,
             encoding: kvroute_sim::wire::EventEncoding::Map,
             tokenizer: None,
             chat_template: None,
         },
-        stop.child_token(),
+        stop,
     )
     .await
     .unwrap()
+}
+
+/// A port free on 127.0.0.1, so (almost surely) on the other loopback addresses too.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Sets a simulated pod's fault (`errors`, `none`…: `POST /sim/fault`).

@@ -100,12 +100,7 @@ async fn pods_without_an_event_stream_are_routed_approximately() {
     let dir = scratch("precise-none");
     // Model servers that publish no events: nothing listens on the event port.
     let backends = Backends::start(2, Duration::ZERO).await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let closed = free_port().to_string();
     let kvroute = Kvroute::start(&dir, &backends.list(), &["--kv-events-port", &closed]).await;
     let envoy = Envoy::start(
         &dir,

@@ -19,11 +19,7 @@ async fn kvroute_restarted_under_load_rebuilds_from_replay_and_loses_nothing() {
     let stop = CancellationToken::new();
     let pods = two_pods(&stop, None, None).await;
     let list = format!("{},{}", pods[0].http, pods[1].http);
-    let grpc = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
+    let grpc = format!("127.0.0.1:{}", free_port());
     let args = [
         "--grpc-addr",
         grpc.as_str(),

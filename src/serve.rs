@@ -291,6 +291,15 @@ struct EventArgs {
     /// has that connection cut (and counted) rather than the memory reserved.
     #[arg(long, default_value_t = kvroute_events::DEFAULT_MAX_FRAME_BYTES)]
     kv_events_max_frame_bytes: u64,
+    /// A KV-event batch that would decode into more entries than this (events, block
+    /// hashes, token ids) is refused, counted, and the pod's entries dropped (its stream
+    /// goes on from the next batch).
+    #[arg(long, default_value_t = kvroute_events::DEFAULT_MAX_BATCH_ENTRIES)]
+    kv_events_max_batch_entries: usize,
+    /// A replay (`--kv-replay-port`) bringing back more payload bytes than this is
+    /// abandoned and counted; the stream resyncs as after an unfilled gap.
+    #[arg(long, default_value_t = kvroute_events::DEFAULT_MAX_REPLAY_BYTES)]
+    kv_events_max_replay_bytes: usize,
     /// Tokenizers for precise routing of text and chat prompts: `DIR/<model>/tokenizer.json`
     /// (and `tokenizer_config.json` for the chat template) for each model name requests
     /// use (`Qwen/Qwen3-8B` is `DIR/Qwen/Qwen3-8B/`); `DIR/tokenizer.json` serves any other
@@ -598,6 +607,8 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 block_size: args.events.block_size,
                 silence: Duration::from_secs(args.events.kv_events_silence_secs.max(1)),
                 max_frame: args.events.kv_events_max_frame_bytes,
+                max_batch_entries: args.events.kv_events_max_batch_entries,
+                max_replay_bytes: args.events.kv_events_max_replay_bytes,
                 ..SubscriberConfig::default()
             },
             Arc::clone(&index),

@@ -7,7 +7,7 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kvroute_core::EndpointId;
-use kvroute_events::{Follower, decode_batch};
+use kvroute_events::{DEFAULT_MAX_BATCH_ENTRIES, Follower, decode_batch};
 use kvroute_index::{PrefixIndex, Shared};
 use kvroute_sim::KvEvent;
 use kvroute_sim::wire::{EventEncoding, encode_batch};
@@ -50,8 +50,8 @@ fn events(c: &mut Criterion) {
     g.bench_function("decode", |b| {
         b.iter(|| {
             for (stored, removed) in &batches {
-                std::hint::black_box(decode_batch(stored).unwrap());
-                std::hint::black_box(decode_batch(removed).unwrap());
+                std::hint::black_box(decode_batch(stored, DEFAULT_MAX_BATCH_ENTRIES).unwrap());
+                std::hint::black_box(decode_batch(removed, DEFAULT_MAX_BATCH_ENTRIES).unwrap());
             }
         });
     });

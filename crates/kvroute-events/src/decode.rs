@@ -37,6 +37,34 @@ pub enum DecodeError {
     /// A sequence frame shorter than 8 bytes.
     #[error("sequence frame of {0} bytes, expected 8")]
     Sequence(usize),
+    /// A batch that would decode into more entries (events, block hashes, token ids,
+    /// extra keys) than the limit: refused before they are allocated.
+    #[error("batch holds more than {0} entries")]
+    TooLarge(usize),
+}
+
+/// Entries one batch may decode into unless told otherwise: 4 Mi (32 MiB of hashes at
+/// most). A vLLM step stores and evicts at most its batched tokens' blocks (8,192 tokens
+/// by default: 512 blocks of 16 and their token ids), so a real batch is thousands of
+/// entries; only a broken or hostile publisher reaches millions.
+pub const DEFAULT_MAX_BATCH_ENTRIES: usize = 4 << 20;
+
+/// What is left of a batch's entry limit as it decodes. The frame limit bounds its bytes,
+/// but a byte can announce a 4-byte token id or an 8-byte hash: this bounds what they
+/// decode into.
+struct Budget {
+    left: usize,
+    limit: usize,
+}
+
+impl Budget {
+    fn take(&mut self, n: usize) -> Result<(), DecodeError> {
+        self.left = self
+            .left
+            .checked_sub(n)
+            .ok_or(DecodeError::TooLarge(self.limit))?;
+        Ok(())
+    }
 }
 
 /// Field names of each event, in declaration (= array) order after the tag.
@@ -65,9 +93,14 @@ pub fn sequence(frame: &[u8]) -> Result<u64, DecodeError> {
     Ok(u64::from_be_bytes(bytes))
 }
 
-/// Decodes one `KVEventBatch` payload.
-pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, DecodeError> {
+/// Decodes one `KVEventBatch` payload into at most `max_entries` entries (events, block
+/// hashes, token ids and extra keys, counted together).
+pub fn decode_batch(payload: &[u8], max_entries: usize) -> Result<EventBatch, DecodeError> {
     let mut r = Reader::new(payload);
+    let b = &mut Budget {
+        left: max_entries,
+        limit: max_entries,
+    };
     let mut batch = EventBatch {
         ts: 0.0,
         events: Vec::new(),
@@ -81,7 +114,7 @@ pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, DecodeError> {
                 return Err(DecodeError::Shape("batch array shorter than [ts, events]"));
             }
             batch.ts = r.number()?;
-            events(&mut r, &mut batch)?;
+            events(&mut r, &mut batch, b)?;
             if n >= 3 && !r.nil()? {
                 batch.data_parallel_rank = Some(r.uint()?);
             }
@@ -95,7 +128,7 @@ pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, DecodeError> {
                 match key(&mut r)? {
                     "ts" => batch.ts = r.number()?,
                     "events" => {
-                        events(&mut r, &mut batch)?;
+                        events(&mut r, &mut batch, b)?;
                         seen_events = true;
                     }
                     "data_parallel_rank" if !r.nil()? => {
@@ -124,11 +157,12 @@ fn key<'a>(r: &mut Reader<'a>) -> Result<&'a str, DecodeError> {
     Ok(r.str()?)
 }
 
-fn events(r: &mut Reader<'_>, batch: &mut EventBatch) -> Result<(), DecodeError> {
+fn events(r: &mut Reader<'_>, batch: &mut EventBatch, b: &mut Budget) -> Result<(), DecodeError> {
     let n = r.array()?;
+    b.take(n)?;
     batch.events.reserve(n);
     for _ in 0..n {
-        match event(r)? {
+        match event(r, b)? {
             Some(e) => batch.events.push(e),
             None => batch.skipped += 1,
         }
@@ -151,14 +185,15 @@ struct Fields {
 }
 
 impl Fields {
-    fn read(&mut self, r: &mut Reader<'_>, name: &str) -> Result<(), DecodeError> {
+    fn read(&mut self, r: &mut Reader<'_>, name: &str, b: &mut Budget) -> Result<(), DecodeError> {
         match name {
-            "block_hashes" => self.block_hashes = Some(hashes(r)?),
+            "block_hashes" => self.block_hashes = Some(hashes(r, b)?),
             "parent_block_hash" => {
                 self.parent = Some(if r.nil()? { None } else { Some(hash(r)?) });
             }
             "token_ids" => {
                 let n = r.array()?;
+                b.take(n)?;
                 let mut ids = Vec::with_capacity(n);
                 for _ in 0..n {
                     let t = u32::try_from(r.uint()?)
@@ -171,7 +206,7 @@ impl Fields {
             "medium" => self.medium = opt_str(r)?,
             "lora_name" => self.lora_name = opt_str(r)?,
             "group_idx" => self.group_idx = if r.nil()? { None } else { Some(r.uint()?) },
-            "extra_keys" => self.first_extra = first_extra_keys(r)?,
+            "extra_keys" => self.first_extra = first_extra_keys(r, b)?,
             _ => r.skip()?,
         }
         Ok(())
@@ -243,7 +278,7 @@ impl Fields {
     }
 }
 
-fn event(r: &mut Reader<'_>) -> Result<Option<KvEvent>, DecodeError> {
+fn event(r: &mut Reader<'_>, b: &mut Budget) -> Result<Option<KvEvent>, DecodeError> {
     let mut fields = Fields::default();
     match r.peek()? {
         Kind::Array => {
@@ -259,7 +294,7 @@ fn event(r: &mut Reader<'_>) -> Result<Option<KvEvent>, DecodeError> {
             };
             for i in 0..n - 1 {
                 match names.get(i) {
-                    Some(name) => fields.read(r, name)?,
+                    Some(name) => fields.read(r, name, b)?,
                     None => r.skip()?,
                 }
             }
@@ -270,7 +305,7 @@ fn event(r: &mut Reader<'_>) -> Result<Option<KvEvent>, DecodeError> {
             for _ in 0..r.map()? {
                 match key(r)? {
                     "type" => tag = Some(r.str()?),
-                    name => fields.read(r, name)?,
+                    name => fields.read(r, name, b)?,
                 }
             }
             let tag = tag.ok_or(DecodeError::Shape("event map without type"))?;
@@ -283,7 +318,10 @@ fn event(r: &mut Reader<'_>) -> Result<Option<KvEvent>, DecodeError> {
 /// `extra_keys`: one entry per block, each nil or an array of keys. Only the first block's
 /// matter (`Some(Some(strings))`, or `Some(None)` when it holds anything but strings: keys
 /// kvroute cannot reproduce); nil or an empty list is `None`.
-fn first_extra_keys(r: &mut Reader<'_>) -> Result<Option<Option<Vec<String>>>, DecodeError> {
+fn first_extra_keys(
+    r: &mut Reader<'_>,
+    b: &mut Budget,
+) -> Result<Option<Option<Vec<String>>>, DecodeError> {
     if r.nil()? {
         return Ok(None);
     }
@@ -295,7 +333,9 @@ fn first_extra_keys(r: &mut Reader<'_>) -> Result<Option<Option<Vec<String>>>, D
         None
     } else if r.peek()? == Kind::Array {
         let mut strings = Some(Vec::new());
-        for _ in 0..r.array()? {
+        let keys = r.array()?;
+        b.take(keys)?;
+        for _ in 0..keys {
             if r.peek()? == Kind::Str {
                 let key = r.str()?.to_owned();
                 if let Some(v) = strings.as_mut() {
@@ -344,8 +384,9 @@ fn hash(r: &mut Reader<'_>) -> Result<u64, DecodeError> {
     }
 }
 
-fn hashes(r: &mut Reader<'_>) -> Result<Vec<u64>, DecodeError> {
+fn hashes(r: &mut Reader<'_>, b: &mut Budget) -> Result<Vec<u64>, DecodeError> {
     let n = r.array()?;
+    b.take(n)?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         out.push(hash(r)?);

@@ -6,7 +6,7 @@ use kvroute_index::{PrefixIndex, Shared};
 use crate::apply::{Applied, Applier};
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::decode::{DecodeError, EventBatch, decode_batch};
+use crate::decode::{DEFAULT_MAX_BATCH_ENTRIES, DecodeError, EventBatch, decode_batch};
 
 /// Where a live message's sequence number puts it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +52,8 @@ pub struct Follower {
     /// arrive again and must match to be skipped as duplicates (a lower number with other
     /// content is a restarted publisher). Emptied once live traffic catches up.
     replayed: HashMap<u64, u64>,
+    /// Entries one batch may decode into ([`decode_batch`]).
+    max_entries: usize,
 }
 
 impl Follower {
@@ -63,7 +65,15 @@ impl Follower {
             expected: 0,
             last: None,
             replayed: HashMap::new(),
+            max_entries: DEFAULT_MAX_BATCH_ENTRIES,
         }
+    }
+
+    /// The same follower, refusing batches that decode into more than `max_entries`
+    /// entries (`--kv-events-max-batch-entries`).
+    pub fn with_max_entries(mut self, max_entries: usize) -> Self {
+        self.max_entries = max_entries;
+        self
     }
 
     /// The endpoint followed.
@@ -97,7 +107,9 @@ impl Follower {
 
     /// Applies live message `seq` (which [`Follower::order`] found in order). A payload
     /// that does not decode is skipped (the sequence moves on) and its error returned for
-    /// counting.
+    /// counting; one over the entry limit also forgets what is known of the endpoint
+    /// (the blocks it stored or evicted are unknown, so the entries kept could be stale),
+    /// as a gap without replay does.
     pub fn apply(
         &mut self,
         index: &Shared<PrefixIndex>,
@@ -119,7 +131,14 @@ impl Follower {
         self.last = Some((seq, xxh3_64(payload)));
         let EventBatch {
             events, skipped, ..
-        } = decode_batch(payload)?;
+        } = match decode_batch(payload, self.max_entries) {
+            Ok(batch) => batch,
+            Err(e @ DecodeError::TooLarge(_)) => {
+                self.applier.clear(index, &self.endpoint);
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         Ok((self.applier.apply(index, &self.endpoint, &events), skipped))
     }
 

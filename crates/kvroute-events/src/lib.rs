@@ -15,9 +15,11 @@ mod msgpack;
 mod subscribe;
 
 pub use apply::{Applied, Applier};
-pub use decode::{DecodeError, EventBatch, decode_batch, sequence};
+pub use decode::{DEFAULT_MAX_BATCH_ENTRIES, DecodeError, EventBatch, decode_batch, sequence};
 pub use event::{BlockStored, FirstExtra, KvEvent, Medium};
 pub use follow::{CatchUp, Follower, Order};
 pub use guard::{DEFAULT_MAX_FRAME_BYTES, FrameTooLarge};
 pub use msgpack::MsgpackError;
-pub use subscribe::{EventMetrics, IndexCollector, SubscriberConfig, Subscriptions, follow};
+pub use subscribe::{
+    DEFAULT_MAX_REPLAY_BYTES, EventMetrics, IndexCollector, SubscriberConfig, Subscriptions, follow,
+};

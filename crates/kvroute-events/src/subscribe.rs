@@ -19,7 +19,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use zeromq::{Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::apply::Applied;
-use crate::decode::{DecodeError, sequence};
+use crate::decode::{DEFAULT_MAX_BATCH_ENTRIES, DecodeError, sequence};
 use crate::follow::{CatchUp, Follower, Order};
 use crate::guard::{self, DEFAULT_MAX_FRAME_BYTES};
 
@@ -28,6 +28,10 @@ const END_SEQ: u64 = u64::MAX;
 
 /// How often the registry is read for endpoints that came or went.
 const REGISTRY_POLL: Duration = Duration::from_millis(500);
+
+/// Payload bytes one replay may bring back unless told otherwise: 256 MiB. vLLM buffers
+/// its last 10,000 batches (`buffer_steps`), a few KiB each.
+pub const DEFAULT_MAX_REPLAY_BYTES: usize = 256 << 20;
 
 /// Pause before reconnecting a stream that failed.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
@@ -56,6 +60,12 @@ pub struct SubscriberConfig {
     /// ZMQ frames a pod announces above this length cut its connection (a hostile or broken
     /// peer could otherwise make kvroute reserve any amount of memory: `crate::guard`).
     pub max_frame: u64,
+    /// Entries (events, block hashes, token ids) one batch may decode into; a batch over it
+    /// is counted and the endpoint's entries dropped (`crate::decode_batch`).
+    pub max_batch_entries: usize,
+    /// Bytes of payload one replay may bring back; a replay sending more is abandoned and
+    /// counted (the stream then resyncs as after a gap no replay filled).
+    pub max_replay_bytes: usize,
 }
 
 impl Default for SubscriberConfig {
@@ -69,6 +79,8 @@ impl Default for SubscriberConfig {
             replay_timeout: Duration::from_secs(2),
             join_replay: Duration::from_millis(500),
             max_frame: DEFAULT_MAX_FRAME_BYTES,
+            max_batch_entries: DEFAULT_MAX_BATCH_ENTRIES,
+            max_replay_bytes: DEFAULT_MAX_REPLAY_BYTES,
         }
     }
 }
@@ -83,6 +95,7 @@ pub struct EventMetrics {
     resyncs: Family<Label, Counter>,
     silences: Counter,
     oversized: Counter,
+    oversized_replays: Counter,
 }
 
 impl EventMetrics {
@@ -91,7 +104,7 @@ impl EventMetrics {
         let m = Self::default();
         registry.register(
             "kv_event_batches",
-            "KV-event batches received, by outcome (applied, duplicate, malformed)",
+            "KV-event batches received, by outcome (applied, duplicate, malformed, oversized: over --kv-events-max-batch-entries)",
             m.batches.clone(),
         );
         registry.register(
@@ -101,13 +114,18 @@ impl EventMetrics {
         );
         registry.register(
             "kv_event_resyncs",
-            "Times an endpoint's entries were dropped and rebuilt, by cause (gap, restart)",
+            "Times an endpoint's entries were dropped and rebuilt, by cause (gap, restart, oversized)",
             m.resyncs.clone(),
         );
         registry.register(
             "kv_event_silences",
             "Times an endpoint's stream said nothing while it served requests: unconfirmed, reconnected and caught up",
             m.silences.clone(),
+        );
+        registry.register(
+            "kv_event_oversized_replays",
+            "Replays abandoned because they brought back more than --kv-events-max-replay-bytes",
+            m.oversized_replays.clone(),
         );
         registry.register(
             "kv_event_oversized_frames",
@@ -142,6 +160,11 @@ impl EventMetrics {
                         self.blocks.get_or_create(&[("op", op)]).inc_by(n as u64);
                     }
                 }
+            }
+            Err(e @ DecodeError::TooLarge(_)) => {
+                self.batch("oversized");
+                self.resync("oversized");
+                warn!(endpoint = %endpoint, error = %e, "KV-event batch over the entry limit: entries dropped");
             }
             Err(e) => {
                 self.batch("malformed");
@@ -319,7 +342,8 @@ pub async fn follow(
         },
         None => None,
     };
-    let mut follower = Follower::new(ep.id().clone(), config.block_size);
+    let mut follower = Follower::new(ep.id().clone(), config.block_size)
+        .with_max_entries(config.max_batch_entries);
     let check_every = (config.silence / 4).max(Duration::from_millis(10));
     'connect: while !stop.is_cancelled() {
         ep.set_events_confirmed(false);
@@ -475,10 +499,15 @@ async fn catch_up(
     let from = follower.resume_from();
     let batches = tokio::select! {
         () = stop.cancelled() => return false,
-        r = tokio::time::timeout(config.replay_timeout, replay(at, from)) => r,
+        r = tokio::time::timeout(config.replay_timeout, replay(at, from, config.max_replay_bytes)) => r,
     };
     let batches = match batches {
         Ok(Ok(b)) => b,
+        Ok(Err(e @ ReplayError::TooLarge(_))) => {
+            metrics.oversized_replays.inc();
+            warn!(error = %e, at, "KV-event replay abandoned");
+            return false;
+        }
         Ok(Err(e)) => {
             debug!(error = %e, at, "KV-event replay failed");
             return false;
@@ -513,11 +542,14 @@ enum ReplayError {
     Frames(usize),
     #[error(transparent)]
     Sequence(#[from] DecodeError),
+    #[error("replay brought back more than {0} bytes")]
+    TooLarge(usize),
 }
 
 /// vLLM's replay protocol from a DEALER: send `["", start_seq]`, read `(seq, payload)`
-/// messages (with or without the topic frame newer releases add) until the end marker.
-async fn replay(at: &str, from: u64) -> Result<Vec<(u64, Vec<u8>)>, ReplayError> {
+/// messages (with or without the topic frame newer releases add) until the end marker, at
+/// most `max_bytes` of payload in all.
+async fn replay(at: &str, from: u64, max_bytes: usize) -> Result<Vec<(u64, Vec<u8>)>, ReplayError> {
     let mut dealer = zeromq::DealerSocket::new();
     dealer.connect(at).await?;
     let request: ZmqMessage = vec![
@@ -528,6 +560,7 @@ async fn replay(at: &str, from: u64) -> Result<Vec<(u64, Vec<u8>)>, ReplayError>
     .map_err(|_| ReplayError::Frames(0))?;
     dealer.send(request).await?;
     let mut out = Vec::new();
+    let mut held = 0usize;
     loop {
         let frames = dealer.recv().await?.into_vec();
         let body = match frames.split_first() {
@@ -540,6 +573,10 @@ async fn replay(at: &str, from: u64) -> Result<Vec<(u64, Vec<u8>)>, ReplayError>
         };
         if seq == END_SEQ {
             return Ok(out);
+        }
+        held = held.saturating_add(payload.len());
+        if held > max_bytes {
+            return Err(ReplayError::TooLarge(max_bytes));
         }
         out.push((seq, payload.to_vec()));
     }

@@ -2,7 +2,9 @@
 //! decoder: whatever the simulator sends, in either event encoding, decodes to the same
 //! events.
 
-use kvroute_events::{BlockStored, FirstExtra, KvEvent, Medium, decode_batch};
+use kvroute_events::{
+    BlockStored, DEFAULT_MAX_BATCH_ENTRIES, FirstExtra, KvEvent, Medium, decode_batch,
+};
 use kvroute_sim::KvEvent as SimEvent;
 use kvroute_sim::wire::{EventEncoding, encode_batch};
 use proptest::prelude::*;
@@ -64,7 +66,7 @@ proptest! {
         map in any::<bool>(),
     ) {
         let encoding = if map { EventEncoding::Map } else { EventEncoding::Array };
-        let batch = decode_batch(&encode_batch(ts, &events, rank, encoding)).unwrap();
+        let batch = decode_batch(&encode_batch(ts, &events, rank, encoding), DEFAULT_MAX_BATCH_ENTRIES).unwrap();
         prop_assert_eq!(batch.ts, ts);
         prop_assert_eq!(batch.data_parallel_rank, Some(u64::from(rank)));
         prop_assert_eq!(batch.skipped, 0);

@@ -6,6 +6,6 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = kvroute_events::decode_batch(data);
+    let _ = kvroute_events::decode_batch(data, kvroute_events::DEFAULT_MAX_BATCH_ENTRIES);
     let _ = kvroute_events::sequence(data);
 });

@@ -24,7 +24,7 @@ fn array_batch() -> Vec<u8> {
 
 #[test]
 fn an_array_batch_written_by_hand_decodes() {
-    let batch = decode_batch(&array_batch()).unwrap();
+    let batch = decode_batch(&array_batch(), DEFAULT_MAX_BATCH_ENTRIES).unwrap();
     assert_eq!(batch.ts, 1.5);
     assert_eq!(batch.data_parallel_rank, Some(0));
     assert_eq!(
@@ -86,7 +86,7 @@ fn a_map_batch_written_by_hand_decodes() {
     s(&mut b, "data_parallel_rank");
     b.push(0xc0);
 
-    let batch = decode_batch(&b).unwrap();
+    let batch = decode_batch(&b, DEFAULT_MAX_BATCH_ENTRIES).unwrap();
     assert_eq!(batch.ts, 2.0);
     assert_eq!(batch.data_parallel_rank, None);
     assert_eq!(batch.skipped, 2);
@@ -109,7 +109,7 @@ fn a_two_element_batch_and_short_events_decode() {
     s(&mut b, "BlockRemoved");
     b.extend([0x91, 0x07, 0x91]);
     s(&mut b, "AllBlocksCleared");
-    let batch = decode_batch(&b).unwrap();
+    let batch = decode_batch(&b, DEFAULT_MAX_BATCH_ENTRIES).unwrap();
     assert_eq!(batch.ts, 3.0);
     assert_eq!(
         batch.events,
@@ -128,12 +128,15 @@ fn malformed_payloads_are_errors_not_guesses() {
     let good = array_batch();
     // Every strict prefix is truncated.
     for cut in 0..good.len() {
-        assert!(decode_batch(&good[..cut]).is_err(), "cut at {cut}");
+        assert!(
+            decode_batch(&good[..cut], DEFAULT_MAX_BATCH_ENTRIES).is_err(),
+            "cut at {cut}"
+        );
     }
     let mut trailing = good.clone();
     trailing.push(0xc0);
     assert_eq!(
-        decode_batch(&trailing),
+        decode_batch(&trailing, DEFAULT_MAX_BATCH_ENTRIES),
         Err(DecodeError::Shape("bytes after the batch"))
     );
     // A BlockStored cut short after its hashes.
@@ -141,7 +144,7 @@ fn malformed_payloads_are_errors_not_guesses() {
     s(&mut b, "BlockStored");
     b.extend([0x91, 0x01]);
     assert_eq!(
-        decode_batch(&b),
+        decode_batch(&b, DEFAULT_MAX_BATCH_ENTRIES),
         Err(DecodeError::Shape("BlockStored without block_size"))
     );
     // A token id over 32 bits.
@@ -149,18 +152,44 @@ fn malformed_payloads_are_errors_not_guesses() {
     s(&mut b, "BlockStored");
     b.extend([0x91, 0x01, 0xc0, 0x91, 0xcf, 0, 0, 0, 1, 0, 0, 0, 0, 0x01]);
     assert_eq!(
-        decode_batch(&b),
+        decode_batch(&b, DEFAULT_MAX_BATCH_ENTRIES),
         Err(DecodeError::Shape("token id over 32 bits"))
     );
     // An array claiming 2^32 - 1 elements in a few bytes: refused before allocating.
     let b = [0x92, 0x00, 0xdd, 0xff, 0xff, 0xff, 0xff, 0x00];
     assert!(matches!(
-        decode_batch(&b),
+        decode_batch(&b, DEFAULT_MAX_BATCH_ENTRIES),
         Err(DecodeError::Msgpack(MsgpackError::Truncated(_)))
     ));
     // Not a batch at all.
-    assert!(decode_batch(b"\xa3abc").is_err());
-    assert!(decode_batch(&[]).is_err());
+    assert!(decode_batch(b"\xa3abc", DEFAULT_MAX_BATCH_ENTRIES).is_err());
+    assert!(decode_batch(&[], DEFAULT_MAX_BATCH_ENTRIES).is_err());
+}
+
+#[test]
+fn a_batch_decoding_into_more_entries_than_the_limit_is_refused() {
+    // One event, two hashes and eight token ids: eleven entries.
+    assert!(decode_batch(&array_batch(), 11).is_ok());
+    assert_eq!(
+        decode_batch(&array_batch(), 10),
+        Err(DecodeError::TooLarge(10))
+    );
+    // A million one-byte hashes (1 MiB, under any frame limit) would take 8 MiB decoded:
+    // refused at the array's header, before anything is reserved.
+    let n: u32 = 1 << 20;
+    let mut b = vec![0x92, 0x00, 0x91, 0x92];
+    s(&mut b, "BlockRemoved");
+    b.push(0xdd);
+    b.extend(n.to_be_bytes());
+    b.resize(b.len() + n as usize, 0x01);
+    assert_eq!(
+        decode_batch(&b, 1 << 16),
+        Err(DecodeError::TooLarge(1 << 16))
+    );
+    assert_eq!(
+        decode_batch(&b, DEFAULT_MAX_BATCH_ENTRIES).map(|b| b.events.len()),
+        Ok(1)
+    );
 }
 
 #[test]
@@ -180,9 +209,9 @@ proptest! {
     #[test]
     fn generated_batches_decode_to_the_model(batch in batch()) {
         let bytes = batch.encode();
-        prop_assert_eq!(decode_batch(&bytes), Ok(batch.expected()));
+        prop_assert_eq!(decode_batch(&bytes, DEFAULT_MAX_BATCH_ENTRIES), Ok(batch.expected()));
         for cut in 0..bytes.len() {
-            prop_assert!(decode_batch(&bytes[..cut]).is_err(), "cut at {}", cut);
+            prop_assert!(decode_batch(&bytes[..cut], DEFAULT_MAX_BATCH_ENTRIES).is_err(), "cut at {}", cut);
         }
     }
 
@@ -197,7 +226,7 @@ proptest! {
         for m in &mutations {
             m.apply(&mut bytes);
         }
-        if let Ok(b) = decode_batch(&bytes) {
+        if let Ok(b) = decode_batch(&bytes, DEFAULT_MAX_BATCH_ENTRIES) {
             prop_assert!(b.events.len() + b.skipped <= bytes.len());
         }
         let _ = sequence(&bytes);
@@ -917,7 +946,7 @@ fn stored_with_extra(lora: Option<&str>, extra: &[u8]) -> Vec<u8> {
 }
 
 fn first_extra(lora: Option<&str>, extra: &[u8]) -> FirstExtra {
-    let batch = decode_batch(&stored_with_extra(lora, extra)).unwrap();
+    let batch = decode_batch(&stored_with_extra(lora, extra), DEFAULT_MAX_BATCH_ENTRIES).unwrap();
     let [KvEvent::BlockStored(e)] = batch.events.as_slice() else {
         panic!("{batch:?}")
     };
@@ -991,7 +1020,7 @@ fn the_newest_vllm_encoding_decodes() {
     b.push(0xc0);
     s(&mut b, "data_parallel_rank");
     b.push(0x02);
-    let batch = decode_batch(&b).unwrap();
+    let batch = decode_batch(&b, DEFAULT_MAX_BATCH_ENTRIES).unwrap();
     assert_eq!(batch.data_parallel_rank, Some(2));
     assert!(batch.ts > 1.7e9);
     let [KvEvent::BlockStored(e)] = batch.events.as_slice() else {

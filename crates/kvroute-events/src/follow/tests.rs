@@ -175,3 +175,31 @@ fn a_malformed_message_is_skipped_and_the_sequence_moves_on() {
     assert!(f.apply(&index, 0, b"\xc1garbage").is_err());
     assert_eq!(f.order(1, &removed(1)), Order::InOrder);
 }
+
+#[test]
+fn a_batch_over_the_entry_limit_forgets_the_endpoint_and_the_stream_goes_on() {
+    let index = Shared::new(PrefixIndex::new());
+    // A stored batch is 1 event + 1 hash + 2 token ids: 4 entries.
+    let mut f = Follower::new(EndpointId::new("pod"), BS).with_max_entries(4);
+    assert_eq!(
+        live(&mut f, &index, 0, &stored(1, None, [1, 2])),
+        Order::InOrder
+    );
+    assert_eq!(holds(&index, &[1, 2]), 1);
+    // Two blocks in one event: 6 entries. What it stored or evicted is unknown, so what was
+    // known is dropped rather than trusted.
+    let mut big = vec![0x93, 0x00, 0x91, 0x98, 0xab];
+    big.extend_from_slice(b"BlockStored");
+    big.extend([
+        0x92, 2, 3, 0x01, 0x92, 3, 4, BS as u8, 0xc0, 0xc0, 0xc0, 0x00,
+    ]);
+    assert_eq!(f.order(1, &big), Order::InOrder);
+    assert_eq!(f.apply(&index, 1, &big), Err(DecodeError::TooLarge(4)));
+    assert_eq!(holds(&index, &[1, 2]), 0);
+    // The sequence moved on: the next batch is in order and applies.
+    assert_eq!(
+        live(&mut f, &index, 2, &stored(5, None, [7, 8])),
+        Order::InOrder
+    );
+    assert_eq!(holds(&index, &[7, 8]), 1);
+}

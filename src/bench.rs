@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use kvroute_bench::{
-    BenchReport, Load, Policy, PolicyReport, Workload, load_mooncake, render_svg, run,
+    BenchReport, Deployment, Load, Policy, PolicyReport, Workload, load_mooncake, render_svg, run,
+    run_deployed,
 };
 use kvroute_sim::Profile;
 
@@ -60,6 +61,15 @@ pub(crate) struct BenchArgs {
     /// With --users: pause between a user's requests, milliseconds.
     #[arg(long, default_value_t = 0)]
     think_ms: u64,
+    /// Router replicas (active-active), each receiving every Nth request and no other
+    /// replica's decisions; reports how often the others would have chosen alike.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Each replica reads the pods' load (waiting, running, KV usage) this often, in
+    /// simulated milliseconds, as `kvroute serve --refresh-metrics-interval` does; without
+    /// it a router knows only the requests it sent itself.
+    #[arg(long)]
+    scrape_ms: Option<u64>,
     /// Also write the reports as JSON here (schema in docs/benchmarks.md).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -111,6 +121,12 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         .with_block_size(args.block_size);
     anyhow::ensure!(args.pods > 0, "--pods must be at least 1");
     anyhow::ensure!(args.speedup > 0.0, "--speedup must be positive");
+    anyhow::ensure!(args.replicas > 0, "--replicas must be at least 1");
+    anyhow::ensure!(args.scrape_ms != Some(0), "--scrape-ms must be at least 1");
+    let deployment = Deployment {
+        replicas: args.replicas,
+        scrape_ms: args.scrape_ms,
+    };
     let policies = if args.policies == "all" {
         Policy::ALL.to_vec()
     } else {
@@ -150,9 +166,9 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     };
     let reports: Vec<PolicyReport> = policies
         .into_iter()
-        .map(|p| run(&trace, &profile, args.pods, p, load))
+        .map(|p| run_deployed(&trace, &profile, args.pods, p, load, deployment))
         .collect();
-    let title = format!(
+    let mut title = format!(
         "{} requests x{} on {} pods of {} ({}-token blocks), {how}",
         trace.len(),
         args.copies,
@@ -160,6 +176,12 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         profile.name,
         profile.block_size,
     );
+    if args.replicas > 1 {
+        title.push_str(&format!(", {} router replicas", args.replicas));
+    }
+    if let Some(ms) = args.scrape_ms {
+        title.push_str(&format!(", pod load read every {ms} ms"));
+    }
     let mut out = table(&title, &reports);
     if let Some(path) = &args.chart {
         write_chart(path, &title, &reports)?;
@@ -222,6 +244,10 @@ fn table(title: &str, reports: &[PolicyReport]) -> String {
         "decide p99",
         "wall"
     ));
+    let agreement = reports.iter().any(|r| r.agreement.is_some());
+    if agreement {
+        out.insert_str(out.len() - 1, &format!(" {:>7}", "agree"));
+    }
     for r in reports {
         // Policies that do not use kvroute's scheduler have no decision time to show.
         let decide = r
@@ -240,6 +266,12 @@ fn table(title: &str, reports: &[PolicyReport]) -> String {
             decide,
             r.wall_s
         ));
+        if agreement {
+            let agree = r
+                .agreement
+                .map_or_else(|| "-".to_owned(), |a| format!("{:.1}%", 100.0 * a));
+            out.insert_str(out.len() - 1, &format!(" {agree:>7}"));
+        }
     }
     out
 }

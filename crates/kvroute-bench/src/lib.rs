@@ -8,6 +8,7 @@
 mod baselines;
 mod chart;
 mod policy;
+mod replicas;
 mod report;
 mod synthetic;
 mod trace;
@@ -15,6 +16,7 @@ mod trace;
 pub use baselines::{DynamoCost, SglangCacheAware, SglangConfig};
 pub use chart::{ChartError, render_svg};
 pub use policy::{Policy, PolicyRouter};
-pub use report::{BenchReport, Load, PolicyReport, run};
+pub use replicas::{Deployment, Replicas};
+pub use report::{BenchReport, Load, PolicyReport, run, run_deployed};
 pub use synthetic::Workload;
 pub use trace::{BenchError, TraceRequest, arrivals, load_mooncake};

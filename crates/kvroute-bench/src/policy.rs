@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kvroute_core::{ApiKind, Endpoint, EndpointId, InferenceRequest, Prompt, RequestHints};
-use kvroute_endpoints::{EndpointState, InFlightGuard, Registry};
+use kvroute_endpoints::{EndpointState, InFlightGuard, PodLoad, Registry};
 use kvroute_events::{Applier, BlockStored, FirstExtra, KvEvent, Medium};
 use kvroute_index::{PrefixIndex, Shared};
 use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE};
@@ -183,6 +183,9 @@ pub struct PolicyRouter {
     dynamo: Option<DynamoCost>,
     endpoints: Arc<Vec<Arc<EndpointState>>>,
     claims: HashMap<RequestId, InFlightGuard>,
+    /// Scrapes of the pods' `/metrics` as `kvroute serve` takes them: every `.0` simulated
+    /// microseconds, the next at `.1`.
+    scrape: Option<(u64, u64)>,
     /// Nanoseconds each routing decision took (every policy but round-robin and random).
     pub decision_ns: Vec<u64>,
     /// Simulated microseconds each pod spent stepping.
@@ -254,12 +257,80 @@ impl PolicyRouter {
             dynamo: (policy == Policy::DynamoKv).then(|| DynamoCost::new(pods, block_size)),
             endpoints,
             claims: HashMap::new(),
+            scrape: None,
             decision_ns: Vec::new(),
             busy_us: vec![0; pods],
         }
     }
 
+    /// The same router, reading each pod's waiting and running requests and KV usage every
+    /// `every_us` simulated microseconds from `phase_us` on (`--refresh-metrics-interval`),
+    /// as the load scorers do in a cluster. Without it the router knows only its own
+    /// in-flight requests.
+    pub fn with_scrapes(mut self, every_us: u64, phase_us: u64) -> Self {
+        self.scrape = Some((every_us.max(1), phase_us));
+        self
+    }
+
+    fn scrape(&mut self, now_us: u64, pods: &[PodView]) {
+        let Some((every, next)) = &mut self.scrape else {
+            return;
+        };
+        if now_us < *next {
+            return;
+        }
+        *next = now_us + *every - (now_us - *next) % *every;
+        let at = Instant::now();
+        for (ep, view) in self.endpoints.iter().zip(pods) {
+            ep.record_scrape(
+                PodLoad {
+                    waiting: u32::try_from(view.waiting).unwrap_or(u32::MAX),
+                    running: u32::try_from(view.running).unwrap_or(u32::MAX),
+                    kv_usage: view.kv_usage,
+                    ..PodLoad::default()
+                },
+                at,
+            );
+        }
+    }
+
+    /// Where this router would send `request` now, remembering nothing: another replica's
+    /// opinion of a request it did not receive (`crate::Replicas`). Policies that do not
+    /// go through kvroute's scheduler have no opinion (`None`).
+    pub fn preview(
+        &mut self,
+        now_us: u64,
+        request: &SimRequest,
+        pods: &[PodView],
+    ) -> Option<usize> {
+        self.scrape(now_us, pods);
+        let scheduler = self.scheduler.as_ref()?;
+        let parsed = parsed(request, self.tokens(request));
+        let hints = RequestHints::default();
+        let decision = scheduler
+            .preview(
+                &SchedulingRequest::new(Some(&parsed), &hints),
+                &self.endpoints,
+            )
+            .ok()?;
+        self.endpoints
+            .iter()
+            .position(|e| Arc::ptr_eq(e, decision.primary()))
+    }
+
+    /// The prompt's token ids a client would send: the whole prompt, or its first
+    /// [`ROUTED_PROMPT_TOKENS`] for the approximate policies.
+    fn tokens(&self, request: &SimRequest) -> Vec<u32> {
+        let routed = if self.policy.whole_prompt() {
+            request.prompt.len()
+        } else {
+            request.prompt.len().min(ROUTED_PROMPT_TOKENS)
+        };
+        request.prompt.tokens(0, routed)
+    }
+
     fn pick(&mut self, now_us: u64, request: &SimRequest, pods: &[PodView]) -> usize {
+        self.scrape(now_us, pods);
         let n = pods.len().max(1);
         match self.policy {
             Policy::RoundRobin => {
@@ -270,14 +341,9 @@ impl PolicyRouter {
             Policy::Random => return self.rng.below(n as u64) as usize,
             _ => {}
         }
-        let routed = if self.policy.whole_prompt() {
-            request.prompt.len()
-        } else {
-            request.prompt.len().min(ROUTED_PROMPT_TOKENS)
-        };
         // What a real request would carry; generating it from content ids is not the
         // router's cost, so the clock starts after.
-        let tokens = request.prompt.tokens(0, routed);
+        let tokens = self.tokens(request);
         let started = Instant::now();
         let pod = if let Some(sglang) = &mut self.sglang {
             let loads: Vec<usize> = pods.iter().map(|p| p.in_flight).collect();
@@ -306,16 +372,7 @@ impl PolicyRouter {
         let Some(scheduler) = &self.scheduler else {
             return 0;
         };
-        let parsed = InferenceRequest {
-            api: ApiKind::Completions,
-            model: "bench".into(),
-            prompt: Prompt::Tokens(tokens),
-            cache_salt: None,
-            stream: true,
-            max_tokens: Some(request.max_tokens as u64),
-            chat: Default::default(),
-            hints: RequestHints::default(),
-        };
+        let parsed = parsed(request, tokens);
         let hints = RequestHints::default();
         let decided = scheduler.schedule(
             &SchedulingRequest::new(Some(&parsed), &hints),
@@ -333,6 +390,20 @@ impl PolicyRouter {
             .iter()
             .position(|e| Arc::ptr_eq(e, primary))
             .unwrap_or(0)
+    }
+}
+
+/// The completion request a client would send for `request`, carrying `tokens`.
+fn parsed(request: &SimRequest, tokens: Vec<u32>) -> InferenceRequest {
+    InferenceRequest {
+        api: ApiKind::Completions,
+        model: "bench".into(),
+        prompt: Prompt::Tokens(tokens),
+        cache_salt: None,
+        stream: true,
+        max_tokens: Some(request.max_tokens as u64),
+        chat: Default::default(),
+        hints: RequestHints::default(),
     }
 }
 

@@ -3,7 +3,8 @@ use std::time::Instant;
 use kvroute_sim::{Cluster, Profile};
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Policy, PolicyRouter};
+use crate::policy::Policy;
+use crate::replicas::{Deployment, Replicas};
 use crate::trace::{TraceRequest, arrivals};
 
 /// How load is offered to the cluster.
@@ -96,8 +97,19 @@ pub struct PolicyReport {
     pub decision_p50_us: Option<f64>,
     /// The router's own decision time, 99th percentile, microseconds.
     pub decision_p99_us: Option<f64>,
+    /// Router replicas sharing the requests (`--replicas`; absent in reports before it).
+    #[serde(default = "one")]
+    pub replicas: usize,
+    /// With several replicas: the share of (request, replica that did not receive it) pairs
+    /// where that replica would have chosen the same pod; `null` otherwise.
+    #[serde(default)]
+    pub agreement: Option<f64>,
     /// Wall time of the run, seconds.
     pub wall_s: f64,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
@@ -107,7 +119,8 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     Some(sorted[((sorted.len() - 1) as f64 * p).round() as usize])
 }
 
-/// Replays `trace` under `load` through `pods` simulated pods of `profile` under `policy`.
+/// Replays `trace` under `load` through `pods` simulated pods of `profile` under `policy`,
+/// one router that knows only its own decisions.
 pub fn run(
     trace: &[TraceRequest],
     profile: &Profile,
@@ -115,8 +128,20 @@ pub fn run(
     policy: Policy,
     load: Load,
 ) -> PolicyReport {
+    run_deployed(trace, profile, pods, policy, load, Deployment::default())
+}
+
+/// [`run`] with the router deployed as `deployment` says (replicas, scraped pod load).
+pub fn run_deployed(
+    trace: &[TraceRequest],
+    profile: &Profile,
+    pods: usize,
+    policy: Policy,
+    load: Load,
+    deployment: Deployment,
+) -> PolicyReport {
     let started = Instant::now();
-    let mut router = PolicyRouter::new(policy, pods, profile.block_size);
+    let mut router = Replicas::new(policy, pods, profile.block_size, deployment);
     let mut cluster = Cluster::new(profile, pods, policy.uses_events());
     let results = match load {
         Load::Open { speedup, copies } => {
@@ -162,14 +187,10 @@ pub fn run(
     let output: usize = done.iter().map(|r| r.output_tokens).sum();
     let prompt: usize = done.iter().map(|r| r.prompt_tokens).sum();
     let cached: usize = done.iter().map(|r| r.cached_tokens).sum();
-    let busy = &router.busy_us;
+    let busy = router.busy_us();
     let mean_busy = busy.iter().sum::<u64>() as f64 / busy.len().max(1) as f64;
     let max_busy = busy.iter().copied().max().unwrap_or(0) as f64;
-    let mut decisions: Vec<f64> = router
-        .decision_ns
-        .iter()
-        .map(|&n| n as f64 / 1000.0)
-        .collect();
+    let mut decisions: Vec<f64> = router.decision_ns().map(|n| n as f64 / 1000.0).collect();
     decisions.sort_by(f64::total_cmp);
     let pct = |v: &[f64], p: f64| percentile(v, p).unwrap_or(0.0);
     PolicyReport {
@@ -198,6 +219,8 @@ pub fn run(
         },
         decision_p50_us: percentile(&decisions, 0.5),
         decision_p99_us: percentile(&decisions, 0.99),
+        replicas: deployment.replicas.max(1),
+        agreement: router.agreement(),
         wall_s,
     }
 }

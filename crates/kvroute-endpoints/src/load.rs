@@ -37,6 +37,8 @@ pub struct Scraped {
     pub load: PodLoad,
     /// When its answer was read (the caller's clock).
     pub at: Instant,
+    /// Requests this router had routed to the endpoint when the answer was stored.
+    pub routed_before: u64,
 }
 
 /// The last scrape, checked fresh; derefs to its [`PodLoad`]. Holding it pins that scrape
@@ -45,6 +47,7 @@ pub struct Scraped {
 pub struct FreshLoad {
     pub(crate) guard: arc_swap::Guard<Option<Arc<Scraped>>>,
     pub(crate) at: Instant,
+    pub(crate) routed_since: u64,
 }
 
 /// Why a body could not be read as a model server's load.
@@ -74,6 +77,14 @@ impl FreshLoad {
     /// When the scrape was taken.
     pub fn at(&self) -> Instant {
         self.at
+    }
+
+    /// Requests this router routed to the endpoint after the scrape: the pod could not
+    /// have counted them yet. The scrape plus these is the freshest view of the pod's
+    /// queue a replica has (its own count sees only its share of the traffic, the scrape
+    /// lags by up to an interval).
+    pub fn routed_since(&self) -> u64 {
+        self.routed_since
     }
 }
 

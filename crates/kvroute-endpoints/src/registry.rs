@@ -24,6 +24,8 @@ pub trait EndpointsListener: Send + Sync + std::fmt::Debug {
 pub struct EndpointState {
     endpoint: Endpoint,
     in_flight: AtomicUsize,
+    /// Requests ever routed here by this router (never decreases).
+    routed: AtomicU64,
     prefill_backlog: AtomicU64,
     events_confirmed: AtomicBool,
     scraped: ArcSwapOption<Scraped>,
@@ -37,6 +39,7 @@ impl EndpointState {
         Self {
             endpoint,
             in_flight: AtomicUsize::new(0),
+            routed: AtomicU64::new(0),
             prefill_backlog: AtomicU64::new(0),
             events_confirmed: AtomicBool::new(false),
             scraped: ArcSwapOption::empty(),
@@ -108,16 +111,30 @@ impl EndpointState {
     /// scrape is never read as fresh). No allocation, no lock: an `arc_swap` guard.
     pub fn fresh_load(&self, now: Instant, staleness: Duration) -> Option<FreshLoad> {
         let guard = self.scraped.load();
-        let at = guard.as_ref()?.at;
-        is_fresh(at, now, staleness).then_some(FreshLoad { guard, at })
+        let (at, routed_before) = guard.as_ref().map(|s| (s.at, s.routed_before))?;
+        let routed_since = self
+            .routed
+            .load(Ordering::Relaxed)
+            .saturating_sub(routed_before);
+        is_fresh(at, now, staleness).then_some(FreshLoad {
+            guard,
+            at,
+            routed_since,
+        })
     }
 
-    /// Stores a successful scrape taken at `at`. It is not a health success: a pod whose
+    /// Stores a successful scrape taken at `at`, noting how many requests this router had
+    /// routed here by then, so that those routed after it can be added to what it said
+    /// ([`FreshLoad::routed_since`]). It is not a health success: a pod whose
     /// `/metrics` answers while its API fails every request must still be ejected, and
     /// scrapes come far more often than a quiet pod's requests. Only a request answered
     /// without a 5xx clears failures.
     pub fn record_scrape(&self, load: PodLoad, at: Instant) {
-        self.scraped.store(Some(Arc::new(Scraped { load, at })));
+        self.scraped.store(Some(Arc::new(Scraped {
+            load,
+            at,
+            routed_before: self.routed.load(Ordering::Relaxed),
+        })));
     }
 
     /// Counts a failed scrape (refused, timed out, not 200, too large, unparseable): an
@@ -172,6 +189,7 @@ impl EndpointState {
     /// until [`InFlightGuard::prefilled`] is called or the guard dropped.
     pub fn acquire_with_prefill(self: &Arc<Self>, prefill_tokens: u64) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.routed.fetch_add(1, Ordering::Relaxed);
         self.prefill_backlog
             .fetch_add(prefill_tokens, Ordering::Relaxed);
         InFlightGuard {
@@ -506,5 +524,24 @@ mod tests {
         state.record_outcome(true, t0 + stale);
         assert_eq!(state.consecutive_failures(), 0);
         assert_eq!(state.fresh_load(t0 + stale, stale).unwrap().waiting, 0);
+    }
+
+    #[test]
+    fn a_fresh_load_counts_the_requests_routed_after_it() {
+        let state = EndpointState::detached(ep("a", "127.0.0.1:1"), HealthConfig::default());
+        let t0 = Instant::now();
+        let stale = Duration::from_secs(2);
+        let before = state.acquire();
+        state.record_scrape(PodLoad::default(), t0);
+        assert_eq!(state.fresh_load(t0, stale).unwrap().routed_since(), 0);
+        let after = [state.acquire(), state.acquire_with_prefill(10)];
+        assert_eq!(state.fresh_load(t0, stale).unwrap().routed_since(), 2);
+        // Routed, not in flight: a request that ended since the scrape may still be in the
+        // pod's figures, and a new scrape starts the count again.
+        drop(after);
+        drop(before);
+        assert_eq!(state.fresh_load(t0, stale).unwrap().routed_since(), 2);
+        state.record_scrape(PodLoad::default(), t0);
+        assert_eq!(state.fresh_load(t0, stale).unwrap().routed_since(), 0);
     }
 }

@@ -158,26 +158,51 @@ impl Scheduler {
         if endpoints.is_empty() {
             return Err(ScheduleError::NoCandidates);
         }
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        self.with_cycle(|cycle| {
+            let mut decided = self.run(request, endpoints, cycle, turn);
+            if let Ok(decision) = &mut decided {
+                for (_, plugin) in &self.plugins {
+                    if let Some(header) = plugin.response_header(decision) {
+                        decision.response_headers.push(header);
+                    }
+                    plugin.decided(request, &cycle.state, decision);
+                }
+            }
+            decided
+        })
+    }
+
+    /// What [`Scheduler::schedule`] would choose now, with nothing remembered and the
+    /// tie-breaking turn left where it is: another replica's view of the same request, to
+    /// measure how often active-active replicas agree (`kvroute bench --replicas`).
+    pub fn preview(
+        &self,
+        request: &SchedulingRequest<'_>,
+        endpoints: &[Arc<EndpointState>],
+    ) -> Result<Decision, ScheduleError> {
+        if endpoints.is_empty() {
+            return Err(ScheduleError::NoCandidates);
+        }
+        let turn = self.turn.load(Ordering::Relaxed);
+        self.with_cycle(|cycle| self.run(request, endpoints, cycle, turn))
+    }
+
+    /// Runs `f` with a cycle's buffers from the pool (allocated once per concurrent
+    /// decision, then reused), and puts them back.
+    fn with_cycle<T>(&self, f: impl FnOnce(&mut Cycle) -> T) -> T {
         let mut cycle = self
             .pool
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop()
             .unwrap_or_default();
-        let mut decided = self.run(request, endpoints, &mut cycle);
-        if let Ok(decision) = &mut decided {
-            for (_, plugin) in &self.plugins {
-                if let Some(header) = plugin.response_header(decision) {
-                    decision.response_headers.push(header);
-                }
-                plugin.decided(request, &cycle.state, decision);
-            }
-        }
+        let out = f(&mut cycle);
         self.pool
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(cycle);
-        decided
+        out
     }
 
     fn run(
@@ -185,6 +210,7 @@ impl Scheduler {
         request: &SchedulingRequest<'_>,
         endpoints: &[Arc<EndpointState>],
         cycle: &mut Cycle,
+        turn: u64,
     ) -> Result<Decision, ScheduleError> {
         let Cycle {
             state,
@@ -268,7 +294,6 @@ impl Scheduler {
             }
         }
         picked.clear();
-        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         if let Some(picker) = profile.picker.picker() {
             picker.pick(totals, turn, picked);
         }

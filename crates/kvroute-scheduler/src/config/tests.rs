@@ -218,6 +218,54 @@ fn a_shared_prefix_goes_home_and_departed_endpoints_are_pruned() {
 }
 
 #[test]
+fn a_preview_decides_as_schedule_would_and_remembers_nothing() {
+    let ctx = BuildContext::new(16);
+    let s = build(DEFAULT_APPROX, &ctx).unwrap();
+    let reg = registry(4);
+    let system = "You are a helpful assistant. ".repeat(40);
+    let req = request(Prompt::Text(format!("{system} first question")));
+    let hints = RequestHints::default();
+    let sreq = SchedulingRequest::new(Some(&req), &hints);
+    let preview = |s: &Scheduler| {
+        s.preview(&sreq, &reg.snapshot())
+            .unwrap()
+            .primary()
+            .address()
+    };
+    // Nothing learnt and the tie-breaking turn unmoved: previews agree with each other and
+    // with the decision that follows.
+    let first = preview(&s);
+    assert_eq!(preview(&s), first);
+    let index = &ctx.approx_indexes()[0];
+    let total = || {
+        (1..=4)
+            .map(|p| {
+                let id = kvroute_core::EndpointId::new(format!("127.0.0.1:{p}"));
+                index.read().index().endpoint_blocks(&id)
+            })
+            .sum::<usize>()
+    };
+    assert_eq!(total(), 0, "a preview records nothing");
+    let decided = s
+        .schedule(&sreq, &reg.snapshot())
+        .unwrap()
+        .primary()
+        .address();
+    assert_eq!(decided, first);
+    assert!(total() > 0, "a decision records the prompt");
+    // What the decision learnt, a preview of the next turn sees.
+    let next = request(Prompt::Text(format!("{system} second question")));
+    let next = SchedulingRequest::new(Some(&next), &hints);
+    assert_eq!(
+        s.preview(&next, &reg.snapshot())
+            .unwrap()
+            .primary()
+            .address(),
+        first
+    );
+}
+
+#[test]
 fn the_ttft_scorer_weighs_queued_prefill_against_what_is_cached() {
     let ctx = precise_ctx(4);
     let index = Arc::clone(ctx.precise_index.as_ref().unwrap());

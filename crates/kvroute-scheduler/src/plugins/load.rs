@@ -9,9 +9,11 @@ use crate::{Candidates, CycleState, Plugin, SchedulingRequest, Scorer};
 /// scorer, but a spread smaller than `headroom` requests only costs its share, so a
 /// prefix-cache hit is not given up for one request of imbalance. `n` is the larger of the
 /// requests this router has in flight there and, when its last scrape is fresh, the
-/// requests the pod reports running and waiting: the router's own count is immediate but
-/// sees only its share of the traffic (other replicas, other routers), the pod's sees all of
-/// it but lags a scrape.
+/// requests the pod reports running and waiting plus those this router sent it since: the
+/// router's own count is immediate but sees only its share of the traffic (other replicas,
+/// other routers), the pod's sees all of it but lags a scrape, and without the requests
+/// sent since, every decision between two scrapes would see the same stale queue and herd
+/// onto the pod that looked shortest.
 #[derive(Debug)]
 pub(crate) struct LoadScorer {
     headroom: usize,
@@ -52,7 +54,8 @@ impl Scorer for LoadScorer {
             let now = Instant::now();
             for (s, (_, ep)) in scores.iter_mut().zip(candidates.iter()) {
                 if let Some(load) = ep.fresh_load(now, staleness) {
-                    *s = s.max(f64::from(load.running) + f64::from(load.waiting));
+                    let queued = f64::from(load.running) + f64::from(load.waiting);
+                    *s = s.max(queued + load.routed_since() as f64);
                 }
             }
         }
@@ -134,5 +137,15 @@ mod tests {
         );
         // Loads 2, 8, 0.
         assert_eq!(s, [0.75, 0.0, 1.0]);
+        // Two more sent to endpoint 1 since its scrape: its queue is 10 now, whatever this
+        // router holds there.
+        let _sent = [eps[1].acquire(), eps[1].acquire()];
+        LoadScorer::new(1, Some(Duration::from_secs(2))).score(
+            &SchedulingRequest::new(None, &hints),
+            &CycleState::new(0),
+            &Candidates::new(&eps, &kept),
+            &mut s,
+        );
+        assert_eq!(s, [0.8, 0.0, 1.0]);
     }
 }

@@ -201,6 +201,202 @@ async fn pods_come_and_go_while_requests_flow() {
     }
 }
 
+/// What kvroute's index holds (entries, blocks) and what `pods` cache (cached blocks,
+/// distinct ones): equal once the index has caught up (16-token blocks on both sides, one
+/// kvroute block per engine hash the pod reports).
+async fn index_and_truth(kvroute: &Kvroute, pods: &[&Bound]) -> [(f64, f64); 2] {
+    let mut total = 0;
+    let mut distinct = std::collections::HashSet::new();
+    for pod in pods {
+        let cache = sim_cache(pod).await;
+        total += cache.len();
+        distinct.extend(cache);
+    }
+    let m = kvroute.metrics().await;
+    [
+        (
+            sample(&m, "kvroute_kv_index_entries"),
+            sample(&m, "kvroute_kv_index_blocks"),
+        ),
+        (total as f64, distinct.len() as f64),
+    ]
+}
+
+/// A pod whose readiness flaps (31 changes, 100–300 ms apart, through the API server) while
+/// requests flow through Envoy: none is lost; once it stays NotReady it gets no request and
+/// its KV-event entries leave the index; Ready again, it gets requests, and its entries come
+/// back from its replay socket, the index matching what the pods cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_flapping_readiness_loses_no_request() {
+    let begin = Instant::now();
+    let dir = scratch("discovery-flap");
+    let api = ApiServer::start().await;
+    api.install(Resource::inference_pool());
+    let ports = [free_port(), free_port(), free_port()];
+    api.apply(
+        &Resource::inference_pool(),
+        inference_pool(NS, "pool", &[("app", "vllm")], &[ports[0]]),
+    );
+    let stop = CancellationToken::new();
+    let mut pods = Vec::new();
+    for (name, k) in [("a", 2), ("b", 3), ("c", 4)] {
+        pods.push(
+            sim_pod_ports(k, ports, 10.0, stop.child_token())
+                .await
+                .unwrap(),
+        );
+        api.apply(&Resource::pods(), ready_pod(name, k, true));
+    }
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig(NS)).unwrap();
+    let kvroute = Kvroute::spawn_env(
+        &dir,
+        &[
+            "--pool-name",
+            "pool",
+            "--pool-namespace",
+            NS,
+            "--refresh-metrics-interval",
+            "50ms",
+            "--kv-events-port",
+            &ports[1].to_string(),
+            "--kv-replay-port",
+            &ports[2].to_string(),
+        ],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    )
+    .await;
+    let addrs: Vec<SocketAddr> = pods.iter().map(|b| b.http).collect();
+    let envoy = Envoy::start(&dir, &EnvoyOptions::full_duplex(kvroute.grpc_port, &addrs)).await;
+    let confirmed = |m: &str, pod: &str| {
+        sample(
+            m,
+            &format!("kvroute_endpoint_kv_events_confirmed{{endpoint=\"{pod}\"}}"),
+        ) == 1.0
+    };
+    let mut m = String::new();
+    let subscribed = eventually(Duration::from_secs(10), async || {
+        m = kvroute.metrics().await;
+        ["a", "b", "c"].iter().all(|p| confirmed(&m, p))
+    })
+    .await;
+    assert!(subscribed, "KV events not followed for every pod: {m}");
+
+    let c = pods[2].http.to_string();
+    let traffic = Traffic::start(envoy.port, 4, "flap");
+    let warm = traffic
+        .wait_answered_since(begin, 60, Duration::from_secs(20))
+        .await;
+    let up = envoy.upstreams_of(&warm).await;
+    assert!(up.contains(&c), "c got none of {up:?}");
+
+    // 31 changes, Ready first: it ends NotReady.
+    for i in 0..31u64 {
+        api.apply(&Resource::pods(), ready_pod("c", 4, i % 2 == 1));
+        tokio::time::sleep(Duration::from_millis(100 + i * 67 % 201)).await;
+    }
+    let gone = eventually(Duration::from_secs(10), async || {
+        !kvroute
+            .metrics()
+            .await
+            .contains("kvroute_endpoint_in_flight_requests{endpoint=\"c\"}")
+    })
+    .await;
+    assert!(gone, "c never left: {}", kvroute.log_text());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let settled = Instant::now();
+    let since = traffic
+        .wait_answered_since(settled, 100, Duration::from_secs(20))
+        .await;
+    let (sent, answers) = traffic.stop().await;
+    assert_eq!(answers.len(), sent, "every request came back");
+    let failed: Vec<&Sent> = answers.iter().filter(|s| s.status != Some(200)).collect();
+    assert!(failed.is_empty(), "lost while c flapped: {failed:?}");
+    let ups = envoy.upstreams_of(&answers).await;
+    for (s, u) in answers.iter().zip(&ups) {
+        assert!(
+            addrs.iter().any(|a| a.to_string() == *u),
+            "{} went to {u:?}",
+            s.id
+        );
+        assert!(
+            !(s.started > settled && *u == c),
+            "{} went to c, NotReady since {:?} before it was sent",
+            s.id,
+            s.started - settled
+        );
+    }
+    println!(
+        "{sent} requests while c flapped, none lost; {} to c, {} sent after it settled out",
+        ups.iter().filter(|u| **u == c).count(),
+        since.len()
+    );
+
+    // Out of the pool, c's entries leave the index (its cache stays).
+    let c_cache = sim_cache(&pods[2]).await.len();
+    assert!(c_cache > 0, "c cached nothing");
+    let mut seen = [(0.0, 0.0); 2];
+    let out = eventually(Duration::from_secs(10), async || {
+        seen = index_and_truth(&kvroute, &[&pods[0], &pods[1]]).await;
+        seen[0] == seen[1]
+    })
+    .await;
+    assert!(
+        out,
+        "with c out, kvroute holds {:?}, a and b cache {:?} (c {c_cache})",
+        seen[0], seen[1]
+    );
+
+    // Ready again: its entries come back from its replay socket, and requests reach it.
+    api.apply(&Resource::pods(), ready_pod("c", 4, true));
+    let all = [&pods[0], &pods[1], &pods[2]];
+    let back = eventually(Duration::from_secs(10), async || {
+        seen = index_and_truth(&kvroute, &all).await;
+        seen[0] == seen[1]
+    })
+    .await;
+    assert!(
+        back,
+        "with c back, kvroute holds {:?}, the pods cache {:?} (c {c_cache})",
+        seen[0], seen[1]
+    );
+    let ready_at = Instant::now();
+    let traffic = Traffic::start_from(envoy.port, 4, "flap-back", 1_000_000);
+    let reached = eventually(Duration::from_secs(10), async || {
+        let ups = envoy.upstreams();
+        traffic
+            .answered_since(ready_at)
+            .iter()
+            .any(|s| ups.get(&s.id) == Some(&c))
+    })
+    .await;
+    assert!(
+        reached,
+        "c got no request once Ready again: {}",
+        kvroute.log_text()
+    );
+    let (sent, answers) = traffic.stop().await;
+    assert_eq!(answers.len(), sent, "every request came back");
+    let failed: Vec<&Sent> = answers.iter().filter(|s| s.status != Some(200)).collect();
+    assert!(failed.is_empty(), "lost once c was back: {failed:?}");
+    let settled = eventually(Duration::from_secs(10), async || {
+        seen = index_and_truth(&kvroute, &all).await;
+        seen[0] == seen[1]
+    })
+    .await;
+    assert!(
+        settled,
+        "at the end kvroute holds {:?}, the pods cache {:?}",
+        seen[0], seen[1]
+    );
+    println!(
+        "index (entries, blocks) {:?} as the pods cache, after {:?}",
+        seen[0],
+        begin.elapsed()
+    );
+    stop.cancel();
+}
+
 /// `/readyz` and gRPC health (what Envoy's health check and the kubelet's probe ask) stay
 /// not ready until the pool exists and its pods were listed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

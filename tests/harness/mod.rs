@@ -614,6 +614,8 @@ pub struct Sent {
 /// affinity pins none of them), `x-request-id: {prefix}-{n}`.
 pub struct Traffic {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The `n` of the first request.
+    first: usize,
     sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     answers: std::sync::Arc<std::sync::Mutex<Vec<Sent>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -621,9 +623,15 @@ pub struct Traffic {
 
 impl Traffic {
     pub fn start(port: u16, workers: usize, prefix: &str) -> Self {
+        Self::start_from(port, workers, prefix, 0)
+    }
+
+    /// As [`Traffic::start`], numbering the requests (and so their prompts) from `first`:
+    /// a second stream whose prompts no earlier one sent.
+    pub fn start_from(port: u16, workers: usize, prefix: &str, first: usize) -> Self {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(first));
         let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let tasks = (0..workers)
             .map(|_| {
@@ -666,6 +674,7 @@ impl Traffic {
             .collect();
         Self {
             stop,
+            first,
             sent,
             answers,
             tasks,
@@ -711,7 +720,7 @@ impl Traffic {
         for t in self.tasks {
             t.await.unwrap();
         }
-        let sent = self.sent.load(std::sync::atomic::Ordering::Relaxed);
+        let sent = self.sent.load(std::sync::atomic::Ordering::Relaxed) - self.first;
         let answers = std::mem::take(&mut *self.answers.lock().unwrap());
         (sent, answers)
     }
@@ -872,5 +881,82 @@ pub async fn stored_blocks(kvroute: &Kvroute) -> f64 {
         .await
         .lines()
         .find_map(|l| l.strip_prefix(key)?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A simulated pod at 127.0.0.`ip` with its HTTP, KV-event and replay ports (0: any),
+/// publishing under the empty topic, `speed` times the modelled speed, running until `stop`.
+pub async fn sim_pod_ports(
+    ip: u8,
+    [http, events, replay]: [u16; 3],
+    speed: f64,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<kvroute_sim::server::Bound, kvroute_sim::server::StartError> {
+    let at = |p| SocketAddr::from(([127, 0, 0, ip], p));
+    kvroute_sim::server::start(
+        kvroute_sim::server::ServerConfig {
+            http: at(http),
+            events: at(events),
+            replay: at(replay),
+            topic: String::new(),
+            model: "m".into(),
+            profile: kvroute_sim::Profile::h100_llama31_8b(),
+            speed,
+            encoding: kvroute_sim::wire::EventEncoding::Map,
+            tokenizer: None,
+            chat_template: None,
+        },
+        stop,
+    )
+    .await
+}
+
+/// `n` simulated pods on 127.0.0.2, 127.0.0.3, … sharing their HTTP, KV-event and replay
+/// ports (the first pod's, bound to 0), as a pool's pods do; `speed` as [`sim_pod_ports`].
+pub async fn pool_pods(
+    n: usize,
+    speed: f64,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Vec<kvroute_sim::server::Bound> {
+    'attempt: for _ in 0..10 {
+        let attempt = stop.child_token();
+        let first = sim_pod_ports(2, [0, 0, 0], speed, attempt.clone())
+            .await
+            .unwrap();
+        let ports = [first.http.port(), first.events.port(), first.replay.port()];
+        let mut pods = vec![first];
+        for k in 1..n {
+            match sim_pod_ports(2 + k as u8, ports, speed, attempt.clone()).await {
+                Ok(b) => pods.push(b),
+                Err(_) => {
+                    attempt.cancel();
+                    continue 'attempt;
+                }
+            }
+        }
+        return pods;
+    }
+    panic!("no common free ports for {n} pods");
+}
+
+/// The hashes a simulated pod caches (`GET /sim/cache`: the engine's block hashes, one per
+/// cached block of the pod's block size).
+pub async fn sim_cache(pod: &kvroute_sim::server::Bound) -> Vec<u64> {
+    let reply = test_support::http::request(pod.http, "GET", "/sim/cache", &[], Vec::new()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    v["hashes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_u64().unwrap())
+        .collect()
+}
+
+/// The value of the series `key` (name and labels, as printed) in Prometheus text `m`; 0
+/// when absent.
+pub fn sample(m: &str, key: &str) -> f64 {
+    m.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or(0.0)
 }

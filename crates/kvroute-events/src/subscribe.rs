@@ -12,7 +12,7 @@ use kvroute_endpoints::{EndpointState, Registry};
 use kvroute_index::{PrefixIndex, Shared};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use tokio::task::JoinSet;
+use tokio::task::{Id as TaskId, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -239,45 +239,61 @@ impl Subscriptions {
     /// them all and waits for them. An endpoint that leaves (or changes address) loses its
     /// subscriber and its entries.
     pub async fn run(self, registry: Arc<Registry>, stop: CancellationToken) {
-        let mut running: HashMap<EndpointId, (Arc<EndpointState>, CancellationToken)> =
+        let mut running: HashMap<EndpointId, (Arc<EndpointState>, CancellationToken, TaskId)> =
             HashMap::new();
+        // Followers told to stop whose task has not ended: on its way out each forgets its
+        // endpoint's entries by id, so a follower for an endpoint of the same id (one that
+        // left and came back between two polls) must not start before, or the old one's
+        // removal would wipe what the new one rebuilt.
+        let mut leaving: HashMap<TaskId, EndpointId> = HashMap::new();
         let mut tasks = JoinSet::new();
         let mut poll = tokio::time::interval(REGISTRY_POLL);
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
                 _ = poll.tick() => {}
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    let task = match &joined {
+                        Ok((task, ())) => *task,
+                        Err(e) => e.id(),
+                    };
+                    if leaving.remove(&task).is_none() {
+                        continue;
+                    }
+                }
             }
             let now = registry.snapshot();
-            running.retain(|id, (state, token)| {
+            running.retain(|id, (state, token, task)| {
                 let kept = now.iter().any(|e| Arc::ptr_eq(e, state));
                 if !kept {
                     debug!(endpoint = %id, "endpoint left: unsubscribing");
                     token.cancel();
+                    leaving.insert(*task, id.clone());
                 }
                 kept
             });
             for ep in now.iter() {
-                if running.contains_key(ep.id()) {
+                if running.contains_key(ep.id()) || leaving.values().any(|id| id == ep.id()) {
                     continue;
                 }
                 let token = stop.child_token();
                 let span = info_span!("kv_events", endpoint = %ep.id());
-                tasks.spawn(
-                    follow(
-                        Arc::clone(ep),
-                        Arc::clone(&self.config),
-                        Arc::clone(&self.index),
-                        self.metrics.clone(),
-                        token.clone(),
+                let task = tasks
+                    .spawn(
+                        follow(
+                            Arc::clone(ep),
+                            Arc::clone(&self.config),
+                            Arc::clone(&self.index),
+                            self.metrics.clone(),
+                            token.clone(),
+                        )
+                        .instrument(span),
                     )
-                    .instrument(span),
-                );
-                running.insert(ep.id().clone(), (Arc::clone(ep), token));
+                    .id();
+                running.insert(ep.id().clone(), (Arc::clone(ep), token, task));
             }
         }
-        for (_, (_, token)) in running {
+        for (_, (_, token, _)) in running {
             token.cancel();
         }
         while tasks.join_next().await.is_some() {}

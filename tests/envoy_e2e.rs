@@ -205,6 +205,7 @@ async fn malformed_bodies_get_kvroutes_400_through_envoy() {
                 response_body_mode: "FULL_DUPLEX_STREAMED",
                 fail_open: false,
                 grpc_port: kvroute.grpc_port,
+                more_grpc_ports: &[],
                 pool: &backends.addrs,
             },
         )
@@ -267,6 +268,7 @@ async fn envoys_failure_mode_holds_when_kvroute_is_down() {
                 response_body_mode: "FULL_DUPLEX_STREAMED",
                 fail_open,
                 grpc_port: kvroute.grpc_port,
+                more_grpc_ports: &[],
                 pool: &backends.addrs,
             },
         )

@@ -45,6 +45,7 @@ async fn kvroute_restarted_under_load_rebuilds_from_replay_and_loses_nothing() {
             response_body_mode: "STREAMED",
             fail_open: true,
             grpc_port: first.grpc_port,
+            more_grpc_ports: &[],
             pool: &addrs,
         },
     )

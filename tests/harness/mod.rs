@@ -399,6 +399,8 @@ pub struct EnvoyOptions<'a> {
     pub response_body_mode: &'a str,
     pub fail_open: bool,
     pub grpc_port: u16,
+    /// More kvroute replicas in the ext_proc cluster beside `grpc_port` (active-active).
+    pub more_grpc_ports: &'a [u16],
     pub pool: &'a [SocketAddr],
 }
 
@@ -425,6 +427,7 @@ impl<'a> EnvoyOptions<'a> {
             response_body_mode,
             fail_open: false,
             grpc_port,
+            more_grpc_ports: &[],
             pool,
         }
     }
@@ -454,10 +457,18 @@ impl Envoy {
         };
         replace(&mut cfg, "port_value: 8081", "port_value: 0");
         replace(&mut cfg, "port_value: 9901", "port_value: 0");
+        let replicas: String = std::iter::once(opts.grpc_port)
+            .chain(opts.more_grpc_ports.iter().copied())
+            .map(|port| {
+                format!(
+                    "        - endpoint:\n            address:\n              socket_address: {{address: 127.0.0.1, port_value: {port}}}\n"
+                )
+            })
+            .collect();
         replace(
             &mut cfg,
-            "port_value: 9002",
-            &format!("port_value: {}", opts.grpc_port),
+            "        - endpoint:\n            address:\n              socket_address: {address: 127.0.0.1, port_value: 9002}\n",
+            &replicas,
         );
         replace(
             &mut cfg,

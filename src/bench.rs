@@ -70,6 +70,11 @@ pub(crate) struct BenchArgs {
     /// it a router knows only the requests it sent itself.
     #[arg(long)]
     scrape_ms: Option<u64>,
+    /// Goodput instead of one run: for each policy, the highest open-loop arrival rate
+    /// (`--rate` for a workload, `--speedup` for a trace, scaled) at which TTFT p90 stays
+    /// within this many milliseconds, found by doubling then bisecting.
+    #[arg(long, conflicts_with = "users")]
+    goodput_slo_ms: Option<f64>,
     /// Also write the reports as JSON here (schema in docs/benchmarks.md).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -94,6 +99,11 @@ enum WorkloadKind {
     MultiTurn,
     /// 8 documents of 16k tokens, many questions.
     DocQa,
+    /// Conversations opening with 2k–40k tokens, back twice, minutes apart (mean 3 min):
+    /// little reuse, prefill work to balance.
+    LongRevisits,
+    /// A new 8k-token document, then 7 more questions on it within 50 ms.
+    SiblingBursts,
 }
 
 impl WorkloadKind {
@@ -110,6 +120,15 @@ impl WorkloadKind {
             Self::DocQa => Workload::DocQa {
                 docs: 8,
                 doc_units: 32,
+            },
+            Self::LongRevisits => Workload::LongRevisits {
+                turns: 3,
+                revisit_s: 180,
+            },
+            Self::SiblingBursts => Workload::SiblingBursts {
+                doc_units: 16,
+                siblings: 8,
+                window_ms: 50,
             },
         }
     }
@@ -135,6 +154,10 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
             .map(|p| Policy::parse(p.trim()).with_context(|| format!("unknown policy {p:?}")))
             .collect::<anyhow::Result<Vec<_>>>()?
     };
+    if let Some(slo) = args.goodput_slo_ms {
+        anyhow::ensure!(slo > 0.0, "--goodput-slo-ms must be positive");
+        return run_goodput(args, &profile, &policies, deployment, slo);
+    }
     let trace = match (&args.trace, args.workload) {
         (Some(path), _) => load_mooncake(path)?,
         (None, Some(kind)) => {
@@ -209,6 +232,140 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     use std::io::Write;
     std::io::stdout().write_all(out.as_bytes())?;
     Ok(())
+}
+
+/// Doublings, then halvings, of the offered load a goodput search makes per policy.
+const GOODPUT_STEPS: (u32, u32) = (8, 7);
+
+/// `kvroute bench --goodput-slo-ms`: per policy, the highest offered load (a factor on
+/// `--rate` or `--speedup`) whose TTFT p90 is within `slo` ms, and that run's report.
+fn run_goodput(
+    args: &BenchArgs,
+    profile: &Profile,
+    policies: &[Policy],
+    deployment: Deployment,
+    slo: f64,
+) -> anyhow::Result<()> {
+    let shipped = match &args.trace {
+        Some(path) => Some(load_mooncake(path)?),
+        None => None,
+    };
+    let kind = args.workload;
+    anyhow::ensure!(
+        shipped.is_some() || kind.is_some(),
+        "give --trace or --workload"
+    );
+    anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
+    let run_at = |policy: Policy, factor: f64| -> PolicyReport {
+        let (trace, speedup) = match (&shipped, kind) {
+            (Some(trace), _) => (trace.clone(), args.speedup * factor),
+            (None, Some(kind)) => (
+                kind.workload().generate(
+                    args.requests,
+                    args.rate * factor,
+                    args.output_tokens,
+                    args.seed,
+                ),
+                args.speedup,
+            ),
+            (None, None) => (Vec::new(), 1.0),
+        };
+        let load = Load::Open {
+            speedup,
+            copies: args.copies,
+        };
+        run_deployed(&trace, profile, args.pods, policy, load, deployment)
+    };
+    let mut out = format!(
+        "Goodput: the highest offered load with TTFT p90 <= {slo} ms, {} pods of {}\n\n{:<18} {:>10} {:>12} {:>10} {:>10} {:>10} {:>9}\n",
+        args.pods,
+        profile.name,
+        "policy",
+        "req/s",
+        "output tok/s",
+        "TTFT p50",
+        "TTFT p90",
+        "TTFT p99",
+        "hit rate"
+    );
+    let mut reports = Vec::new();
+    for &policy in policies {
+        let good = highest_within(|factor| run_at(policy, factor), |r| r.ttft_p90_ms <= slo);
+        match good {
+            Some((_, r)) => {
+                out.push_str(&format!(
+                    "{:<18} {:>10.2} {:>12.0} {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.1}%\n",
+                    r.policy,
+                    r.requests_per_s,
+                    r.output_tokens_per_s,
+                    r.ttft_p50_ms,
+                    r.ttft_p90_ms,
+                    r.ttft_p99_ms,
+                    100.0 * r.hit_rate
+                ));
+                reports.push(r);
+            }
+            None => out.push_str(&format!(
+                "{:<18} {:>10}  (TTFT p90 over {slo} ms even at 1/{} of the load)\n",
+                policy.name(),
+                "-",
+                1u32 << GOODPUT_STEPS.0
+            )),
+        }
+    }
+    if let Some(path) = &args.json {
+        let doc = BenchReport {
+            schema: BenchReport::SCHEMA.into(),
+            title: format!("goodput at TTFT p90 <= {slo} ms"),
+            profile: profile.name.into(),
+            pods: args.pods,
+            block_size: profile.block_size,
+            policies: reports,
+        };
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        out.push_str(&format!("json: {}\n", path.display()));
+    }
+    use std::io::Write;
+    std::io::stdout().write_all(out.as_bytes())?;
+    Ok(())
+}
+
+/// The highest load factor whose run is `ok`, and that run: doubling from 1 while runs are
+/// ok (halving while they are not, until one is), then bisecting between the last ok and
+/// the first not. `None` if no factor down to 1/2^8 is ok. Assumes more load is never
+/// better.
+fn highest_within<R>(mut run: impl FnMut(f64) -> R, ok: impl Fn(&R) -> bool) -> Option<(f64, R)> {
+    let (up, down) = GOODPUT_STEPS;
+    let mut good: Option<(f64, R)> = None;
+    let mut bad = None;
+    let mut factor = 1.0;
+    for _ in 0..up {
+        let r = run(factor);
+        if ok(&r) {
+            good = Some((factor, r));
+            factor *= 2.0;
+        } else {
+            bad = Some(factor);
+            if good.is_some() {
+                break;
+            }
+            factor /= 2.0;
+        }
+    }
+    if let (Some(mut hi), Some(mut lo)) = (bad, good.as_ref().map(|(f, _)| *f)) {
+        for _ in 0..down {
+            let mid = (lo + hi) / 2.0;
+            let r = run(mid);
+            if ok(&r) {
+                lo = mid;
+                good = Some((mid, r));
+            } else {
+                hi = mid;
+            }
+        }
+    }
+    good
 }
 
 fn write_chart(
@@ -348,6 +505,21 @@ pub(crate) fn run_demo(args: &DemoArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_goodput_search_finds_the_edge_of_the_slo() {
+        // Above 1: doubles to 4 (too much), then bisects within 3 % of 3.3.
+        let (f, r) = highest_within(|f| f, |&f| f <= 3.3).unwrap();
+        assert_eq!(f, r);
+        assert!((3.2..=3.3).contains(&f), "{f}");
+        // Below 1: halves until within, then bisects.
+        let (f, _) = highest_within(|f| f, |&f| f <= 0.3).unwrap();
+        assert!((0.29..=0.3).contains(&f), "{f}");
+        // Never within.
+        assert!(highest_within(|f| f, |_| false).is_none());
+        // Within at every load tried: the last doubling.
+        assert_eq!(highest_within(|f| f, |_| true).map(|(f, _)| f), Some(128.0));
+    }
 
     #[test]
     fn the_built_in_trace_is_the_shipped_one() {

@@ -8,7 +8,9 @@ use kvroute_events::{Applier, BlockStored, FirstExtra, KvEvent, Medium};
 use kvroute_index::{PrefixIndex, Shared};
 use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE};
 use kvroute_scheduler::{BuildContext, EndpointPickerConfig, Scheduler, SchedulingRequest};
-use kvroute_sim::{KvEvent as SimEvent, PodView, RequestId, RouteFn, SimRequest, StepReport};
+use kvroute_sim::{
+    Engine, KvEvent as SimEvent, PodView, RequestId, RouteFn, SimRequest, StepReport,
+};
 use kvroute_tokens::{BlockHasher, ExtraKeys};
 
 use crate::baselines::{DynamoCost, SglangCacheAware, SglangConfig};
@@ -76,11 +78,16 @@ pub enum Policy {
     /// kvroute's default profile for a pool publishing KV events
     /// (`Profile::kvroute(Some(index))`): precise 2, approximate 2, load 4.
     Kvroute,
+    /// A greedy oracle no router can be: before each decision it asks every pod for its
+    /// exact cache and queue, and sends the request where its own prefill would start and
+    /// end soonest (fewest queued prefill tokens plus this prompt's uncached tokens; then
+    /// fewest requests). Blind to what requests already routed will do next.
+    Oracle,
 }
 
 impl Policy {
     /// Every policy, in report order.
-    pub const ALL: [Policy; 9] = [
+    pub const ALL: [Policy; 10] = [
         Policy::RoundRobin,
         Policy::Random,
         Policy::LeastLoad,
@@ -90,6 +97,7 @@ impl Policy {
         Policy::PrecisePrefix,
         Policy::KvrouteApprox,
         Policy::Kvroute,
+        Policy::Oracle,
     ];
 
     /// The name used on the command line and in reports.
@@ -104,6 +112,7 @@ impl Policy {
             Self::PrecisePrefix => "precise-prefix",
             Self::KvrouteApprox => "kvroute-approx",
             Self::Kvroute => "kvroute",
+            Self::Oracle => "oracle",
         }
     }
 
@@ -407,8 +416,42 @@ fn parsed(request: &SimRequest, tokens: Vec<u32>) -> InferenceRequest {
     }
 }
 
+/// [`Policy::Oracle`]'s choice among `engines`.
+fn oracle(request: &SimRequest, engines: &[Engine]) -> usize {
+    let len = request.prompt.len();
+    engines
+        .iter()
+        .enumerate()
+        .min_by_key(|(i, e)| {
+            let uncached = len - e.cached_prefix_tokens(&request.prompt).min(len);
+            (
+                e.queued_prefill_tokens() + uncached,
+                e.waiting() + e.running(),
+                *i,
+            )
+        })
+        .map_or(0, |(i, _)| i)
+}
+
 impl RouteFn for PolicyRouter {
     fn route(&mut self, now_us: u64, request: &SimRequest, pods: &[PodView]) -> usize {
+        self.route_with_engines(now_us, request, pods, &[])
+    }
+
+    fn route_with_engines(
+        &mut self,
+        now_us: u64,
+        request: &SimRequest,
+        pods: &[PodView],
+        engines: &[Engine],
+    ) -> usize {
+        if self.policy == Policy::Oracle && !engines.is_empty() {
+            let started = Instant::now();
+            let pod = oracle(request, engines);
+            self.decision_ns
+                .push(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
+            return pod;
+        }
         self.pick(now_us, request, pods)
     }
 
@@ -456,6 +499,29 @@ mod tests {
             },
             max_tokens: 1,
         }
+    }
+
+    #[test]
+    fn the_oracle_weighs_each_pods_cache_against_its_queue() {
+        let profile = kvroute_sim::Profile::h100_llama31_8b().with_block_size(512);
+        let mut engines: Vec<Engine> = (0..2)
+            .map(|_| Engine::new(profile.clone(), false))
+            .collect();
+        // Pod 1 has served a 4-unit prompt: its blocks are cached there.
+        assert!(engines[1].add(req(0, &[1, 2, 3, 4])));
+        while engines[1].has_work() {
+            engines[1].step();
+        }
+        let mut r = PolicyRouter::new(Policy::Oracle, 2, 512);
+        let views = [PodView::default(); 2];
+        let follow_up = req(1, &[1, 2, 3, 4, 5]);
+        assert_eq!(engines[1].cached_prefix_tokens(&follow_up.prompt), 4 * 512);
+        assert_eq!(r.route_with_engines(0, &follow_up, &views, &engines), 1);
+        // A long prompt waits on pod 1: 16 units queued outweigh 4 cached.
+        assert!(engines[1].add(req(2, &[50; 16])));
+        assert_eq!(engines[1].queued_prefill_tokens(), 16 * 512);
+        assert_eq!(r.route_with_engines(0, &follow_up, &views, &engines), 0);
+        assert_eq!(r.decision_ns.len(), 2);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! approximate index with the others. Measures what that costs against one replica, and how
 //! often the replicas would have decided alike.
 
-use kvroute_sim::{PodView, RouteFn, SimRequest, StepReport};
+use kvroute_sim::{Engine, PodView, RouteFn, SimRequest, StepReport};
 
 use crate::policy::{Policy, PolicyRouter};
 
@@ -87,9 +87,19 @@ impl Replicas {
 
 impl RouteFn for Replicas {
     fn route(&mut self, now_us: u64, request: &SimRequest, pods: &[PodView]) -> usize {
+        self.route_with_engines(now_us, request, pods, &[])
+    }
+
+    fn route_with_engines(
+        &mut self,
+        now_us: u64,
+        request: &SimRequest,
+        pods: &[PodView],
+        engines: &[Engine],
+    ) -> usize {
         let chosen = self.next;
         self.next = (self.next + 1) % self.routers.len();
-        let pod = self.routers[chosen].route(now_us, request, pods);
+        let pod = self.routers[chosen].route_with_engines(now_us, request, pods, engines);
         for (i, other) in self.routers.iter_mut().enumerate() {
             if i == chosen {
                 continue;

@@ -59,6 +59,27 @@ pub enum Workload {
         /// Units (512 tokens) per document.
         doc_units: u64,
     },
+    /// Long conversations that come back rarely: each opens with 4–80 units of its own
+    /// (2k–40k tokens) and returns `turns − 1` times, each after an exponential pause of
+    /// mean `revisit_s` seconds, by when the pods have mostly evicted it. Little reuse: a
+    /// router wins here by balancing prefill work, not by affinity.
+    LongRevisits {
+        /// Requests per conversation.
+        turns: u64,
+        /// Mean pause before a conversation's next turn, seconds.
+        revisit_s: u64,
+    },
+    /// Bursts on prompts no pod has seen: a fresh document of `doc_units` units, asked
+    /// `siblings` questions that all arrive within `window_ms` of the first. A router that
+    /// keeps a burst together lets later siblings hit blocks the first is still prefilling.
+    SiblingBursts {
+        /// Units (512 tokens) per document.
+        doc_units: u64,
+        /// Requests per burst.
+        siblings: u64,
+        /// Spread of a burst's arrivals, milliseconds.
+        window_ms: u64,
+    },
 }
 
 impl Workload {
@@ -145,8 +166,77 @@ impl Workload {
                     &mut next_fresh,
                 )
             }
+            Self::LongRevisits { turns, revisit_s } => {
+                let turns = turns.max(1);
+                // Conversations start at rate / turns, so requests come at `rate` overall.
+                let start_gap = mean_gap * turns as f64;
+                // Conversations start `warm` ms before the first request kept, so revisits
+                // of earlier conversations are there from the start (steady state), and keep
+                // starting until `requests` requests have arrived by the latest start.
+                let warm = turns.saturating_sub(1) * revisit_s * 1000 * 3;
+                let mut out: Vec<TraceRequest> = Vec::with_capacity(requests * 2);
+                let kept = |out: &[TraceRequest], t: u64| {
+                    out.iter()
+                        .filter(|r| (warm..=t).contains(&r.timestamp))
+                        .count()
+                };
+                while kept(&out, t) < requests {
+                    t += rng.gap_ms(start_gap);
+                    let mut history: Vec<u64> =
+                        (0..4 + rng.below(77)).map(|_| next_fresh()).collect();
+                    let mut at = t;
+                    for turn in 0..turns {
+                        if turn > 0 {
+                            at += rng.gap_ms(revisit_s as f64 * 1000.0);
+                            history.push(next_fresh()); // the last answer
+                            history.push(next_fresh()); // the new question
+                        }
+                        out.push(TraceRequest {
+                            timestamp: at,
+                            input_length: history.len() * 512 - 100,
+                            output_length: output,
+                            hash_ids: history.clone(),
+                        });
+                    }
+                }
+                out.retain(|r| r.timestamp >= warm);
+                out.iter_mut().for_each(|r| r.timestamp -= warm);
+                by_arrival(out, requests)
+            }
+            Self::SiblingBursts {
+                doc_units,
+                siblings,
+                window_ms,
+            } => {
+                let siblings = siblings.max(1);
+                let burst_gap = mean_gap * siblings as f64;
+                let mut out = Vec::with_capacity(requests + siblings as usize);
+                while out.len() < requests {
+                    t += rng.gap_ms(burst_gap);
+                    let doc: Vec<u64> = (0..doc_units).map(|_| next_fresh()).collect();
+                    for i in 0..siblings {
+                        let mut ids = doc.clone();
+                        ids.push(next_fresh());
+                        let offset = if i == 0 { 0 } else { rng.below(window_ms + 1) };
+                        out.push(TraceRequest {
+                            timestamp: t + offset,
+                            input_length: ids.len() * 512 - 300,
+                            output_length: output,
+                            hash_ids: ids,
+                        });
+                    }
+                }
+                by_arrival(out, requests)
+            }
         }
     }
+}
+
+/// The first `requests` of `out` in arrival order.
+fn by_arrival(mut out: Vec<TraceRequest>, requests: usize) -> Vec<TraceRequest> {
+    out.sort_by_key(|r| r.timestamp);
+    out.truncate(requests);
+    out
 }
 
 /// Requests that each open with one group's `units` shared units (`prefix(group, unit)`)
@@ -217,5 +307,69 @@ mod tests {
         }
         .generate(20, 10.0, 8, 3);
         assert!(qa.iter().all(|r| r.hash_ids.len() == 17));
+    }
+
+    #[test]
+    fn long_revisits_come_back_minutes_later_with_long_prompts() {
+        let w = Workload::LongRevisits {
+            turns: 3,
+            revisit_s: 180,
+        };
+        let a = w.generate(3000, 2.0, 8, 5);
+        assert_eq!(a.len(), 3000);
+        assert_eq!(a, w.generate(3000, 2.0, 8, 5));
+        assert!(a.windows(2).all(|p| p[0].timestamp <= p[1].timestamp));
+        assert!(
+            a.iter().all(|r| (1_900..=43_000).contains(&r.input_length)),
+            "2k-40k-token openings, plus two units a turn"
+        );
+        // A revisit extends its opening, and comes long after it.
+        let mut pauses = Vec::new();
+        for (i, later) in a.iter().enumerate() {
+            if let Some(first) = a[..i].iter().find(|e| e.hash_ids[0] == later.hash_ids[0]) {
+                assert!(later.hash_ids.starts_with(&first.hash_ids[..4]));
+                pauses.push(later.timestamp - first.timestamp);
+            }
+        }
+        // Two of three requests are revisits; those whose opening is in the run too come
+        // minutes after it (fewer than 180 s on average: a pair must fit in the run).
+        assert!(pauses.len() > 1500, "{} revisits", pauses.len());
+        let mean_s = pauses.iter().sum::<u64>() as f64 / pauses.len() as f64 / 1000.0;
+        assert!(
+            mean_s > 120.0,
+            "revisits {mean_s:.0} s after the opening on average"
+        );
+        // Requests come at about the rate asked from the start: 3,000 at 2/s, over about
+        // 1,500 s, and as many in the first half as in the second.
+        let span_s = (a[2999].timestamp - a[0].timestamp) as f64 / 1000.0;
+        assert!((1300.0..1700.0).contains(&span_s), "{span_s:.0} s");
+        let first_half = a
+            .iter()
+            .filter(|r| r.timestamp < a[2999].timestamp / 2)
+            .count();
+        assert!((1300..1700).contains(&first_half), "{first_half}");
+    }
+
+    #[test]
+    fn sibling_bursts_share_a_new_document_within_the_window() {
+        let w = Workload::SiblingBursts {
+            doc_units: 16,
+            siblings: 8,
+            window_ms: 50,
+        };
+        let a = w.generate(400, 4.0, 8, 9);
+        assert_eq!(a.len(), 400);
+        assert!(a.windows(2).all(|p| p[0].timestamp <= p[1].timestamp));
+        let mut bursts: std::collections::HashMap<u64, Vec<u64>> = Default::default();
+        for r in &a {
+            assert_eq!(r.hash_ids.len(), 17);
+            bursts.entry(r.hash_ids[0]).or_default().push(r.timestamp);
+        }
+        // Each document is new with its burst, and asked within 50 ms.
+        for times in bursts.values() {
+            let (lo, hi) = (times.iter().min().unwrap(), times.iter().max().unwrap());
+            assert!(hi - lo <= 50);
+        }
+        assert!(bursts.values().filter(|t| t.len() == 8).count() >= 45);
     }
 }

@@ -25,6 +25,18 @@ pub trait RouteFn {
 
     /// A step of `pod` ended at `now_us` with `report` (its KV events, finished requests).
     fn observe(&mut self, _now_us: u64, _pod: usize, _report: &StepReport) {}
+
+    /// [`RouteFn::route`] with the engines themselves at hand, which no real router has:
+    /// an oracle reads their caches and queues here. By default, `route`.
+    fn route_with_engines(
+        &mut self,
+        now_us: u64,
+        request: &SimRequest,
+        pods: &[PodView],
+        _engines: &[Engine],
+    ) -> usize {
+        self.route(now_us, request, pods)
+    }
 }
 
 impl<F: FnMut(u64, &SimRequest, &[PodView]) -> usize> RouteFn for F {
@@ -146,7 +158,7 @@ impl Cluster {
                     let id = results.len() as RequestId;
                     req.id = id;
                     let pod = router
-                        .route(now, &req, &self.views)
+                        .route_with_engines(now, &req, &self.views, &self.pods)
                         .min(self.pods.len() - 1);
                     results.push(RequestResult {
                         id,

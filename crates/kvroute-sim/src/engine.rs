@@ -178,6 +178,37 @@ impl Engine {
         self.pool.used_blocks() as f64 / self.pool.capacity().max(1) as f64
     }
 
+    /// Prompt tokens of `prompt` this engine would serve from its prefix cache if it were
+    /// admitted now (whole blocks, at most all but the last token, as `admit` counts them).
+    /// Reads nothing a real router could: what a greedy oracle asks every pod.
+    pub fn cached_prefix_tokens(&self, prompt: &PromptTokens) -> usize {
+        let bs = self.profile.block_size;
+        let max_hit_blocks = prompt.len().max(1).saturating_sub(1) / bs;
+        prompt
+            .block_hashes(bs, ROOT)
+            .iter()
+            .take(max_hit_blocks)
+            .take_while(|h| self.pool.lookup(**h).is_some())
+            .count()
+            * bs
+    }
+
+    /// Prompt tokens still to prefill: every waiting request's whole prompt and the rest of
+    /// every running one's (what a greedy oracle counts as the queue ahead of a request).
+    pub fn queued_prefill_tokens(&self) -> usize {
+        let waiting: usize = self
+            .waiting
+            .iter()
+            .map(|s| s.prefill_len - s.computed.min(s.prefill_len))
+            .sum();
+        let running: usize = self
+            .running
+            .iter()
+            .map(|s| s.prefill_len.saturating_sub(s.computed))
+            .sum();
+        waiting + running
+    }
+
     /// Prompt tokens looked up in, and found in, the prefix cache so far
     /// (`vllm:prefix_cache_queries` / `vllm:prefix_cache_hits`).
     pub fn prefix_cache_counts(&self) -> (u64, u64) {

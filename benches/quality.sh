@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Routing quality on workloads that do not flatter (docs/benchmarks.md, "Workloads that do
+# not flatter"): every workload on 8B/H100 and 70B/MI300X pods, three seeds each, the
+# baselines, kvroute's two default profiles and a greedy oracle; then goodput (the highest
+# open-loop rate with TTFT p90 within 2 s) on the 8B pods.
+# Usage: benches/quality.sh [path/to/kvroute]   (default: target/release/kvroute)
+set -euo pipefail
+bin=${1:-target/release/kvroute}
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+policies=round-robin,sglang-cache-aware,dynamo-kv,kvroute-approx,kvroute,oracle
+trace=benches/traces/mooncake_synthetic_trace.jsonl
+# name profile args...
+settings=(
+  "multi-turn h100-llama3.1-8b --workload multi-turn --pods 8 --rate 32"
+  "shared-prompts h100-llama3.1-8b --workload shared-prompts --pods 4 --rate 48"
+  "doc-qa h100-llama3.1-8b --workload doc-qa --pods 4 --rate 24"
+  "long-revisits h100-llama3.1-8b --workload long-revisits --pods 8 --rate 6"
+  "sibling-bursts h100-llama3.1-8b --workload sibling-bursts --pods 8 --rate 24"
+  "mooncake-closed h100-llama3.1-8b --trace $trace --pods 16 --users 128"
+  "multi-turn mi300x-llama3.1-70b-tp4 --workload multi-turn --pods 8 --rate 12"
+  "shared-prompts mi300x-llama3.1-70b-tp4 --workload shared-prompts --pods 4 --rate 16"
+  "doc-qa mi300x-llama3.1-70b-tp4 --workload doc-qa --pods 4 --rate 8"
+  "long-revisits mi300x-llama3.1-70b-tp4 --workload long-revisits --pods 8 --rate 2"
+  "sibling-bursts mi300x-llama3.1-70b-tp4 --workload sibling-bursts --pods 8 --rate 8"
+  "mooncake-closed mi300x-llama3.1-70b-tp4 --trace $trace --pods 16 --users 64"
+)
+for s in "${settings[@]}"; do
+  read -r name profile args <<<"$s"
+  seeds="1 2 3"
+  [[ $args == --trace* ]] && seeds=1 # the trace has no seed
+  for seed in $seeds; do
+    # shellcheck disable=SC2086
+    "$bin" bench $args --profile "$profile" --seed "$seed" --policies "$policies" \
+      --json "$out/$name@$profile@$seed.json" >/dev/null
+  done
+done
+python3 - "$out" <<'PY'
+import json, sys, glob, statistics as st, collections
+rows = collections.defaultdict(list)
+for f in glob.glob(sys.argv[1] + "/*.json"):
+    name, profile, _ = f.rsplit("/", 1)[1][:-5].split("@")
+    for p in json.load(open(f))["policies"]:
+        rows[(name, profile, p["policy"])].append(p)
+def cell(v, fmt="{:.0f}"):
+    if len(v) == 1 or min(v) == max(v):
+        return fmt.format(st.mean(v))
+    return f"{fmt.format(st.mean(v))} ({fmt.format(min(v))}–{fmt.format(max(v))})"
+print("| workload | pods | policy | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | output tok/s | hit rate % |")
+print("|---|---|---|---|---|---|---|---|")
+order = "round-robin sglang-cache-aware dynamo-kv kvroute-approx kvroute oracle".split()
+for key in sorted(rows, key=lambda k: (k[1], k[0], order.index(k[2]))):
+    r = rows[key]
+    name, profile, policy = key
+    print(f"| {name} | {profile.split('-')[0]} | {policy} | "
+          + " | ".join(cell([p[k] for p in r]) for k in ("ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "output_tokens_per_s"))
+          + f" | {cell([100 * p['hit_rate'] for p in r], '{:.1f}')} |")
+PY
+echo
+for s in "${settings[@]:0:5}"; do
+  read -r name profile args <<<"$s"
+  echo "### $name, $profile"
+  # shellcheck disable=SC2086
+  "$bin" bench $args --profile "$profile" --requests 2000 --policies "$policies" \
+    --goodput-slo-ms 2000 | tail -n +3
+done

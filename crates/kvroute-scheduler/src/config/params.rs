@@ -234,6 +234,8 @@ pub(crate) struct TtftParams {
     /// Prefix producers whose matches count (default: all).
     #[serde(default)]
     producers: Vec<String>,
+    /// Extra weight of the prefill work this request adds, over its own wait (default 0).
+    work_weight: Option<f64>,
 }
 
 /// `load-aware-scorer`.
@@ -618,13 +620,21 @@ pub(super) fn build(
             p.headroom.unwrap_or(8),
             Some(ctx.staleness),
         )),
-        (Params::Ttft(p), _) => {
+        (Params::Ttft(p), t) => {
             let reads = p
                 .producers
                 .iter()
                 .map(|n| resolve(&from, n))
                 .collect::<Result<Vec<_>, _>>()?;
-            Arc::new(TtftScorer::new(reads))
+            let work_weight = p.work_weight.unwrap_or(0.0);
+            if !(work_weight.is_finite() && work_weight >= 0.0) {
+                return Err(ConfigError::Unavailable {
+                    name: name.to_owned(),
+                    plugin_type: t.as_str(),
+                    reason: format!("workWeight {work_weight} is not a number of at least 0"),
+                });
+            }
+            Arc::new(TtftScorer::new(reads, work_weight))
         }
         (Params::MetricsDataSource(_) | Params::Extractor(_), t) => {
             Arc::new(crate::plugins::DataSource(t.as_str()))

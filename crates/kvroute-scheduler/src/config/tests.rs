@@ -289,6 +289,27 @@ fn the_ttft_scorer_weighs_queued_prefill_against_what_is_cached() {
         .unwrap();
     assert!(Arc::ptr_eq(d.primary(), &eps[2]));
     assert_eq!(d.prefill_tokens(), 24, "40 tokens, 16 cached there");
+    // Counting the work each choice adds six times (workWeight 5): 100 + 6 x 8 = 148 at
+    // endpoint 0, 10 + 6 x 24 = 154 at endpoint 2, 240 at endpoint 1.
+    let weighted = build(
+        &yaml.replace("producers:", "workWeight: 5, producers:"),
+        &ctx,
+    )
+    .unwrap();
+    let d = weighted
+        .schedule(&SchedulingRequest::new(Some(&req), &hints), &eps)
+        .unwrap();
+    assert!(Arc::ptr_eq(d.primary(), &eps[0]));
+    for bad in ["-1", ".nan"] {
+        let refused = build(
+            &yaml.replace("producers:", &format!("workWeight: {bad}, producers:")),
+            &ctx,
+        );
+        assert!(
+            refused.is_err_and(|e| e.to_string().contains("workWeight")),
+            "{bad}"
+        );
+    }
 }
 
 #[test]

@@ -7,17 +7,21 @@ use crate::{BodyUse, Candidates, CycleState, Plugin, SchedulingRequest, Scorer, 
 /// answered, `EndpointState::prefill_backlog`) plus the part of this prompt it does not hold
 /// cached, by the best of the prefix producers it reads (all of them unless its `producers`
 /// parameter names some). Prefill dominates time to first token and both terms are in prompt
-/// tokens, so their sum ranks endpoints by predicted TTFT. Scores are `best / predicted`, in
-/// (0, 1].
+/// tokens, so their sum ranks endpoints by predicted TTFT. The uncached part counts
+/// `1 + work_weight` times: beyond this request's own wait, it is prefill work every request
+/// queued after it there waits for, which a prompt sent where its prefix is (or is being)
+/// cached does not add. Scores are `best / predicted`, in (0, 1].
 #[derive(Debug)]
 pub(crate) struct TtftScorer {
     reads: Vec<SlotId>,
+    work_weight: f64,
 }
 
 impl TtftScorer {
-    /// A scorer reading the prefix slots `reads` (empty: every slot filled).
-    pub(crate) fn new(reads: Vec<SlotId>) -> Self {
-        Self { reads }
+    /// A scorer reading the prefix slots `reads` (empty: every slot filled), counting the
+    /// work a request adds `1 + work_weight` times.
+    pub(crate) fn new(reads: Vec<SlotId>, work_weight: f64) -> Self {
+        Self { reads, work_weight }
     }
 }
 
@@ -53,7 +57,8 @@ impl Scorer for TtftScorer {
         // Plus one: an idle endpoint holding all but nothing still costs something, and no
         // prediction is zero.
         let predicted = |pos: usize, backlog: u64| {
-            (backlog + prompt - state.cached_tokens(&self.reads, pos, prompt) + 1) as f64
+            let uncached = prompt - state.cached_tokens(&self.reads, pos, prompt);
+            backlog as f64 + (1.0 + self.work_weight) * uncached as f64 + 1.0
         };
         let mut best = f64::INFINITY;
         for (s, (pos, ep)) in scores.iter_mut().zip(candidates.iter()) {

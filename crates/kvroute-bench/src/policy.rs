@@ -16,10 +16,6 @@ use kvroute_tokens::{BlockHasher, ExtraKeys};
 use crate::baselines::{DynamoCost, SglangCacheAware, SglangConfig};
 use crate::synthetic::Rng;
 
-/// Prompt tokens handed to the router: the approximate scorer hashes at most 256 blocks of
-/// 64 bytes, which token ids (4 bytes each) fill after 4,096 tokens.
-const ROUTED_PROMPT_TOKENS: usize = 4096;
-
 /// The Inference Extension's approximate prefix routing: prefix 3 against load 4 (its queue
 /// 2 + KV-utilisation 2, stood in for by in-flight counts, min–max normalised).
 const APPROX_PREFIX: &str = "
@@ -124,15 +120,6 @@ impl Policy {
     /// Whether the policy reads the pods' KV events.
     pub fn uses_events(self) -> bool {
         matches!(self, Self::DynamoKv | Self::PrecisePrefix | Self::Kvroute)
-    }
-
-    /// Whether the policy reads the whole prompt (precise hashing, SGLang's text tree)
-    /// rather than its first [`ROUTED_PROMPT_TOKENS`].
-    fn whole_prompt(self) -> bool {
-        matches!(
-            self,
-            Self::DynamoKv | Self::PrecisePrefix | Self::Kvroute | Self::SglangCacheAware
-        )
     }
 }
 
@@ -327,15 +314,11 @@ impl PolicyRouter {
             .position(|e| Arc::ptr_eq(e, decision.primary()))
     }
 
-    /// The prompt's token ids a client would send: the whole prompt, or its first
-    /// [`ROUTED_PROMPT_TOKENS`] for the approximate policies.
+    /// The prompt's token ids, whole, as a client sends them: the approximate producers cap
+    /// what they match themselves (`maxPrefixBlocksToMatch`), and the TTFT scorer must see
+    /// the whole prompt's length, as it does in `kvroute serve`.
     fn tokens(&self, request: &SimRequest) -> Vec<u32> {
-        let routed = if self.policy.whole_prompt() {
-            request.prompt.len()
-        } else {
-            request.prompt.len().min(ROUTED_PROMPT_TOKENS)
-        };
-        request.prompt.tokens(0, routed)
+        request.prompt.tokens(0, request.prompt.len())
     }
 
     fn pick(&mut self, now_us: u64, request: &SimRequest, pods: &[PodView]) -> usize {

@@ -1,8 +1,9 @@
 //! Passive health end to end: three simulated vLLM pods (their `/metrics` scraped every
 //! 50 ms), the real `kvroute serve`, real Envoy in front, a steady stream of chat requests.
-//! A pod that starts answering every request 500 is ejected after a few failures and gets
-//! (almost) nothing while ejected, though it answers at once and so looks the least loaded;
-//! once it is healthy again it is taken back by itself when its ejection is over.
+//! A pod that starts answering every request 500 is scored down from its first failure and
+//! ejected at its fifth, and gets (almost) nothing meanwhile, though it answers at once and so
+//! looks the least loaded; once it is healthy again it is taken back by itself (when its
+//! ejection is over, or its failures are forgotten).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -43,7 +44,7 @@ fn per_pod(of: &[usize], n: usize) -> Vec<usize> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_pod_is_ejected_and_taken_back_when_it_recovers() {
+async fn a_failing_pod_is_avoided_and_taken_back_when_it_recovers() {
     let dir = scratch("health");
     let stop = CancellationToken::new();
     let pods = sim_pods(3, &stop).await;
@@ -78,17 +79,17 @@ async fn a_failing_pod_is_ejected_and_taken_back_when_it_recovers() {
         "the stream should spread over all pods: {before:?}"
     );
 
-    // Pod 0 answers every request 500, at once: ejected after a few failures.
+    // Pod 0 answers every request 500, at once: scored down from its first failure, ejected
+    // at the fifth if traffic still reaches it.
     set_fault(bad, "errors").await;
     let faulted = Instant::now();
     let mut m = String::new();
-    let out = eventually(Duration::from_secs(5), async || {
+    let out = eventually(Duration::from_secs(3), async || {
         m = kvroute.metrics().await;
         ejected(&m, 1)
     })
     .await;
     let out_at = Instant::now();
-    assert!(out, "never ejected: {m}\n{}", kvroute.log_text());
     let failing = traffic.answered_since(faulted);
     let failing: Vec<Sent> = failing.into_iter().filter(|s| s.started < out_at).collect();
     let to_bad = pods_of(&envoy, &pods, &failing)
@@ -97,31 +98,37 @@ async fn a_failing_pod_is_ejected_and_taken_back_when_it_recovers() {
         .filter(|&&p| p == 0)
         .count();
     println!(
-        "ejected {:?} after the fault; meanwhile {} requests, {to_bad} of them to the failing pod",
-        out_at - faulted,
+        "{} after the fault (ejected: {out}); meanwhile {} requests, {to_bad} of them to the failing pod",
+        if out { "ejected" } else { "not ejected" },
         failing.len(),
     );
     assert!(
-        m.contains(&format!(
-            "kvroute_endpoint_ejections_total{{endpoint=\"{}\"}} 1",
-            bad.http
-        )),
-        "{m}"
+        to_bad <= 10,
+        "{to_bad} requests went to the failing pod: {m}"
     );
+    if out {
+        assert!(
+            m.contains(&format!(
+                "kvroute_endpoint_ejections_total{{endpoint=\"{}\"}} 1",
+                bad.http
+            )),
+            "{m}"
+        );
+    }
 
-    // While it is ejected: the next 100 requests (almost) all go elsewhere, and succeed.
+    // While it fails: the next 100 requests (almost) all go elsewhere, and succeed.
     let after = traffic
         .wait_answered_since(out_at, 100, Duration::from_secs(8))
         .await;
     let of = pods_of(&envoy, &pods, &after).await;
     let counts = per_pod(&of, pods.len());
     println!(
-        "the 100 requests after the ejection ({:?}), per pod: {counts:?}",
+        "the 100 requests after that ({:?}), per pod: {counts:?}",
         after.last().unwrap().started - out_at
     );
     assert!(
         counts[0] <= 10,
-        "the ejected pod still got {} of 100 requests: {counts:?}",
+        "the failing pod still got {} of 100 requests: {counts:?}",
         counts[0]
     );
     assert_eq!(counts[3], 0, "requests with no upstream: {counts:?}");
@@ -133,7 +140,8 @@ async fn a_failing_pod_is_ejected_and_taken_back_when_it_recovers() {
     let failed = after.iter().filter(|s| s.status != Some(200)).count();
     assert!(failed <= 10, "{failed} of 100 failed");
 
-    // Healthy again: taken back once the ejection is over (10 s from it), by itself.
+    // Healthy again: taken back by itself, once its ejection is over or its failures are
+    // forgotten (10 s from them).
     set_fault(bad, "none").await;
     let healed = Instant::now();
     let mut back_at = None;
@@ -154,17 +162,20 @@ async fn a_failing_pod_is_ejected_and_taken_back_when_it_recovers() {
     .await;
     assert!(
         back,
-        "the recovered pod got no request {:?} after its ejection\n{}",
+        "the recovered pod got no request {:?} after the fault\n{}",
         out_at.elapsed(),
         kvroute.metrics().await
     );
     let back_at = back_at.unwrap();
     println!(
-        "served again {:?} after the ejection ({:?} after the fault was cleared)",
-        back_at - out_at,
+        "served again {:?} after the fault ({:?} after it was cleared)",
+        back_at - faulted,
         back_at.saturating_duration_since(healed)
     );
-    assert!(back_at - out_at >= FIRST_EJECTION - Duration::from_millis(500));
+    if out {
+        // Not before its ejection is over.
+        assert!(back_at - out_at >= FIRST_EJECTION - Duration::from_millis(500));
+    }
 
     // And it gets its share again.
     let recovered_from = Instant::now();
@@ -189,8 +200,8 @@ async fn a_failing_pod_is_ejected_and_taken_back_when_it_recovers() {
         h
     });
     println!("{sent} requests in {:?}: {statuses:?}", begin.elapsed());
-    // The only failures are the failing pod's, and there were few: the ones that ejected
-    // it (5 consecutive), give or take those already on their way.
+    // The only failures are the failing pod's, and there were few: at most the five that
+    // eject it, give or take those already on their way.
     let failed: Vec<Sent> = answers
         .into_iter()
         .filter(|s| s.status != Some(200))

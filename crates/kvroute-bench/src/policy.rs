@@ -259,6 +259,16 @@ impl PolicyRouter {
         }
     }
 
+    /// The same router, knowing that each pod's KV cache holds `tokens` (as a scrape of
+    /// vLLM's `cache_config_info` tells `serve`; `autoTune` sizes the approximate index by
+    /// it).
+    pub fn with_pod_capacity(self, tokens: u64) -> Self {
+        self.endpoints
+            .iter()
+            .for_each(|e| e.set_kv_capacity_tokens(tokens));
+        self
+    }
+
     /// The same router, reading each pod's waiting and running requests and KV usage every
     /// `every_us` simulated microseconds from `phase_us` on (`--refresh-metrics-interval`),
     /// as the load scorers do in a cluster. Without it the router knows only its own

@@ -4,7 +4,7 @@
 //! approximate index with the others. Measures what that costs against one replica, and how
 //! often the replicas would have decided alike.
 
-use kvroute_sim::{Engine, PodView, RouteFn, SimRequest, StepReport};
+use kvroute_sim::{Engine, PodView, Profile, RouteFn, SimRequest, StepReport};
 
 use crate::policy::{Policy, PolicyRouter};
 
@@ -42,13 +42,15 @@ pub struct Replicas {
 }
 
 impl Replicas {
-    /// `deployment.replicas` routers of `policy` over `pods` pods of `block_size`-token
-    /// blocks.
-    pub fn new(policy: Policy, pods: usize, block_size: usize, deployment: Deployment) -> Self {
+    /// `deployment.replicas` routers of `policy` over `pods` pods of `profile`, each knowing
+    /// the pods' KV capacity (which vLLM reports on `/metrics` and `serve` scrapes).
+    pub fn new(policy: Policy, pods: usize, profile: &Profile, deployment: Deployment) -> Self {
         let n = deployment.replicas.max(1);
+        let capacity = (profile.kv_blocks * profile.block_size) as u64;
         let routers = (0..n)
             .map(|i| {
-                let router = PolicyRouter::new(policy, pods, block_size);
+                let router =
+                    PolicyRouter::new(policy, pods, profile.block_size).with_pod_capacity(capacity);
                 match deployment.scrape_ms {
                     Some(ms) => {
                         let every = ms * 1000;
@@ -147,7 +149,8 @@ mod tests {
             replicas: 2,
             scrape_ms: Some(50),
         };
-        let mut r = Replicas::new(Policy::Kvroute, 4, 512, deployment);
+        let profile = Profile::h100_llama31_8b().with_block_size(512);
+        let mut r = Replicas::new(Policy::Kvroute, 4, &profile, deployment);
         let views = vec![PodView::default(); 4];
         let first = r.route(0, &req(0, &[1, 2, 3, 4]), &views);
         // The pod stores the prompt's blocks and answers: every replica hears of it.
@@ -177,7 +180,8 @@ mod tests {
 
     #[test]
     fn one_replica_compares_nothing() {
-        let mut r = Replicas::new(Policy::KvrouteApprox, 4, 512, Deployment::default());
+        let profile = Profile::h100_llama31_8b().with_block_size(512);
+        let mut r = Replicas::new(Policy::KvrouteApprox, 4, &profile, Deployment::default());
         r.route(0, &req(0, &[1]), &[PodView::default(); 4]);
         assert_eq!(r.agreement(), None);
     }

@@ -141,7 +141,7 @@ pub fn run_deployed(
     deployment: Deployment,
 ) -> PolicyReport {
     let started = Instant::now();
-    let mut router = Replicas::new(policy, pods, profile.block_size, deployment);
+    let mut router = Replicas::new(policy, pods, profile, deployment);
     let mut cluster = Cluster::new(profile, pods, policy.uses_events());
     let results = match load {
         Load::Open { speedup, copies } => {

@@ -28,6 +28,17 @@ pub struct PodLoad {
     /// Tokens per KV block: `vllm:cache_config_info`'s `block_size` (SGLang:
     /// `sglang:cache_config_info`'s `page_size`).
     pub block_size: Option<u32>,
+    /// KV blocks the engine has: `vllm:cache_config_info`'s `num_gpu_blocks` (absent, or
+    /// `None`, before vLLM has profiled its memory).
+    pub kv_blocks: Option<u64>,
+}
+
+impl PodLoad {
+    /// Tokens the pod's KV cache holds at most (`kv_blocks × block_size`), when it says:
+    /// what sizes the approximate index's guess of it (`autoTune`).
+    pub fn kv_capacity_tokens(&self) -> Option<u64> {
+        Some(self.kv_blocks?.saturating_mul(u64::from(self.block_size?)))
+    }
 }
 
 /// A successful scrape and when it was taken.
@@ -102,6 +113,7 @@ impl Deref for FreshLoad {
             waiting_loras: Vec::new(),
             max_lora: None,
             block_size: None,
+            kv_blocks: None,
         };
         self.guard.as_deref().map_or(&EMPTY, |s| &s.load)
     }
@@ -125,6 +137,7 @@ struct Acc<'a> {
     /// The `vllm:lora_requests_info` sample with the largest (finite) value.
     lora: Option<Sample<'a>>,
     block_size: Option<u32>,
+    kv_blocks: Option<u64>,
 }
 
 /// A family's finite values, summed and counted.
@@ -186,7 +199,14 @@ impl<'a> Acc<'a> {
                     self.lora = Some(s);
                 }
             }
-            "vllm:cache_config_info" => self.block_size(&s, "block_size"),
+            "vllm:cache_config_info" => {
+                self.block_size(&s, "block_size");
+                if self.kv_blocks.is_none() {
+                    self.kv_blocks = s
+                        .label("num_gpu_blocks")
+                        .and_then(|v| v.trim().parse().ok());
+                }
+            }
             "sglang:cache_config_info" => self.block_size(&s, "page_size"),
             _ => {}
         }
@@ -214,6 +234,7 @@ impl<'a> Acc<'a> {
                 .or(self.sglang_kv)
                 .fraction("KV-cache usage (vllm:kv_cache_usage_perc)")?,
             block_size: self.block_size,
+            kv_blocks: self.kv_blocks,
             ..PodLoad::default()
         };
         if let Some(lora) = self.lora {

@@ -22,9 +22,18 @@ fn reads_vllm() {
             waiting_loras: vec!["summarize-lora".into()],
             max_lora: Some(4),
             block_size: Some(16),
+            kv_blocks: Some(28_320),
         },
         "LoRA lists from the newest of three series"
     );
+    assert_eq!(load.kv_capacity_tokens(), Some(28_320 * 16));
+}
+
+#[test]
+fn an_engine_that_has_not_profiled_its_memory_reports_no_capacity() {
+    let text = VLLM.replace("num_gpu_blocks=\"28320\"", "num_gpu_blocks=\"None\"");
+    let load = parse_load(&text).unwrap();
+    assert_eq!((load.kv_blocks, load.kv_capacity_tokens()), (None, None));
 }
 
 #[test]
@@ -94,6 +103,7 @@ fn the_simulator_is_read_like_vllm() {
             waiting_loras: vec![],
             max_lora: Some(0),
             block_size: Some(16),
+            kv_blocks: Some(4096),
         }
     );
 }

@@ -26,6 +26,8 @@ pub struct EndpointState {
     in_flight: AtomicUsize,
     /// Requests ever routed here by this router (never decreases).
     routed: AtomicU64,
+    /// Tokens the pod's KV cache holds at most, as it last said; 0 while unknown.
+    kv_capacity_tokens: AtomicU64,
     prefill_backlog: AtomicU64,
     events_confirmed: AtomicBool,
     scraped: ArcSwapOption<Scraped>,
@@ -40,6 +42,7 @@ impl EndpointState {
             endpoint,
             in_flight: AtomicUsize::new(0),
             routed: AtomicU64::new(0),
+            kv_capacity_tokens: AtomicU64::new(0),
             prefill_backlog: AtomicU64::new(0),
             events_confirmed: AtomicBool::new(false),
             scraped: ArcSwapOption::empty(),
@@ -130,11 +133,26 @@ impl EndpointState {
     /// scrapes come far more often than a quiet pod's requests. Only a request answered
     /// without a 5xx clears failures.
     pub fn record_scrape(&self, load: PodLoad, at: Instant) {
+        if let Some(tokens) = load.kv_capacity_tokens() {
+            self.set_kv_capacity_tokens(tokens);
+        }
         self.scraped.store(Some(Arc::new(Scraped {
             load,
             at,
             routed_before: self.routed.load(Ordering::Relaxed),
         })));
+    }
+
+    /// Tokens the pod's KV cache holds at most, from its last scrape that said
+    /// (`vllm:cache_config_info`); it does not go stale, being the engine's configuration.
+    pub fn kv_capacity_tokens(&self) -> Option<u64> {
+        Some(self.kv_capacity_tokens.load(Ordering::Relaxed)).filter(|&t| t > 0)
+    }
+
+    /// Sets what [`EndpointState::kv_capacity_tokens`] says, for a source other than a scrape
+    /// (the simulated pods of `kvroute bench`).
+    pub fn set_kv_capacity_tokens(&self, tokens: u64) {
+        self.kv_capacity_tokens.store(tokens, Ordering::Relaxed);
     }
 
     /// Counts a failed scrape (refused, timed out, not 200, too large, unparseable): an
@@ -543,5 +561,21 @@ mod tests {
         assert_eq!(state.fresh_load(t0, stale).unwrap().routed_since(), 2);
         state.record_scrape(PodLoad::default(), t0);
         assert_eq!(state.fresh_load(t0, stale).unwrap().routed_since(), 0);
+    }
+
+    #[test]
+    fn the_pods_kv_capacity_is_kept_from_the_scrapes_that_say() {
+        let state = EndpointState::detached(ep("a", "127.0.0.1:1"), HealthConfig::default());
+        assert_eq!(state.kv_capacity_tokens(), None);
+        let said = PodLoad {
+            kv_blocks: Some(10),
+            block_size: Some(16),
+            ..PodLoad::default()
+        };
+        state.record_scrape(said, Instant::now());
+        assert_eq!(state.kv_capacity_tokens(), Some(160));
+        // A scrape that does not say (vLLM before profiling: "None") changes nothing.
+        state.record_scrape(PodLoad::default(), Instant::now());
+        assert_eq!(state.kv_capacity_tokens(), Some(160));
     }
 }

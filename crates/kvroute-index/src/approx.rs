@@ -53,6 +53,8 @@ pub struct ApproxIndex {
     index: PrefixIndex,
     lru: HashMap<EndpointId, Lru>,
     capacity: usize,
+    /// Endpoints whose capacity is their own (sized from what the pod reports).
+    capacities: HashMap<EndpointId, usize>,
     ttl_ms: Option<u64>,
     /// Hashes an eviction drops, kept between calls so that recording allocates nothing.
     evicted: Vec<BlockHash>,
@@ -65,6 +67,7 @@ impl ApproxIndex {
             index: PrefixIndex::new(),
             lru: HashMap::new(),
             capacity: capacity.max(1),
+            capacities: HashMap::new(),
             ttl_ms,
             evicted: Vec::new(),
         }
@@ -100,9 +103,14 @@ impl ApproxIndex {
         for &BlockHash(h) in blocks.iter().rev() {
             lru.touch(h, now_ms);
         }
+        let capacity = self
+            .capacities
+            .get(endpoint)
+            .copied()
+            .unwrap_or(self.capacity);
         let mut evicted = std::mem::take(&mut self.evicted);
         lru.evict(
-            self.capacity,
+            capacity,
             self.ttl_ms.map(|t| now_ms.saturating_sub(t)),
             &mut evicted,
         );
@@ -125,8 +133,34 @@ impl ApproxIndex {
         self.evicted = evicted;
     }
 
+    /// How many blocks `endpoint` may hold.
+    pub fn capacity_of(&self, endpoint: &EndpointId) -> usize {
+        self.capacities
+            .get(endpoint)
+            .copied()
+            .unwrap_or(self.capacity)
+    }
+
+    /// Gives `endpoint` a capacity of its own (at least 1 block), dropping its least recent
+    /// blocks now if it holds more.
+    pub fn set_capacity(&mut self, endpoint: &EndpointId, blocks: usize) {
+        let blocks = blocks.max(1);
+        if self.capacities.get(endpoint) == Some(&blocks) {
+            return;
+        }
+        self.capacities.insert(endpoint.clone(), blocks);
+        if let Some(lru) = self.lru.get_mut(endpoint) {
+            let mut evicted = std::mem::take(&mut self.evicted);
+            lru.evict(blocks, None, &mut evicted);
+            self.index.remove(endpoint, &evicted, None);
+            evicted.clear();
+            self.evicted = evicted;
+        }
+    }
+
     /// Forgets an endpoint that left the pool.
     pub fn remove_endpoint(&mut self, endpoint: &EndpointId) {
+        self.capacities.remove(endpoint);
         self.lru.remove(endpoint);
         self.index.remove_endpoint(endpoint);
     }
@@ -253,6 +287,29 @@ mod tests {
         );
         assert_eq!(depth(&idx, 1, &[1, 2, 3]), 2, "the old tail (3) went first");
         assert_eq!(depth(&idx, 1, &[1, 5, 6]), 3);
+    }
+
+    #[test]
+    fn an_endpoint_of_its_own_capacity_keeps_that_many_blocks() {
+        let mut idx = ApproxIndex::new(4, None);
+        idx.set_capacity(&ep(2), 8);
+        for e in [1, 2] {
+            idx.record(&ep(e), &hs(&[1, 2, 3, 4, 5, 6]), 0);
+        }
+        assert_eq!(idx.index().endpoint_blocks(&ep(1)), 4, "the default");
+        assert_eq!(idx.index().endpoint_blocks(&ep(2)), 6, "its own, 8");
+        assert_eq!((idx.capacity_of(&ep(1)), idx.capacity_of(&ep(2))), (4, 8));
+        // Shrinking drops the least recent now.
+        idx.set_capacity(&ep(2), 3);
+        assert_eq!(idx.index().endpoint_blocks(&ep(2)), 3);
+        assert_eq!(
+            depth(&idx, 2, &[1, 2, 3, 4]),
+            3,
+            "the prompt's beginning stays"
+        );
+        // An endpoint that leaves and comes back starts from the default again.
+        idx.remove_endpoint(&ep(2));
+        assert_eq!(idx.capacity_of(&ep(2)), 4);
     }
 
     #[test]

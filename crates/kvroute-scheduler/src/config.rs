@@ -541,12 +541,14 @@ fn approx_producer(
     chunk_bytes: usize,
     max_blocks: usize,
     capacity: usize,
+    auto_tune: bool,
 ) -> Arc<dyn Plugin> {
     Arc::new(ApproxProducer::new(
         slot,
         chunk_bytes,
         max_blocks,
         ctx.approx_index((name.to_owned(), chunk_bytes, max_blocks, capacity)),
+        auto_tune,
     ))
 }
 

@@ -139,10 +139,9 @@ pub(crate) struct ApproxParams {
     max_prefix_blocks_to_match: Option<usize>,
     max_prefix_tokens_to_match: Option<usize>,
     lru_capacity_per_server: Option<usize>,
-    /// Upstream sizes the LRU from the pods' cache metrics; kvroute keeps the configured
-    /// capacity (accepted so upstream's configurations load).
-    #[serde(rename = "autoTune")]
-    _auto_tune: Option<bool>,
+    /// Size each endpoint's LRU from the KV capacity its pod reports (`true` unless set),
+    /// `lruCapacityPerServer` until it does.
+    auto_tune: Option<bool>,
     /// Read another producer's matches instead of producing them.
     prefix_match_info_producer_name: Option<String>,
     match_length_weight: Option<f64>,
@@ -564,7 +563,15 @@ pub(super) fn build(
             let own = own_slot.filter(|_| named.is_none()).map(|slot| {
                 (
                     slot,
-                    approx_producer(ctx, name, slot, chunk_bytes, max_blocks, capacity),
+                    approx_producer(
+                        ctx,
+                        name,
+                        slot,
+                        chunk_bytes,
+                        max_blocks,
+                        capacity,
+                        p.auto_tune.unwrap_or(true),
+                    ),
                 )
             });
             if t == T::ApproxPrefixCacheProducer {

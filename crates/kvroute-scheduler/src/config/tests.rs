@@ -218,6 +218,24 @@ fn a_shared_prefix_goes_home_and_departed_endpoints_are_pruned() {
 }
 
 #[test]
+fn auto_tune_sizes_each_endpoints_memory_from_its_pods_kv_capacity() {
+    for (auto_tune, want) in [("true", 4096), ("false", 31_250)] {
+        let ctx = BuildContext::new(16);
+        let yaml = format!(
+            "plugins:\n- type: prefix-cache-scorer\n  parameters: {{autoTune: {auto_tune}}}\n"
+        );
+        let s = build(&yaml, &ctx).unwrap();
+        let reg = registry(1);
+        // The pod caches 65,536 tokens: 4,096 chunks of 16 tokens.
+        reg.snapshot()[0].set_kv_capacity_tokens(65_536);
+        route(&s, &reg, &"You are a helpful assistant. ".repeat(10));
+        let index = &ctx.approx_indexes()[0];
+        let id = reg.snapshot()[0].id().clone();
+        assert_eq!(index.read().capacity_of(&id), want, "autoTune {auto_tune}");
+    }
+}
+
+#[test]
 fn a_preview_decides_as_schedule_would_and_remembers_nothing() {
     let ctx = BuildContext::new(16);
     let s = build(DEFAULT_APPROX, &ctx).unwrap();

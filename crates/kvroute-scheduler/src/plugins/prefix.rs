@@ -25,6 +25,9 @@ pub(crate) struct ApproxProducer {
     hasher: ApproxHasher,
     index: Arc<Shared<ApproxIndex>>,
     epoch: Instant,
+    /// With `autoTune`, tokens per chunk: an endpoint's capacity is what its pod reports it
+    /// caches (`EndpointState::kv_capacity_tokens`) in chunks, else the configured one.
+    auto_tune: Option<u64>,
 }
 
 impl ApproxProducer {
@@ -33,12 +36,14 @@ impl ApproxProducer {
         chunk_bytes: usize,
         max_blocks: usize,
         index: Arc<Shared<ApproxIndex>>,
+        auto_tune: bool,
     ) -> Self {
         Self {
             slot,
             hasher: ApproxHasher::new(chunk_bytes, max_blocks),
             index,
             epoch: Instant::now(),
+            auto_tune: auto_tune.then(|| (chunk_bytes / BYTES_PER_TOKEN).max(1) as u64),
         }
     }
 
@@ -67,15 +72,24 @@ impl Plugin for ApproxProducer {
         let primary = decision.primary();
         let endpoint = primary.id();
         let now = self.now_ms();
+        // The pod's own cache size, in chunks, when it reports one: a guess bounded by a
+        // fixed count forgets what a large pod still holds, or keeps what a small one lost.
+        let capacity = self.auto_tune.and_then(|chunk_tokens| {
+            let tokens = primary.kv_capacity_tokens()?;
+            Some(usize::try_from(tokens / chunk_tokens).unwrap_or(usize::MAX))
+        });
         // Short write holds keep readers' latency flat (docs/index.md, "Sharing"); the last
         // chunk goes first so the prompt's beginning ends up most recently used.
-        for chunk in info.blocks.rchunks(WRITE_BATCH_BLOCKS) {
+        for (i, chunk) in info.blocks.rchunks(WRITE_BATCH_BLOCKS).enumerate() {
             let mut index = self.index.write();
             // Checked under the lock `endpoints_changed` prunes under, and the registry
             // marks a state departed before it calls that: a decision that finishes after
             // its endpoint left records nothing that would outlive the pruning.
             if primary.departed() {
                 return;
+            }
+            if let (0, Some(blocks)) = (i, capacity) {
+                index.set_capacity(endpoint, blocks);
             }
             index.record(endpoint, chunk, now);
         }

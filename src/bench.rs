@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use kvroute_bench::{
-    BenchReport, Deployment, Load, Policy, PolicyReport, Workload, load_mooncake, render_svg, run,
-    run_deployed,
+    BenchReport, Deployment, Load, Policy, PolicyReport, TraceRequest, Workload, load_mooncake,
+    render_svg, run, run_deployed,
 };
 use kvroute_sim::Profile;
 
@@ -211,16 +211,7 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         out.push_str(&format!("chart: {}\n", path.display()));
     }
     if let Some(path) = &args.json {
-        let doc = BenchReport {
-            schema: BenchReport::SCHEMA.into(),
-            title: title.clone(),
-            profile: profile.name.into(),
-            pods: args.pods,
-            block_size: profile.block_size,
-            policies: reports,
-        };
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_json(path, &title, &profile, args.pods, reports)?;
         out.push_str(&format!("json: {}\n", path.display()));
     }
     if let Some(peak) = peak_rss_bytes() {
@@ -257,24 +248,25 @@ fn run_goodput(
     );
     anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
     let run_at = |policy: Policy, factor: f64| -> PolicyReport {
+        let generated: Vec<TraceRequest>;
         let (trace, speedup) = match (&shipped, kind) {
-            (Some(trace), _) => (trace.clone(), args.speedup * factor),
-            (None, Some(kind)) => (
-                kind.workload().generate(
+            (Some(trace), _) => (trace.as_slice(), args.speedup * factor),
+            (None, Some(kind)) => {
+                generated = kind.workload().generate(
                     args.requests,
                     args.rate * factor,
                     args.output_tokens,
                     args.seed,
-                ),
-                args.speedup,
-            ),
-            (None, None) => (Vec::new(), 1.0),
+                );
+                (generated.as_slice(), args.speedup)
+            }
+            (None, None) => (&[][..], 1.0),
         };
         let load = Load::Open {
             speedup,
             copies: args.copies,
         };
-        run_deployed(&trace, profile, args.pods, policy, load, deployment)
+        run_deployed(trace, profile, args.pods, policy, load, deployment)
     };
     let mut out = format!(
         "Goodput: the highest offered load with TTFT p90 <= {slo} ms, {} pods of {}\n\n{:<18} {:>10} {:>12} {:>10} {:>10} {:>10} {:>9}\n",
@@ -314,16 +306,8 @@ fn run_goodput(
         }
     }
     if let Some(path) = &args.json {
-        let doc = BenchReport {
-            schema: BenchReport::SCHEMA.into(),
-            title: format!("goodput at TTFT p90 <= {slo} ms"),
-            profile: profile.name.into(),
-            pods: args.pods,
-            block_size: profile.block_size,
-            policies: reports,
-        };
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        let title = format!("goodput at TTFT p90 <= {slo} ms");
+        write_json(path, &title, profile, args.pods, reports)?;
         out.push_str(&format!("json: {}\n", path.display()));
     }
     use std::io::Write;
@@ -366,6 +350,26 @@ fn highest_within<R>(mut run: impl FnMut(f64) -> R, ok: impl Fn(&R) -> bool) -> 
         }
     }
     good
+}
+
+/// Writes `reports` as the versioned JSON document (`--json`).
+fn write_json(
+    path: &std::path::Path,
+    title: &str,
+    profile: &Profile,
+    pods: usize,
+    reports: Vec<PolicyReport>,
+) -> anyhow::Result<()> {
+    let doc = BenchReport {
+        schema: BenchReport::SCHEMA.into(),
+        title: title.to_owned(),
+        profile: profile.name.into(),
+        pods,
+        block_size: profile.block_size,
+        policies: reports,
+    };
+    std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn write_chart(
@@ -439,7 +443,7 @@ const SHIPPED_TRACE: &str = include_str!("../benches/traces/mooncake_synthetic_t
 /// `kvroute demo`: the shipped trace on 16 simulated pods and a multi-turn chat workload on 8,
 /// every policy side by side, and the headline against round robin.
 pub(crate) fn run_demo(args: &DemoArgs) -> anyhow::Result<()> {
-    let trace: Vec<kvroute_bench::TraceRequest> = SHIPPED_TRACE
+    let trace: Vec<TraceRequest> = SHIPPED_TRACE
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(serde_json::from_str)
@@ -528,7 +532,7 @@ mod tests {
             .filter(|l| !l.trim().is_empty())
             .count();
         assert_eq!(n, 3993);
-        let first: kvroute_bench::TraceRequest =
+        let first: TraceRequest =
             serde_json::from_str(SHIPPED_TRACE.lines().next().unwrap_or_default()).unwrap();
         assert_eq!(first.input_length, 40160);
     }

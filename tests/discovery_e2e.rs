@@ -46,21 +46,16 @@ async fn pods_come_and_go_while_requests_flow() {
         pods.push((name, pod_at(k, port, events).await));
         api.apply(&Resource::pods(), ready_pod(name, k, true));
     }
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig(NS)).unwrap();
-    let kvroute = Kvroute::spawn_env(
+    let kvroute = Kvroute::for_pool(
         &dir,
+        &api,
+        NS,
         &[
-            "--pool-name",
-            "pool",
-            "--pool-namespace",
-            NS,
             "--refresh-metrics-interval",
             "50ms",
             "--kv-events-port",
             &events.to_string(),
         ],
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     )
     .await;
     let addrs: Vec<SocketAddr> = pods.iter().map(|(_, (b, _))| b.http).collect();
@@ -247,15 +242,11 @@ async fn a_pod_flapping_readiness_loses_no_request() {
         );
         api.apply(&Resource::pods(), ready_pod(name, k, true));
     }
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig(NS)).unwrap();
-    let kvroute = Kvroute::spawn_env(
+    let kvroute = Kvroute::for_pool(
         &dir,
+        &api,
+        NS,
         &[
-            "--pool-name",
-            "pool",
-            "--pool-namespace",
-            NS,
             "--refresh-metrics-interval",
             "50ms",
             "--kv-events-port",
@@ -263,7 +254,6 @@ async fn a_pod_flapping_readiness_loses_no_request() {
             "--kv-replay-port",
             &ports[2].to_string(),
         ],
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     )
     .await;
     let addrs: Vec<SocketAddr> = pods.iter().map(|b| b.http).collect();

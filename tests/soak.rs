@@ -107,22 +107,17 @@ async fn requests_flow_without_error_and_memory_stays_flat_while_pods_churn() {
         pods.push_back(start_pod(&api, next, ip, port, events).await);
         next += 1;
     }
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig(NS)).unwrap();
-    let kvroute = Kvroute::spawn_env(
+    let kvroute = Kvroute::for_pool(
         &dir,
+        &api,
+        NS,
         &[
-            "--pool-name",
-            "pool",
-            "--pool-namespace",
-            NS,
             "--kv-events-port",
             &events.to_string(),
             // Not a line per request (the harness's default): the start-up line is enough.
             "--log",
             "warn,kvroute::serve=info",
         ],
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     )
     .await;
     let addrs: Vec<SocketAddr> = pods.iter().map(|p| p.bound.http).collect();

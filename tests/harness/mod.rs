@@ -588,6 +588,22 @@ impl Drop for Envoy {
 }
 
 impl Kvroute {
+    /// `kvroute serve` following the `InferencePool` named `pool` in `namespace` of `api`
+    /// through a kubeconfig (as a user's would point at a cluster), with `args` besides;
+    /// ready once the pool's pods are listed.
+    pub async fn for_pool(
+        dir: &Path,
+        api: &test_support::apiserver::ApiServer,
+        namespace: &str,
+        args: &[&str],
+    ) -> Self {
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, api.kubeconfig(namespace)).unwrap();
+        let mut all = vec!["--pool-name", "pool", "--pool-namespace", namespace];
+        all.extend_from_slice(args);
+        Self::spawn_env(dir, &all, &[("KUBECONFIG", kubeconfig.to_str().unwrap())]).await
+    }
+
     /// [`Kvroute::start`] with the endpoints given by `args` (`--endpoints-file`, say)
     /// instead of an `--endpoints` list.
     pub async fn start_args(dir: &Path, args: &[&str]) -> Self {
@@ -780,24 +796,9 @@ pub async fn sim_pod_at(
     speed: f64,
     stop: tokio_util::sync::CancellationToken,
 ) -> kvroute_sim::server::Bound {
-    let at = |p| SocketAddr::from(([127, 0, 0, ip], p));
-    kvroute_sim::server::start(
-        kvroute_sim::server::ServerConfig {
-            http: at(port),
-            events: at(events),
-            replay: at(0),
-            topic: String::new(),
-            model: "m".into(),
-            profile: kvroute_sim::Profile::h100_llama31_8b(),
-            speed,
-            encoding: kvroute_sim::wire::EventEncoding::Map,
-            tokenizer: None,
-            chat_template: None,
-        },
-        stop,
-    )
-    .await
-    .unwrap()
+    sim_pod_ports(ip, [port, events, 0], speed, stop)
+        .await
+        .unwrap()
 }
 
 /// A port free on 127.0.0.1, so (almost surely) on the other loopback addresses too.

@@ -475,14 +475,15 @@ impl RouteFn for PolicyRouter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use kvroute_sim::PromptTokens;
 
     use super::*;
 
-    fn req(id: RequestId, ids: &[u64]) -> SimRequest {
+    /// A request of `ids` 512-token units of synthetic content, answered in one token.
+    pub(crate) fn req(id: RequestId, ids: &[u64]) -> SimRequest {
         SimRequest {
             id,
             prompt: PromptTokens::Synthetic {

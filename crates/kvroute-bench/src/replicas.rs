@@ -123,23 +123,8 @@ impl RouteFn for Replicas {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use kvroute_sim::PromptTokens;
-
     use super::*;
-
-    fn req(id: u64, ids: &[u64]) -> SimRequest {
-        SimRequest {
-            id,
-            prompt: PromptTokens::Synthetic {
-                ids: Arc::from(ids),
-                unit: 512,
-                len: ids.len() * 512,
-            },
-            max_tokens: 1,
-        }
-    }
+    use crate::policy::tests::req;
 
     /// Two replicas of the precise profile read the same events: a prefix one of them sent
     /// to a pod, the other finds there once the pod reports it, and they agree.

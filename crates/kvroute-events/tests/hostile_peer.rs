@@ -34,6 +34,49 @@ fn greeting() -> Vec<u8> {
     g
 }
 
+/// kvroute's subscriptions following one endpoint on 127.0.0.1 with `config`.
+struct Following {
+    registry: Arc<Registry>,
+    prom: prometheus_client::registry::Registry,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Following {
+    fn start(config: SubscriberConfig) -> Self {
+        let registry = Arc::new(Registry::new());
+        registry.replace(vec![Endpoint::from_address(([127, 0, 0, 1], 1).into())]);
+        let mut prom = prometheus_client::registry::Registry::with_prefix("kvroute");
+        let metrics = EventMetrics::register(&mut prom);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(
+            Subscriptions::new(config, Arc::new(Shared::new(PrefixIndex::new())), metrics)
+                .run(Arc::clone(&registry), stop.clone()),
+        );
+        Self {
+            registry,
+            prom,
+            stop,
+            task,
+        }
+    }
+
+    fn text(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.prom).unwrap();
+        out
+    }
+
+    /// Stops following; the task must end promptly.
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_peer_announcing_a_huge_frame_is_cut_and_kvroute_lives() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -55,39 +98,22 @@ async fn a_peer_announcing_a_huge_frame_is_cut_and_kvroute_lives() {
         }
     });
 
-    let registry = Arc::new(Registry::new());
-    registry.replace(vec![Endpoint::from_address(([127, 0, 0, 1], 1).into())]);
-    let mut prom = prometheus_client::registry::Registry::with_prefix("kvroute");
-    let metrics = EventMetrics::register(&mut prom);
-    let config = SubscriberConfig {
+    let f = Following::start(SubscriberConfig {
         port,
         ..SubscriberConfig::default()
-    };
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(
-        Subscriptions::new(config, Arc::new(Shared::new(PrefixIndex::new())), metrics)
-            .run(Arc::clone(&registry), stop.clone()),
-    );
-    let text = || {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &prom).unwrap();
-        out
-    };
+    });
     let cut = eventually(Duration::from_secs(10), async || {
-        text().contains("kvroute_kv_event_oversized_frames_total 1")
+        f.text()
+            .contains("kvroute_kv_event_oversized_frames_total 1")
     })
     .await;
-    assert!(cut, "{}", text());
+    assert!(cut, "{}", f.text());
     assert!(connections.load(Ordering::Relaxed) >= 1);
     assert!(
-        !registry.snapshot()[0].events_confirmed(),
+        !f.registry.snapshot()[0].events_confirmed(),
         "nothing from that peer is trusted"
     );
-    stop.cancel();
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .unwrap()
-        .unwrap();
+    f.stop().await;
 }
 
 /// `[0, [["BlockRemoved", [1, 1, …]]]]` with `hashes` one-byte hashes: one byte each on the
@@ -155,38 +181,25 @@ async fn oversized_batches_and_endless_replays_are_refused_and_counted() {
         }
     });
 
-    let registry = Arc::new(Registry::new());
-    registry.replace(vec![Endpoint::from_address(([127, 0, 0, 1], 1).into())]);
-    let mut prom = prometheus_client::registry::Registry::with_prefix("kvroute");
-    let metrics = EventMetrics::register(&mut prom);
-    let config = SubscriberConfig {
+    let f = Following::start(SubscriberConfig {
         port,
         replay_port: Some(replay_port),
         max_batch_entries: 1 << 10,
         max_replay_bytes: 1 << 20,
         replay_timeout: Duration::from_secs(30),
         ..SubscriberConfig::default()
-    };
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(
-        Subscriptions::new(config, Arc::new(Shared::new(PrefixIndex::new())), metrics)
-            .run(Arc::clone(&registry), stop.clone()),
-    );
-    let text = || {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &prom).unwrap();
-        out
-    };
+    });
     // The replay asked on connecting stops at 1 MiB, not at the 30 s timeout.
     let abandoned = eventually(Duration::from_secs(10), async || {
-        text().contains("kvroute_kv_event_oversized_replays_total 1")
+        f.text()
+            .contains("kvroute_kv_event_oversized_replays_total 1")
     })
     .await;
     assert!(
         abandoned,
         "{} replays asked; {}",
         replays.load(Ordering::Relaxed),
-        text()
+        f.text()
     );
     assert!(replays.load(Ordering::Relaxed) >= 1);
     // Live batches of 2,048 entries against a limit of 1,024: refused and counted, the
@@ -199,16 +212,12 @@ async fn oversized_batches_and_endless_replays_are_refused_and_counted() {
         ])
         .unwrap();
         publisher.send(m).await.unwrap();
-        let t = text();
+        let t = f.text();
         t.contains("kvroute_kv_event_batches_total{outcome=\"oversized\"}")
             && t.contains("kvroute_kv_event_resyncs_total{cause=\"oversized\"}")
     })
     .await;
-    assert!(refused, "{}", text());
-    stop.cancel();
+    assert!(refused, "{}", f.text());
     peer.cancel();
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .unwrap()
-        .unwrap();
+    f.stop().await;
 }

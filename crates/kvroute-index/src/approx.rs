@@ -99,15 +99,11 @@ impl ApproxIndex {
     /// shared beginnings, as a model server's LRU does.
     pub fn record(&mut self, endpoint: &EndpointId, blocks: &[BlockHash], now_ms: u64) {
         self.index.store(endpoint, blocks, Tier::Gpu);
+        let capacity = self.capacity_of(endpoint);
         let lru = self.lru.entry(endpoint.clone()).or_default();
         for &BlockHash(h) in blocks.iter().rev() {
             lru.touch(h, now_ms);
         }
-        let capacity = self
-            .capacities
-            .get(endpoint)
-            .copied()
-            .unwrap_or(self.capacity);
         let mut evicted = std::mem::take(&mut self.evicted);
         lru.evict(
             capacity,

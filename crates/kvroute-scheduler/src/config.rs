@@ -18,7 +18,7 @@ use serde::Deserialize;
 pub use params::PluginType;
 use params::{Params, PluginSpec};
 
-use crate::framework::{Profile, Scheduler};
+use crate::framework::{PrefillStage, Profile, Scheduler};
 use crate::plugins::handler::SingleProfileHandler;
 use crate::plugins::pickers::MaxScorePicker;
 use crate::plugins::precise::{PreciseProducer, Tokenizers};
@@ -103,6 +103,16 @@ pub enum ConfigError {
     /// Two profile handlers.
     #[error("more than one profile handler is configured")]
     TwoHandlers,
+    /// A profile handler names a profile the configuration does not define.
+    #[error("{handler} needs a scheduling profile named {profile:?} (its {role} profile)")]
+    MissingProfile {
+        /// The handler's type.
+        handler: &'static str,
+        /// The profile it names.
+        profile: String,
+        /// What it would run it for.
+        role: &'static str,
+    },
     /// A plugin whose type kvroute recognises but cannot run here.
     #[error("plugin {name:?} ({plugin_type}): {reason}")]
     Unavailable {
@@ -274,7 +284,7 @@ impl ConfigError {
         };
         let line = match self {
             Self::UnknownRef { name, .. } => {
-                find(&["pluginRef", "prefixMatchInfoProducerName"], name)
+                find(&["pluginRef", "prefixMatchInfoProducerName", "prefill"], name)
                     .or_else(|| find(&["-", "producers"], name))
             }
             Self::WrongRole { name, .. } | Self::Unavailable { name, .. } => {
@@ -523,13 +533,56 @@ impl EndpointPickerConfig {
             })
             .map(|(_, p)| Arc::clone(p))
             .collect();
-        Ok(Scheduler::new(
-            built,
-            producers,
-            profiles,
-            handler,
-            slots.len(),
-        ))
+        let by_name = |wanted: &str, role: &'static str| {
+            profiles
+                .iter()
+                .position(|p| p.name == wanted)
+                .ok_or_else(|| ConfigError::MissingProfile {
+                    handler: handler.type_name(),
+                    profile: wanted.to_owned(),
+                    role,
+                })
+        };
+        let stage = match handler.profile_handler() {
+            Some(h) => {
+                if let Some(primary) = h.primary_profile() {
+                    by_name(primary, "primary")?;
+                }
+                match h.prefill_stage() {
+                    Some(names) => {
+                        let decider = match find(names.decider) {
+                            Some(d) if d.decider().is_some() => Arc::clone(d),
+                            Some(d) => {
+                                return Err(ConfigError::WrongRole {
+                                    from: format!("plugin {:?}", handler.type_name()),
+                                    name: names.decider.to_owned(),
+                                    plugin_type: d.type_name(),
+                                    role: "a decider",
+                                });
+                            }
+                            None => {
+                                return Err(ConfigError::UnknownRef {
+                                    from: format!("plugin {:?}", handler.type_name()),
+                                    name: names.decider.to_owned(),
+                                });
+                            }
+                        };
+                        Some(PrefillStage {
+                            profile: by_name(names.profile, "prefill")?,
+                            decider,
+                            fallback: names.fallback.map(|f| by_name(f, "fallback")).transpose()?,
+                        })
+                    }
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        let scheduler = Scheduler::new(built, producers, profiles, handler, slots.len());
+        Ok(match stage {
+            Some(stage) => scheduler.with_prefill_stage(stage),
+            None => scheduler,
+        })
     }
 }
 

@@ -50,6 +50,7 @@ pub struct Scheduler {
     producers: Vec<Arc<dyn Plugin>>,
     profiles: Vec<Profile>,
     handler: Arc<dyn Plugin>,
+    prefill_stage: Option<PrefillStage>,
     slots: usize,
     body_use: BodyUse,
     pool: Mutex<Vec<Cycle>>,
@@ -63,6 +64,16 @@ impl fmt::Debug for Scheduler {
             .field("profiles", &self.profiles)
             .finish_non_exhaustive()
     }
+}
+
+/// Disaggregated serving, resolved from the handler's names: the profile that picks the
+/// prefill endpoint, the decider that approves it, and the profile that routes a request
+/// whole when a stage finds no endpoint.
+#[derive(Debug)]
+pub(crate) struct PrefillStage {
+    pub(crate) profile: usize,
+    pub(crate) decider: Arc<dyn Plugin>,
+    pub(crate) fallback: Option<usize>,
 }
 
 /// A cycle's state and the framework's own per-candidate buffers.
@@ -107,11 +118,18 @@ impl Scheduler {
             producers,
             profiles,
             handler,
+            prefill_stage: None,
             slots,
             body_use,
             pool: Mutex::new(Vec::new()),
             turn: AtomicU64::new(0),
         }
+    }
+
+    /// Adds a prefill stage (disaggregated serving).
+    pub(crate) fn with_prefill_stage(mut self, stage: PrefillStage) -> Self {
+        self.prefill_stage = Some(stage);
+        self
     }
 
     /// Fewest requests in flight wins, with `fallbacks` next-best endpoints listed after the
@@ -212,6 +230,86 @@ impl Scheduler {
         cycle: &mut Cycle,
         turn: u64,
     ) -> Result<Decision, ScheduleError> {
+        cycle.state.reset(self.slots);
+        for p in &self.producers {
+            if let Some(producer) = p.producer() {
+                producer.produce(request, endpoints, &mut cycle.state);
+            }
+        }
+        let primary = match self.profiles.as_slice() {
+            [_] => 0,
+            many => self
+                .handler
+                .profile_handler()
+                .map_or(0, |h| h.profile(request, many))
+                .min(many.len() - 1),
+        };
+        let fallback = self.prefill_stage.as_ref().and_then(|s| s.fallback);
+        let (pos, fallbacks) =
+            match self.run_profile(&self.profiles[primary], request, endpoints, cycle, turn) {
+                Ok(picked) => picked,
+                Err(e) => return self.run_whole(fallback.ok_or(e)?, request, endpoints, cycle, turn),
+            };
+        let state = &cycle.state;
+        let Some(prompt) = state.prompt_tokens(request) else {
+            return Ok(Decision::new(Arc::clone(&endpoints[pos]), fallbacks, 0));
+        };
+        let cached = state.cached_tokens(&[], pos, prompt);
+        let decision = Decision::new(Arc::clone(&endpoints[pos]), fallbacks, prompt - cached);
+        let Some(stage) = &self.prefill_stage else {
+            return Ok(decision);
+        };
+        let approved = stage
+            .decider
+            .decider()
+            .is_some_and(|d| d.disaggregate(request, prompt, cached));
+        if !approved {
+            return Ok(decision);
+        }
+        match self.run_profile(&self.profiles[stage.profile], request, endpoints, cycle, turn) {
+            // A pod that does both parts computes the prompt where it decodes.
+            Ok((prefill, _)) if prefill == pos => Ok(decision),
+            Ok((prefill, _)) => {
+                let tokens = prompt - cycle.state.cached_tokens(&[], prefill, prompt);
+                Ok(decision.with_prefill(Arc::clone(&endpoints[prefill]), tokens))
+            }
+            Err(e) => self.run_whole(fallback.ok_or(e)?, request, endpoints, cycle, turn),
+        }
+    }
+
+    /// Routes the request whole with profile `index` (the fallback when a disaggregated
+    /// stage finds no endpoint).
+    fn run_whole(
+        &self,
+        index: usize,
+        request: &SchedulingRequest<'_>,
+        endpoints: &[Arc<EndpointState>],
+        cycle: &mut Cycle,
+        turn: u64,
+    ) -> Result<Decision, ScheduleError> {
+        let (pos, fallbacks) =
+            self.run_profile(&self.profiles[index], request, endpoints, cycle, turn)?;
+        let prefill = cycle
+            .state
+            .prompt_tokens(request)
+            .map_or(0, |p| p - cycle.state.cached_tokens(&[], pos, p));
+        Ok(Decision::new(
+            Arc::clone(&endpoints[pos]),
+            fallbacks,
+            prefill,
+        ))
+    }
+
+    /// Runs one profile's filters, scorers and picker over every endpoint: the position of
+    /// the endpoint it picks, and its fallbacks.
+    fn run_profile(
+        &self,
+        profile: &Profile,
+        request: &SchedulingRequest<'_>,
+        endpoints: &[Arc<EndpointState>],
+        cycle: &mut Cycle,
+        turn: u64,
+    ) -> Result<(usize, Vec<Arc<EndpointState>>), ScheduleError> {
         let Cycle {
             state,
             kept,
@@ -221,24 +319,8 @@ impl Scheduler {
             picked,
             health,
         } = cycle;
-        state.reset(self.slots);
-        for p in &self.producers {
-            if let Some(producer) = p.producer() {
-                producer.produce(request, endpoints, state);
-            }
-        }
         kept.clear();
         kept.extend(0..endpoints.len());
-        let profile = match self.profiles.as_slice() {
-            [only] => only,
-            many => {
-                let index = self
-                    .handler
-                    .profile_handler()
-                    .map_or(0, |h| h.profile(request, many));
-                many.get(index).unwrap_or(&many[0])
-            }
-        };
         for f in &profile.filters {
             let Some(filter) = f.filter() else { continue };
             keep.clear();
@@ -310,14 +392,7 @@ impl Scheduler {
             .filter(|&&i| i < kept.len() && i != first)
             .map(|&i| Arc::clone(candidates.get(i)))
             .collect();
-        let prefill = state
-            .prompt_tokens(request)
-            .map_or(0, |p| p - state.cached_tokens(&[], pos, p));
-        Ok(Decision::new(
-            Arc::clone(&endpoints[pos]),
-            fallbacks,
-            prefill,
-        ))
+        Ok((pos, fallbacks))
     }
 
     /// The endpoint set changed: every plugin drops what it holds for `departed`.

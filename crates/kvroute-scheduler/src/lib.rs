@@ -24,7 +24,9 @@ use kvroute_endpoints::EndpointState;
 pub use config::{BuildContext, ConfigError, EndpointPickerConfig};
 pub use cycle::{Candidates, CycleState, PrefixInfo, SlotId};
 pub use framework::{Profile, Scheduler, SchedulerHandle};
-pub use plugin::{BodyUse, Filter, Picker, Plugin, Producer, ProfileHandler, Scorer};
+pub use plugin::{
+    BodyUse, Decider, Filter, Picker, Plugin, PrefillStageNames, Producer, ProfileHandler, Scorer,
+};
 pub use plugins::precise::Tokenizers;
 
 /// What a scheduler is asked about one request.
@@ -51,6 +53,7 @@ pub struct Decision {
     primary: Arc<EndpointState>,
     fallbacks: Vec<Arc<EndpointState>>,
     prefill_tokens: u64,
+    prefill: Option<(Arc<EndpointState>, u64)>,
     response_headers: Vec<(&'static str, String)>,
 }
 
@@ -66,8 +69,24 @@ impl Decision {
             primary,
             fallbacks,
             prefill_tokens,
+            prefill: None,
             response_headers: Vec::new(),
         }
+    }
+
+    /// The same decision with the prompt computed on `endpoint` first (disaggregated
+    /// serving), which is expected to compute `tokens` of it; the primary then computes
+    /// nothing but what it decodes.
+    pub fn with_prefill(mut self, endpoint: Arc<EndpointState>, tokens: u64) -> Self {
+        self.prefill = Some((endpoint, tokens));
+        self.prefill_tokens = 0;
+        self
+    }
+
+    /// The endpoint that computes the prompt before the primary decodes (the routing
+    /// sidecar's `x-prefiller-host-port`), with the prompt tokens it is expected to compute.
+    pub fn prefill(&self) -> Option<(&Arc<EndpointState>, u64)> {
+        self.prefill.as_ref().map(|(e, t)| (e, *t))
     }
 
     /// Headers the response should carry back to the client (set by plugins such as

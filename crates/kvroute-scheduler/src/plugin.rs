@@ -41,6 +41,11 @@ pub trait Plugin: Send + Sync + Debug + 'static {
         None
     }
 
+    /// Its decider role: whether a request's prefill runs on a pod of its own.
+    fn decider(&self) -> Option<&dyn Decider> {
+        None
+    }
+
     /// Prefix slots this plugin reads (producers it names), so that the framework runs them
     /// even when no profile lists them.
     fn reads(&self) -> &[SlotId] {
@@ -135,4 +140,40 @@ pub trait Picker: Send + Sync {
 pub trait ProfileHandler: Send + Sync {
     /// The index of the profile (among `profiles`, as configured) that routes this request.
     fn profile(&self, request: &SchedulingRequest<'_>, profiles: &[Profile]) -> usize;
+
+    /// The profile that routes every request, when the handler names one (checked when
+    /// the configuration is built).
+    fn primary_profile(&self) -> Option<&str> {
+        None
+    }
+
+    /// Disaggregated serving: the profile that picks a separate prefill endpoint, and the
+    /// decider plugin that approves it per request, both by name (resolved when the
+    /// configuration is built). `None`: every request is served whole where it is routed.
+    fn prefill_stage(&self) -> Option<PrefillStageNames<'_>> {
+        None
+    }
+}
+
+/// Names a prefill stage (see [`ProfileHandler::prefill_stage`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefillStageNames<'a> {
+    /// The profile that chooses the prefill endpoint.
+    pub profile: &'a str,
+    /// The decider plugin that approves running it.
+    pub decider: &'a str,
+    /// A profile that routes the request whole when a stage finds no endpoint.
+    pub fallback: Option<&'a str>,
+}
+
+/// Decides, once the primary (decode) endpoint is chosen, whether the prompt is worth
+/// computing on a separate prefill endpoint and moving.
+pub trait Decider: Send + Sync {
+    /// `prompt_tokens` long, of which the chosen decode endpoint holds `cached_tokens`.
+    fn disaggregate(
+        &self,
+        request: &SchedulingRequest<'_>,
+        prompt_tokens: u64,
+        cached_tokens: u64,
+    ) -> bool;
 }

@@ -15,7 +15,9 @@ use super::{BuildContext, ConfigError, approx_producer, precise_producer, prefix
 use crate::cycle::BYTES_PER_TOKEN;
 use crate::plugins::active::{ActiveRequestScorer, NoHitLruScorer};
 use crate::plugins::filters::{LabelSelectorFilter, RoleFilter, Selector};
-use crate::plugins::handler::SingleProfileHandler;
+use crate::plugins::handler::{
+    AlwaysDisaggDecider, DisaggProfileHandler, PrefixBasedDecider, SingleProfileHandler,
+};
 use crate::plugins::load::LoadScorer;
 use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use crate::plugins::pod_load::{LoadAwareScorer, LoraAffinityScorer, PodLoadScorer, Signal};
@@ -62,6 +64,9 @@ plugin_types! {
     RandomPicker => "random-picker",
     WeightedRandomPicker => "weighted-random-picker",
     SingleProfileHandler => "single-profile-handler",
+    DisaggProfileHandler => "disagg-profile-handler",
+    PrefixBasedPdDecider => "prefix-based-pd-decider",
+    AlwaysDisaggPdDecider => "always-disagg-pd-decider",
     LabelSelectorFilter => "label-selector-filter",
     PrefillFilter => "prefill-filter",
     DecodeFilter => "decode-filter",
@@ -328,6 +333,45 @@ struct SessionSource {
     _producer: Option<String>,
 }
 
+/// `disagg-profile-handler`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct DisaggParams {
+    /// `decode-first` (upstream's default, and the only order kvroute runs).
+    stage_order: Option<String>,
+    #[serde(default)]
+    profiles: DisaggProfiles,
+    #[serde(default)]
+    deciders: DisaggDeciders,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisaggProfiles {
+    decode: Option<String>,
+    prefill: Option<String>,
+    encode: Option<String>,
+    fallback: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisaggDeciders {
+    prefill: Option<String>,
+    encode: Option<String>,
+}
+
+/// `prefix-based-pd-decider`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct PdDeciderParams {
+    /// Uncached prompt tokens from which the prompt is computed on a prefill pod (0, the
+    /// default, turns disaggregation off).
+    non_cached_tokens: Option<i64>,
+    /// Shortest prompt that is disaggregated at all (0: any).
+    prompt_tokens: Option<i64>,
+}
+
 /// A plugin type without parameters.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -349,6 +393,8 @@ pub(crate) enum Params {
     NoHitLru(NoHitLruParams),
     Token(#[allow(dead_code, reason = "read only to validate the YAML")] TokenProducerParams),
     Session(SessionParams),
+    Disagg(DisaggParams),
+    PdDecider(PdDeciderParams),
     None(NoParams),
 }
 
@@ -383,7 +429,10 @@ impl<'de> DeserializeSeed<'de> for ParamsSeed {
             T::NoHitLruScorer => Params::NoHitLru(or_default(d)?),
             T::TokenProducer => Params::Token(or_default(d)?),
             T::SessionAffinityScorer => Params::Session(or_default(d)?),
+            T::DisaggProfileHandler => Params::Disagg(or_default(d)?),
+            T::PrefixBasedPdDecider => Params::PdDecider(or_default(d)?),
             T::SingleProfileHandler
+            | T::AlwaysDisaggPdDecider
             | T::PrefillFilter
             | T::DecodeFilter
             | T::QueueScorer
@@ -514,6 +563,52 @@ fn session_scorer(
             ))
         })?;
     Ok(Arc::new(SessionAffinityScorer::new(strategy, ttl)))
+}
+
+/// `disagg-profile-handler` from its parameters: decode first, P/D when a prefill decider is
+/// named; encode stages (multimodal) and the prefill-first order are refused, not ignored.
+fn disagg_handler(
+    p: &DisaggParams,
+    name: &str,
+    t: PluginType,
+) -> Result<Arc<dyn Plugin>, ConfigError> {
+    let unavailable = |reason: String| ConfigError::Unavailable {
+        name: name.to_owned(),
+        plugin_type: t.as_str(),
+        reason,
+    };
+    if let Some(order) = &p.stage_order {
+        let plain: String = order
+            .chars()
+            .filter(|c| *c != '-' && *c != '_')
+            .collect::<String>()
+            .to_ascii_lowercase();
+        if !matches!(plain.as_str(), "" | "decodefirst" | "decode") {
+            return Err(unavailable(format!(
+                "stageOrder {order:?}: kvroute runs decode-first"
+            )));
+        }
+    }
+    if let Some(d) = &p.deciders.encode {
+        return Err(unavailable(format!(
+            "deciders.encode {d:?}: kvroute has no encode stage (multimodal disaggregation)"
+        )));
+    }
+    let decode = p.profiles.decode.clone().unwrap_or_else(|| "decode".into());
+    let prefill = p.profiles.prefill.clone().unwrap_or_else(|| "prefill".into());
+    if let Some(f) = &p.profiles.fallback
+        && (*f == decode || *f == prefill || p.profiles.encode.as_ref() == Some(f))
+    {
+        return Err(unavailable(format!(
+            "profiles.fallback {f:?} must differ from the decode and prefill profiles"
+        )));
+    }
+    Ok(Arc::new(DisaggProfileHandler::new(
+        decode,
+        prefill,
+        p.deciders.prefill.clone(),
+        p.profiles.fallback.clone(),
+    )))
 }
 
 /// Builds the plugin `spec` describes.
@@ -677,6 +772,21 @@ pub(super) fn build(
         }
         (Params::Token(_), _) => Arc::new(TokenProducer::new(ctx.tokenizers.clone())),
         (Params::Session(p), t) => session_scorer(p, name, t)?,
+        (Params::Disagg(p), t) => disagg_handler(p, name, t)?,
+        (Params::PdDecider(p), t) => {
+            let unavailable = |what: &str, n: i64| ConfigError::Unavailable {
+                name: name.to_owned(),
+                plugin_type: t.as_str(),
+                reason: format!("{what} {n} is negative"),
+            };
+            let non_cached = p.non_cached_tokens.unwrap_or(0);
+            let prompt = p.prompt_tokens.unwrap_or(0);
+            let non_cached =
+                u64::try_from(non_cached).map_err(|_| unavailable("nonCachedTokens", non_cached))?;
+            let prompt = u64::try_from(prompt).map_err(|_| unavailable("promptTokens", prompt))?;
+            Arc::new(PrefixBasedDecider::new(non_cached, prompt))
+        }
+        (Params::None(_), T::AlwaysDisaggPdDecider) => Arc::new(AlwaysDisaggDecider),
         (Params::None(_), T::LoraAffinityScorer) => {
             Arc::new(LoraAffinityScorer::new(ctx.staleness))
         }

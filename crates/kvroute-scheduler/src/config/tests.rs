@@ -52,6 +52,9 @@ fn upstream_examples_load_or_name_the_plugin_and_line() {
         "llm-d-router__config__charts__routerlib__templates___config__default-plugins_yaml.yaml",
         "gateway-api-inference-extension__config__charts__epplib__templates___config__default-plugins_yaml.yaml",
         "llm-d-router__docs__create_new_filter__block1.yaml",
+        "llm-d-router__deploy__config__pd-epp-config.yaml",
+        "llm-d-router__deploy__config__sim-pd-epp-config.yaml",
+        "llm-d-router__docs__disaggregation__block1.yaml",
         "gateway-api-inference-extension__site-src__guides__epp-configuration__config-text__block4.yaml",
     ] {
         assert!(
@@ -516,9 +519,12 @@ schedulingProfiles:
         .schedule(&SchedulingRequest::new(Some(&req), &hints), &reg.snapshot())
         .unwrap();
     assert_eq!(d.fallbacks().len(), 1, "weighted-random-picker returns two");
+    // Disaggregation's handler and deciders are covered by the P/D tests below.
+    let pd = [PD, "type: always-disagg-pd-decider"].concat();
     for t in PluginType::ALL {
         assert!(
-            yaml.contains(&format!("type: {}", t.as_str())),
+            yaml.contains(&format!("type: {}", t.as_str()))
+                || pd.contains(&format!("type: {}", t.as_str())),
             "{t} is not in this test"
         );
     }
@@ -561,4 +567,158 @@ fn failing_endpoints_are_scored_down_then_left_out_unless_nothing_else_is_left()
     seen.sort_unstable();
     seen.dedup();
     assert_eq!(seen, [1, 2, 3]);
+}
+
+/// A pool of two prefill pods (ports 1, 2) and two decode pods (3, 4).
+fn pd_pool() -> Registry {
+    let reg = Registry::new();
+    let ep = |port: u16, role: &str| {
+        let mut e = Endpoint::from_address(([127, 0, 0, 1], port).into());
+        e.labels.insert("llm-d.ai/role".into(), role.into());
+        e
+    };
+    reg.replace(vec![
+        ep(1, "prefill"),
+        ep(2, "prefill"),
+        ep(3, "decode"),
+        ep(4, "decode"),
+    ]);
+    reg
+}
+
+const PD: &str = "
+plugins:
+- type: approx-prefix-cache-producer
+  parameters: {blockSizeTokens: 16, autoTune: false}
+- type: prefix-cache-scorer
+- type: load-scorer
+- type: prefill-filter
+- type: decode-filter
+- type: prefix-based-pd-decider
+  parameters: {nonCachedTokens: 256}
+- type: disagg-profile-handler
+  parameters:
+    deciders: {prefill: prefix-based-pd-decider}
+schedulingProfiles:
+- name: prefill
+  plugins: [{pluginRef: prefill-filter}, {pluginRef: prefix-cache-scorer, weight: 2}, {pluginRef: load-scorer}]
+- name: decode
+  plugins: [{pluginRef: decode-filter}, {pluginRef: prefix-cache-scorer, weight: 2}, {pluginRef: load-scorer}]
+";
+
+/// Upstream's P/D: decode routes every request; a prompt whose uncached part on that decode
+/// pod reaches `nonCachedTokens` is computed on a prefill pod first, and a prompt the decode
+/// pod holds (its blocks were recorded on both pods) is not.
+#[test]
+fn disaggregation_prefills_long_uncached_prompts_on_a_prefill_pod() {
+    let reg = pd_pool();
+    let s = build(PD, &BuildContext::new(16)).unwrap();
+    assert_eq!(s.body_use(), BodyUse::Parsed);
+    let hints = RequestHints::default();
+    let decide = |text: String| {
+        let req = request(Prompt::Text(text));
+        s.schedule(&SchedulingRequest::new(Some(&req), &hints), &reg.snapshot())
+            .unwrap()
+    };
+    let port = |e: &kvroute_endpoints::EndpointState| e.address().port();
+    // 4,000 bytes: about 1,000 tokens, none cached anywhere.
+    let long = "a document about routing. ".repeat(160);
+    let d = decide(format!("{long} first"));
+    assert!([3, 4].contains(&port(d.primary())));
+    let (prefill, tokens) = d.prefill().expect("a long cold prompt is disaggregated");
+    assert!([1, 2].contains(&port(prefill)));
+    assert!(tokens > 900, "{tokens}");
+    assert_eq!(d.prefill_tokens(), 0, "the decode pod computes none of it");
+    // The same document again: the decode pod holds it now, so it routes there whole.
+    let again = decide(format!("{long} second"));
+    assert_eq!(port(again.primary()), port(d.primary()));
+    assert!(again.prefill().is_none(), "{again:?}");
+    assert!(again.prefill_tokens() < 256);
+    // A short prompt is never worth moving.
+    assert!(decide("hello there".into()).prefill().is_none());
+}
+
+/// Without a prefill decider upstream's handler never disaggregates, and a decider that is
+/// off (`nonCachedTokens: 0`) never approves.
+#[test]
+fn disaggregation_needs_a_decider_that_is_on() {
+    let reg = pd_pool();
+    let hints = RequestHints::default();
+    let long = "a document about routing. ".repeat(160);
+    let req = request(Prompt::Text(long));
+    for yaml in [
+        PD.replace("    deciders: {prefill: prefix-based-pd-decider}\n", "    {}\n"),
+        PD.replace("nonCachedTokens: 256", "nonCachedTokens: 0"),
+    ] {
+        let s = build(&yaml, &BuildContext::new(16)).unwrap();
+        let d = s
+            .schedule(&SchedulingRequest::new(Some(&req), &hints), &reg.snapshot())
+            .unwrap();
+        assert!([3, 4].contains(&d.primary().address().port()), "{yaml}");
+        assert!(d.prefill().is_none(), "{yaml}");
+    }
+    let always = PD
+        .replace("prefix-based-pd-decider\n  parameters: {nonCachedTokens: 256}", "always-disagg-pd-decider")
+        .replace("prefill: prefix-based-pd-decider", "prefill: always-disagg-pd-decider");
+    let s = build(&always, &BuildContext::new(16)).unwrap();
+    let short = request(Prompt::Text("hi".into()));
+    let d = s
+        .schedule(&SchedulingRequest::new(Some(&short), &hints), &reg.snapshot())
+        .unwrap();
+    assert!(d.prefill().is_some(), "{always}");
+}
+
+/// With no prefill pod, the request fails unless a fallback profile routes it whole.
+#[test]
+fn a_prefill_stage_without_pods_fails_or_falls_back() {
+    let reg = Registry::new();
+    let mut e = Endpoint::from_address(([127, 0, 0, 1], 3).into());
+    e.labels.insert("llm-d.ai/role".into(), "decode".into());
+    reg.replace(vec![e]);
+    let hints = RequestHints::default();
+    let req = request(Prompt::Text("a document about routing. ".repeat(160)));
+    let s = build(PD, &BuildContext::new(16)).unwrap();
+    assert_eq!(
+        s.schedule(&SchedulingRequest::new(Some(&req), &hints), &reg.snapshot())
+            .unwrap_err(),
+        crate::ScheduleError::AllFiltered
+    );
+    let with_fallback = PD
+        .replace(
+            "    deciders: {prefill: prefix-based-pd-decider}",
+            "    deciders: {prefill: prefix-based-pd-decider}\n    profiles: {fallback: whole}",
+        )
+        + "- name: whole\n  plugins: [{pluginRef: load-scorer}]\n";
+    let s = build(&with_fallback, &BuildContext::new(16)).unwrap();
+    let d = s
+        .schedule(&SchedulingRequest::new(Some(&req), &hints), &reg.snapshot())
+        .unwrap();
+    assert_eq!(d.primary().address().port(), 3);
+    assert!(d.prefill().is_none());
+    assert!(d.prefill_tokens() > 900, "the decode pod computes it all");
+}
+
+#[test]
+fn a_wrong_disaggregation_configuration_is_refused_with_its_reason() {
+    let err = |yaml: &str| build(yaml, &BuildContext::new(16)).unwrap_err().to_string();
+    let e = err(&PD.replace("prefill: prefix-based-pd-decider", "prefill: no-such-decider"));
+    assert!(e.contains("no-such-decider"), "{e}");
+    let e = err(&PD.replace("prefill: prefix-based-pd-decider", "prefill: load-scorer"));
+    assert!(e.contains("load-scorer") && e.contains("decider"), "{e}");
+    let e = err(&PD.replace("- name: decode", "- name: other"));
+    assert!(e.contains("\"decode\"") && e.contains("disagg-profile-handler"), "{e}");
+    let e = err(&PD.replace("- name: prefill", "- name: other"));
+    assert!(e.contains("\"prefill\""), "{e}");
+    let e = err(&PD.replace(
+        "    deciders: {prefill: prefix-based-pd-decider}",
+        "    stageOrder: prefill-first\n    deciders: {prefill: prefix-based-pd-decider}",
+    ));
+    assert!(e.contains("decode-first") && e.contains("line "), "{e}");
+    let e = err(&PD.replace(
+        "    deciders: {prefill: prefix-based-pd-decider}",
+        "    deciders: {prefill: prefix-based-pd-decider, encode: always-disagg-multimodal-decider}",
+    ));
+    assert!(e.contains("encode"), "{e}");
+    let e = err(&PD.replace("nonCachedTokens: 256", "nonCachedTokens: -1"));
+    assert!(e.contains("nonCachedTokens") && e.contains("line "), "{e}");
 }

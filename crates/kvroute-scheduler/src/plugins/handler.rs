@@ -1,6 +1,8 @@
-//! Profile handlers.
+//! Profile handlers, and the deciders of disaggregated serving.
 
-use crate::{Plugin, Profile, ProfileHandler, SchedulingRequest};
+use crate::{
+    BodyUse, Decider, Plugin, PrefillStageNames, Profile, ProfileHandler, SchedulingRequest,
+};
 
 /// Runs the one configured profile (`single-profile-handler`).
 #[derive(Debug)]
@@ -19,5 +21,130 @@ impl Plugin for SingleProfileHandler {
 impl ProfileHandler for SingleProfileHandler {
     fn profile(&self, _: &SchedulingRequest<'_>, _: &[Profile]) -> usize {
         0
+    }
+}
+
+/// Disaggregated serving, decode first (`disagg-profile-handler`): the decode profile
+/// routes every request; when the prefill decider approves, the prefill profile then picks
+/// the pod that computes the prompt, which the decode pod's routing sidecar is told of.
+/// Without a prefill decider every request is served whole on its decode pod, as upstream.
+#[derive(Debug)]
+pub(crate) struct DisaggProfileHandler {
+    decode: String,
+    prefill: String,
+    decider: Option<String>,
+    fallback: Option<String>,
+}
+
+impl DisaggProfileHandler {
+    pub(crate) fn new(
+        decode: String,
+        prefill: String,
+        decider: Option<String>,
+        fallback: Option<String>,
+    ) -> Self {
+        Self {
+            decode,
+            prefill,
+            decider,
+            fallback,
+        }
+    }
+}
+
+impl Plugin for DisaggProfileHandler {
+    fn type_name(&self) -> &'static str {
+        "disagg-profile-handler"
+    }
+
+    fn profile_handler(&self) -> Option<&dyn ProfileHandler> {
+        Some(self)
+    }
+
+    fn body_use(&self) -> BodyUse {
+        // A decider weighs the prompt's length.
+        if self.decider.is_some() {
+            BodyUse::Parsed
+        } else {
+            BodyUse::None
+        }
+    }
+}
+
+impl ProfileHandler for DisaggProfileHandler {
+    fn profile(&self, _: &SchedulingRequest<'_>, profiles: &[Profile]) -> usize {
+        // The configuration is refused without the decode profile, so this always finds it.
+        profiles
+            .iter()
+            .position(|p| p.name() == self.decode)
+            .unwrap_or(0)
+    }
+
+    fn primary_profile(&self) -> Option<&str> {
+        Some(&self.decode)
+    }
+
+    fn prefill_stage(&self) -> Option<PrefillStageNames<'_>> {
+        Some(PrefillStageNames {
+            profile: &self.prefill,
+            decider: self.decider.as_deref()?,
+            fallback: self.fallback.as_deref(),
+        })
+    }
+}
+
+/// Disaggregates when the part of the prompt the decode pod lacks is long enough
+/// (`prefix-based-pd-decider`): below `nonCachedTokens` uncached tokens, moving the KV
+/// cache costs more than computing it where it decodes. 0 turns it off, as upstream.
+#[derive(Debug)]
+pub(crate) struct PrefixBasedDecider {
+    non_cached_tokens: u64,
+    prompt_tokens: u64,
+}
+
+impl PrefixBasedDecider {
+    pub(crate) fn new(non_cached_tokens: u64, prompt_tokens: u64) -> Self {
+        Self {
+            non_cached_tokens,
+            prompt_tokens,
+        }
+    }
+}
+
+impl Plugin for PrefixBasedDecider {
+    fn type_name(&self) -> &'static str {
+        "prefix-based-pd-decider"
+    }
+
+    fn decider(&self) -> Option<&dyn Decider> {
+        Some(self)
+    }
+}
+
+impl Decider for PrefixBasedDecider {
+    fn disaggregate(&self, _: &SchedulingRequest<'_>, prompt: u64, cached: u64) -> bool {
+        self.non_cached_tokens > 0
+            && prompt >= self.prompt_tokens
+            && prompt.saturating_sub(cached) >= self.non_cached_tokens
+    }
+}
+
+/// Disaggregates every request that has a prompt (`always-disagg-pd-decider`).
+#[derive(Debug)]
+pub(crate) struct AlwaysDisaggDecider;
+
+impl Plugin for AlwaysDisaggDecider {
+    fn type_name(&self) -> &'static str {
+        "always-disagg-pd-decider"
+    }
+
+    fn decider(&self) -> Option<&dyn Decider> {
+        Some(self)
+    }
+}
+
+impl Decider for AlwaysDisaggDecider {
+    fn disaggregate(&self, _: &SchedulingRequest<'_>, _: u64, _: u64) -> bool {
+        true
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kvroute_core::EndpointId;
+use kvroute_core::{BlockHash, EndpointId};
 use kvroute_endpoints::EndpointState;
 use kvroute_index::{ApproxIndex, Shared, WRITE_BATCH_BLOCKS};
 use kvroute_tokens::ApproxHasher;
@@ -50,6 +50,32 @@ impl ApproxProducer {
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
+
+    /// Remembers that `holder` now caches `blocks`.
+    fn record(&self, holder: &EndpointState, blocks: &[BlockHash], now: u64) {
+        let endpoint = holder.id();
+        // The pod's own cache size, in chunks, when it reports one: a guess bounded by a
+        // fixed count forgets what a large pod still holds, or keeps what a small one lost.
+        let capacity = self.auto_tune.and_then(|chunk_tokens| {
+            let tokens = holder.kv_capacity_tokens()?;
+            Some(usize::try_from(tokens / chunk_tokens).unwrap_or(usize::MAX))
+        });
+        // Short write holds keep readers' latency flat (docs/index.md, "Sharing"); the last
+        // chunk goes first so the prompt's beginning ends up most recently used.
+        for (i, chunk) in blocks.rchunks(WRITE_BATCH_BLOCKS).enumerate() {
+            let mut index = self.index.write();
+            // Checked under the lock `endpoints_changed` prunes under, and the registry
+            // marks a state departed before it calls that: a decision that finishes after
+            // its endpoint left records nothing that would outlive the pruning.
+            if holder.departed() {
+                return;
+            }
+            if let (0, Some(blocks)) = (i, capacity) {
+                index.set_capacity(endpoint, blocks);
+            }
+            index.record(endpoint, chunk, now);
+        }
+    }
 }
 
 impl Plugin for ApproxProducer {
@@ -69,32 +95,14 @@ impl Plugin for ApproxProducer {
         let Some(info) = state.prefix(self.slot).filter(|p| !p.blocks.is_empty()) else {
             return;
         };
-        let primary = decision.primary();
-        let endpoint = primary.id();
         let now = self.now_ms();
-        // The pod's own cache size, in chunks, when it reports one: a guess bounded by a
-        // fixed count forgets what a large pod still holds, or keeps what a small one lost.
-        let capacity = self.auto_tune.and_then(|chunk_tokens| {
-            let tokens = primary.kv_capacity_tokens()?;
-            Some(usize::try_from(tokens / chunk_tokens).unwrap_or(usize::MAX))
-        });
-        // Short write holds keep readers' latency flat (docs/index.md, "Sharing"); the last
-        // chunk goes first so the prompt's beginning ends up most recently used.
-        for (i, chunk) in info.blocks.rchunks(WRITE_BATCH_BLOCKS).enumerate() {
-            let mut index = self.index.write();
-            // Checked under the lock `endpoints_changed` prunes under, and the registry
-            // marks a state departed before it calls that: a decision that finishes after
-            // its endpoint left records nothing that would outlive the pruning.
-            if primary.departed() {
-                return;
-            }
-            if let (0, Some(blocks)) = (i, capacity) {
-                index.set_capacity(endpoint, blocks);
-            }
-            index.record(endpoint, chunk, now);
+        // A disaggregated prompt ends up cached on both pods: computed on the prefill pod,
+        // moved to the decode pod.
+        let prefill = decision.prefill().map(|(e, _)| e);
+        for holder in std::iter::once(decision.primary()).chain(prefill) {
+            self.record(holder, &info.blocks, now);
         }
     }
-
     fn endpoints_changed(&self, _: &[Arc<EndpointState>], departed: &[EndpointId]) {
         if departed.is_empty() {
             return;

@@ -61,14 +61,26 @@ pub(crate) fn pass() -> CommonResponse {
     CommonResponse::default()
 }
 
-/// The routing mutation: the destination header plus a route cache clear, so Envoy matches
+/// The header that names the prefill endpoint to the decode pod's routing sidecar
+/// (disaggregated serving), as llm-d's sidecar reads it.
+pub const PREFILLER_HEADER: &str = "x-prefiller-host-port";
+
+/// The routing mutation: the destination header (and the prefill endpoint's, when the
+/// prompt is computed elsewhere; any such header the client sent is removed otherwise, so a
+/// client cannot steer a decode pod's sidecar) plus a route cache clear, so Envoy matches
 /// the route again on the new header. The body is handed back unchanged, so its length is
 /// left alone (Envoy drops `content-length` itself where a mode streams the body).
-pub(crate) fn route_to(destination: &str) -> CommonResponse {
+pub(crate) fn route_to(destination: &str, prefiller: Option<&str>) -> CommonResponse {
+    let mut set_headers = vec![set_header(DESTINATION_HEADER, destination)];
+    let mut remove_headers = Vec::new();
+    match prefiller {
+        Some(p) => set_headers.push(set_header(PREFILLER_HEADER, p)),
+        None => remove_headers.push(PREFILLER_HEADER.to_owned()),
+    }
     CommonResponse {
         header_mutation: Some(HeaderMutation {
-            set_headers: vec![set_header(DESTINATION_HEADER, destination)],
-            remove_headers: Vec::new(),
+            set_headers,
+            remove_headers,
         }),
         clear_route_cache: true,
         ..CommonResponse::default()
@@ -78,8 +90,12 @@ pub(crate) fn route_to(destination: &str) -> CommonResponse {
 /// [`route_to`], also stating the body's length, as upstream's picker does when it hands a
 /// body back whole: the model server then reads a `Content-Length` body rather than a
 /// chunked one (where Envoy keeps it).
-pub(crate) fn route_with_length(destination: &str, length: usize) -> CommonResponse {
-    let mut response = route_to(destination);
+pub(crate) fn route_with_length(
+    destination: &str,
+    prefiller: Option<&str>,
+    length: usize,
+) -> CommonResponse {
+    let mut response = route_to(destination, prefiller);
     if let Some(mutation) = &mut response.header_mutation {
         mutation
             .set_headers

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
-use envoy_types::pb::envoy::service::ext_proc::v3::{HttpHeaders, ProtocolConfiguration};
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    CommonResponse, HttpHeaders, ProtocolConfiguration,
+};
 use envoy_types::pb::google::protobuf::Struct;
 use kvroute_core::{ApiKind, InferenceRequest, ParseError, RequestHints};
 use kvroute_endpoints::{EndpointState, InFlightGuard, Registry};
@@ -223,6 +225,9 @@ pub struct StreamState {
     provisional: bool,
     request_body_done: bool,
     guard: Option<InFlightGuard>,
+    /// Disaggregated serving: the prefill endpoint (`ip:port`) the decode pod's sidecar
+    /// is told of, and its claim, held until the answer starts (the prompt is computed).
+    prefiller: Option<(String, InFlightGuard)>,
     status: Option<u16>,
     usage: Option<UsageScanner>,
     response_done: bool,
@@ -360,6 +365,7 @@ impl StreamState {
             provisional: false,
             request_body_done: false,
             guard: None,
+            prefiller: None,
             status: None,
             usage: None,
             response_done: false,
@@ -492,7 +498,7 @@ impl StreamState {
                 Ok(dest) => {
                     self.router.metrics.outcome(Outcome::RoutedByLoad);
                     out.push(Outbound::Message(protocol::headers_response(
-                        protocol::route_to(&dest),
+                        self.route_to(&dest),
                         Some(protocol::destination_metadata(&dest)),
                         mode_override,
                     )));
@@ -522,7 +528,7 @@ impl StreamState {
                         self.provisional = true;
                         let response_mode = self.modes.response_body.unwrap_or(BodySendMode::None);
                         out.push(Outbound::Message(protocol::headers_response(
-                            protocol::route_to(&dest),
+                            self.route_to(&dest),
                             Some(protocol::destination_metadata(&dest)),
                             Some(protocol::request_body_mode(
                                 BodySendMode::Buffered,
@@ -677,7 +683,7 @@ impl StreamState {
             Ok(dest) => {
                 self.router.metrics.outcome(Outcome::RoutedByLoad);
                 out.push(Outbound::Message(protocol::request_body_response(
-                    protocol::route_to(&dest),
+                    self.route_to(&dest),
                     Some(protocol::destination_metadata(&dest)),
                 )));
             }
@@ -769,19 +775,19 @@ impl StreamState {
         let metadata = Some(protocol::destination_metadata(&dest));
         if !headers_pending {
             out.push(Outbound::Message(protocol::request_body_response(
-                protocol::route_to(&dest),
+                self.route_to(&dest),
                 metadata,
             )));
         } else if self.modes.request_full_duplex() {
             out.push(Outbound::Message(protocol::headers_response(
-                protocol::route_with_length(&dest, body.len()),
+                self.route_with_length(&dest, body.len()),
                 metadata,
                 None,
             )));
             push_streamed(out, body, !trailers_follow, true);
         } else {
             out.push(Outbound::Message(protocol::headers_response(
-                protocol::route_to(&dest),
+                self.route_to(&dest),
                 metadata,
                 None,
             )));
@@ -808,6 +814,9 @@ impl StreamState {
         match scheduled {
             Ok(decision) => {
                 self.response_headers = decision.response_headers().to_vec();
+                self.prefiller = decision.prefill().map(|(ep, tokens)| {
+                    (ep.address().to_string(), ep.acquire_with_prefill(tokens))
+                });
                 self.guard = Some(
                     decision
                         .primary()
@@ -861,6 +870,22 @@ impl StreamState {
         self.phase = RequestPhase::Done;
         self.chunks = Vec::new();
         self.guard = None;
+        self.prefiller = None;
+    }
+
+    /// The routing mutation for `dest`, naming the prefill endpoint when the decision has
+    /// one.
+    fn route_to(&self, dest: &str) -> CommonResponse {
+        protocol::route_to(dest, self.prefiller.as_ref().map(|(p, _)| p.as_str()))
+    }
+
+    /// [`StreamState::route_to`], stating the body's length.
+    fn route_with_length(&self, dest: &str, length: usize) -> CommonResponse {
+        protocol::route_with_length(
+            dest,
+            self.prefiller.as_ref().map(|(p, _)| p.as_str()),
+            length,
+        )
     }
 
     fn on_response_headers(
@@ -893,6 +918,7 @@ impl StreamState {
         {
             // No body will be seen: the headers are the last sign of the answer starting.
             guard.prefilled();
+            self.prefiller = None;
         }
         out.push(Outbound::Message(protocol::response_headers_response(
             &self.response_headers,
@@ -934,6 +960,7 @@ impl StreamState {
         {
             // The first bytes of the answer: the prompt has been computed.
             guard.prefilled();
+            self.prefiller = None;
             if let (Some(upstream), Some(record)) =
                 (&self.router.metrics.upstream, &mut self.record)
             {

@@ -283,10 +283,11 @@ impl ConfigError {
             })
         };
         let line = match self {
-            Self::UnknownRef { name, .. } => {
-                find(&["pluginRef", "prefixMatchInfoProducerName", "prefill"], name)
-                    .or_else(|| find(&["-", "producers"], name))
-            }
+            Self::UnknownRef { name, .. } => find(
+                &["pluginRef", "prefixMatchInfoProducerName", "prefill"],
+                name,
+            )
+            .or_else(|| find(&["-", "producers"], name)),
             Self::WrongRole { name, .. } | Self::Unavailable { name, .. } => {
                 find(&["name"], name).or_else(|| find(&["type"], name))
             }

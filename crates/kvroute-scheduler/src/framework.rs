@@ -248,7 +248,9 @@ impl Scheduler {
         let (pos, fallbacks) =
             match self.run_profile(&self.profiles[primary], request, endpoints, cycle, turn) {
                 Ok(picked) => picked,
-                Err(e) => return self.run_whole(fallback.ok_or(e)?, request, endpoints, cycle, turn),
+                Err(e) => {
+                    return self.run_whole(fallback.ok_or(e)?, request, endpoints, cycle, turn);
+                }
             };
         let state = &cycle.state;
         let Some(prompt) = state.prompt_tokens(request) else {
@@ -266,7 +268,13 @@ impl Scheduler {
         if !approved {
             return Ok(decision);
         }
-        match self.run_profile(&self.profiles[stage.profile], request, endpoints, cycle, turn) {
+        match self.run_profile(
+            &self.profiles[stage.profile],
+            request,
+            endpoints,
+            cycle,
+            turn,
+        ) {
             // A pod that does both parts computes the prompt where it decodes.
             Ok((prefill, _)) if prefill == pos => Ok(decision),
             Ok((prefill, _)) => {

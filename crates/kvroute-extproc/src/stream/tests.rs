@@ -872,3 +872,99 @@ schedulingProfiles:
     }
     assert_eq!(h.in_flight(), 5);
 }
+
+/// Disaggregated serving: the decode pod is the destination, the prefill pod goes to its
+/// sidecar in `x-prefiller-host-port`, and the prefill pod carries the prompt's backlog (and
+/// an in-flight slot) until the answer starts.
+#[test]
+fn a_disaggregated_decision_names_the_prefill_pod_to_the_sidecar() {
+    let yaml = "plugins:
+- type: prefill-filter
+- type: decode-filter
+- type: load-scorer
+- type: always-disagg-pd-decider
+- type: disagg-profile-handler
+  parameters: {deciders: {prefill: always-disagg-pd-decider}}
+schedulingProfiles:
+- {name: prefill, plugins: [{pluginRef: prefill-filter}, {pluginRef: load-scorer}]}
+- {name: decode, plugins: [{pluginRef: decode-filter}, {pluginRef: load-scorer}]}
+";
+    let scheduler = kvroute_scheduler::EndpointPickerConfig::load(
+        yaml,
+        &kvroute_scheduler::BuildContext::new(16),
+    )
+    .unwrap();
+    let h = Harness::scheduled(&[8001, 8002], ExtProcConfig::default(), scheduler);
+    let mut endpoints: Vec<_> = h
+        .registry
+        .snapshot()
+        .iter()
+        .map(|e| e.endpoint().clone())
+        .collect();
+    for (e, role) in endpoints.iter_mut().zip(["prefill", "decode"]) {
+        e.labels.insert("llm-d.ai/role".into(), role.into());
+    }
+    h.registry.replace(endpoints);
+    let pod = |port: u16| {
+        h.registry
+            .snapshot()
+            .iter()
+            .find(|e| e.address().port() == port)
+            .map(|e| (e.prefill_backlog(), e.in_flight()))
+            .unwrap()
+    };
+    let mut s = h.stream();
+    send(&mut s, full_duplex_headers(CHAT));
+    let out = send(&mut s, request_body(&chat_body(300), true));
+    assert_eq!(
+        set_header(&out[0], "x-gateway-destination-endpoint"),
+        Some("127.0.0.1:8002")
+    );
+    assert_eq!(
+        set_header(&out[0], "x-prefiller-host-port"),
+        Some("127.0.0.1:8001")
+    );
+    let (backlog, in_flight) = pod(8001);
+    assert!(backlog > 0 && in_flight == 1, "{backlog} {in_flight}");
+    assert_eq!(
+        pod(8002),
+        (0, 1),
+        "the decode pod computes none of the prompt"
+    );
+    send(&mut s, response_headers(200, "text/event-stream", false));
+    send(&mut s, response_body(b"data: {}\n\n", false));
+    assert_eq!(
+        pod(8001),
+        (0, 0),
+        "the prompt is computed once the answer starts"
+    );
+    assert_eq!(pod(8002), (0, 1));
+    drop(s);
+    assert_eq!(pod(8002), (0, 0));
+}
+
+/// A client cannot steer a decode pod's sidecar: a prefill header it sends is removed
+/// whenever kvroute did not choose one.
+#[test]
+fn a_client_sent_prefill_header_is_removed() {
+    let h = Harness::new(&[8001]);
+    let mut s = h.stream();
+    let out = send(
+        &mut s,
+        request_headers(
+            "GET",
+            "/v1/models",
+            &[("x-prefiller-host-port", "10.0.0.1:80")],
+            true,
+        ),
+    );
+    let mutation = common(&out[0]).unwrap().header_mutation.as_ref().unwrap();
+    assert!(
+        mutation
+            .remove_headers
+            .iter()
+            .any(|h| h == "x-prefiller-host-port"),
+        "{mutation:?}"
+    );
+    assert_eq!(set_header(&out[0], "x-prefiller-host-port"), None);
+}

@@ -595,7 +595,11 @@ fn disagg_handler(
         )));
     }
     let decode = p.profiles.decode.clone().unwrap_or_else(|| "decode".into());
-    let prefill = p.profiles.prefill.clone().unwrap_or_else(|| "prefill".into());
+    let prefill = p
+        .profiles
+        .prefill
+        .clone()
+        .unwrap_or_else(|| "prefill".into());
     if let Some(f) = &p.profiles.fallback
         && (*f == decode || *f == prefill || p.profiles.encode.as_ref() == Some(f))
     {
@@ -781,8 +785,8 @@ pub(super) fn build(
             };
             let non_cached = p.non_cached_tokens.unwrap_or(0);
             let prompt = p.prompt_tokens.unwrap_or(0);
-            let non_cached =
-                u64::try_from(non_cached).map_err(|_| unavailable("nonCachedTokens", non_cached))?;
+            let non_cached = u64::try_from(non_cached)
+                .map_err(|_| unavailable("nonCachedTokens", non_cached))?;
             let prompt = u64::try_from(prompt).map_err(|_| unavailable("promptTokens", prompt))?;
             Arc::new(PrefixBasedDecider::new(non_cached, prompt))
         }

@@ -647,7 +647,10 @@ fn disaggregation_needs_a_decider_that_is_on() {
     let long = "a document about routing. ".repeat(160);
     let req = request(Prompt::Text(long));
     for yaml in [
-        PD.replace("    deciders: {prefill: prefix-based-pd-decider}\n", "    {}\n"),
+        PD.replace(
+            "    deciders: {prefill: prefix-based-pd-decider}\n",
+            "    {}\n",
+        ),
         PD.replace("nonCachedTokens: 256", "nonCachedTokens: 0"),
     ] {
         let s = build(&yaml, &BuildContext::new(16)).unwrap();
@@ -658,12 +661,21 @@ fn disaggregation_needs_a_decider_that_is_on() {
         assert!(d.prefill().is_none(), "{yaml}");
     }
     let always = PD
-        .replace("prefix-based-pd-decider\n  parameters: {nonCachedTokens: 256}", "always-disagg-pd-decider")
-        .replace("prefill: prefix-based-pd-decider", "prefill: always-disagg-pd-decider");
+        .replace(
+            "prefix-based-pd-decider\n  parameters: {nonCachedTokens: 256}",
+            "always-disagg-pd-decider",
+        )
+        .replace(
+            "prefill: prefix-based-pd-decider",
+            "prefill: always-disagg-pd-decider",
+        );
     let s = build(&always, &BuildContext::new(16)).unwrap();
     let short = request(Prompt::Text("hi".into()));
     let d = s
-        .schedule(&SchedulingRequest::new(Some(&short), &hints), &reg.snapshot())
+        .schedule(
+            &SchedulingRequest::new(Some(&short), &hints),
+            &reg.snapshot(),
+        )
         .unwrap();
     assert!(d.prefill().is_some(), "{always}");
 }
@@ -683,12 +695,10 @@ fn a_prefill_stage_without_pods_fails_or_falls_back() {
             .unwrap_err(),
         crate::ScheduleError::AllFiltered
     );
-    let with_fallback = PD
-        .replace(
-            "    deciders: {prefill: prefix-based-pd-decider}",
-            "    deciders: {prefill: prefix-based-pd-decider}\n    profiles: {fallback: whole}",
-        )
-        + "- name: whole\n  plugins: [{pluginRef: load-scorer}]\n";
+    let with_fallback = PD.replace(
+        "    deciders: {prefill: prefix-based-pd-decider}",
+        "    deciders: {prefill: prefix-based-pd-decider}\n    profiles: {fallback: whole}",
+    ) + "- name: whole\n  plugins: [{pluginRef: load-scorer}]\n";
     let s = build(&with_fallback, &BuildContext::new(16)).unwrap();
     let d = s
         .schedule(&SchedulingRequest::new(Some(&req), &hints), &reg.snapshot())
@@ -701,12 +711,18 @@ fn a_prefill_stage_without_pods_fails_or_falls_back() {
 #[test]
 fn a_wrong_disaggregation_configuration_is_refused_with_its_reason() {
     let err = |yaml: &str| build(yaml, &BuildContext::new(16)).unwrap_err().to_string();
-    let e = err(&PD.replace("prefill: prefix-based-pd-decider", "prefill: no-such-decider"));
+    let e = err(&PD.replace(
+        "prefill: prefix-based-pd-decider",
+        "prefill: no-such-decider",
+    ));
     assert!(e.contains("no-such-decider"), "{e}");
     let e = err(&PD.replace("prefill: prefix-based-pd-decider", "prefill: load-scorer"));
     assert!(e.contains("load-scorer") && e.contains("decider"), "{e}");
     let e = err(&PD.replace("- name: decode", "- name: other"));
-    assert!(e.contains("\"decode\"") && e.contains("disagg-profile-handler"), "{e}");
+    assert!(
+        e.contains("\"decode\"") && e.contains("disagg-profile-handler"),
+        "{e}"
+    );
     let e = err(&PD.replace("- name: prefill", "- name: other"));
     assert!(e.contains("\"prefill\""), "{e}");
     let e = err(&PD.replace(

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use kvroute_chat::ChatTemplate;
 use kvroute_sim::Profile;
-use kvroute_sim::server::{self, ServerConfig};
+use kvroute_sim::server::{self, PdConfig, Role, ServerConfig};
 use kvroute_sim::wire::EventEncoding;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -47,6 +47,21 @@ pub(crate) struct SimArgs {
     /// there is one); without it text is tokenized by 4-byte chunks.
     #[arg(long)]
     tokenizer: Option<std::path::PathBuf>,
+    /// Its part in prefill/decode disaggregation: `decode` and `both` honour
+    /// `x-prefiller-host-port` as llm-d's routing sidecar does (the prefill pod computes the
+    /// prompt, its KV comes over, this pod decodes); `prefill` serves what it is sent.
+    #[arg(long, value_enum, default_value_t = PdRole::Both)]
+    role: PdRole,
+    /// Microseconds to move one prompt token's KV from a prefill pod.
+    #[arg(long, default_value_t = 5.0)]
+    kv_transfer_us_per_token: f64,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PdRole {
+    Both,
+    Prefill,
+    Decode,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -65,6 +80,10 @@ pub(crate) async fn run(args: SimArgs) -> anyhow::Result<()> {
         )
     })?;
     anyhow::ensure!(args.speed > 0.0, "--speed must be positive");
+    anyhow::ensure!(
+        args.kv_transfer_us_per_token.is_finite() && args.kv_transfer_us_per_token >= 0.0,
+        "--kv-transfer-us-per-token must be a number of at least 0"
+    );
     let tokenizer = match &args.tokenizer {
         Some(path) => Some(std::sync::Arc::new(
             tokenizers::Tokenizer::from_file(path)
@@ -103,6 +122,14 @@ pub(crate) async fn run(args: SimArgs) -> anyhow::Result<()> {
         },
         tokenizer,
         chat_template,
+        pd: PdConfig {
+            role: match args.role {
+                PdRole::Both => Role::Both,
+                PdRole::Prefill => Role::Prefill,
+                PdRole::Decode => Role::Decode,
+            },
+            transfer_us_per_token: args.kv_transfer_us_per_token,
+        },
     };
     let token = CancellationToken::new();
     let bound = server::start(config, token.clone()).await?;

@@ -853,6 +853,7 @@ pub async fn two_pods(
             encoding: kvroute_sim::wire::EventEncoding::Map,
             tokenizer: tokenizer.clone(),
             chat_template: chat_template.clone(),
+            pd: kvroute_sim::server::PdConfig::default(),
         }
     };
     for _ in 0..10 {
@@ -900,8 +901,26 @@ pub async fn stored_blocks(kvroute: &Kvroute) -> f64 {
 /// publishing under the empty topic, `speed` times the modelled speed, running until `stop`.
 pub async fn sim_pod_ports(
     ip: u8,
+    ports: [u16; 3],
+    speed: f64,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<kvroute_sim::server::Bound, kvroute_sim::server::StartError> {
+    sim_pod_pd(
+        ip,
+        ports,
+        speed,
+        kvroute_sim::server::PdConfig::default(),
+        stop,
+    )
+    .await
+}
+
+/// [`sim_pod_ports`] with a part in disaggregated serving.
+pub async fn sim_pod_pd(
+    ip: u8,
     [http, events, replay]: [u16; 3],
     speed: f64,
+    pd: kvroute_sim::server::PdConfig,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<kvroute_sim::server::Bound, kvroute_sim::server::StartError> {
     let at = |p| SocketAddr::from(([127, 0, 0, ip], p));
@@ -917,6 +936,7 @@ pub async fn sim_pod_ports(
             encoding: kvroute_sim::wire::EventEncoding::Map,
             tokenizer: None,
             chat_template: None,
+            pd,
         },
         stop,
     )

@@ -166,6 +166,7 @@ async fn scrapes_the_simulator() {
             encoding: kvroute_sim::wire::EventEncoding::Map,
             tokenizer: None,
             chat_template: None,
+            pd: kvroute_sim::server::PdConfig::default(),
         },
         sim_stop.clone(),
     )

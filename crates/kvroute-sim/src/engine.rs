@@ -101,6 +101,9 @@ struct Seq {
     /// Prompt tokens that were prefix-cache hits at first admission.
     cached_tokens: Option<usize>,
     started: bool,
+    /// The prompt's KV was computed on a prefill pod and arrives with the request
+    /// (disaggregated serving): at first admission its blocks are loaded, not computed.
+    transferred: bool,
 }
 
 /// One simulated vLLM engine.
@@ -137,6 +140,18 @@ impl Engine {
     /// Queues a request. Refuses (false) one whose prompt and output could never fit the
     /// KV cache, as vLLM refuses prompts over its maximum model length.
     pub fn add(&mut self, req: SimRequest) -> bool {
+        self.enqueue(req, false)
+    }
+
+    /// Queues a request whose prompt a prefill pod computed (disaggregated serving): at
+    /// admission the blocks this engine lacks are loaded and cached, as vLLM's KV connector
+    /// does on the decode side, and only the last prompt token is computed here. Refuses
+    /// (false) what [`Engine::add`] refuses.
+    pub fn add_transferred(&mut self, req: SimRequest) -> bool {
+        self.enqueue(req, true)
+    }
+
+    fn enqueue(&mut self, req: SimRequest, transferred: bool) -> bool {
         let prefill_len = req.prompt.len().max(1);
         let fits = prefill_len
             .checked_add(req.max_tokens)
@@ -154,6 +169,7 @@ impl Engine {
             cached_blocks: 0,
             cached_tokens: None,
             started: false,
+            transferred,
         });
         true
     }
@@ -364,7 +380,14 @@ impl Engine {
             .take(max_hit_blocks)
             .map_while(|h| self.pool.lookup(*h))
             .collect();
-        let computed = hits.len() * bs;
+        // A transferred prompt brings the blocks this engine lacks (on first admission; a
+        // preempted one recomputes as any other).
+        let loaded = if s.transferred && s.cached_tokens.is_none() {
+            max_hit_blocks - hits.len()
+        } else {
+            0
+        };
+        let computed = (hits.len() + loaded) * bs;
         let want = (s.prefill_len - computed).min(*budget);
         let need_new = (computed + want).div_ceil(bs).saturating_sub(hits.len());
         // Hit blocks nobody uses sit in the free queue: taking them leaves fewer for new ones.
@@ -384,12 +407,16 @@ impl Engine {
         for &b in &hits {
             self.pool.touch(b);
         }
+        let held = hits.len();
         s.blocks = hits;
-        s.cached_blocks = s.blocks.len();
+        s.cached_blocks = held + loaded;
         s.computed = computed;
         self.running.push(s);
         let idx = self.running.len() - 1;
         self.allocate(idx, need_new, report);
+        if loaded > 0 {
+            self.cache_blocks(idx, held, held + loaded, report);
+        }
         plan.push(want);
         *budget -= want;
         true

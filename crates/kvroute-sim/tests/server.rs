@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hyper::body::Bytes;
 use kvroute_core::{ApiKind, InferenceRequest, RequestHints};
-use kvroute_sim::server::{self, Bound, ServerConfig};
+use kvroute_sim::server::{self, Bound, PdConfig, Role, ServerConfig};
 use kvroute_sim::wire::EventEncoding;
 use kvroute_sim::{Engine, Profile, PromptTokens, SimRequest};
 use openmetrics_parser::PrometheusValue;
@@ -24,6 +24,10 @@ fn profile() -> Profile {
 }
 
 async fn start() -> (Bound, CancellationToken) {
+    start_pd(PdConfig::default()).await
+}
+
+async fn start_pd(pd: PdConfig) -> (Bound, CancellationToken) {
     let stop = CancellationToken::new();
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let bound = server::start(
@@ -38,6 +42,7 @@ async fn start() -> (Bound, CancellationToken) {
             encoding: EventEncoding::Map,
             tokenizer: None,
             chat_template: None,
+            pd,
         },
         stop.clone(),
     )
@@ -407,4 +412,85 @@ fn a_chat_is_rendered_with_the_models_template() {
             .get_ids()
             .to_vec()
     );
+}
+
+/// The cached block hashes a pod reports.
+async fn cached(bound: &Bound) -> Vec<u64> {
+    let (_, body) = http(bound.http, "GET", "/sim/cache", "").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["hashes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_u64().unwrap())
+        .collect()
+}
+
+/// A decode pod honours `x-prefiller-host-port` as llm-d's sidecar does: the prefill pod
+/// computes the prompt (and caches it), the decode pod then holds it too and says who
+/// prefilled. A prefill pod ignores the header; an unreachable prefill pod costs the request
+/// nothing (the decode pod prefills).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_pod_has_its_prompt_prefilled_where_the_header_says() {
+    let (prefill, stop_p) = start_pd(PdConfig {
+        role: Role::Prefill,
+        ..PdConfig::default()
+    })
+    .await;
+    let (decode, stop_d) = start_pd(PdConfig {
+        role: Role::Decode,
+        ..PdConfig::default()
+    })
+    .await;
+    let send = async |to: &Bound, via: &str, prompt: &str| {
+        test_support::http::request(
+            to.http,
+            "POST",
+            "/v1/completions",
+            &[("x-prefiller-host-port", via)],
+            completion(prompt, true).into_bytes(),
+        )
+        .await
+    };
+    let doc = document();
+    let reply = send(&decode, &prefill.http.to_string(), &doc).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-sim-prefilled-by"), prefill.http.to_string());
+    assert!(
+        reply.text().ends_with("data: [DONE]\n\n"),
+        "{}",
+        reply.text()
+    );
+    // The prompt's 15 full blocks (250 byte-chunk tokens) sit on both pods.
+    let (on_prefill, on_decode) = (cached(&prefill).await, cached(&decode).await);
+    assert!(on_prefill.len() >= 15, "{on_prefill:?}");
+    assert!(on_prefill.iter().take(15).all(|h| on_decode.contains(h)));
+    // The decode pod computed only the last block's tokens of the prompt.
+    let metrics = http(decode.http, "GET", "/metrics", "").await.1;
+    let prompt_tokens: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("vllm:prompt_tokens_total{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(prompt_tokens < 16.0, "{prompt_tokens}");
+
+    // A prefill pod serves what it is sent.
+    let reply = send(
+        &prefill,
+        &decode.http.to_string(),
+        "a prefill pod never forwards",
+    )
+    .await;
+    assert_eq!(
+        (reply.status, reply.header("x-sim-prefilled-by")),
+        (200, "")
+    );
+    // Nothing listens there: the decode pod computes the prompt itself.
+    let reply = send(&decode, "127.0.0.1:9", "nobody prefills this").await;
+    assert_eq!(
+        (reply.status, reply.header("x-sim-prefilled-by")),
+        (200, "")
+    );
+    stop_p.cancel();
+    stop_d.cancel();
 }

@@ -228,3 +228,54 @@ fn synthetic_prompts_share_blocks_by_content_id() {
     assert_eq!(run_to_end(&mut e)[0].finished[0].cached_tokens, 16);
     assert_eq!(p(&[7], 8).tokens(0, 8), p(&[7, 1], 16).tokens(0, 8));
 }
+
+/// A prompt computed on a prefill pod arrives with its KV: the engine computes only its
+/// last token, caches (and reports) the loaded blocks, and the next request sharing the
+/// prompt hits them. A partly cached prompt loads only what is missing.
+#[test]
+fn a_transferred_prompt_is_loaded_not_computed() {
+    let mut e = Engine::new(Profile::tiny(100, 8, 64), true);
+    let prompt = seq(0, 64);
+    assert!(e.add_transferred(req(1, &prompt, 2)));
+    let first = e.step();
+    assert_eq!(
+        first.prefill_tokens, 4,
+        "only the last block's tokens are computed"
+    );
+    assert_eq!(first.first_tokens, [1]);
+    let stored: usize = first
+        .events
+        .iter()
+        .map(|ev| match ev {
+            KvEvent::BlockStored { block_hashes, .. } => block_hashes.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(stored, 16, "the 15 loaded blocks and the computed last one");
+    run_to_end(&mut e);
+    assert!(e.add(req(2, &prompt, 1)));
+    assert_eq!(
+        e.step().prefill_tokens,
+        4,
+        "the loaded blocks are cache hits"
+    );
+
+    // A prompt sharing the first 32 tokens: 8 blocks hit, 7 are loaded.
+    let mut longer = seq(0, 32);
+    longer.extend(seq(1000, 32));
+    assert!(e.add_transferred(req(3, &longer, 1)));
+    let report = e.step();
+    assert_eq!(report.prefill_tokens, 4);
+    let loaded: usize = report
+        .events
+        .iter()
+        .map(|ev| match ev {
+            KvEvent::BlockStored { block_hashes, .. } => block_hashes.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(
+        loaded, 8,
+        "7 loaded and the last computed; the shared 8 were held"
+    );
+}

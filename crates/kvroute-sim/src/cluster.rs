@@ -1,5 +1,5 @@
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use crate::engine::{Engine, RequestId, SimRequest, StepReport};
 use crate::profile::Profile;
@@ -37,7 +37,18 @@ pub trait RouteFn {
     ) -> usize {
         self.route(now_us, request, pods)
     }
+
+    /// After a decision: the pod that should compute the request's prompt first
+    /// (disaggregated serving; the routed pod then decodes with the KV moved over). By
+    /// default none.
+    fn take_prefill(&mut self) -> Option<usize> {
+        None
+    }
 }
+
+/// Marks the id of the prompt-only request a prefill pod computes for request `id`
+/// (disaggregated serving), so steps' reports tell the two apart.
+pub const PREFILL_ID_BIT: RequestId = 1 << 62;
 
 impl<F: FnMut(u64, &SimRequest, &[PodView]) -> usize> RouteFn for F {
     fn route(&mut self, now_us: u64, request: &SimRequest, pods: &[PodView]) -> usize {
@@ -74,6 +85,14 @@ pub struct Cluster {
     pods: Vec<Engine>,
     views: Vec<PodView>,
     pending: Vec<Option<StepReport>>,
+    /// Microseconds to move one prompt token's KV from a prefill pod to a decode pod.
+    transfer_us_per_token: f64,
+    /// Requests whose prompt a prefill pod is computing: the decode pod and the request.
+    handoff: HashMap<RequestId, (usize, SimRequest)>,
+    /// KV transfers under way: when each lands, by request.
+    transfers: BinaryHeap<Reverse<(u64, RequestId)>>,
+    /// Requests decoding with a prompt computed elsewhere.
+    moved: HashSet<RequestId>,
 }
 
 impl Cluster {
@@ -85,7 +104,18 @@ impl Cluster {
                 .collect(),
             views: vec![PodView::default(); n],
             pending: vec![None; n],
+            transfer_us_per_token: 0.0,
+            handoff: HashMap::new(),
+            transfers: BinaryHeap::new(),
+            moved: HashSet::new(),
         }
+    }
+
+    /// The same cluster, moving a disaggregated prompt's KV at `us` microseconds a token
+    /// (NIXL over RDMA: a model's KV bytes per token over the link's bandwidth).
+    pub fn with_transfer_us_per_token(mut self, us: f64) -> Self {
+        self.transfer_us_per_token = us.max(0.0);
+        self
     }
 
     /// The pods (for inspection after a run).
@@ -137,6 +167,18 @@ impl Cluster {
         loop {
             let next_step = steps.peek().map(|Reverse((t, _))| *t);
             let next_arrival = source.next_time().map(|t| t.max(now));
+            let next_transfer = self.transfers.peek().map(|Reverse((t, _))| *t);
+            if let Some(t) = next_transfer
+                && next_step.is_none_or(|s| t < s)
+                && next_arrival.is_none_or(|a| t <= a)
+            {
+                let Some(Reverse((t, id))) = self.transfers.pop() else {
+                    break;
+                };
+                now = t;
+                self.land(id, now, &mut steps, source);
+                continue;
+            }
             match (next_step, next_arrival) {
                 (None, None) => break,
                 (Some(t), a) if a.is_none_or(|a| t <= a) => {
@@ -157,9 +199,11 @@ impl Cluster {
                     now = t.max(now);
                     let id = results.len() as RequestId;
                     req.id = id;
+                    let n = self.pods.len();
                     let pod = router
                         .route_with_engines(now, &req, &self.views, &self.pods)
-                        .min(self.pods.len() - 1);
+                        .min(n - 1);
+                    let prefill = router.take_prefill().filter(|&p| p < n && p != pod);
                     results.push(RequestResult {
                         id,
                         pod,
@@ -170,11 +214,27 @@ impl Cluster {
                         cached_tokens: 0,
                         output_tokens: 0,
                     });
-                    if self.pods[pod].add(req) {
-                        self.views[pod].in_flight += 1;
-                        self.refresh(pod);
-                        if self.pending[pod].is_none() {
-                            self.start_step(pod, now, &mut steps);
+                    let (target, queued) = match prefill {
+                        Some(p) => {
+                            let prompt_only = SimRequest {
+                                id: id | PREFILL_ID_BIT,
+                                prompt: req.prompt.clone(),
+                                max_tokens: 1,
+                            };
+                            let added = self.pods[p].add(prompt_only);
+                            if added {
+                                self.handoff.insert(id, (pod, req));
+                                self.views[pod].in_flight += 1;
+                            }
+                            (p, added)
+                        }
+                        None => (pod, self.pods[pod].add(req)),
+                    };
+                    if queued {
+                        self.views[target].in_flight += 1;
+                        self.refresh(target);
+                        if self.pending[target].is_none() {
+                            self.start_step(target, now, &mut steps);
                         }
                     } else {
                         // Refused: it ends now (its user, in a closed loop, goes on).
@@ -184,6 +244,27 @@ impl Cluster {
             }
         }
         results
+    }
+
+    /// Request `id`'s prompt KV reached its decode pod: it joins that pod's queue.
+    fn land(
+        &mut self,
+        id: RequestId,
+        now: u64,
+        steps: &mut BinaryHeap<Reverse<(u64, usize)>>,
+        source: &mut dyn Source,
+    ) {
+        let Some((pod, req)) = self.handoff.remove(&id) else {
+            return;
+        };
+        if self.pods[pod].add_transferred(req) {
+            self.moved.insert(id);
+            self.refresh(pod);
+            self.start_step(pod, now, steps);
+        } else {
+            self.views[pod].in_flight = self.views[pod].in_flight.saturating_sub(1);
+            source.finished(id, now);
+        }
     }
 
     fn start_step(&mut self, pod: usize, now: u64, steps: &mut BinaryHeap<Reverse<(u64, usize)>>) {
@@ -208,18 +289,34 @@ impl Cluster {
             return;
         };
         for &id in &report.first_tokens {
+            if id & PREFILL_ID_BIT != 0 {
+                continue;
+            }
             if let Some(r) = results.get_mut(id as usize) {
                 r.first_token_us = Some(now);
             }
         }
         for f in &report.finished {
+            self.views[pod].in_flight = self.views[pod].in_flight.saturating_sub(1);
+            if f.id & PREFILL_ID_BIT != 0 {
+                // The prompt is computed: its KV now moves to the decode pod.
+                let id = f.id & !PREFILL_ID_BIT;
+                if let Some(r) = results.get_mut(id as usize) {
+                    r.cached_tokens = f.cached_tokens;
+                }
+                let moved = (f.prompt_tokens as f64 * self.transfer_us_per_token).round() as u64;
+                self.transfers.push(Reverse((now + moved, id)));
+                continue;
+            }
             finished.push(f.id);
             if let Some(r) = results.get_mut(f.id as usize) {
                 r.finish_us = Some(now);
-                r.cached_tokens = f.cached_tokens;
+                // A moved prompt's hits were counted where it was computed.
+                if !self.moved.remove(&f.id) {
+                    r.cached_tokens = f.cached_tokens;
+                }
                 r.output_tokens = f.output_tokens;
             }
-            self.views[pod].in_flight = self.views[pod].in_flight.saturating_sub(1);
         }
         router.observe(now, pod, &report);
     }
@@ -393,5 +490,38 @@ mod tests {
             r[1].finish_us.is_some(),
             "the next request is not stuck behind it"
         );
+    }
+
+    /// Routes everything to pod 1 with pod 0 prefilling.
+    struct Disaggregated;
+
+    impl RouteFn for Disaggregated {
+        fn route(&mut self, _: u64, _: &SimRequest, _: &[PodView]) -> usize {
+            1
+        }
+
+        fn take_prefill(&mut self) -> Option<usize> {
+            Some(0)
+        }
+    }
+
+    /// A disaggregated request: its prompt computed on the prefill pod (one step), its KV
+    /// moved (10 µs a token), then one step on the decode pod computing the last token and
+    /// giving the first; both pods hold the prompt after.
+    #[test]
+    fn a_disaggregated_request_is_prefilled_moved_then_decoded() {
+        let mut c =
+            Cluster::new(&Profile::tiny(64, 4, 64), 2, true).with_transfer_us_per_token(10.0);
+        let prompt = req((0..16).collect(), 3);
+        let r = c.run([(1_000, prompt.clone())], &mut Disaggregated);
+        // Prefill pod: 100 + 16 µs; transfer 160 µs; decode pod: 100 + 4 (the last block's
+        // tokens), then two decode steps of 110 µs.
+        assert_eq!(r[0].pod, 1);
+        assert_eq!(r[0].first_token_us, Some(1_000 + 116 + 160 + 104));
+        assert_eq!(r[0].finish_us, Some(1_000 + 116 + 160 + 104 + 220));
+        assert_eq!(r[0].output_tokens, 3);
+        for pod in c.pods() {
+            assert_eq!(pod.cached_prefix_tokens(&prompt.prompt), 12);
+        }
     }
 }

@@ -19,7 +19,7 @@ pub mod server;
 mod table;
 pub mod wire;
 
-pub use cluster::{Cluster, PodView, RequestResult, RouteFn};
+pub use cluster::{Cluster, PREFILL_ID_BIT, PodView, RequestResult, RouteFn};
 pub use engine::{Engine, KvEvent, RequestId, SimRequest, StepReport};
 pub use profile::Profile;
 pub use prompt::PromptTokens;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use kvroute_bench::{
-    BenchReport, Deployment, Load, Policy, PolicyReport, TraceRequest, Workload, load_mooncake,
-    render_svg, run, run_deployed,
+    BenchReport, Deployment, Load, Policy, PolicyReport, PolicyRouter, TraceRequest, Workload,
+    load_mooncake, render_svg, run, run_deployed,
 };
 use kvroute_sim::Profile;
 
@@ -70,6 +70,15 @@ pub(crate) struct BenchArgs {
     /// it a router knows only the requests it sent itself.
     #[arg(long)]
     scrape_ms: Option<u64>,
+    /// Disaggregated serving: this many of the pods compute prompts only and the rest
+    /// decode; kvroute's policies route as `deploy/config/kvroute-pd.yaml` does (the
+    /// others ignore the roles, serving every request whole).
+    #[arg(long, default_value_t = 0)]
+    prefill_pods: usize,
+    /// A routing configuration (`EndpointPickerConfig` YAML) for kvroute's policies to run
+    /// instead of the shipped one: measure your own.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Goodput instead of one run: for each policy, the highest open-loop arrival rate
     /// (`--rate` for a workload, `--speedup` for a trace, scaled) at which TTFT p90 stays
     /// within this many milliseconds, found by doubling then bisecting.
@@ -142,9 +151,26 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.speedup > 0.0, "--speedup must be positive");
     anyhow::ensure!(args.replicas > 0, "--replicas must be at least 1");
     anyhow::ensure!(args.scrape_ms != Some(0), "--scrape-ms must be at least 1");
+    anyhow::ensure!(
+        args.prefill_pods < args.pods,
+        "--prefill-pods must leave at least one decode pod"
+    );
+    let config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --config {}", path.display()))?;
+            PolicyRouter::check_config(&text, profile.block_size)
+                .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
+            // Read once for the whole run, which every router of every run shares.
+            Some(&*Box::leak(text.into_boxed_str()))
+        }
+        None => None,
+    };
     let deployment = Deployment {
         replicas: args.replicas,
         scrape_ms: args.scrape_ms,
+        prefill_pods: args.prefill_pods,
+        config,
     };
     let policies = if args.policies == "all" {
         Policy::ALL.to_vec()
@@ -204,6 +230,16 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(ms) = args.scrape_ms {
         title.push_str(&format!(", pod load read every {ms} ms"));
+    }
+    if let Some(path) = &args.config {
+        title.push_str(&format!(", kvroute configured by {}", path.display()));
+    }
+    if args.prefill_pods > 0 {
+        title.push_str(&format!(
+            ", {} prefill and {} decode pods",
+            args.prefill_pods,
+            args.pods - args.prefill_pods
+        ));
     }
     let mut out = table(&title, &reports);
     if let Some(path) = &args.chart {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use kvroute_index::{PrefixIndex, Shared};
-use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE};
+use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PD, DEFAULT_PRECISE};
 use kvroute_scheduler::{BuildContext, SchedulerHandle};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -40,8 +40,12 @@ enum ConfigAction {
     /// Print kvroute's default configuration (the file `kvroute serve` runs without one).
     Default {
         /// The default for a pool that publishes KV events (`--kv-events-port`).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "disaggregated")]
         precise: bool,
+        /// kvroute's configuration for a pool split into prefill and decode pods
+        /// (`llm-d.ai/role`), to run with `--config-file`.
+        #[arg(long)]
+        disaggregated: bool,
     },
 }
 
@@ -68,10 +72,13 @@ pub(crate) fn run(cmd: &ConfigCommand) -> anyhow::Result<()> {
             }
             write_stdout(&format!("{}: ok\n{out}", file.display()))
         }
-        ConfigAction::Default { precise } => write_stdout(if *precise {
-            DEFAULT_PRECISE
-        } else {
-            DEFAULT_APPROX
+        ConfigAction::Default {
+            precise,
+            disaggregated,
+        } => write_stdout(match (*precise, *disaggregated) {
+            (_, true) => DEFAULT_PD,
+            (true, false) => DEFAULT_PRECISE,
+            (false, false) => DEFAULT_APPROX,
         }),
     }
 }

@@ -6,10 +6,11 @@ use kvroute_core::{ApiKind, Endpoint, EndpointId, InferenceRequest, Prompt, Requ
 use kvroute_endpoints::{EndpointState, InFlightGuard, PodLoad, Registry};
 use kvroute_events::{Applier, BlockStored, FirstExtra, KvEvent, Medium};
 use kvroute_index::{PrefixIndex, Shared};
-use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE};
+use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PD, DEFAULT_PRECISE};
 use kvroute_scheduler::{BuildContext, EndpointPickerConfig, Scheduler, SchedulingRequest};
 use kvroute_sim::{
-    Engine, KvEvent as SimEvent, PodView, RequestId, RouteFn, SimRequest, StepReport,
+    Engine, KvEvent as SimEvent, PREFILL_ID_BIT, PodView, RequestId, RouteFn, SimRequest,
+    StepReport,
 };
 use kvroute_tokens::{BlockHasher, ExtraKeys};
 
@@ -179,6 +180,8 @@ pub struct PolicyRouter {
     dynamo: Option<DynamoCost>,
     endpoints: Arc<Vec<Arc<EndpointState>>>,
     claims: HashMap<RequestId, InFlightGuard>,
+    /// The prefill pod of the last decision, when it was disaggregated.
+    prefill: Option<usize>,
     /// Scrapes of the pods' `/metrics` as `kvroute serve` takes them: every `.0` simulated
     /// microseconds, the next at `.1`.
     scrape: Option<(u64, u64)>,
@@ -201,13 +204,38 @@ impl PolicyRouter {
     /// A router over `pods` pods (endpoint `pod-0000` is pod 0, and so on) whose engines
     /// cache blocks of `block_size` tokens.
     pub fn new(policy: Policy, pods: usize, block_size: usize) -> Self {
+        Self::with_roles(policy, pods, block_size, 0, None)
+    }
+
+    /// [`PolicyRouter::new`] over a pool whose first `prefill_pods` pods compute prompts
+    /// and whose others decode (`llm-d.ai/role`); kvroute's policies then route as
+    /// `deploy/config/kvroute-pd.yaml` does (or as `config` says, when given), the others as
+    /// over any pool.
+    ///
+    /// # Panics
+    /// When `config` does not build: the caller checks it first
+    /// ([`PolicyRouter::check_config`]).
+    pub fn with_roles(
+        policy: Policy,
+        pods: usize,
+        block_size: usize,
+        prefill_pods: usize,
+        config: Option<&'static str>,
+    ) -> Self {
         let registry = Registry::new();
         registry.replace(
             (0..pods)
                 .map(|i| Endpoint {
                     id: EndpointId::new(format!("pod-{i:04}")),
                     address: ([10, 0, (i >> 8) as u8, (i & 0xff) as u8], 8000).into(),
-                    labels: Default::default(),
+                    labels: match prefill_pods {
+                        0 => Default::default(),
+                        p => [(
+                            "llm-d.ai/role".to_owned(),
+                            if i < p { "prefill" } else { "decode" }.to_owned(),
+                        )]
+                        .into(),
+                    },
                     rank: 0,
                 })
                 .collect(),
@@ -226,6 +254,8 @@ impl PolicyRouter {
         let mut ctx = BuildContext::new(block_size);
         ctx.precise_index = events.as_ref().map(|feed| Arc::clone(&feed.index));
         let config = match policy {
+            Policy::KvrouteApprox | Policy::Kvroute if config.is_some() => config,
+            Policy::KvrouteApprox | Policy::Kvroute if prefill_pods > 0 => Some(DEFAULT_PD),
             Policy::ApproxPrefix => Some(APPROX_PREFIX),
             Policy::PrecisePrefix if events.is_some() => Some(PRECISE_PREFIX),
             Policy::KvrouteApprox => Some(DEFAULT_APPROX),
@@ -233,7 +263,7 @@ impl PolicyRouter {
             _ => None,
         };
         // The same configurations and plugin code `kvroute serve` runs; these are fixed
-        // texts, so failing to build one is a bug in this crate.
+        // texts (or one `check_config` accepted), so failing to build one is a bug.
         let scheduler = match policy {
             Policy::LeastLoad => Some(Scheduler::least_in_flight(0)),
             _ => config.map(|text| {
@@ -253,10 +283,22 @@ impl PolicyRouter {
             dynamo: (policy == Policy::DynamoKv).then(|| DynamoCost::new(pods, block_size)),
             endpoints,
             claims: HashMap::new(),
+            prefill: None,
             scrape: None,
             decision_ns: Vec::new(),
             busy_us: vec![0; pods],
         }
+    }
+
+    /// Whether `config` builds for kvroute's policies (with and without KV events), and
+    /// why not.
+    pub fn check_config(config: &str, block_size: usize) -> Result<(), String> {
+        let mut ctx = BuildContext::new(block_size);
+        ctx.precise_index = Some(Arc::new(Shared::new(PrefixIndex::new())));
+        EndpointPickerConfig::parse(config)
+            .and_then(|c| c.build(&ctx))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     /// The same router, knowing that each pod's KV cache holds `tokens` (as a scrape of
@@ -383,15 +425,23 @@ impl PolicyRouter {
         let Ok(decision) = decided else {
             return 0;
         };
+        let position = |e: &Arc<EndpointState>| {
+            self.endpoints
+                .iter()
+                .position(|x| Arc::ptr_eq(x, e))
+                .unwrap_or(0)
+        };
         let primary = decision.primary();
+        self.prefill = decision.prefill().map(|(e, tokens)| {
+            self.claims
+                .insert(request.id | PREFILL_ID_BIT, e.acquire_with_prefill(tokens));
+            position(e)
+        });
         self.claims.insert(
             request.id,
             primary.acquire_with_prefill(decision.prefill_tokens()),
         );
-        self.endpoints
-            .iter()
-            .position(|e| Arc::ptr_eq(e, primary))
-            .unwrap_or(0)
+        position(primary)
     }
 }
 
@@ -446,6 +496,10 @@ impl RouteFn for PolicyRouter {
             return pod;
         }
         self.pick(now_us, request, pods)
+    }
+
+    fn take_prefill(&mut self) -> Option<usize> {
+        self.prefill.take()
     }
 
     fn observe(&mut self, _now_us: u64, pod: usize, report: &StepReport) {

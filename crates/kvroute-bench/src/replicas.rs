@@ -18,6 +18,13 @@ pub struct Deployment {
     /// milliseconds, its first read offset by its place among the replicas; `None`: the
     /// router's own in-flight counts only.
     pub scrape_ms: Option<u64>,
+    /// Pods that only compute prompts (the first this many; the rest decode), with
+    /// kvroute's policies routing as `deploy/config/kvroute-pd.yaml` does; 0: every pod
+    /// serves requests whole.
+    pub prefill_pods: usize,
+    /// The routing configuration kvroute's policies run instead of the shipped one for the
+    /// pool (`kvroute bench --config`).
+    pub config: Option<&'static str>,
 }
 
 impl Default for Deployment {
@@ -25,6 +32,8 @@ impl Default for Deployment {
         Self {
             replicas: 1,
             scrape_ms: None,
+            prefill_pods: 0,
+            config: None,
         }
     }
 }
@@ -34,6 +43,8 @@ impl Default for Deployment {
 pub struct Replicas {
     routers: Vec<PolicyRouter>,
     next: usize,
+    /// The replica that took the last request.
+    last: usize,
     /// (request, other replica) pairs compared: every request, once per replica that did
     /// not receive it.
     pub compared: u64,
@@ -49,8 +60,14 @@ impl Replicas {
         let capacity = (profile.kv_blocks * profile.block_size) as u64;
         let routers = (0..n)
             .map(|i| {
-                let router =
-                    PolicyRouter::new(policy, pods, profile.block_size).with_pod_capacity(capacity);
+                let router = PolicyRouter::with_roles(
+                    policy,
+                    pods,
+                    profile.block_size,
+                    deployment.prefill_pods,
+                    deployment.config,
+                )
+                .with_pod_capacity(capacity);
                 match deployment.scrape_ms {
                     Some(ms) => {
                         let every = ms * 1000;
@@ -63,6 +80,7 @@ impl Replicas {
         Self {
             routers,
             next: 0,
+            last: 0,
             compared: 0,
             agreed: 0,
         }
@@ -100,6 +118,7 @@ impl RouteFn for Replicas {
         engines: &[Engine],
     ) -> usize {
         let chosen = self.next;
+        self.last = chosen;
         self.next = (self.next + 1) % self.routers.len();
         let pod = self.routers[chosen].route_with_engines(now_us, request, pods, engines);
         for (i, other) in self.routers.iter_mut().enumerate() {
@@ -112,6 +131,10 @@ impl RouteFn for Replicas {
             }
         }
         pod
+    }
+
+    fn take_prefill(&mut self) -> Option<usize> {
+        self.routers[self.last].take_prefill()
     }
 
     fn observe(&mut self, now_us: u64, pod: usize, report: &StepReport) {
@@ -133,6 +156,7 @@ mod tests {
         let deployment = Deployment {
             replicas: 2,
             scrape_ms: Some(50),
+            ..Deployment::default()
         };
         let profile = Profile::h100_llama31_8b().with_block_size(512);
         let mut r = Replicas::new(Policy::Kvroute, 4, &profile, deployment);

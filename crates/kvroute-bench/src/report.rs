@@ -119,6 +119,24 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     Some(sorted[((sorted.len() - 1) as f64 * p).round() as usize])
 }
 
+/// Bandwidth of the KV transfer between a prefill and a decode pod (NIXL over one 200 Gb/s
+/// RDMA NIC, about 25 GB/s delivered).
+const KV_TRANSFER_BYTES_PER_US: f64 = 25_000.0;
+
+/// Microseconds to move one prompt token's KV between pods of `profile`: its KV bytes per
+/// token (2 × layers × KV heads × head dim × 2 bytes, bf16) over the link. 0 for profiles
+/// of unknown shape (the tiny test profile).
+fn kv_transfer_us_per_token(profile: &Profile) -> f64 {
+    let bytes: f64 = match profile.name {
+        // Llama 3.1 8B: 32 layers, 8 KV heads of 128.
+        "h100-llama3.1-8b" => 2.0 * 32.0 * 8.0 * 128.0 * 2.0,
+        // Llama 3.1 70B: 80 layers, 8 KV heads of 128.
+        "mi300x-llama3.1-70b-tp4" => 2.0 * 80.0 * 8.0 * 128.0 * 2.0,
+        _ => 0.0,
+    };
+    bytes / KV_TRANSFER_BYTES_PER_US
+}
+
 /// Replays `trace` under `load` through `pods` simulated pods of `profile` under `policy`,
 /// one router that knows only its own decisions.
 pub fn run(
@@ -142,7 +160,8 @@ pub fn run_deployed(
 ) -> PolicyReport {
     let started = Instant::now();
     let mut router = Replicas::new(policy, pods, profile, deployment);
-    let mut cluster = Cluster::new(profile, pods, policy.uses_events());
+    let mut cluster = Cluster::new(profile, pods, policy.uses_events())
+        .with_transfer_us_per_token(kv_transfer_us_per_token(profile));
     let results = match load {
         Load::Open { speedup, copies } => {
             cluster.run(arrivals(trace, speedup, copies), &mut router)

@@ -35,6 +35,8 @@ pub const API_VERSIONS: [&str; 2] = [
 pub const DEFAULT_APPROX: &str = include_str!("../../../deploy/config/kvroute.yaml");
 /// kvroute's default configuration for a pool that publishes KV events.
 pub const DEFAULT_PRECISE: &str = include_str!("../../../deploy/config/kvroute-precise.yaml");
+/// kvroute's configuration for a pool split into prefill and decode pods.
+pub const DEFAULT_PD: &str = include_str!("../../../deploy/config/kvroute-pd.yaml");
 /// Fewest requests in flight, nothing else.
 pub const LEAST_IN_FLIGHT: &str = include_str!("../../../deploy/config/least-in-flight.yaml");
 

@@ -14,7 +14,7 @@ use crate::cycle::{Candidates, CycleState};
 use crate::plugins::handler::SingleProfileHandler;
 use crate::plugins::load::LoadScorer;
 use crate::plugins::pickers::MaxScorePicker;
-use crate::{BodyUse, Decision, Plugin, ScheduleError, SchedulingRequest};
+use crate::{BodyUse, Decision, Plugin, PrefillChoice, ScheduleError, SchedulingRequest};
 
 /// A scheduling profile: filters, then weighted scorers summed per candidate, then a
 /// picker.
@@ -278,8 +278,18 @@ impl Scheduler {
             // A pod that does both parts computes the prompt where it decodes.
             Ok((prefill, _)) if prefill == pos => Ok(decision),
             Ok((prefill, _)) => {
-                let tokens = prompt - cycle.state.cached_tokens(&[], prefill, prompt);
-                Ok(decision.with_prefill(Arc::clone(&endpoints[prefill]), tokens))
+                let prefill_cached = cycle.state.cached_tokens(&[], prefill, prompt);
+                let choice = PrefillChoice {
+                    prompt_tokens: prompt,
+                    decode: &endpoints[pos],
+                    decode_cached: cached,
+                    prefill: &endpoints[prefill],
+                    prefill_cached,
+                };
+                if !stage.decider.decider().is_some_and(|d| d.confirm(&choice)) {
+                    return Ok(decision);
+                }
+                Ok(decision.with_prefill(Arc::clone(&endpoints[prefill]), prompt - prefill_cached))
             }
             Err(e) => self.run_whole(fallback.ok_or(e)?, request, endpoints, cycle, turn),
         }

@@ -25,7 +25,8 @@ pub use config::{BuildContext, ConfigError, EndpointPickerConfig};
 pub use cycle::{Candidates, CycleState, PrefixInfo, SlotId};
 pub use framework::{Profile, Scheduler, SchedulerHandle};
 pub use plugin::{
-    BodyUse, Decider, Filter, Picker, Plugin, PrefillStageNames, Producer, ProfileHandler, Scorer,
+    BodyUse, Decider, Filter, Picker, Plugin, PrefillChoice, PrefillStageNames, Producer,
+    ProfileHandler, Scorer,
 };
 pub use plugins::precise::Tokenizers;
 

@@ -176,4 +176,26 @@ pub trait Decider: Send + Sync {
         prompt_tokens: u64,
         cached_tokens: u64,
     ) -> bool;
+
+    /// Once the prefill profile has chosen its endpoint: whether moving the prompt there
+    /// still pays. By default it does.
+    fn confirm(&self, _choice: &PrefillChoice<'_>) -> bool {
+        true
+    }
+}
+
+/// A prefill endpoint chosen for a request, beside its decode endpoint (see
+/// [`Decider::confirm`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PrefillChoice<'a> {
+    /// The prompt's length in tokens.
+    pub prompt_tokens: u64,
+    /// The decode endpoint.
+    pub decode: &'a EndpointState,
+    /// Prompt tokens the decode endpoint holds cached.
+    pub decode_cached: u64,
+    /// The prefill endpoint.
+    pub prefill: &'a EndpointState,
+    /// Prompt tokens the prefill endpoint holds cached.
+    pub prefill_cached: u64,
 }

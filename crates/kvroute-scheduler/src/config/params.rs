@@ -17,6 +17,7 @@ use crate::plugins::active::{ActiveRequestScorer, NoHitLruScorer};
 use crate::plugins::filters::{LabelSelectorFilter, RoleFilter, Selector};
 use crate::plugins::handler::{
     AlwaysDisaggDecider, DisaggProfileHandler, PrefixBasedDecider, SingleProfileHandler,
+    TtftPdDecider,
 };
 use crate::plugins::load::LoadScorer;
 use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
@@ -67,6 +68,7 @@ plugin_types! {
     DisaggProfileHandler => "disagg-profile-handler",
     PrefixBasedPdDecider => "prefix-based-pd-decider",
     AlwaysDisaggPdDecider => "always-disagg-pd-decider",
+    TtftPdDecider => "ttft-pd-decider",
     LabelSelectorFilter => "label-selector-filter",
     PrefillFilter => "prefill-filter",
     DecodeFilter => "decode-filter",
@@ -372,6 +374,17 @@ pub(crate) struct PdDeciderParams {
     prompt_tokens: Option<i64>,
 }
 
+/// `ttft-pd-decider` (kvroute's).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct TtftPdParams {
+    /// Uncached prompt tokens from which a prompt may move (default 2,048; 0 turns it off).
+    non_cached_tokens: Option<i64>,
+    /// How much later than on the decode pod itself the prefill pod may start the prompt
+    /// (default 1.5).
+    max_ttft_ratio: Option<f64>,
+}
+
 /// A plugin type without parameters.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -395,6 +408,7 @@ pub(crate) enum Params {
     Session(SessionParams),
     Disagg(DisaggParams),
     PdDecider(PdDeciderParams),
+    TtftPd(TtftPdParams),
     None(NoParams),
 }
 
@@ -431,6 +445,7 @@ impl<'de> DeserializeSeed<'de> for ParamsSeed {
             T::SessionAffinityScorer => Params::Session(or_default(d)?),
             T::DisaggProfileHandler => Params::Disagg(or_default(d)?),
             T::PrefixBasedPdDecider => Params::PdDecider(or_default(d)?),
+            T::TtftPdDecider => Params::TtftPd(or_default(d)?),
             T::SingleProfileHandler
             | T::AlwaysDisaggPdDecider
             | T::PrefillFilter
@@ -791,6 +806,23 @@ pub(super) fn build(
             Arc::new(PrefixBasedDecider::new(non_cached, prompt))
         }
         (Params::None(_), T::AlwaysDisaggPdDecider) => Arc::new(AlwaysDisaggDecider),
+        (Params::TtftPd(p), t) => {
+            let unavailable = |reason: String| ConfigError::Unavailable {
+                name: name.to_owned(),
+                plugin_type: t.as_str(),
+                reason,
+            };
+            let non_cached = p.non_cached_tokens.unwrap_or(2048);
+            let non_cached = u64::try_from(non_cached)
+                .map_err(|_| unavailable(format!("nonCachedTokens {non_cached} is negative")))?;
+            let ratio = p.max_ttft_ratio.unwrap_or(1.5);
+            if !(ratio.is_finite() && ratio > 0.0) {
+                return Err(unavailable(format!(
+                    "maxTtftRatio {ratio} is not a positive number"
+                )));
+            }
+            Arc::new(TtftPdDecider::new(non_cached, ratio))
+        }
         (Params::None(_), T::LoraAffinityScorer) => {
             Arc::new(LoraAffinityScorer::new(ctx.staleness))
         }

@@ -520,7 +520,7 @@ schedulingProfiles:
         .unwrap();
     assert_eq!(d.fallbacks().len(), 1, "weighted-random-picker returns two");
     // Disaggregation's handler and deciders are covered by the P/D tests below.
-    let pd = [PD, "type: always-disagg-pd-decider"].concat();
+    let pd = [PD, "type: always-disagg-pd-decider", DEFAULT_PD].concat();
     for t in PluginType::ALL {
         assert!(
             yaml.contains(&format!("type: {}", t.as_str()))
@@ -737,4 +737,51 @@ fn a_wrong_disaggregation_configuration_is_refused_with_its_reason() {
     assert!(e.contains("encode"), "{e}");
     let e = err(&PD.replace("nonCachedTokens: 256", "nonCachedTokens: -1"));
     assert!(e.contains("nonCachedTokens") && e.contains("line "), "{e}");
+}
+
+/// kvroute's `ttft-pd-decider` (the shipped P/D profile's): a long cold prompt moves to an
+/// idle prefill pod, and stays on its decode pod when every prefill pod has more than
+/// `maxTtftRatio` times the decode pod's predicted wait queued.
+#[test]
+fn the_ttft_decider_keeps_prompts_home_when_prefill_pods_fall_behind() {
+    let reg = pd_pool();
+    let s = build(DEFAULT_PD, &BuildContext::new(16)).unwrap();
+    let hints = RequestHints::default();
+    let decide = |text: String| {
+        let req = request(Prompt::Text(text));
+        s.schedule(&SchedulingRequest::new(Some(&req), &hints), &reg.snapshot())
+            .unwrap()
+    };
+    // About 3,000 tokens, over the 2,048-token threshold.
+    let doc = |n: usize| format!("{n:04} ") + &"a long document on routing. ".repeat(440);
+    let d = decide(doc(0));
+    let (prefill, _) = d
+        .prefill()
+        .expect("idle prefill pods take a long cold prompt");
+    assert!([1, 2].contains(&prefill.address().port()));
+    // Both prefill pods now have 10 prompts of that size queued, the decode pods none.
+    let held: Vec<_> = reg
+        .snapshot()
+        .iter()
+        .filter(|e| e.address().port() <= 2)
+        .map(|e| e.acquire_with_prefill(30_000))
+        .collect();
+    let d = decide(doc(1));
+    assert!(d.prefill().is_none(), "{d:?}");
+    assert!(d.prefill_tokens() > 2_048, "computed where it decodes");
+    drop(held);
+    assert!(decide(doc(2)).prefill().is_some());
+    // Its parameters are checked.
+    for (bad, what) in [
+        ("maxTtftRatio: 1.5", "maxTtftRatio: 0"),
+        ("nonCachedTokens: 2048", "nonCachedTokens: -5"),
+    ] {
+        let e = build(&DEFAULT_PD.replace(bad, what), &BuildContext::new(16))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(what.split(':').next().unwrap()) && e.contains("line "),
+            "{e}"
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! Profile handlers, and the deciders of disaggregated serving.
 
 use crate::{
-    BodyUse, Decider, Plugin, PrefillStageNames, Profile, ProfileHandler, SchedulingRequest,
+    BodyUse, Decider, Plugin, PrefillChoice, PrefillStageNames, Profile, ProfileHandler,
+    SchedulingRequest,
 };
 
 /// Runs the one configured profile (`single-profile-handler`).
@@ -146,5 +147,52 @@ impl Plugin for AlwaysDisaggDecider {
 impl Decider for AlwaysDisaggDecider {
     fn disaggregate(&self, _: &SchedulingRequest<'_>, _: u64, _: u64) -> bool {
         true
+    }
+}
+
+/// kvroute's own decider (`ttft-pd-decider`): as `prefix-based-pd-decider` (at least
+/// `nonCachedTokens` of the prompt missing on the decode pod), and only while the chosen
+/// prefill pod would start the prompt no later than `maxTtftRatio` times what the decode pod
+/// would take to compute it itself, by the time-to-first-token model of `ttft-scorer`
+/// (prefill queued there plus the part of the prompt it lacks). Moving prompts to prefill
+/// pods spares decode pods' running requests the prefill steps; when the prefill pods fall
+/// behind, a prompt is computed where it decodes instead of waiting in their queue.
+#[derive(Debug)]
+pub(crate) struct TtftPdDecider {
+    threshold: PrefixBasedDecider,
+    max_ratio: f64,
+}
+
+impl TtftPdDecider {
+    pub(crate) fn new(non_cached_tokens: u64, max_ratio: f64) -> Self {
+        Self {
+            threshold: PrefixBasedDecider::new(non_cached_tokens, 0),
+            max_ratio,
+        }
+    }
+}
+
+impl Plugin for TtftPdDecider {
+    fn type_name(&self) -> &'static str {
+        "ttft-pd-decider"
+    }
+
+    fn decider(&self) -> Option<&dyn Decider> {
+        Some(self)
+    }
+}
+
+impl Decider for TtftPdDecider {
+    fn disaggregate(&self, request: &SchedulingRequest<'_>, prompt: u64, cached: u64) -> bool {
+        self.threshold.disaggregate(request, prompt, cached)
+    }
+
+    fn confirm(&self, c: &PrefillChoice<'_>) -> bool {
+        let predicted = |backlog: u64, cached: u64| {
+            backlog as f64 + c.prompt_tokens.saturating_sub(cached) as f64 + 1.0
+        };
+        let remote = predicted(c.prefill.prefill_backlog(), c.prefill_cached);
+        let local = predicted(c.decode.prefill_backlog(), c.decode_cached);
+        remote <= self.max_ratio * local
     }
 }

@@ -74,6 +74,9 @@ pub struct PolicyReport {
     pub ttft_cdf_ms: Vec<f64>,
     /// Mean time per output token after the first.
     pub tpot_mean_ms: f64,
+    /// 90th percentile over requests of their time per output token after the first: how
+    /// much prefills sharing a pod's steps slow its running requests down.
+    pub tpot_p90_ms: f64,
     /// End-to-end latency, median.
     pub e2e_p50_ms: f64,
     /// End-to-end latency, 99th percentile.
@@ -191,11 +194,12 @@ pub fn run_deployed(
         .filter_map(|r| Some(ms(r.finish_us? - r.arrival_us)))
         .collect();
     e2e.sort_by(f64::total_cmp);
-    let tpot: Vec<f64> = done
+    let mut tpot: Vec<f64> = done
         .iter()
         .filter(|r| r.output_tokens > 1)
         .filter_map(|r| Some(ms(r.finish_us? - r.first_token_us?) / (r.output_tokens - 1) as f64))
         .collect();
+    tpot.sort_by(f64::total_cmp);
     let first = results.iter().map(|r| r.arrival_us).min().unwrap_or(0);
     let last = done
         .iter()
@@ -223,6 +227,7 @@ pub fn run_deployed(
             .map(|p| pct(&ttft, f64::from(p) / 100.0))
             .collect(),
         tpot_mean_ms: tpot.iter().sum::<f64>() / tpot.len().max(1) as f64,
+        tpot_p90_ms: pct(&tpot, 0.9),
         e2e_p50_ms: pct(&e2e, 0.5),
         e2e_p99_ms: pct(&e2e, 0.99),
         output_tokens_per_s: output as f64 / span_s,

@@ -20,7 +20,7 @@ use crate::plugins::load::LoadScorer;
 use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use crate::plugins::pod_load::{LoadAwareScorer, LoraAffinityScorer, PodLoadScorer, Signal};
 use crate::plugins::precise::TokenProducer;
-use crate::plugins::session::{SESSION_TOKEN_HEADER, SessionAffinityScorer, Strategy};
+use crate::plugins::session::{Role, SESSION_TOKEN_HEADER, SessionAffinity, Strategy};
 use crate::plugins::ttft::TtftScorer;
 use crate::{Plugin, SlotId};
 
@@ -76,6 +76,7 @@ plugin_types! {
     NoHitLruScorer => "no-hit-lru-scorer",
     TokenProducer => "token-producer",
     SessionAffinityScorer => "session-affinity-scorer",
+    SessionAffinityFilter => "session-affinity-filter",
     LoadScorer => "load-scorer",
     TtftScorer => "ttft-scorer",
 }
@@ -288,13 +289,16 @@ pub(crate) struct TokenProducerParams {
     _uds_tokenizer_config: Option<de::IgnoredAny>,
 }
 
-/// `session-affinity-scorer`.
+/// `session-affinity-scorer` and `session-affinity-filter` (upstream gives both the same
+/// parameters).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct SessionParams {
     /// `encoded_endpoint_header` (default) or `session_id`.
     strategy: Option<String>,
     encoded_endpoint_header_config: Option<HeaderConfig>,
+    /// The filter's header as upstream's earlier releases named it.
+    header_name: Option<String>,
     session_id_config: Option<SessionIdConfig>,
     /// Upstream names the profile whose pick the token carries; kvroute has one profile
     /// running per request.
@@ -382,7 +386,7 @@ impl<'de> DeserializeSeed<'de> for ParamsSeed {
             T::ActiveRequestScorer => Params::ActiveRequest(or_default(d)?),
             T::NoHitLruScorer => Params::NoHitLru(or_default(d)?),
             T::TokenProducer => Params::Token(or_default(d)?),
-            T::SessionAffinityScorer => Params::Session(or_default(d)?),
+            T::SessionAffinityScorer | T::SessionAffinityFilter => Params::Session(or_default(d)?),
             T::SingleProfileHandler
             | T::PrefillFilter
             | T::DecodeFilter
@@ -463,9 +467,9 @@ fn own_producer(
     })
 }
 
-/// `session-affinity-scorer` from its parameters: kvroute reads the two headers upstream
-/// defaults to (others would need the ext_proc server to pass every header through).
-fn session_scorer(
+/// `session-affinity-scorer` or `-filter` from its parameters: kvroute reads the two headers
+/// upstream defaults to (others would need the ext_proc server to pass every header through).
+fn session_affinity(
     p: &SessionParams,
     name: &str,
     t: PluginType,
@@ -484,7 +488,9 @@ fn session_scorer(
         .encoded_endpoint_header_config
         .as_ref()
         .and_then(|c| c.header.as_deref())
-        .filter(|h| !h.trim().eq_ignore_ascii_case(SESSION_TOKEN_HEADER))
+        .into_iter()
+        .chain(p.header_name.as_deref())
+        .find(|h| !h.trim().eq_ignore_ascii_case(SESSION_TOKEN_HEADER))
     {
         return Err(unavailable(format!(
             "header {h:?}: kvroute reads the session token from {SESSION_TOKEN_HEADER}"
@@ -513,7 +519,12 @@ fn session_scorer(
                 "evictionTtlSeconds {ttl} is not a positive duration"
             ))
         })?;
-    Ok(Arc::new(SessionAffinityScorer::new(strategy, ttl)))
+    let role = if t == PluginType::SessionAffinityFilter {
+        Role::Filter
+    } else {
+        Role::Scorer
+    };
+    Ok(Arc::new(SessionAffinity::new(role, strategy, ttl)))
 }
 
 /// Builds the plugin `spec` describes.
@@ -676,7 +687,7 @@ pub(super) fn build(
             ))
         }
         (Params::Token(_), _) => Arc::new(TokenProducer::new(ctx.tokenizers.clone())),
-        (Params::Session(p), t) => session_scorer(p, name, t)?,
+        (Params::Session(p), t) => session_affinity(p, name, t)?,
         (Params::None(_), T::LoraAffinityScorer) => {
             Arc::new(LoraAffinityScorer::new(ctx.staleness))
         }

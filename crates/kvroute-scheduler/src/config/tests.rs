@@ -463,6 +463,8 @@ plugins:
   parameters:
     strategy: session_id
     sessionIdConfig: {sources: [{header: x-session-id}], evictionTtlSeconds: 300, evictionSweepSeconds: 10}
+- type: session-affinity-filter
+  parameters: {strategy: session_id, sessionIdConfig: {evictionTtlSeconds: 60}}
 - type: load-scorer
   parameters: {headroom: 4}
 - type: label-selector-filter
@@ -484,6 +486,7 @@ schedulingProfiles:
 - name: default
   plugins:
   - {pluginRef: decode-filter}
+  - {pluginRef: session-affinity-filter}
   - {pluginRef: prefix-cache-scorer, weight: 2}
   - {pluginRef: old-style, weight: 1}
   - {pluginRef: precise-prefix-cache-scorer}
@@ -561,4 +564,32 @@ fn failing_endpoints_are_scored_down_then_left_out_unless_nothing_else_is_left()
     seen.sort_unstable();
     seen.dedup();
     assert_eq!(seen, [1, 2, 3]);
+}
+
+/// `session-affinity-filter` reads the scorer's parameters and refuses what kvroute cannot
+/// honour the same way.
+#[test]
+fn the_session_filter_is_configured_as_the_scorer_is() {
+    let ctx = BuildContext::new(16);
+    let with = |params: &str| {
+        build(
+            &format!(
+                "plugins:\n- type: session-affinity-filter\n  parameters: {params}\n- type: queue-scorer\n"
+            ),
+            &ctx,
+        )
+    };
+    let s = with("{}").unwrap();
+    assert_eq!(s.body_use(), BodyUse::None, "the token is a header");
+    with("{headerName: x-session-token}").expect("the earlier releases' parameter");
+    for bad in [
+        "{strategy: cookie}",
+        "{encodedEndpointHeaderConfig: {header: x-other}}",
+        "{strategy: session_id, sessionIdConfig: {sources: [{attribute: agent}]}}",
+        "{strategy: session_id, sessionIdConfig: {evictionTtlSeconds: 0}}",
+        "{headerName: x-other}",
+    ] {
+        let err = with(bad).unwrap_err().to_string();
+        assert!(err.contains("session-affinity-filter"), "{bad}: {err}");
+    }
 }

@@ -159,13 +159,28 @@ pub(crate) struct PreciseParams {
     /// (`--kv-events-port`, `--kv-replay-port`) say, so these are accepted and not read.
     #[serde(rename = "kvEventsConfig")]
     _kv_events_config: Option<de::IgnoredAny>,
-    #[serde(rename = "indexerConfig")]
-    _indexer_config: Option<de::IgnoredAny>,
+    indexer_config: Option<IndexerConfig>,
     #[serde(rename = "speculativeIndexing")]
     _speculative_indexing: Option<bool>,
     #[serde(rename = "speculativeTTL")]
     _speculative_ttl: Option<String>,
     prefix_match_info_producer_name: Option<String>,
+}
+
+/// Upstream's `indexerConfig`: kvroute reads the tier weights; the index backend and its
+/// sizes are kvroute's own (the other fields are accepted and not read).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IndexerConfig {
+    kv_cache_backend_configs: Option<Vec<BackendConfig>>,
+}
+
+/// One `kvCacheBackendConfigs` entry: the weight of a block held on a medium.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendConfig {
+    name: String,
+    weight: f64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -527,6 +542,58 @@ fn session_affinity(
     Ok(Arc::new(SessionAffinity::new(role, strategy, ttl)))
 }
 
+/// Upstream's default `kvCacheBackendConfigs` (`pkg/kvcache/backend.go`) as kvroute's tiers
+/// `[GPU, CPU, other]`: `gpu` 1.0; `cpu` and `lmcache-l1` (LMCache's host-memory tier) 0.8;
+/// a medium with no entry counts 1.0 (upstream's `DefaultBackendWeight`).
+pub(crate) const DEFAULT_TIER_WEIGHTS: [f64; 3] = [1.0, 0.8, 1.0];
+
+/// The tier weights of a precise plugin's `indexerConfig.kvCacheBackendConfigs`, by medium
+/// name as the events' `medium` maps to kvroute's tiers (`kvroute_events::Medium::tier`):
+/// `gpu`, then `cpu` or `lmcache-l1`, then any other. Two names of one tier must agree.
+fn tier_weights(p: &PreciseParams, name: &str, t: PluginType) -> Result<[f64; 3], ConfigError> {
+    let unavailable = |reason: String| ConfigError::Unavailable {
+        name: name.to_owned(),
+        plugin_type: t.as_str(),
+        reason,
+    };
+    let Some(backends) = p
+        .indexer_config
+        .as_ref()
+        .and_then(|c| c.kv_cache_backend_configs.as_ref())
+    else {
+        return Ok(DEFAULT_TIER_WEIGHTS);
+    };
+    let mut weights = DEFAULT_TIER_WEIGHTS;
+    let mut set: [Option<(&str, f64)>; 3] = [None; 3];
+    for b in backends {
+        if !(b.weight.is_finite() && b.weight >= 0.0) {
+            return Err(unavailable(format!(
+                "kvCacheBackendConfigs {:?}: weight {} is not a number of at least 0",
+                b.name, b.weight
+            )));
+        }
+        let medium = b.name.trim();
+        let tier = if medium.eq_ignore_ascii_case("gpu") {
+            0
+        } else if medium.eq_ignore_ascii_case("cpu") || medium.eq_ignore_ascii_case("lmcache-l1") {
+            1
+        } else {
+            2
+        };
+        if let Some((other, w)) = set[tier]
+            && w != b.weight
+        {
+            return Err(unavailable(format!(
+                "kvCacheBackendConfigs {other:?} ({w}) and {:?} ({}): kvroute indexes both media as one tier, give them one weight",
+                b.name, b.weight
+            )));
+        }
+        set[tier] = Some((medium, b.weight));
+        weights[tier] = b.weight;
+    }
+    Ok(weights)
+}
+
 /// Builds the plugin `spec` describes.
 pub(super) fn build(
     spec: &PluginSpec,
@@ -612,8 +679,12 @@ pub(super) fn build(
                 .as_deref()
                 .map(|n| resolve(&from, n))
                 .transpose()?;
+            let weights = tier_weights(p, name, t)?;
             let own = match own_slot.filter(|_| named.is_none()) {
-                Some(slot) => Some((slot, precise_producer(ctx, name, t, slot, block_size)?)),
+                Some(slot) => Some((
+                    slot,
+                    precise_producer(ctx, name, t, slot, block_size, weights)?,
+                )),
                 None => None,
             };
             if t == T::PrecisePrefixCacheProducer {

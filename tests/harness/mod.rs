@@ -853,6 +853,7 @@ pub async fn two_pods(
             encoding: kvroute_sim::wire::EventEncoding::Map,
             tokenizer: tokenizer.clone(),
             chat_template: chat_template.clone(),
+            lora_adapters: Vec::new(),
         }
     };
     for _ in 0..10 {
@@ -917,6 +918,7 @@ pub async fn sim_pod_ports(
             encoding: kvroute_sim::wire::EventEncoding::Map,
             tokenizer: None,
             chat_template: None,
+            lora_adapters: Vec::new(),
         },
         stop,
     )

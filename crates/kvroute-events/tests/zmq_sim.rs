@@ -71,6 +71,7 @@ async fn start_sim_on(
             encoding,
             tokenizer: None,
             chat_template: None,
+            lora_adapters: Vec::new(),
         },
         stop.clone(),
     )

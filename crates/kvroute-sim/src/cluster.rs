@@ -299,6 +299,7 @@ mod tests {
             id: 0,
             prompt: PromptTokens::Explicit(Arc::from(tokens)),
             max_tokens,
+            lora: None,
         }
     }
 

@@ -716,8 +716,7 @@ async fn generate(shared: &Shared, api: ApiKind, parsed: &InferenceRequest) -> R
     let lora = shared
         .config
         .lora_adapters
-        .iter()
-        .any(|a| *a == parsed.model)
+        .contains(&parsed.model)
         .then(|| Arc::from(parsed.model.as_str()));
     let req = SimRequest {
         id,

@@ -43,9 +43,18 @@ pub(crate) struct BenchArgs {
     /// with vLLM's 16).
     #[arg(long, default_value_t = 512)]
     block_size: usize,
+    /// LoRA adapters each pod's batch may use at once (vLLM's `--max-loras`); requests for
+    /// others wait, and each adapter not on the GPU costs a load. Needed by `--workload
+    /// lora`.
+    #[arg(long, default_value_t = 0)]
+    max_loras: usize,
+    /// Tokens of host memory per pod that blocks evicted from the GPU move to (vLLM's CPU
+    /// offloading): a second, slower tier, announced in the pods' KV events.
+    #[arg(long, default_value_t = 0)]
+    cpu_offload_tokens: usize,
     /// Policies to compare, comma-separated, or `all`: round-robin, random, least-load,
     /// sglang-cache-aware, dynamo-kv, approx-prefix, precise-prefix, kvroute-approx,
-    /// kvroute.
+    /// kvroute, kvroute-lora, oracle.
     #[arg(long, default_value = "all")]
     policies: String,
     /// Divide the trace's arrival times by this (load goes up).
@@ -113,6 +122,9 @@ enum WorkloadKind {
     LongRevisits,
     /// A new 8k-token document, then 7 more questions on it within 50 ms.
     SiblingBursts,
+    /// 48 LoRA adapters of Zipf popularity, fresh 0.5k–2k-token prompts sharing nothing
+    /// (with `--max-loras`).
+    Lora,
 }
 
 impl WorkloadKind {
@@ -139,6 +151,10 @@ impl WorkloadKind {
                 siblings: 8,
                 window_ms: 50,
             },
+            Self::Lora => Workload::Lora {
+                adapters: 48,
+                units: 4,
+            },
         }
     }
 }
@@ -146,7 +162,13 @@ impl WorkloadKind {
 pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     let profile = Profile::named(&args.profile)
         .with_context(|| format!("unknown profile {:?}", args.profile))?
-        .with_block_size(args.block_size);
+        .with_block_size(args.block_size)
+        .with_max_loras(args.max_loras)
+        .with_cpu_offload_tokens(args.cpu_offload_tokens);
+    anyhow::ensure!(
+        !matches!(args.workload, Some(WorkloadKind::Lora)) || args.max_loras > 0,
+        "--workload lora needs --max-loras (the adapters a pod's batch may use at once)"
+    );
     anyhow::ensure!(args.pods > 0, "--pods must be at least 1");
     anyhow::ensure!(args.speedup > 0.0, "--speedup must be positive");
     anyhow::ensure!(args.replicas > 0, "--replicas must be at least 1");
@@ -239,6 +261,15 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
             ", {} prefill and {} decode pods",
             args.prefill_pods,
             args.pods - args.prefill_pods
+        ));
+    }
+    if profile.max_loras > 0 {
+        title.push_str(&format!(", {} LoRA slots a pod", profile.max_loras));
+    }
+    if profile.cpu_blocks > 0 {
+        title.push_str(&format!(
+            ", {} tokens of CPU offload a pod",
+            profile.cpu_blocks * profile.block_size
         ));
     }
     let mut out = table(&title, &reports);
@@ -559,6 +590,40 @@ mod tests {
         assert!(highest_within(|f| f, |_| false).is_none());
         // Within at every load tried: the last doubling.
         assert_eq!(highest_within(|f| f, |_| true).map(|(f, _)| f), Some(128.0));
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn bench(args: &[&str]) -> anyhow::Result<()> {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))?;
+        run_bench(&cli.bench)
+    }
+
+    /// The LoRA workload names adapters, so the pods must have slots for them.
+    #[test]
+    fn the_lora_workload_needs_adapter_slots() {
+        let err = bench(&["--workload", "lora", "--requests", "20"]).unwrap_err();
+        assert!(err.to_string().contains("--max-loras"), "{err}");
+        bench(&[
+            "--workload",
+            "lora",
+            "--requests",
+            "20",
+            "--pods",
+            "2",
+            "--max-loras",
+            "1",
+            "--cpu-offload-tokens",
+            "100000",
+            "--policies",
+            "round-robin,kvroute-lora",
+        ])
+        .unwrap();
     }
 
     #[test]

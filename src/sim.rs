@@ -47,6 +47,21 @@ pub(crate) struct SimArgs {
     /// there is one); without it text is tokenized by 4-byte chunks.
     #[arg(long)]
     tokenizer: Option<std::path::PathBuf>,
+    /// LoRA adapters served, comma-separated: a request whose `model` names one runs with
+    /// it (its blocks rooted at it, as vLLM's are).
+    #[arg(long, value_delimiter = ',')]
+    lora_adapters: Vec<String>,
+    /// Adapters a step's batch may use at once (vLLM's `--max-loras`); requests for others
+    /// wait. Each adapter not yet on the GPU costs a load.
+    #[arg(long, default_value_t = 1)]
+    max_loras: usize,
+    /// Milliseconds to load an adapter into the GPU (default: the profile's, 25).
+    #[arg(long)]
+    lora_load_ms: Option<f64>,
+    /// Tokens of host memory that blocks evicted from the GPU move to (vLLM's CPU
+    /// offloading); 0: none. Hits there are copied back instead of recomputed.
+    #[arg(long, default_value_t = 0)]
+    cpu_offload_tokens: usize,
     /// Its part in prefill/decode disaggregation: `decode` and `both` honour
     /// `x-prefiller-host-port` as llm-d's routing sidecar does (the prefill pod computes the
     /// prompt, its KV comes over, this pod decodes); `prefill` serves what it is sent.
@@ -84,6 +99,23 @@ pub(crate) async fn run(args: SimArgs) -> anyhow::Result<()> {
         args.kv_transfer_us_per_token.is_finite() && args.kv_transfer_us_per_token >= 0.0,
         "--kv-transfer-us-per-token must be a number of at least 0"
     );
+    let mut profile = profile.with_cpu_offload_tokens(args.cpu_offload_tokens);
+    if !args.lora_adapters.is_empty() {
+        anyhow::ensure!(args.max_loras > 0, "--max-loras must be at least 1");
+        anyhow::ensure!(
+            args.lora_adapters.iter().all(|a| !a.trim().is_empty()),
+            "--lora-adapters: an empty adapter name"
+        );
+        profile = profile.with_max_loras(args.max_loras);
+        if let Some(ms) = args.lora_load_ms {
+            anyhow::ensure!(
+                ms.is_finite() && ms >= 0.0,
+                "--lora-load-ms must be a number of at least 0"
+            );
+            profile.lora_load_us = ms * 1000.0;
+        }
+    }
+    let lora_adapters = args.lora_adapters;
     let tokenizer = match &args.tokenizer {
         Some(path) => Some(std::sync::Arc::new(
             tokenizers::Tokenizer::from_file(path)
@@ -130,6 +162,7 @@ pub(crate) async fn run(args: SimArgs) -> anyhow::Result<()> {
             },
             transfer_us_per_token: args.kv_transfer_us_per_token,
         },
+        lora_adapters,
     };
     let token = CancellationToken::new();
     let bound = server::start(config, token.clone()).await?;

@@ -854,6 +854,7 @@ pub async fn two_pods(
             tokenizer: tokenizer.clone(),
             chat_template: chat_template.clone(),
             pd: kvroute_sim::server::PdConfig::default(),
+            lora_adapters: Vec::new(),
         }
     };
     for _ in 0..10 {
@@ -937,6 +938,7 @@ pub async fn sim_pod_pd(
             tokenizer: None,
             chat_template: None,
             pd,
+            lora_adapters: Vec::new(),
         },
         stop,
     )

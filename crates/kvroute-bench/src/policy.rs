@@ -47,6 +47,21 @@ schedulingProfiles:
   - {pluginRef: load-scorer, weight: 4}
 ";
 
+/// kvroute's profile without events with upstream's `lora-affinity-scorer` added, weighed
+/// as the prefix and TTFT scorers are: a pod already running the request's adapter, then
+/// one with a free slot, ahead of one that must swap.
+fn approx_with_lora() -> String {
+    DEFAULT_APPROX
+        .replace(
+            "- type: max-score-picker\n",
+            "- type: lora-affinity-scorer\n- type: max-score-picker\n",
+        )
+        .replace(
+            "  - pluginRef: max-score-picker",
+            "  - pluginRef: lora-affinity-scorer\n    weight: 3\n  - pluginRef: max-score-picker",
+        )
+}
+
 /// A routing policy under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Policy {
@@ -75,6 +90,9 @@ pub enum Policy {
     /// kvroute's default profile for a pool publishing KV events
     /// (`Profile::kvroute(Some(index))`): precise 2, approximate 2, load 4.
     Kvroute,
+    /// [`Policy::KvrouteApprox`] with `lora-affinity-scorer` (weight 3), which reads the
+    /// adapters each pod runs from its scraped `vllm:lora_requests_info` (`--scrape-ms`).
+    KvrouteLora,
     /// A greedy oracle no router can be: before each decision it asks every pod for its
     /// exact cache and queue, and sends the request where its own prefill would start and
     /// end soonest (fewest queued prefill tokens plus this prompt's uncached tokens; then
@@ -84,7 +102,7 @@ pub enum Policy {
 
 impl Policy {
     /// Every policy, in report order.
-    pub const ALL: [Policy; 10] = [
+    pub const ALL: [Policy; 11] = [
         Policy::RoundRobin,
         Policy::Random,
         Policy::LeastLoad,
@@ -94,6 +112,7 @@ impl Policy {
         Policy::PrecisePrefix,
         Policy::KvrouteApprox,
         Policy::Kvroute,
+        Policy::KvrouteLora,
         Policy::Oracle,
     ];
 
@@ -109,6 +128,7 @@ impl Policy {
             Self::PrecisePrefix => "precise-prefix",
             Self::KvrouteApprox => "kvroute-approx",
             Self::Kvroute => "kvroute",
+            Self::KvrouteLora => "kvroute-lora",
             Self::Oracle => "oracle",
         }
     }
@@ -142,7 +162,7 @@ impl EventFeed {
     }
 }
 
-/// The simulator's event as vLLM's wire would carry it to kvroute (all GPU blocks, no LoRA).
+/// The simulator's event as vLLM's wire would carry it to kvroute.
 fn convert(e: &SimEvent) -> KvEvent {
     match e {
         SimEvent::BlockStored {
@@ -150,18 +170,23 @@ fn convert(e: &SimEvent) -> KvEvent {
             parent_block_hash,
             token_ids,
             block_size,
+            lora_name,
+            medium,
         } => KvEvent::BlockStored(BlockStored {
             block_hashes: block_hashes.clone(),
             parent_block_hash: *parent_block_hash,
             token_ids: token_ids.clone(),
             block_size: *block_size,
-            lora_name: None,
+            lora_name: lora_name.as_deref().map(str::to_owned),
             first_extra: FirstExtra::None,
-            medium: Medium::Named("GPU".into()),
+            medium: Medium::Named(medium.as_str().into()),
         }),
-        SimEvent::BlockRemoved { block_hashes } => KvEvent::BlockRemoved {
+        SimEvent::BlockRemoved {
+            block_hashes,
+            medium,
+        } => KvEvent::BlockRemoved {
             block_hashes: block_hashes.clone(),
-            medium: Medium::Named("GPU".into()),
+            medium: Medium::Named(medium.as_str().into()),
         },
         SimEvent::AllBlocksCleared => KvEvent::AllBlocksCleared,
     }
@@ -253,6 +278,7 @@ impl PolicyRouter {
         });
         let mut ctx = BuildContext::new(block_size);
         ctx.precise_index = events.as_ref().map(|feed| Arc::clone(&feed.index));
+        let with_lora = approx_with_lora();
         let config = match policy {
             Policy::KvrouteApprox | Policy::Kvroute if config.is_some() => config,
             Policy::KvrouteApprox | Policy::Kvroute if prefill_pods > 0 => Some(DEFAULT_PD),
@@ -260,6 +286,7 @@ impl PolicyRouter {
             Policy::PrecisePrefix if events.is_some() => Some(PRECISE_PREFIX),
             Policy::KvrouteApprox => Some(DEFAULT_APPROX),
             Policy::Kvroute if events.is_some() => Some(DEFAULT_PRECISE),
+            Policy::KvrouteLora => Some(with_lora.as_str()),
             _ => None,
         };
         // The same configurations and plugin code `kvroute serve` runs; these are fixed
@@ -320,7 +347,10 @@ impl PolicyRouter {
         self
     }
 
-    fn scrape(&mut self, now_us: u64, pods: &[PodView]) {
+    /// Reads the pods' load if a scrape is due; with the `engines` at hand (the cluster
+    /// hands them over) also their `vllm:lora_requests_info` (adapters running, waiting,
+    /// slots).
+    fn scrape(&mut self, now_us: u64, pods: &[PodView], engines: &[Engine]) {
         let Some((every, next)) = &mut self.scrape else {
             return;
         };
@@ -329,16 +359,22 @@ impl PolicyRouter {
         }
         *next = now_us + *every - (now_us - *next) % *every;
         let at = Instant::now();
-        for (ep, view) in self.endpoints.iter().zip(pods) {
-            ep.record_scrape(
-                PodLoad {
-                    waiting: u32::try_from(view.waiting).unwrap_or(u32::MAX),
-                    running: u32::try_from(view.running).unwrap_or(u32::MAX),
-                    kv_usage: view.kv_usage,
-                    ..PodLoad::default()
-                },
-                at,
-            );
+        let names = |v: Vec<Arc<str>>| v.iter().map(|a| a.to_string()).collect();
+        for (i, (ep, view)) in self.endpoints.iter().zip(pods).enumerate() {
+            let mut load = PodLoad {
+                waiting: u32::try_from(view.waiting).unwrap_or(u32::MAX),
+                running: u32::try_from(view.running).unwrap_or(u32::MAX),
+                kv_usage: view.kv_usage,
+                ..PodLoad::default()
+            };
+            if let Some(e) = engines.get(i)
+                && e.profile().max_loras > 0
+            {
+                load.running_loras = names(e.running_loras());
+                load.waiting_loras = names(e.waiting_loras());
+                load.max_lora = u32::try_from(e.profile().max_loras).ok();
+            }
+            ep.record_scrape(load, at);
         }
     }
 
@@ -350,8 +386,9 @@ impl PolicyRouter {
         now_us: u64,
         request: &SimRequest,
         pods: &[PodView],
+        engines: &[Engine],
     ) -> Option<usize> {
-        self.scrape(now_us, pods);
+        self.scrape(now_us, pods, engines);
         let scheduler = self.scheduler.as_ref()?;
         let parsed = parsed(request, self.tokens(request));
         let hints = RequestHints::default();
@@ -373,8 +410,14 @@ impl PolicyRouter {
         request.prompt.tokens(0, request.prompt.len())
     }
 
-    fn pick(&mut self, now_us: u64, request: &SimRequest, pods: &[PodView]) -> usize {
-        self.scrape(now_us, pods);
+    fn pick(
+        &mut self,
+        now_us: u64,
+        request: &SimRequest,
+        pods: &[PodView],
+        engines: &[Engine],
+    ) -> usize {
+        self.scrape(now_us, pods, engines);
         let n = pods.len().max(1);
         match self.policy {
             Policy::RoundRobin => {
@@ -445,11 +488,12 @@ impl PolicyRouter {
     }
 }
 
-/// The completion request a client would send for `request`, carrying `tokens`.
+/// The completion request a client would send for `request`, carrying `tokens`: its
+/// adapter's name as the model, if it names one.
 fn parsed(request: &SimRequest, tokens: Vec<u32>) -> InferenceRequest {
     InferenceRequest {
         api: ApiKind::Completions,
-        model: "bench".into(),
+        model: request.lora.as_deref().unwrap_or("bench").into(),
         prompt: Prompt::Tokens(tokens),
         cache_salt: None,
         stream: true,
@@ -495,7 +539,7 @@ impl RouteFn for PolicyRouter {
                 .push(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
             return pod;
         }
-        self.pick(now_us, request, pods)
+        self.pick(now_us, request, pods, engines)
     }
 
     fn take_prefill(&mut self) -> Option<usize> {
@@ -546,6 +590,7 @@ pub(crate) mod tests {
                 len: ids.len() * 512,
             },
             max_tokens: 1,
+            lora: None,
         }
     }
 
@@ -570,6 +615,36 @@ pub(crate) mod tests {
         assert_eq!(engines[1].queued_prefill_tokens(), 16 * 512);
         assert_eq!(r.route_with_engines(0, &follow_up, &views, &engines), 0);
         assert_eq!(r.decision_ns.len(), 2);
+    }
+
+    /// With the pods' scraped `vllm:lora_requests_info`, `kvroute-lora` sends an adapter's
+    /// request to the pod running that adapter, though it is the busiest; without the
+    /// scorer (`kvroute-approx`) the same request goes elsewhere.
+    #[test]
+    fn kvroute_lora_follows_the_adapter_a_pod_runs() {
+        let profile = kvroute_sim::Profile::h100_llama31_8b()
+            .with_block_size(512)
+            .with_max_loras(1);
+        let mut engines: Vec<Engine> = (0..4)
+            .map(|_| Engine::new(profile.clone(), false))
+            .collect();
+        let with = |id, lora: &str, ids: &[u64]| SimRequest {
+            lora: Some(Arc::from(lora)),
+            ..req(id, ids)
+        };
+        assert!(engines[2].add(SimRequest {
+            max_tokens: 100,
+            ..with(0, "adapter-3", &[1, 2])
+        }));
+        engines[2].step();
+        assert_eq!(engines[2].running_loras(), [Arc::from("adapter-3")]);
+        let mut views = vec![PodView::default(); 4];
+        views[2].running = 1;
+        let next = with(1, "adapter-3", &[9]);
+        let mut lora = PolicyRouter::new(Policy::KvrouteLora, 4, 512).with_scrapes(1_000, 0);
+        assert_eq!(lora.route_with_engines(0, &next, &views, &engines), 2);
+        let mut plain = PolicyRouter::new(Policy::KvrouteApprox, 4, 512).with_scrapes(1_000, 0);
+        assert_ne!(plain.route_with_engines(0, &next, &views, &engines), 2);
     }
 
     #[test]

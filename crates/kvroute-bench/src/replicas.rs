@@ -125,7 +125,7 @@ impl RouteFn for Replicas {
             if i == chosen {
                 continue;
             }
-            if let Some(theirs) = other.preview(now_us, request, pods) {
+            if let Some(theirs) = other.preview(now_us, request, pods, engines) {
                 self.compared += 1;
                 self.agreed += u64::from(theirs == pod);
             }
@@ -172,6 +172,8 @@ mod tests {
                 parent_block_hash: parent,
                 token_ids: tokens,
                 block_size: 512,
+                lora_name: None,
+                medium: kvroute_sim::Medium::Gpu,
             });
             parent = Some(id);
         }

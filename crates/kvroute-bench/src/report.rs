@@ -268,6 +268,7 @@ mod tests {
                     input_length: 8 * 512 + 200,
                     output_length: 20,
                     hash_ids,
+                    adapter: None,
                 }
             })
             .collect()

@@ -26,6 +26,11 @@ impl Rng {
         self.next() % n.max(1)
     }
 
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     /// Exponential inter-arrival gap with mean `mean_ms` (Poisson arrivals).
     fn gap_ms(&mut self, mean_ms: f64) -> u64 {
         let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
@@ -79,6 +84,16 @@ pub enum Workload {
         siblings: u64,
         /// Spread of a burst's arrivals, milliseconds.
         window_ms: u64,
+    },
+    /// Requests for `adapters` LoRA adapters of skewed popularity (Zipf, exponent 1: the
+    /// k-th most popular is asked 1/k as often as the first), each a fresh prompt of 1 to
+    /// `units` units sharing nothing: only where an adapter is already loaded, and how many
+    /// a pod's batch may hold at once, tells pods apart.
+    Lora {
+        /// Distinct adapters.
+        adapters: u32,
+        /// Most units (512 tokens) per prompt.
+        units: u64,
     },
 }
 
@@ -145,6 +160,7 @@ impl Workload {
                         input_length: history[c].len() * 512 - 100,
                         output_length: output,
                         hash_ids: history[c].clone(),
+                        adapter: None,
                     });
                     history[c].push(next_fresh()); // the answer joins the history
                 }
@@ -196,6 +212,7 @@ impl Workload {
                             input_length: history.len() * 512 - 100,
                             output_length: output,
                             hash_ids: history.clone(),
+                            adapter: None,
                         });
                     }
                 }
@@ -223,10 +240,37 @@ impl Workload {
                             input_length: ids.len() * 512 - 300,
                             output_length: output,
                             hash_ids: ids,
+                            adapter: None,
                         });
                     }
                 }
                 by_arrival(out, requests)
+            }
+            Self::Lora { adapters, units } => {
+                let adapters = adapters.max(1);
+                let mut cumulative = Vec::with_capacity(adapters as usize);
+                let mut total = 0.0;
+                for k in 1..=adapters {
+                    total += 1.0 / f64::from(k);
+                    cumulative.push(total);
+                }
+                (0..requests)
+                    .map(|_| {
+                        t += rng.gap_ms(mean_gap);
+                        let u = rng.unit() * total;
+                        let adapter = cumulative.partition_point(|&c| c <= u) as u32;
+                        let ids: Vec<u64> = (0..1 + rng.below(units.max(1)))
+                            .map(|_| next_fresh())
+                            .collect();
+                        TraceRequest {
+                            timestamp: t,
+                            input_length: ids.len() * 512 - 100,
+                            output_length: output,
+                            hash_ids: ids,
+                            adapter: Some(adapter.min(adapters - 1)),
+                        }
+                    })
+                    .collect()
             }
         }
     }
@@ -261,6 +305,7 @@ fn shared_prefix(
                 input_length: ids.len() * 512 - cut,
                 output_length: output,
                 hash_ids: ids,
+                adapter: None,
             }
         })
         .collect()
@@ -348,6 +393,32 @@ mod tests {
             .filter(|r| r.timestamp < a[2999].timestamp / 2)
             .count();
         assert!((1300..1700).contains(&first_half), "{first_half}");
+    }
+
+    #[test]
+    fn lora_requests_name_adapters_by_skewed_popularity_and_share_nothing() {
+        let w = Workload::Lora {
+            adapters: 16,
+            units: 4,
+        };
+        let a = w.generate(4000, 8.0, 8, 3);
+        assert_eq!(a, w.generate(4000, 8.0, 8, 3));
+        assert!(a.windows(2).all(|p| p[0].timestamp <= p[1].timestamp));
+        let mut per = [0usize; 16];
+        for r in &a {
+            per[r.adapter.unwrap() as usize] += 1;
+            assert!((1..=4).contains(&r.hash_ids.len()));
+        }
+        // Zipf over 16: the first about 30% (1 / H(16) = 0.295), the last about 1.8%.
+        assert!((1000..1350).contains(&per[0]), "{per:?}");
+        assert!((40..110).contains(&per[15]), "{per:?}");
+        assert!(
+            per.windows(2).filter(|p| p[0] >= p[1]).count() >= 12,
+            "{per:?}"
+        );
+        let ids: std::collections::HashSet<u64> =
+            a.iter().flat_map(|r| r.hash_ids.iter().copied()).collect();
+        assert_eq!(ids.len(), a.iter().map(|r| r.hash_ids.len()).sum::<usize>());
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub struct TraceRequest {
     pub output_length: usize,
     /// Content ids of the prompt's 512-token blocks.
     pub hash_ids: Vec<u64>,
+    /// The LoRA adapter it names (`adapter-N`), if any: not in Mooncake's format, read
+    /// when present.
+    #[serde(default)]
+    pub adapter: Option<u32>,
 }
 
 /// Reads a Mooncake trace: one JSON object per line (`timestamp`, `input_length`,
@@ -75,6 +79,11 @@ pub fn load_mooncake(path: &Path) -> Result<Vec<TraceRequest>, BenchError> {
     Ok(out)
 }
 
+/// The model name requests for adapter `n` send (and the simulated pods serve).
+pub(crate) fn adapter_name(n: u32) -> String {
+    format!("adapter-{n}")
+}
+
 /// The trace as simulator arrivals: time divided by `speedup`, repeated `copies` times back
 /// to back (each copy's content ids shifted, so copies share nothing), token ids derived
 /// from the content ids (equal ids, equal tokens).
@@ -103,6 +112,7 @@ pub fn arrivals(
                         len: r.input_length,
                     },
                     max_tokens: r.output_length.max(1),
+                    lora: r.adapter.map(|a| Arc::from(adapter_name(a))),
                 },
             )
         })

@@ -151,7 +151,7 @@ async fn scrapes_the_simulator() {
     use kvroute_sim::server::{self, ServerConfig};
     let sim_stop = CancellationToken::new();
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let profile = kvroute_sim::Profile::h100_llama31_8b();
+    let profile = kvroute_sim::Profile::h100_llama31_8b().with_max_loras(2);
     let block = u32::try_from(profile.block_size).unwrap();
     let bound = server::start(
         ServerConfig {
@@ -167,6 +167,7 @@ async fn scrapes_the_simulator() {
             tokenizer: None,
             chat_template: None,
             pd: kvroute_sim::server::PdConfig::default(),
+            lora_adapters: vec!["sql".into()],
         },
         sim_stop.clone(),
     )
@@ -185,11 +186,12 @@ async fn scrapes_the_simulator() {
     let load = ep.fresh_load(Instant::now(), config().staleness).unwrap();
     assert_eq!((load.running, load.waiting), (0, 0));
     assert_eq!(load.block_size, Some(block));
-    assert_eq!(load.max_lora, Some(0));
+    assert_eq!(load.max_lora, Some(2));
+    assert!(load.running_loras.is_empty() && load.waiting_loras.is_empty());
     drop(load);
 
-    // One request in flight shows up in the next scrapes.
-    let body = r#"{"model":"m","prompt":"hello there","max_tokens":200}"#;
+    // One request in flight, for an adapter, shows up in the next scrapes.
+    let body = r#"{"model":"sql","prompt":"hello there","max_tokens":200}"#;
     let mut client = TcpStream::connect(bound.http).await.unwrap();
     let head = format!(
         "POST /v1/completions HTTP/1.1\r\nHost: sim\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -199,7 +201,7 @@ async fn scrapes_the_simulator() {
     assert!(
         eventually(|| ep
             .fresh_load(Instant::now(), config().staleness)
-            .is_some_and(|l| l.running == 1 && l.kv_usage > 0.0))
+            .is_some_and(|l| l.running == 1 && l.kv_usage > 0.0 && l.running_loras == ["sql"]))
         .await,
         "{:?}",
         ep.scraped()

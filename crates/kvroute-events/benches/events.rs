@@ -9,8 +9,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kvroute_core::EndpointId;
 use kvroute_events::{DEFAULT_MAX_BATCH_ENTRIES, Follower, decode_batch};
 use kvroute_index::{PrefixIndex, Shared};
-use kvroute_sim::KvEvent;
 use kvroute_sim::wire::{EventEncoding, encode_batch};
+use kvroute_sim::{KvEvent, Medium};
 
 const BLOCK: usize = 16;
 const BLOCKS: usize = 16;
@@ -31,9 +31,12 @@ fn batches() -> Vec<(Vec<u8>, Vec<u8>)> {
                 parent_block_hash: None,
                 token_ids: tokens,
                 block_size: BLOCK,
+                lora_name: None,
+                medium: Medium::Gpu,
             };
             let removed = KvEvent::BlockRemoved {
                 block_hashes: hashes,
+                medium: Medium::Gpu,
             };
             (
                 encode_batch(1.7e9, &[stored], 0, EventEncoding::Map),

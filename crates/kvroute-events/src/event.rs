@@ -11,13 +11,19 @@ pub enum Medium {
 }
 
 impl Medium {
-    /// The index tier the medium maps to: `GPU` (and unspecified) → GPU, `CPU` → CPU, any
-    /// other named store (disk, remote, LMCache, …) → disk, the slowest tier.
+    /// The index tier the medium maps to: `GPU` (and unspecified) → GPU, `CPU` and
+    /// `lmcache-l1` (LMCache's host-memory tier) → CPU, any other named store (disk, a
+    /// filesystem, remote, …) → disk, the slowest tier. The names are those upstream's
+    /// `kvCacheBackendConfigs` weighs by default.
     pub fn tier(&self) -> Tier {
         match self {
             Self::Unspecified => Tier::Gpu,
             Self::Named(m) if m.eq_ignore_ascii_case("gpu") => Tier::Gpu,
-            Self::Named(m) if m.eq_ignore_ascii_case("cpu") => Tier::Cpu,
+            Self::Named(m)
+                if m.eq_ignore_ascii_case("cpu") || m.eq_ignore_ascii_case("lmcache-l1") =>
+            {
+                Tier::Cpu
+            }
             Self::Named(_) => Tier::Disk,
         }
     }
@@ -70,4 +76,25 @@ pub enum KvEvent {
     },
     /// The whole prefix cache was reset.
     AllBlocksCleared,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The media upstream's default `kvCacheBackendConfigs` names land on the tiers its
+    /// weights are read into; any other store is the slowest tier.
+    #[test]
+    fn media_map_to_tiers_case_blind() {
+        let tier = |m: &str| Medium::Named(m.into()).tier();
+        assert_eq!(Medium::Unspecified.tier(), Tier::Gpu);
+        assert_eq!(tier("GPU"), Tier::Gpu);
+        assert_eq!(tier("gpu"), Tier::Gpu);
+        assert_eq!(tier("CPU"), Tier::Cpu);
+        assert_eq!(tier("lmcache-l1"), Tier::Cpu);
+        assert_eq!(tier("LMCACHE-L1"), Tier::Cpu);
+        for other in ["disk", "fs", "lmcache-l2", ""] {
+            assert_eq!(tier(other), Tier::Disk, "{other:?}");
+        }
+    }
 }

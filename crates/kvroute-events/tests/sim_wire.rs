@@ -6,6 +6,7 @@ use kvroute_events::{
     BlockStored, DEFAULT_MAX_BATCH_ENTRIES, FirstExtra, KvEvent, Medium, decode_batch,
 };
 use kvroute_sim::KvEvent as SimEvent;
+use kvroute_sim::Medium as SimMedium;
 use kvroute_sim::wire::{EventEncoding, encode_batch};
 use proptest::prelude::*;
 
@@ -24,11 +25,23 @@ fn sim_event() -> impl Strategy<Value = SimEvent> {
                         parent_block_hash: parent,
                         token_ids: tokens,
                         block_size: bs,
+                        lora_name: (bs % 2 == 0).then(|| "sql".into()),
+                        medium: if bs > 2 {
+                            SimMedium::Cpu
+                        } else {
+                            SimMedium::Gpu
+                        },
                     }
                 })
             }),
-        prop::collection::vec(any::<u64>(), 0..5)
-            .prop_map(|block_hashes| SimEvent::BlockRemoved { block_hashes }),
+        prop::collection::vec(any::<u64>(), 0..5).prop_flat_map(|block_hashes| {
+            prop::sample::select(vec![SimMedium::Gpu, SimMedium::Cpu]).prop_map(move |medium| {
+                SimEvent::BlockRemoved {
+                    block_hashes: block_hashes.clone(),
+                    medium,
+                }
+            })
+        }),
         Just(SimEvent::AllBlocksCleared),
     ]
 }
@@ -40,18 +53,23 @@ fn expected(e: &SimEvent) -> KvEvent {
             parent_block_hash,
             token_ids,
             block_size,
+            lora_name,
+            medium,
         } => KvEvent::BlockStored(BlockStored {
             block_hashes: block_hashes.clone(),
             parent_block_hash: *parent_block_hash,
             token_ids: token_ids.clone(),
             block_size: *block_size,
-            lora_name: None,
+            lora_name: lora_name.as_deref().map(str::to_owned),
             first_extra: FirstExtra::None,
-            medium: Medium::Named("GPU".into()),
+            medium: Medium::Named(medium.as_str().into()),
         }),
-        SimEvent::BlockRemoved { block_hashes } => KvEvent::BlockRemoved {
+        SimEvent::BlockRemoved {
+            block_hashes,
+            medium,
+        } => KvEvent::BlockRemoved {
             block_hashes: block_hashes.clone(),
-            medium: Medium::Named("GPU".into()),
+            medium: Medium::Named(medium.as_str().into()),
         },
         SimEvent::AllBlocksCleared => KvEvent::AllBlocksCleared,
     }

@@ -72,6 +72,7 @@ async fn start_sim_on(
             tokenizer: None,
             chat_template: None,
             pd: kvroute_sim::server::PdConfig::default(),
+            lora_adapters: Vec::new(),
         },
         stop.clone(),
     )

@@ -615,6 +615,7 @@ fn precise_producer(
     plugin_type: PluginType,
     slot: SlotId,
     block_size: Option<usize>,
+    tier_weights: [f64; 3],
 ) -> Result<Arc<dyn Plugin>, ConfigError> {
     let Some(index) = &ctx.precise_index else {
         return Err(ConfigError::Unavailable {
@@ -639,7 +640,7 @@ fn precise_producer(
         slot,
         Arc::clone(index),
         ctx.block_size,
-        [1.0, 0.8, 0.5],
+        tier_weights,
         ctx.tokenizers.clone(),
     )))
 }

@@ -65,6 +65,7 @@ fn main() {
                             len: *input,
                         },
                         max_tokens: (*output).max(1),
+                        lora: None,
                     },
                 )
             })

@@ -220,6 +220,7 @@ impl Cluster {
                                 id: id | PREFILL_ID_BIT,
                                 prompt: req.prompt.clone(),
                                 max_tokens: 1,
+                                lora: req.lora.clone(),
                             };
                             let added = self.pods[p].add(prompt_only);
                             if added {
@@ -396,6 +397,7 @@ mod tests {
             id: 0,
             prompt: PromptTokens::Explicit(Arc::from(tokens)),
             max_tokens,
+            lora: None,
         }
     }
 

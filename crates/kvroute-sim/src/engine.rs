@@ -1,5 +1,10 @@
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use crate::lora::LoraSlots;
+use crate::offload::{BlockInfo, CpuTier};
 use crate::pool::Pool;
 use crate::profile::Profile;
 use crate::prompt::PromptTokens;
@@ -24,6 +29,28 @@ pub struct SimRequest {
     pub prompt: PromptTokens,
     /// Tokens to generate (at least 1).
     pub max_tokens: usize,
+    /// The LoRA adapter it names (vLLM reads it from the `model` field); `None`: the base
+    /// model. Its blocks' hashes are rooted at the adapter, as vLLM's extra keys root them.
+    pub lora: Option<Arc<str>>,
+}
+
+/// Where a block is kept (vLLM's `medium`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Medium {
+    /// The GPU block pool (`"GPU"`).
+    Gpu,
+    /// Host memory, through the CPU offloading connector (`"CPU"`).
+    Cpu,
+}
+
+impl Medium {
+    /// The name vLLM sends.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gpu => "GPU",
+            Self::Cpu => "CPU",
+        }
+    }
 }
 
 /// A KV-cache event, as vLLM's block pool reports it.
@@ -39,11 +66,17 @@ pub enum KvEvent {
         token_ids: Vec<u32>,
         /// Tokens per block.
         block_size: usize,
+        /// The adapter the chain is rooted at.
+        lora_name: Option<Arc<str>>,
+        /// Where the blocks are now kept.
+        medium: Medium,
     },
     /// Cached blocks whose content was evicted.
     BlockRemoved {
         /// The engine's hashes of the blocks.
         block_hashes: Vec<u64>,
+        /// The tier they left.
+        medium: Medium,
     },
     /// The whole prefix cache was reset.
     AllBlocksCleared,
@@ -116,12 +149,22 @@ pub struct Engine {
     events: bool,
     prefix_queries: u64,
     prefix_hits: u64,
+    loras: LoraSlots,
+    cpu: CpuTier,
+    /// With a CPU tier: every GPU-cached block's place in its chain, to offload it when it
+    /// is evicted.
+    gpu_blocks: HashMap<u64, BlockInfo>,
+    /// Time this step spends beyond its forward pass: adapter loads, copies from host
+    /// memory.
+    extra_us: f64,
 }
 
 impl Engine {
     /// An idle engine with an empty cache. With `events`, steps report KV events.
     pub fn new(profile: Profile, events: bool) -> Self {
         Self {
+            loras: LoraSlots::new(profile.max_loras),
+            cpu: CpuTier::new(profile.cpu_blocks),
             pool: Pool::new(profile.kv_blocks),
             profile,
             waiting: VecDeque::new(),
@@ -129,6 +172,8 @@ impl Engine {
             events,
             prefix_queries: 0,
             prefix_hits: 0,
+            gpu_blocks: HashMap::new(),
+            extra_us: 0.0,
         }
     }
 
@@ -138,7 +183,8 @@ impl Engine {
     }
 
     /// Queues a request. Refuses (false) one whose prompt and output could never fit the
-    /// KV cache, as vLLM refuses prompts over its maximum model length.
+    /// KV cache, as vLLM refuses prompts over its maximum model length, and one naming an
+    /// adapter on a pod that serves none.
     pub fn add(&mut self, req: SimRequest) -> bool {
         self.enqueue(req, false)
     }
@@ -152,6 +198,9 @@ impl Engine {
     }
 
     fn enqueue(&mut self, req: SimRequest, transferred: bool) -> bool {
+        if req.lora.is_some() && self.profile.max_loras == 0 {
+            return false;
+        }
         let prefill_len = req.prompt.len().max(1);
         let fits = prefill_len
             .checked_add(req.max_tokens)
@@ -187,6 +236,27 @@ impl Engine {
     /// Requests admitted and not finished (`vllm:num_requests_running`).
     pub fn running(&self) -> usize {
         self.running.len()
+    }
+
+    /// The adapters of the running requests, sorted (`vllm:lora_requests_info`'s
+    /// `running_lora_adapters`).
+    pub fn running_loras(&self) -> Vec<Arc<str>> {
+        distinct(self.running.iter().filter_map(|s| s.req.lora.as_ref()))
+    }
+
+    /// The adapters of the waiting requests, sorted (`waiting_lora_adapters`).
+    pub fn waiting_loras(&self) -> Vec<Arc<str>> {
+        distinct(self.waiting.iter().filter_map(|s| s.req.lora.as_ref()))
+    }
+
+    /// Adapters loaded into the GPU so far.
+    pub fn lora_loads(&self) -> u64 {
+        self.loras.loads()
+    }
+
+    /// Blocks held in host memory (the CPU tier).
+    pub fn cpu_blocks(&self) -> usize {
+        self.cpu.len()
     }
 
     /// Share of KV blocks in use by running requests (`vllm:kv_cache_usage_perc`).
@@ -238,10 +308,19 @@ impl Engine {
         v
     }
 
+    /// The content hashes held in host memory, sorted.
+    pub fn cpu_hashes(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.cpu.hashes().collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Forgets every cached block (vLLM's `reset_prefix_cache`); reports
     /// `AllBlocksCleared`.
     pub fn clear_cache(&mut self) -> Vec<KvEvent> {
         self.pool.clear();
+        self.cpu.clear();
+        self.gpu_blocks.clear();
         // Blocks still in use are cached again as their sequences go on.
         for s in self.running.iter_mut().chain(self.waiting.iter_mut()) {
             s.cached_blocks = 0;
@@ -292,15 +371,20 @@ impl Engine {
             i += 1;
         }
 
+        // The adapters the batch uses: those running, then those admitted (at most
+        // `max_loras`; a request whose adapter cannot join waits).
+        let mut batch_loras = distinct(self.running.iter().filter_map(|s| s.req.lora.as_ref()));
         while !preempted_any
             && budget > 0
             && self.running.len() < self.profile.max_num_seqs
             && !self.waiting.is_empty()
         {
-            if !self.admit(&mut budget, &mut plan, &mut report) {
+            if !self.admit(&mut budget, &mut plan, &mut batch_loras, &mut report) {
                 break;
             }
         }
+        let loads = self.loras.hold(&batch_loras);
+        self.extra_us += loads as f64 * self.profile.lora_load_us;
 
         // Execute the plan.
         let mut done = Vec::new();
@@ -353,22 +437,36 @@ impl Engine {
                 .profile
                 .step_us(report.prefill_tokens, report.decode_seqs);
         }
+        let extra = std::mem::take(&mut self.extra_us);
+        if report.duration_us > 0 {
+            report.duration_us += extra.round() as u64;
+        }
         report
     }
 
-    /// Admits the first waiting request if its blocks fit; false when it does not.
+    /// Admits the first waiting request whose adapter the batch can take (`batch_loras`, to
+    /// which it adds) if its blocks fit; false when it does not, or none can join. Blocks
+    /// found in host memory after the GPU's hits are copied back instead of prefilled.
     fn admit(
         &mut self,
         budget: &mut usize,
         plan: &mut Vec<usize>,
+        batch_loras: &mut Vec<Arc<str>>,
         report: &mut StepReport,
     ) -> bool {
         let bs = self.profile.block_size;
-        let Some(s) = self.waiting.front_mut() else {
+        let Some(at) = self
+            .waiting
+            .iter()
+            .position(|s| self.loras.admits(batch_loras, s.req.lora.as_ref()))
+        else {
+            return false;
+        };
+        let Some(s) = self.waiting.get_mut(at) else {
             return false;
         };
         if s.hashes.is_empty() {
-            s.hashes = s.req.prompt.block_hashes(bs, ROOT);
+            s.hashes = s.req.prompt.block_hashes(bs, root(s.req.lora.as_deref()));
         }
         // As vLLM, a hit covers at most all but the last prompt token, in whole blocks: the
         // last token is always computed so its logits exist, and a fully cached prompt
@@ -380,14 +478,20 @@ impl Engine {
             .take(max_hit_blocks)
             .map_while(|h| self.pool.lookup(*h))
             .collect();
+        let end = max_hit_blocks.min(s.hashes.len()).max(hits.len());
+        let cpu_hits = s.hashes[hits.len()..end]
+            .iter()
+            .take_while(|h| self.cpu.contains(**h))
+            .count();
         // A transferred prompt brings the blocks this engine lacks (on first admission; a
         // preempted one recomputes as any other).
         let loaded = if s.transferred && s.cached_tokens.is_none() {
-            max_hit_blocks - hits.len()
+            max_hit_blocks.saturating_sub(hits.len() + cpu_hits)
         } else {
             0
         };
-        let computed = (hits.len() + loaded) * bs;
+        let hit_tokens = (hits.len() + cpu_hits) * bs;
+        let computed = hit_tokens + loaded * bs;
         let want = (s.prefill_len - computed).min(*budget);
         let need_new = (computed + want).div_ceil(bs).saturating_sub(hits.len());
         // Hit blocks nobody uses sit in the free queue: taking them leaves fewer for new ones.
@@ -395,27 +499,41 @@ impl Engine {
         if self.pool.free_blocks() < need_new + hits_free {
             return false;
         }
-        let Some(mut s) = self.waiting.pop_front() else {
+        let Some(mut s) = self.waiting.remove(at) else {
             return false;
         };
         if s.cached_tokens.is_none() {
             let prompt = s.req.prompt.len();
             self.prefix_queries += prompt as u64;
-            self.prefix_hits += (hits.len() * bs).min(prompt) as u64;
-            s.cached_tokens = Some((hits.len() * bs).min(prompt));
+            self.prefix_hits += hit_tokens.min(prompt) as u64;
+            s.cached_tokens = Some(hit_tokens.min(prompt));
+        }
+        if let Some(a) = &s.req.lora
+            && !batch_loras.contains(a)
+        {
+            batch_loras.push(Arc::clone(a));
+        }
+        // Copies to be made: kept in host memory while this admission evicts into it.
+        for h in &s.hashes[hits.len()..hits.len() + cpu_hits] {
+            self.cpu.touch(*h);
         }
         for &b in &hits {
             self.pool.touch(b);
         }
         let held = hits.len();
         s.blocks = hits;
-        s.cached_blocks = held + loaded;
+        s.cached_blocks = held;
         s.computed = computed;
         self.running.push(s);
         let idx = self.running.len() - 1;
         self.allocate(idx, need_new, report);
-        if loaded > 0 {
-            self.cache_blocks(idx, held, held + loaded, report);
+        if cpu_hits + loaded > 0 {
+            // Copied back from host memory, or moved from the prefill pod, into new GPU
+            // blocks, which are cached (and announced) at once.
+            let to = held + cpu_hits + loaded;
+            self.cache_blocks(idx, held, to, report);
+            self.running[idx].cached_blocks = to;
+            self.extra_us += (cpu_hits * bs) as f64 * self.profile.cpu_load_us_per_token;
         }
         plan.push(want);
         *budget -= want;
@@ -432,10 +550,50 @@ impl Engine {
                 }
             }
         }
-        if self.events && !removed.is_empty() {
+        if removed.is_empty() {
+            return;
+        }
+        if self.profile.cpu_blocks > 0 {
+            self.offload(&removed, report);
+        }
+        if self.events {
             report.events.push(KvEvent::BlockRemoved {
                 block_hashes: removed,
+                medium: Medium::Gpu,
             });
+        }
+    }
+
+    /// Moves blocks evicted from the GPU to host memory, as vLLM's CPU offloading keeps
+    /// them, announcing each (before the GPU's removal, so a consumer never loses track of
+    /// the block in between) and what host memory drops to make room.
+    fn offload(&mut self, evicted: &[u64], report: &mut StepReport) {
+        let bs = self.profile.block_size;
+        let mut dropped = Vec::new();
+        for h in evicted {
+            let Some(info) = self.gpu_blocks.remove(h) else {
+                continue;
+            };
+            let event = self.events.then(|| KvEvent::BlockStored {
+                block_hashes: vec![*h],
+                parent_block_hash: info.parent,
+                token_ids: info.prompt.tokens(info.index * bs, (info.index + 1) * bs),
+                block_size: bs,
+                lora_name: info.lora.clone(),
+                medium: Medium::Cpu,
+            });
+            dropped.clear();
+            let kept = self.cpu.insert(*h, info, &mut dropped);
+            // What made room first: the block may be one dropped a moment ago.
+            if self.events && !dropped.is_empty() {
+                report.events.push(KvEvent::BlockRemoved {
+                    block_hashes: dropped.clone(),
+                    medium: Medium::Cpu,
+                });
+            }
+            if kept && let Some(e) = event {
+                report.events.push(e);
+            }
         }
     }
 
@@ -451,6 +609,15 @@ impl Engine {
             let (block, hash) = (s.blocks[b], s.hashes[b]);
             if self.pool.cache(block, hash) {
                 run.push(b);
+                if self.profile.cpu_blocks > 0 {
+                    let info = BlockInfo {
+                        parent: b.checked_sub(1).map(|p| s.hashes[p]),
+                        prompt: s.req.prompt.clone(),
+                        index: b,
+                        lora: s.req.lora.clone(),
+                    };
+                    self.gpu_blocks.insert(hash, info);
+                }
             }
         }
         if !self.events || run.is_empty() {
@@ -470,6 +637,8 @@ impl Engine {
                 parent_block_hash: first.checked_sub(1).map(|p| s.hashes[p]),
                 token_ids: s.req.prompt.tokens(first * bs, (last + 1) * bs),
                 block_size: bs,
+                lora_name: s.req.lora.clone(),
+                medium: Medium::Gpu,
             });
             start = end;
         }
@@ -491,6 +660,21 @@ impl Engine {
         report.preempted.push(s.req.id);
         self.waiting.push_front(s);
     }
+}
+
+/// The parent of the first block of a chain for `lora` (the base model's: [`ROOT`]): vLLM
+/// puts the adapter's name in the extra keys of every block, so an adapter's blocks never
+/// match the base model's.
+fn root(lora: Option<&str>) -> u64 {
+    lora.map_or(ROOT, |name| xxh3_64_with_seed(name.as_bytes(), ROOT))
+}
+
+/// The distinct adapters of `loras`, sorted.
+fn distinct<'a>(loras: impl Iterator<Item = &'a Arc<str>>) -> Vec<Arc<str>> {
+    let mut v: Vec<Arc<str>> = loras.cloned().collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@
 
 mod cluster;
 mod engine;
+mod lora;
+mod offload;
 mod pool;
 mod profile;
 mod prompt;
@@ -20,6 +22,6 @@ mod table;
 pub mod wire;
 
 pub use cluster::{Cluster, PREFILL_ID_BIT, PodView, RequestResult, RouteFn};
-pub use engine::{Engine, KvEvent, RequestId, SimRequest, StepReport};
+pub use engine::{Engine, KvEvent, Medium, RequestId, SimRequest, StepReport};
 pub use profile::Profile;
 pub use prompt::PromptTokens;

@@ -1,3 +1,7 @@
+/// Loading a LoRA adapter into the GPU, µs: a rank-16 adapter of an 8B model is tens of MB,
+/// read from host memory or local disk and copied in (an estimate: `docs/simulator.md`).
+const LORA_LOAD_US: f64 = 25_000.0;
+
 /// How one simulated pod performs: the figures of a model on some hardware, each with its
 /// source in `docs/simulator.md`.
 #[derive(Clone, Debug, PartialEq)]
@@ -18,6 +22,18 @@ pub struct Profile {
     pub decode_us_per_seq: f64,
     /// Cost per prompt token prefilled in the step, µs.
     pub prefill_us_per_token: f64,
+    /// LoRA adapters one step's batch can use, and the GPU holds, at once (vLLM's
+    /// `--max-loras`); 0: the pod serves no adapters.
+    pub max_loras: usize,
+    /// Loading an adapter that is not held into the GPU, µs: added to the step that first
+    /// runs it.
+    pub lora_load_us: f64,
+    /// Host-memory KV blocks that blocks evicted from the GPU move to (vLLM's CPU offloading
+    /// connector); 0: no second tier.
+    pub cpu_blocks: usize,
+    /// Copying a prefix-cache hit back from host memory, µs per token (cheaper than
+    /// prefilling it again).
+    pub cpu_load_us_per_token: f64,
 }
 
 impl Profile {
@@ -51,6 +67,12 @@ impl Profile {
             step_base_us: 7_400.0,
             decode_us_per_seq: 50.0,
             prefill_us_per_token: 38.0,
+            max_loras: 0,
+            lora_load_us: LORA_LOAD_US,
+            cpu_blocks: 0,
+            // 128 KiB of KV per token (32 layers x 8 KV heads x 128 x 2 x bf16) over ~25 GB/s
+            // of PCIe 5 host-to-device copy.
+            cpu_load_us_per_token: 5.0,
         }
     }
 
@@ -66,6 +88,11 @@ impl Profile {
             step_base_us: 14_000.0,
             decode_us_per_seq: 310.0,
             prefill_us_per_token: 80.0,
+            max_loras: 0,
+            lora_load_us: LORA_LOAD_US,
+            cpu_blocks: 0,
+            // 320 KiB of KV per token (80 layers), a quarter per GPU, copied in parallel.
+            cpu_load_us_per_token: 3.3,
         }
     }
 
@@ -74,8 +101,23 @@ impl Profile {
     /// large units (a Mooncake trace's 512 tokens), at the cost of caching no partial unit.
     pub fn with_block_size(mut self, block_size: usize) -> Self {
         let tokens = self.kv_blocks * self.block_size;
+        let cpu_tokens = self.cpu_blocks * self.block_size;
         self.block_size = block_size.max(1);
         self.kv_blocks = tokens / self.block_size;
+        self.cpu_blocks = cpu_tokens / self.block_size;
+        self
+    }
+
+    /// The same figures serving LoRA adapters, `max_loras` at once (`--max-loras`).
+    pub fn with_max_loras(mut self, max_loras: usize) -> Self {
+        self.max_loras = max_loras;
+        self
+    }
+
+    /// The same figures with a second, slower tier of `tokens` tokens of host memory that
+    /// blocks evicted from the GPU move to (vLLM's CPU offloading, `cpu_bytes_to_use`).
+    pub fn with_cpu_offload_tokens(mut self, tokens: usize) -> Self {
+        self.cpu_blocks = tokens / self.block_size.max(1);
         self
     }
 
@@ -90,6 +132,10 @@ impl Profile {
             step_base_us: 100.0,
             decode_us_per_seq: 10.0,
             prefill_us_per_token: 1.0,
+            max_loras: 0,
+            lora_load_us: 50.0,
+            cpu_blocks: 0,
+            cpu_load_us_per_token: 0.25,
         }
     }
 }

@@ -79,6 +79,10 @@ pub struct ServerConfig {
     /// The model's chat template (`tokenizer_config.json`); without one, chats are rendered
     /// with a plain `<|role|>` scheme.
     pub chat_template: Option<Arc<ChatTemplate>>,
+    /// LoRA adapters served: a request whose `model` names one runs with it (at most
+    /// `profile.max_loras` at once, which must then be at least 1); any other name is the
+    /// base model.
+    pub lora_adapters: Vec<String>,
     /// Its part in disaggregated serving.
     pub pd: PdConfig,
 }
@@ -193,6 +197,7 @@ struct Shared {
     config: ServerConfig,
     commands: mpsc::UnboundedSender<Command>,
     stats: Mutex<Stats>,
+    lora: Mutex<LoraSeries>,
     fault: Mutex<Fault>,
     next_id: Mutex<RequestId>,
 }
@@ -207,9 +212,50 @@ impl Shared {
     }
 }
 
+/// Series of `vllm:lora_requests_info` kept at most: vLLM's gauge keeps every label set it
+/// was ever given (a scraper reads the newest, by value); the sim keeps the latest few.
+const LORA_SERIES: usize = 4;
+
+/// `vllm:lora_requests_info` as vLLM's gauge holds it: one series per label set seen
+/// (running adapters, waiting adapters), each valued at the time it was last set.
+#[derive(Debug, Default)]
+struct LoraSeries(VecDeque<(String, String, f64)>);
+
+impl LoraSeries {
+    /// Sets the series of `running` and `waiting` to `now`.
+    fn set(&mut self, running: String, waiting: String, now: f64) {
+        self.0.retain(|(r, w, _)| *r != running || *w != waiting);
+        self.0.push_back((running, waiting, now));
+        while self.0.len() > LORA_SERIES {
+            self.0.pop_front();
+        }
+    }
+}
+
+/// The time now, seconds since the epoch (vLLM's `time.time()`).
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Adapter names as vLLM's label writes them: comma-separated.
+fn adapter_list(loras: &[Arc<str>]) -> String {
+    loras
+        .iter()
+        .map(|a| a.as_ref())
+        .collect::<Vec<&str>>()
+        .join(",")
+}
+
 /// Binds every socket and starts the engine, HTTP and event tasks; they run until `stop`
 /// is cancelled. Returns where they listen (ports may be 0 in `config`).
 pub async fn start(config: ServerConfig, stop: CancellationToken) -> Result<Bound, StartError> {
+    if !config.lora_adapters.is_empty() && config.profile.max_loras == 0 {
+        return Err(StartError(
+            "LoRA adapters are served with at least one adapter slot (max_loras)".into(),
+        ));
+    }
     let http = TcpListener::bind(config.http)
         .await
         .map_err(|e| StartError(format!("binding HTTP {}: {e}", config.http)))?;
@@ -230,6 +276,7 @@ pub async fn start(config: ServerConfig, stop: CancellationToken) -> Result<Boun
         config,
         commands,
         stats: Mutex::new(Stats::default()),
+        lora: Mutex::new(LoraSeries::default()),
         fault: Mutex::new(Fault::None),
         next_id: Mutex::new(0),
     });
@@ -330,6 +377,18 @@ async fn drive(
         stats.prompt_tokens += report.prefill_tokens as u64;
         stats.generation_tokens += report.generated.len() as u64;
         stats.finished += report.finished.len() as u64;
+        drop(stats);
+        if shared.config.profile.max_loras > 0 {
+            shared
+                .lora
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .set(
+                    adapter_list(&engine.running_loras()),
+                    adapter_list(&engine.waiting_loras()),
+                    unix_now(),
+                );
+        }
     }
 }
 
@@ -362,6 +421,7 @@ fn handle(
             streams.clear();
             let _ = batches.send(Batch::Restart);
             *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = Stats::default();
+            *shared.lora.lock().unwrap_or_else(PoisonError::into_inner) = LoraSeries::default();
         }
         Command::ResetPrefixCache => {
             let _ = batches.send(Batch::Events(engine.clear_cache()));
@@ -799,10 +859,16 @@ async fn generate(
         *next += 1;
         *next
     };
+    let lora = shared
+        .config
+        .lora_adapters
+        .contains(&parsed.model)
+        .then(|| Arc::from(parsed.model.as_str()));
     let req = SimRequest {
         id,
         prompt: PromptTokens::Explicit(Arc::from(tokens)),
         max_tokens: usize::try_from(max_tokens).unwrap_or(usize::MAX),
+        lora,
     };
     let fits = req
         .prompt
@@ -1007,12 +1073,23 @@ fn metrics(shared: &Shared) -> String {
         ),
         "1".into(),
     );
-    metric(
-        "vllm:lora_requests_info",
-        "gauge",
-        "Running stats on LoRA requests.",
-        ",max_lora=\"0\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"",
-        "1".into(),
-    );
+    if p.max_loras > 0 {
+        // Served only with LoRA enabled, as vLLM registers it; every series it holds, the
+        // value the time it was last set (the newest says what is loaded now). Before the
+        // first step, one series says nothing runs or waits.
+        let name = "vllm:lora_requests_info";
+        out.push_str(&format!(
+            "# HELP {name} Running stats on LoRA requests.\n# TYPE {name} gauge\n"
+        ));
+        let series = shared.lora.lock().unwrap_or_else(PoisonError::into_inner);
+        let idle = (String::new(), String::new(), 0.0);
+        let rows = series.0.iter().chain(series.0.is_empty().then_some(&idle));
+        for (running, waiting, at) in rows {
+            out.push_str(&format!(
+                "{name}{{max_lora=\"{}\",running_lora_adapters=\"{running}\",waiting_lora_adapters=\"{waiting}\"}} {at}\n",
+                p.max_loras
+            ));
+        }
+    }
     out
 }

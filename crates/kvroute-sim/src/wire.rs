@@ -23,9 +23,6 @@ pub enum EventEncoding {
     Array,
 }
 
-/// The storage tier vLLM's GPU block pool reports.
-const MEDIUM_GPU: &str = "GPU";
-
 /// Encodes one `KVEventBatch`.
 pub fn encode_batch(ts: f64, events: &[KvEvent], dp_rank: u32, encoding: EventEncoding) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + events.len() * 64);
@@ -48,6 +45,8 @@ fn encode_event(out: &mut Vec<u8>, e: &KvEvent, encoding: EventEncoding) {
             parent_block_hash,
             token_ids,
             block_size,
+            lora_name,
+            medium,
         } => {
             // BlockStored: block_hashes, parent_block_hash, token_ids, block_size, lora_id,
             // medium, lora_name (no defaults: always present); later fields default to None
@@ -74,16 +73,26 @@ fn encode_event(out: &mut Vec<u8>, e: &KvEvent, encoding: EventEncoding) {
             field(out, map, "lora_id");
             let _ = encode::write_nil(out);
             field(out, map, "medium");
-            let _ = encode::write_str(out, MEDIUM_GPU);
+            let _ = encode::write_str(out, medium.as_str());
             field(out, map, "lora_name");
-            let _ = encode::write_nil(out);
+            match lora_name {
+                Some(name) => {
+                    let _ = encode::write_str(out, name);
+                }
+                None => {
+                    let _ = encode::write_nil(out);
+                }
+            }
         }
-        KvEvent::BlockRemoved { block_hashes } => {
+        KvEvent::BlockRemoved {
+            block_hashes,
+            medium,
+        } => {
             header(out, map, "BlockRemoved", 2);
             field(out, map, "block_hashes");
             uints(out, block_hashes);
             field(out, map, "medium");
-            let _ = encode::write_str(out, MEDIUM_GPU);
+            let _ = encode::write_str(out, medium.as_str());
         }
         KvEvent::AllBlocksCleared => header(out, map, "AllBlocksCleared", 0),
     }
@@ -124,6 +133,7 @@ pub const END_SEQ: [u8; 8] = [0xff; 8];
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Medium;
 
     /// `[1.5, [{"type": "BlockRemoved", "block_hashes": [1], "medium": "GPU"}], 0]`, byte by
     /// byte from msgpack's spec and vLLM's struct definitions.
@@ -133,6 +143,7 @@ mod tests {
             1.5,
             &[KvEvent::BlockRemoved {
                 block_hashes: vec![1],
+                medium: Medium::Gpu,
             }],
             0,
             EventEncoding::Map,
@@ -156,6 +167,8 @@ mod tests {
                 parent_block_hash: None,
                 token_ids: vec![1, 300],
                 block_size: 2,
+                lora_name: None,
+                medium: Medium::Gpu,
             }],
             3,
             EventEncoding::Array,
@@ -181,5 +194,37 @@ mod tests {
         assert_eq!(&got[10..], b"\x91\x91\xb0AllBlocksCleared\x00");
         assert_eq!(seq_frame(258), [0, 0, 0, 0, 0, 0, 1, 2]);
         assert_eq!(END_SEQ, (-1i64).to_be_bytes());
+    }
+
+    /// A block offloaded to host memory by an adapter's request: `medium` `"CPU"` and the
+    /// adapter's name, as vLLM's offloading connector and LoRA report them.
+    #[test]
+    fn a_cpu_block_of_an_adapter_carries_both() {
+        let got = encode_batch(
+            0.0,
+            &[
+                KvEvent::BlockStored {
+                    block_hashes: vec![7],
+                    parent_block_hash: Some(6),
+                    token_ids: vec![1],
+                    block_size: 1,
+                    lora_name: Some("sql".into()),
+                    medium: Medium::Cpu,
+                },
+                KvEvent::BlockRemoved {
+                    block_hashes: vec![5],
+                    medium: Medium::Cpu,
+                },
+            ],
+            0,
+            EventEncoding::Array,
+        );
+        let mut want = vec![0x93, 0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0x92, 0x98];
+        want.extend_from_slice(b"\xabBlockStored");
+        want.extend_from_slice(&[0x91, 0x07, 0x06, 0x91, 0x01, 0x01, 0xc0]);
+        want.extend_from_slice(b"\xa3CPU\xa3sql");
+        want.extend_from_slice(b"\x93\xacBlockRemoved\x91\x05\xa3CPU");
+        want.push(0x00);
+        assert_eq!(got, want);
     }
 }

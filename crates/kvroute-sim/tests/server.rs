@@ -24,10 +24,27 @@ fn profile() -> Profile {
 }
 
 async fn start() -> (Bound, CancellationToken) {
-    start_pd(PdConfig::default()).await
+    start_with(profile(), &[]).await.unwrap()
 }
 
+/// A pod with a part in disaggregated serving.
 async fn start_pd(pd: PdConfig) -> (Bound, CancellationToken) {
+    start_full(profile(), &[], pd).await.unwrap()
+}
+
+/// A pod of `profile` serving LoRA `adapters`.
+async fn start_with(
+    profile: Profile,
+    adapters: &[&str],
+) -> Result<(Bound, CancellationToken), server::StartError> {
+    start_full(profile, adapters, PdConfig::default()).await
+}
+
+async fn start_full(
+    profile: Profile,
+    adapters: &[&str],
+    pd: PdConfig,
+) -> Result<(Bound, CancellationToken), server::StartError> {
     let stop = CancellationToken::new();
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let bound = server::start(
@@ -37,18 +54,18 @@ async fn start_pd(pd: PdConfig) -> (Bound, CancellationToken) {
             replay: any,
             topic: "kv@sim@m".into(),
             model: "m".into(),
-            profile: profile(),
+            profile,
             speed: 1000.0,
             encoding: EventEncoding::Map,
             tokenizer: None,
             chat_template: None,
+            lora_adapters: adapters.iter().map(|a| (*a).to_owned()).collect(),
             pd,
         },
         stop.clone(),
     )
-    .await
-    .unwrap();
-    (bound, stop)
+    .await?;
+    Ok((bound, stop))
 }
 
 async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
@@ -269,6 +286,7 @@ async fn serves_the_openai_api_metrics_and_kv_events() {
                         .unwrap()
                 )),
                 max_tokens: 3,
+                lora: None,
             })
         );
         while engine.has_work() {
@@ -284,6 +302,88 @@ async fn serves_the_openai_api_metrics_and_kv_events() {
         .map(|h| h.as_u64().unwrap())
         .collect();
     assert_eq!(live, engine.cached_hashes());
+    stop.cancel();
+}
+
+/// A request naming an adapter runs with it: its blocks are rooted at the adapter (the
+/// base model's same prompt hits none of them), its events carry `lora_name`, and
+/// `vllm:lora_requests_info` is served as vLLM serves it (a gauge valued at a timestamp,
+/// `max_lora` the slots). A pod cannot serve adapters with no slot for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_lora_adapters_with_their_metrics_and_events() {
+    assert!(start_with(profile(), &["sql"]).await.is_err());
+    let (bound, stop) = start_with(profile().with_max_loras(2), &["sql", "chat"])
+        .await
+        .unwrap();
+    let (_, text) = http(bound.http, "GET", "/metrics", "").await;
+    assert!(
+        text.contains("vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"} 0\n"),
+        "{text}"
+    );
+    let mut sub = subscribe(&bound).await;
+    let doc = document();
+    let ask = |model: &str| {
+        serde_json::json!({"model": model, "prompt": format!("{doc} question?"), "max_tokens": 3})
+            .to_string()
+    };
+    let cached = |body: &str| {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let (status, body) = http(bound.http, "POST", "/v1/completions", &ask("sql")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(cached(&body), 0);
+    let (_, body) = http(bound.http, "POST", "/v1/completions", &ask("m")).await;
+    assert_eq!(
+        cached(&body),
+        0,
+        "the base model shares no block with the adapter"
+    );
+    let (_, body) = http(bound.http, "POST", "/v1/completions", &ask("sql")).await;
+    assert_eq!(cached(&body), 240, "the adapter's own blocks");
+
+    let msg = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let frames = msg.into_vec();
+    let batch = rmpv::decode::read_value(&mut &frames[2][..]).unwrap();
+    let ev = &batch.as_array().unwrap()[1].as_array().unwrap()[0];
+    assert_eq!(field(ev, "type").as_str(), Some("BlockStored"));
+    assert_eq!(field(ev, "lora_name").as_str(), Some("sql"));
+    assert_eq!(field(ev, "medium").as_str(), Some("GPU"));
+
+    let (_, text) = http(bound.http, "GET", "/metrics", "").await;
+    let scrape = openmetrics_parser::prometheus::parse_prometheus(&text).unwrap();
+    let series: Vec<_> = scrape.families["vllm:lora_requests_info"]
+        .iter_samples()
+        .map(|s| {
+            let labels = s.get_labelset().unwrap();
+            let at = match &s.value {
+                PrometheusValue::Gauge(g) | PrometheusValue::Unknown(g) => g.as_f64(),
+                other => panic!("{other:?}"),
+            };
+            (
+                labels.get_label_value("max_lora").unwrap().to_owned(),
+                labels
+                    .get_label_value("running_lora_adapters")
+                    .unwrap()
+                    .to_owned(),
+                at,
+            )
+        })
+        .collect();
+    // Label sets seen: `sql` running, then nothing (vLLM keeps both series).
+    assert!(series.iter().all(|(max, _, _)| max == "2"), "{series:?}");
+    assert!(
+        series.iter().any(|(_, running, _)| running == "sql"),
+        "{series:?}"
+    );
+    let newest = series.iter().max_by(|a, b| a.2.total_cmp(&b.2)).unwrap();
+    assert_eq!(newest.1, "", "all done: nothing runs now");
+    assert!(newest.2 > 1.7e9, "valued at the time it was set");
     stop.cancel();
 }
 

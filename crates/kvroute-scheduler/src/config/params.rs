@@ -23,7 +23,7 @@ use crate::plugins::load::LoadScorer;
 use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use crate::plugins::pod_load::{LoadAwareScorer, LoraAffinityScorer, PodLoadScorer, Signal};
 use crate::plugins::precise::TokenProducer;
-use crate::plugins::session::{SESSION_TOKEN_HEADER, SessionAffinityScorer, Strategy};
+use crate::plugins::session::{Role, SESSION_TOKEN_HEADER, SessionAffinity, Strategy};
 use crate::plugins::ttft::TtftScorer;
 use crate::{Plugin, SlotId};
 
@@ -83,6 +83,7 @@ plugin_types! {
     NoHitLruScorer => "no-hit-lru-scorer",
     TokenProducer => "token-producer",
     SessionAffinityScorer => "session-affinity-scorer",
+    SessionAffinityFilter => "session-affinity-filter",
     LoadScorer => "load-scorer",
     TtftScorer => "ttft-scorer",
 }
@@ -165,13 +166,28 @@ pub(crate) struct PreciseParams {
     /// (`--kv-events-port`, `--kv-replay-port`) say, so these are accepted and not read.
     #[serde(rename = "kvEventsConfig")]
     _kv_events_config: Option<de::IgnoredAny>,
-    #[serde(rename = "indexerConfig")]
-    _indexer_config: Option<de::IgnoredAny>,
+    indexer_config: Option<IndexerConfig>,
     #[serde(rename = "speculativeIndexing")]
     _speculative_indexing: Option<bool>,
     #[serde(rename = "speculativeTTL")]
     _speculative_ttl: Option<String>,
     prefix_match_info_producer_name: Option<String>,
+}
+
+/// Upstream's `indexerConfig`: kvroute reads the tier weights; the index backend and its
+/// sizes are kvroute's own (the other fields are accepted and not read).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IndexerConfig {
+    kv_cache_backend_configs: Option<Vec<BackendConfig>>,
+}
+
+/// One `kvCacheBackendConfigs` entry: the weight of a block held on a medium.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendConfig {
+    name: String,
+    weight: f64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -295,13 +311,16 @@ pub(crate) struct TokenProducerParams {
     _uds_tokenizer_config: Option<de::IgnoredAny>,
 }
 
-/// `session-affinity-scorer`.
+/// `session-affinity-scorer` and `session-affinity-filter` (upstream gives both the same
+/// parameters).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct SessionParams {
     /// `encoded_endpoint_header` (default) or `session_id`.
     strategy: Option<String>,
     encoded_endpoint_header_config: Option<HeaderConfig>,
+    /// The filter's header as upstream's earlier releases named it.
+    header_name: Option<String>,
     session_id_config: Option<SessionIdConfig>,
     /// Upstream names the profile whose pick the token carries; kvroute has one profile
     /// running per request.
@@ -442,7 +461,7 @@ impl<'de> DeserializeSeed<'de> for ParamsSeed {
             T::ActiveRequestScorer => Params::ActiveRequest(or_default(d)?),
             T::NoHitLruScorer => Params::NoHitLru(or_default(d)?),
             T::TokenProducer => Params::Token(or_default(d)?),
-            T::SessionAffinityScorer => Params::Session(or_default(d)?),
+            T::SessionAffinityScorer | T::SessionAffinityFilter => Params::Session(or_default(d)?),
             T::DisaggProfileHandler => Params::Disagg(or_default(d)?),
             T::PrefixBasedPdDecider => Params::PdDecider(or_default(d)?),
             T::TtftPdDecider => Params::TtftPd(or_default(d)?),
@@ -527,9 +546,9 @@ fn own_producer(
     })
 }
 
-/// `session-affinity-scorer` from its parameters: kvroute reads the two headers upstream
-/// defaults to (others would need the ext_proc server to pass every header through).
-fn session_scorer(
+/// `session-affinity-scorer` or `-filter` from its parameters: kvroute reads the two headers
+/// upstream defaults to (others would need the ext_proc server to pass every header through).
+fn session_affinity(
     p: &SessionParams,
     name: &str,
     t: PluginType,
@@ -548,7 +567,9 @@ fn session_scorer(
         .encoded_endpoint_header_config
         .as_ref()
         .and_then(|c| c.header.as_deref())
-        .filter(|h| !h.trim().eq_ignore_ascii_case(SESSION_TOKEN_HEADER))
+        .into_iter()
+        .chain(p.header_name.as_deref())
+        .find(|h| !h.trim().eq_ignore_ascii_case(SESSION_TOKEN_HEADER))
     {
         return Err(unavailable(format!(
             "header {h:?}: kvroute reads the session token from {SESSION_TOKEN_HEADER}"
@@ -577,7 +598,64 @@ fn session_scorer(
                 "evictionTtlSeconds {ttl} is not a positive duration"
             ))
         })?;
-    Ok(Arc::new(SessionAffinityScorer::new(strategy, ttl)))
+    let role = if t == PluginType::SessionAffinityFilter {
+        Role::Filter
+    } else {
+        Role::Scorer
+    };
+    Ok(Arc::new(SessionAffinity::new(role, strategy, ttl)))
+}
+
+/// Upstream's default `kvCacheBackendConfigs` (`pkg/kvcache/backend.go`) as kvroute's tiers
+/// `[GPU, CPU, other]`: `gpu` 1.0; `cpu` and `lmcache-l1` (LMCache's host-memory tier) 0.8;
+/// a medium with no entry counts 1.0 (upstream's `DefaultBackendWeight`).
+pub(crate) const DEFAULT_TIER_WEIGHTS: [f64; 3] = [1.0, 0.8, 1.0];
+
+/// The tier weights of a precise plugin's `indexerConfig.kvCacheBackendConfigs`, by medium
+/// name as the events' `medium` maps to kvroute's tiers (`kvroute_events::Medium::tier`):
+/// `gpu`, then `cpu` or `lmcache-l1`, then any other. Two names of one tier must agree.
+fn tier_weights(p: &PreciseParams, name: &str, t: PluginType) -> Result<[f64; 3], ConfigError> {
+    let unavailable = |reason: String| ConfigError::Unavailable {
+        name: name.to_owned(),
+        plugin_type: t.as_str(),
+        reason,
+    };
+    let Some(backends) = p
+        .indexer_config
+        .as_ref()
+        .and_then(|c| c.kv_cache_backend_configs.as_ref())
+    else {
+        return Ok(DEFAULT_TIER_WEIGHTS);
+    };
+    let mut weights = DEFAULT_TIER_WEIGHTS;
+    let mut set: [Option<(&str, f64)>; 3] = [None; 3];
+    for b in backends {
+        if !(b.weight.is_finite() && b.weight >= 0.0) {
+            return Err(unavailable(format!(
+                "kvCacheBackendConfigs {:?}: weight {} is not a number of at least 0",
+                b.name, b.weight
+            )));
+        }
+        let medium = b.name.trim();
+        let tier = if medium.eq_ignore_ascii_case("gpu") {
+            0
+        } else if medium.eq_ignore_ascii_case("cpu") || medium.eq_ignore_ascii_case("lmcache-l1") {
+            1
+        } else {
+            2
+        };
+        if let Some((other, w)) = set[tier]
+            && w != b.weight
+        {
+            return Err(unavailable(format!(
+                "kvCacheBackendConfigs {other:?} ({w}) and {:?} ({}): kvroute indexes both media as one tier, give them one weight",
+                b.name, b.weight
+            )));
+        }
+        set[tier] = Some((medium, b.weight));
+        weights[tier] = b.weight;
+    }
+    Ok(weights)
 }
 
 /// `disagg-profile-handler` from its parameters: decode first, P/D when a prefill decider is
@@ -715,8 +793,12 @@ pub(super) fn build(
                 .as_deref()
                 .map(|n| resolve(&from, n))
                 .transpose()?;
+            let weights = tier_weights(p, name, t)?;
             let own = match own_slot.filter(|_| named.is_none()) {
-                Some(slot) => Some((slot, precise_producer(ctx, name, t, slot, block_size)?)),
+                Some(slot) => Some((
+                    slot,
+                    precise_producer(ctx, name, t, slot, block_size, weights)?,
+                )),
                 None => None,
             };
             if t == T::PrecisePrefixCacheProducer {
@@ -790,7 +872,7 @@ pub(super) fn build(
             ))
         }
         (Params::Token(_), _) => Arc::new(TokenProducer::new(ctx.tokenizers.clone())),
-        (Params::Session(p), t) => session_scorer(p, name, t)?,
+        (Params::Session(p), t) => session_affinity(p, name, t)?,
         (Params::Disagg(p), t) => disagg_handler(p, name, t)?,
         (Params::PdDecider(p), t) => {
             let unavailable = |what: &str, n: i64| ConfigError::Unavailable {

@@ -466,6 +466,8 @@ plugins:
   parameters:
     strategy: session_id
     sessionIdConfig: {sources: [{header: x-session-id}], evictionTtlSeconds: 300, evictionSweepSeconds: 10}
+- type: session-affinity-filter
+  parameters: {strategy: session_id, sessionIdConfig: {evictionTtlSeconds: 60}}
 - type: load-scorer
   parameters: {headroom: 4}
 - type: label-selector-filter
@@ -487,6 +489,7 @@ schedulingProfiles:
 - name: default
   plugins:
   - {pluginRef: decode-filter}
+  - {pluginRef: session-affinity-filter}
   - {pluginRef: prefix-cache-scorer, weight: 2}
   - {pluginRef: old-style, weight: 1}
   - {pluginRef: precise-prefix-cache-scorer}
@@ -782,6 +785,95 @@ fn the_ttft_decider_keeps_prompts_home_when_prefill_pods_fall_behind() {
         assert!(
             e.contains(what.split(':').next().unwrap()) && e.contains("line "),
             "{e}"
+        );
+    }
+}
+
+/// `session-affinity-filter` reads the scorer's parameters and refuses what kvroute cannot
+/// honour the same way.
+#[test]
+fn the_session_filter_is_configured_as_the_scorer_is() {
+    let ctx = BuildContext::new(16);
+    let with = |params: &str| {
+        build(
+            &format!(
+                "plugins:\n- type: session-affinity-filter\n  parameters: {params}\n- type: queue-scorer\n"
+            ),
+            &ctx,
+        )
+    };
+    let s = with("{}").unwrap();
+    assert_eq!(s.body_use(), BodyUse::None, "the token is a header");
+    with("{headerName: x-session-token}").expect("the earlier releases' parameter");
+    for bad in [
+        "{strategy: cookie}",
+        "{encodedEndpointHeaderConfig: {header: x-other}}",
+        "{strategy: session_id, sessionIdConfig: {sources: [{attribute: agent}]}}",
+        "{strategy: session_id, sessionIdConfig: {evictionTtlSeconds: 0}}",
+        "{headerName: x-other}",
+    ] {
+        let err = with(bad).unwrap_err().to_string();
+        assert!(err.contains("session-affinity-filter"), "{bad}: {err}");
+    }
+}
+
+/// Precise matching weighs each held block by its best tier with upstream's default
+/// `kvCacheBackendConfigs` (GPU 1.0, CPU 0.8): a prompt held in CPU memory only ranks
+/// below the same prompt held in GPU memory and above no hit; configured weights apply by
+/// medium name, and conflicting or invalid ones are refused.
+#[test]
+fn precise_hits_are_weighed_by_tier_as_upstreams_backend_configs() {
+    let ctx = precise_ctx(4);
+    let index = Arc::clone(ctx.precise_index.as_ref().unwrap());
+    let eps = registry(4).snapshot();
+    eps.iter().for_each(|e| e.set_events_confirmed(true));
+    let tokens: Vec<u32> = (0..40).collect();
+    let mut hashes = Vec::new();
+    BlockHasher::new(4).hash_tokens(&tokens, &ExtraKeys::default(), &mut hashes);
+    // 0: nothing; 1: all in CPU; 2: all in GPU; 3: all on disk (a medium with no entry).
+    index.write().store(eps[1].id(), &hashes, Tier::Cpu);
+    index.write().store(eps[2].id(), &hashes, Tier::Gpu);
+    index.write().store(eps[3].id(), &hashes, Tier::Disk);
+    let req = request(Prompt::Tokens(tokens));
+    let hints = RequestHints::default();
+    let order = |backends: &str| {
+        let yaml = format!(
+            "plugins:\n- type: precise-prefix-cache-scorer\n  parameters: {{indexerConfig: {{kvBlockIndexConfig: {{enableMetrics: false}}{backends}}}}}\n- type: max-score-picker\n  parameters: {{maxNumOfEndpoints: 4}}\n"
+        );
+        let d = build(&yaml, &ctx)
+            .unwrap()
+            .schedule(&SchedulingRequest::new(Some(&req), &hints), &eps)
+            .unwrap();
+        let mut order = vec![d.primary().address().port()];
+        order.extend(d.fallbacks().iter().map(|e| e.address().port()));
+        order
+    };
+    // Defaults: GPU and the unlisted medium (1.0) tie ahead, CPU (0.8) next, nothing last.
+    let by_default = order("");
+    assert_eq!(&by_default[2..], [2, 1], "{by_default:?}");
+    let mut first: Vec<u16> = by_default[..2].to_vec();
+    first.sort_unstable();
+    assert_eq!(first, [3, 4]);
+    // Configured by name (upstream writes them lower-case): CPU above GPU, disk at 0.
+    assert_eq!(
+        order(
+            ", kvCacheBackendConfigs: [{name: gpu, weight: 0.5}, {name: cpu, weight: 0.9}, {name: disk, weight: 0}]"
+        ),
+        [2, 3, 1, 4]
+    );
+    for bad in [
+        "[{name: cpu, weight: 0.8}, {name: lmcache-l1, weight: 0.5}]",
+        "[{name: gpu, weight: -1}]",
+        "[{name: gpu, weight: .nan}]",
+    ] {
+        let yaml = format!(
+            "plugins:\n- type: precise-prefix-cache-scorer\n  parameters: {{indexerConfig: {{kvCacheBackendConfigs: {bad}}}}}\n"
+        );
+        let err = build(&yaml, &ctx).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("kvCacheBackendConfigs")),
+            "{bad}: {err:?}"
         );
     }
 }

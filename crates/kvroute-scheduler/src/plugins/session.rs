@@ -1,4 +1,5 @@
-//! Session affinity: the turns of one conversation to the endpoint that served it.
+//! Session affinity: the turns of one conversation to the endpoint that served it, as a
+//! soft preference (`session-affinity-scorer`) or a hard pin (`session-affinity-filter`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -9,7 +10,7 @@ use base64::engine::general_purpose::STANDARD;
 use kvroute_core::EndpointId;
 use kvroute_endpoints::EndpointState;
 
-use crate::{Candidates, CycleState, Decision, Plugin, SchedulingRequest, Scorer};
+use crate::{Candidates, CycleState, Decision, Filter, Plugin, SchedulingRequest, Scorer};
 
 /// The header upstream's default strategy carries the serving endpoint in.
 pub(crate) const SESSION_TOKEN_HEADER: &str = "x-session-token";
@@ -29,18 +30,32 @@ pub(crate) enum Strategy {
     SessionId,
 }
 
-/// Scores 1 for the endpoint that served the request's session before, 0 elsewhere
-/// (`session-affinity-scorer`).
+/// What a session-affinity plugin does with the session's endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Scores it 1 and every other candidate 0 (`session-affinity-scorer`): other scorers
+    /// can outweigh it.
+    Scorer,
+    /// Keeps it alone when it is a candidate, else keeps every candidate
+    /// (`session-affinity-filter`): a hard pin that never empties the candidates.
+    Filter,
+}
+
+/// The endpoint that served the request's session before, as upstream's
+/// `session-affinity-scorer` (1 for it, 0 elsewhere) or `session-affinity-filter` (only it,
+/// when it is a candidate) sees it; both set the same token on the response.
 #[derive(Debug)]
-pub(crate) struct SessionAffinityScorer {
+pub(crate) struct SessionAffinity {
+    role: Role,
     strategy: Strategy,
     ttl: Duration,
     sessions: Mutex<HashMap<String, (EndpointId, Instant)>>,
 }
 
-impl SessionAffinityScorer {
-    pub(crate) fn new(strategy: Strategy, ttl: Duration) -> Self {
+impl SessionAffinity {
+    pub(crate) fn new(role: Role, strategy: Strategy, ttl: Duration) -> Self {
         Self {
+            role,
             strategy,
             ttl,
             sessions: Mutex::new(HashMap::new()),
@@ -64,13 +79,20 @@ impl SessionAffinityScorer {
     }
 }
 
-impl Plugin for SessionAffinityScorer {
+impl Plugin for SessionAffinity {
     fn type_name(&self) -> &'static str {
-        "session-affinity-scorer"
+        match self.role {
+            Role::Scorer => "session-affinity-scorer",
+            Role::Filter => "session-affinity-filter",
+        }
     }
 
     fn scorer(&self) -> Option<&dyn Scorer> {
-        Some(self)
+        (self.role == Role::Scorer).then_some(self as &dyn Scorer)
+    }
+
+    fn filter(&self) -> Option<&dyn Filter> {
+        (self.role == Role::Filter).then_some(self as &dyn Filter)
     }
 
     fn decided(&self, request: &SchedulingRequest<'_>, _: &CycleState, decision: &Decision) {
@@ -114,7 +136,31 @@ impl Plugin for SessionAffinityScorer {
     }
 }
 
-impl Scorer for SessionAffinityScorer {
+impl Filter for SessionAffinity {
+    fn filter(
+        &self,
+        request: &SchedulingRequest<'_>,
+        _: &CycleState,
+        candidates: &Candidates<'_>,
+        keep: &mut [bool],
+    ) {
+        let Some(previous) = self.previous(request) else {
+            return;
+        };
+        let Some(at) = candidates
+            .iter()
+            .position(|(_, ep)| ep.id().as_str() == previous)
+        else {
+            // Gone, or filtered out before: the other plugins decide.
+            return;
+        };
+        for (i, k) in keep.iter_mut().enumerate() {
+            *k = i == at;
+        }
+    }
+}
+
+impl Scorer for SessionAffinity {
     fn score(
         &self,
         request: &SchedulingRequest<'_>,
@@ -140,11 +186,7 @@ mod tests {
     use super::*;
     use crate::test_util::registry;
 
-    fn score(
-        s: &SessionAffinityScorer,
-        hints: &RequestHints,
-        eps: &[Arc<EndpointState>],
-    ) -> Vec<f64> {
+    fn score(s: &SessionAffinity, hints: &RequestHints, eps: &[Arc<EndpointState>]) -> Vec<f64> {
         let kept: Vec<usize> = (0..eps.len()).collect();
         let mut out = vec![0.0; eps.len()];
         s.score(
@@ -159,7 +201,11 @@ mod tests {
     #[test]
     fn the_encoded_endpoint_comes_back_in_the_token() {
         let eps = registry(3).snapshot();
-        let s = SessionAffinityScorer::new(Strategy::EncodedEndpoint, Duration::from_secs(300));
+        let s = SessionAffinity::new(
+            Role::Scorer,
+            Strategy::EncodedEndpoint,
+            Duration::from_secs(300),
+        );
         let decision = Decision::new(Arc::clone(&eps[1]), Vec::new(), 0);
         let (name, token) = s.response_header(&decision).unwrap();
         assert_eq!(name, "x-session-token");
@@ -182,7 +228,7 @@ mod tests {
     #[test]
     fn a_session_id_is_remembered_until_its_endpoint_leaves_or_it_expires() {
         let eps = registry(3).snapshot();
-        let s = SessionAffinityScorer::new(Strategy::SessionId, Duration::from_secs(300));
+        let s = SessionAffinity::new(Role::Scorer, Strategy::SessionId, Duration::from_secs(300));
         let hints = RequestHints {
             session_id: Some("chat-7".into()),
             ..RequestHints::default()
@@ -198,12 +244,88 @@ mod tests {
         assert_eq!(score(&s, &hints, &eps), [0.0, 0.0, 1.0]);
         s.endpoints_changed(&eps[..2], &[eps[2].id().clone()]);
         assert_eq!(score(&s, &hints, &eps), [0.0; 3]);
-        let short = SessionAffinityScorer::new(Strategy::SessionId, Duration::ZERO);
+        let short = SessionAffinity::new(Role::Scorer, Strategy::SessionId, Duration::ZERO);
         short.decided(
             &SchedulingRequest::new(None, &hints),
             &CycleState::new(0),
             &decision,
         );
         assert_eq!(score(&short, &hints, &eps), [0.0; 3], "expired");
+    }
+
+    fn keep(
+        s: &SessionAffinity,
+        hints: &RequestHints,
+        eps: &[Arc<EndpointState>],
+        kept: &[usize],
+    ) -> Vec<bool> {
+        let mut out = vec![true; kept.len()];
+        Filter::filter(
+            s,
+            &SchedulingRequest::new(None, hints),
+            &CycleState::new(0),
+            &Candidates::new(eps, kept),
+            &mut out,
+        );
+        out
+    }
+
+    #[test]
+    fn the_filter_keeps_the_session_endpoint_alone_when_it_is_a_candidate_else_all() {
+        let eps = registry(3).snapshot();
+        let s = SessionAffinity::new(
+            Role::Filter,
+            Strategy::EncodedEndpoint,
+            Duration::from_secs(300),
+        );
+        assert_eq!(s.type_name(), "session-affinity-filter");
+        assert!(s.scorer().is_none() && Plugin::filter(&s).is_some());
+        let decision = Decision::new(Arc::clone(&eps[2]), Vec::new(), 0);
+        let (name, token) = s.response_header(&decision).unwrap();
+        assert_eq!(name, "x-session-token");
+        let hints = RequestHints {
+            session_token: Some(token),
+            ..RequestHints::default()
+        };
+        assert_eq!(keep(&s, &hints, &eps, &[0, 1, 2]), [false, false, true]);
+        // Among fewer candidates (an earlier filter left two): still found by identity.
+        assert_eq!(keep(&s, &hints, &eps, &[1, 2]), [false, true]);
+        // The session's endpoint is not a candidate (filtered out, or gone): all stay.
+        assert_eq!(keep(&s, &hints, &eps, &[0, 1]), [true, true]);
+        // No token, a token that is not base64, one naming no endpoint: all stay.
+        let other = STANDARD.encode("10.0.0.9:8000");
+        for token in [None, Some("%%%".to_owned()), Some(other)] {
+            let hints = RequestHints {
+                session_token: token,
+                ..RequestHints::default()
+            };
+            assert_eq!(keep(&s, &hints, &eps, &[0, 1, 2]), [true; 3]);
+        }
+    }
+
+    #[test]
+    fn the_filter_by_session_id_pins_once_bound_and_rebinds_where_the_request_went() {
+        let eps = registry(3).snapshot();
+        let s = SessionAffinity::new(Role::Filter, Strategy::SessionId, Duration::from_secs(300));
+        let hints = RequestHints {
+            session_id: Some("agent-1".into()),
+            ..RequestHints::default()
+        };
+        let request = SchedulingRequest::new(None, &hints);
+        assert_eq!(keep(&s, &hints, &eps, &[0, 1, 2]), [true; 3], "unbound");
+        s.decided(
+            &request,
+            &CycleState::new(0),
+            &Decision::new(Arc::clone(&eps[0]), Vec::new(), 0),
+        );
+        assert_eq!(keep(&s, &hints, &eps, &[0, 1, 2]), [true, false, false]);
+        // Its endpoint filtered out: no pin, and the session follows where it was sent.
+        assert_eq!(keep(&s, &hints, &eps, &[1, 2]), [true, true]);
+        s.decided(
+            &request,
+            &CycleState::new(0),
+            &Decision::new(Arc::clone(&eps[1]), Vec::new(), 0),
+        );
+        assert_eq!(keep(&s, &hints, &eps, &[0, 1, 2]), [false, true, false]);
     }
 }

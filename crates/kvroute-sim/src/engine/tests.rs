@@ -7,6 +7,7 @@ fn req(id: RequestId, tokens: &[u32], max_tokens: usize) -> SimRequest {
         id,
         prompt: PromptTokens::Explicit(Arc::from(tokens)),
         max_tokens,
+        lora: None,
     }
 }
 
@@ -44,6 +45,8 @@ fn prefill_then_decode_timed_by_the_profile() {
                 parent_block_hash: None,
                 token_ids,
                 block_size: 4,
+                lora_name: None,
+                medium: Medium::Gpu,
             },
         ] => {
             assert_eq!(block_hashes.len(), 2, "only the 2 full prompt blocks");
@@ -145,7 +148,8 @@ fn eviction_takes_unused_blocks_then_the_oldest_tails() {
     assert_eq!(
         s[0].events[0],
         KvEvent::BlockRemoved {
-            block_hashes: vec![a[1]]
+            block_hashes: vec![a[1]],
+            medium: Medium::Gpu,
         },
         "the tail of the oldest sequence goes first"
     );
@@ -217,13 +221,15 @@ fn synthetic_prompts_share_blocks_by_content_id() {
     assert!(e.add(SimRequest {
         id: 1,
         prompt: p(&[7, 8, 9], 24),
-        max_tokens: 1
+        max_tokens: 1,
+        lora: None,
     }));
     run_to_end(&mut e);
     assert!(e.add(SimRequest {
         id: 2,
         prompt: p(&[7, 8, 5], 24),
-        max_tokens: 1
+        max_tokens: 1,
+        lora: None,
     }));
     assert_eq!(run_to_end(&mut e)[0].finished[0].cached_tokens, 16);
     assert_eq!(p(&[7], 8).tokens(0, 8), p(&[7, 1], 16).tokens(0, 8));
@@ -278,4 +284,182 @@ fn a_transferred_prompt_is_loaded_not_computed() {
         loaded, 8,
         "7 loaded and the last computed; the shared 8 were held"
     );
+}
+
+fn lora_req(id: RequestId, tokens: &[u32], max_tokens: usize, lora: Option<&str>) -> SimRequest {
+    SimRequest {
+        lora: lora.map(Arc::from),
+        ..req(id, tokens, max_tokens)
+    }
+}
+
+#[test]
+fn adapters_beyond_the_slots_wait_and_each_load_costs_time() {
+    // One adapter slot, loads of 50 µs.
+    let mut e = Engine::new(Profile::tiny(100, 8, 64).with_max_loras(1), false);
+    assert!(e.add(lora_req(1, &seq(0, 8), 3, Some("a"))));
+    assert!(e.add(lora_req(2, &seq(20, 8), 1, Some("b"))));
+    assert!(e.add(lora_req(3, &seq(40, 4), 1, None)));
+    let first = e.step();
+    // `a` loads and runs; `b` cannot join the batch; the base model's request can.
+    assert_eq!(first.prefill_tokens, 12);
+    assert_eq!(first.duration_us, 100 + 12 + 50);
+    let names = |v: Vec<Arc<str>>| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    assert_eq!(names(e.running_loras()), ["a"]);
+    assert_eq!(names(e.waiting_loras()), ["b"]);
+    let second = e.step();
+    assert_eq!(
+        second.duration_us,
+        100 + 10,
+        "`a` is held: one decode, no load"
+    );
+    let rest = run_to_end(&mut e);
+    // `b` starts once `a` is done, replacing it: a second load.
+    let b_first = rest.iter().find(|s| s.first_tokens.contains(&2)).unwrap();
+    assert_eq!(b_first.duration_us, 100 + 8 + 50);
+    assert_eq!(e.lora_loads(), 2);
+    assert!(e.running_loras().is_empty() && e.waiting_loras().is_empty());
+    // An adapter's blocks are its own: the same tokens for the base model hit nothing,
+    // for `a` again they do (`a` loads again: `b` holds the slot).
+    assert!(e.add(lora_req(4, &seq(0, 8), 1, None)));
+    assert_eq!(run_to_end(&mut e)[0].finished[0].cached_tokens, 0);
+    assert!(e.add(lora_req(5, &seq(0, 8), 1, Some("a"))));
+    let again = run_to_end(&mut e);
+    assert_eq!(again[0].finished[0].cached_tokens, 4);
+    assert_eq!(e.lora_loads(), 3);
+    // A pod with no slot serves no adapter.
+    let mut plain = Engine::new(Profile::tiny(100, 8, 64), false);
+    assert!(!plain.add(lora_req(6, &seq(0, 8), 1, Some("a"))));
+    assert!(plain.add(lora_req(7, &seq(0, 8), 1, None)));
+}
+
+#[test]
+fn evicted_blocks_move_to_host_memory_and_come_back_cheaper_than_prefill() {
+    // 4 GPU blocks and 2 in host memory, of 4 tokens; copying back costs 0.25 µs a token.
+    let profile = Profile::tiny(4, 8, 64)
+        .with_cpu_offload_tokens(8)
+        .with_max_loras(1);
+    let mut e = Engine::new(profile, true);
+    assert!(e.add(lora_req(1, &seq(0, 8), 1, Some("x"))));
+    let mut e_plain_hashes = Vec::new();
+    for s in run_to_end(&mut e) {
+        for ev in s.events {
+            if let KvEvent::BlockStored { block_hashes, .. } = ev {
+                e_plain_hashes.extend(block_hashes);
+            }
+        }
+    }
+    assert!(e.add(lora_req(2, &seq(50, 8), 1, None))); // the two never-used blocks
+    run_to_end(&mut e);
+    // Two more blocks: the first request's, tail first, go to host memory.
+    assert!(e.add(lora_req(3, &seq(90, 8), 1, None)));
+    let s = run_to_end(&mut e);
+    let (a0, a1) = (e_plain_hashes[0], e_plain_hashes[1]);
+    assert_eq!(
+        s[0].events[..3],
+        [
+            KvEvent::BlockStored {
+                block_hashes: vec![a1],
+                parent_block_hash: Some(a0),
+                token_ids: seq(4, 4),
+                block_size: 4,
+                lora_name: Some("x".into()),
+                medium: Medium::Cpu,
+            },
+            KvEvent::BlockStored {
+                block_hashes: vec![a0],
+                parent_block_hash: None,
+                token_ids: seq(0, 4),
+                block_size: 4,
+                lora_name: Some("x".into()),
+                medium: Medium::Cpu,
+            },
+            KvEvent::BlockRemoved {
+                block_hashes: vec![a1, a0],
+                medium: Medium::Gpu,
+            },
+        ],
+        "stored in host memory before the GPU lets go"
+    );
+    assert_eq!(e.cpu_hashes().len(), 2);
+    // The first prompt again: both blocks from host memory, copied (2 µs), the rest
+    // prefilled (4 tokens).
+    let mut again = seq(0, 8);
+    again.extend(seq(200, 4));
+    assert!(e.add(lora_req(4, &again, 1, Some("x"))));
+    let s = run_to_end(&mut e);
+    assert_eq!(s[0].finished[0].cached_tokens, 8);
+    assert_eq!(s[0].prefill_tokens, 4);
+    assert_eq!(s[0].duration_us, 100 + 4 + 2);
+    assert!(s[0].events.contains(&KvEvent::BlockStored {
+        block_hashes: vec![a0, a1],
+        parent_block_hash: None,
+        token_ids: seq(0, 8),
+        block_size: 4,
+        lora_name: Some("x".into()),
+        medium: Medium::Gpu,
+    }));
+    // Host memory was full: what it dropped is announced with its medium.
+    assert!(s[0].events.iter().any(|ev| matches!(
+        ev,
+        KvEvent::BlockRemoved {
+            medium: Medium::Cpu,
+            ..
+        }
+    )));
+    assert_eq!(e.prefix_cache_counts(), (8 + 8 + 8 + 12, 8));
+    e.clear_cache();
+    assert!(e.cpu_hashes().is_empty() && e.cached_hashes().is_empty());
+}
+
+proptest::proptest! {
+    /// Whatever the workload, a consumer applying the events (stores and removals per
+    /// medium, clears) ends up knowing exactly what each tier holds.
+    #[test]
+    fn events_tell_what_each_tier_holds(
+        prompts in proptest::collection::vec(
+            (proptest::collection::vec(0u32..3, 1..12), 1usize..4, proptest::option::of(0u8..2)),
+            1..40,
+        ),
+        cpu_tokens in 0usize..24,
+    ) {
+        use std::collections::{BTreeMap, BTreeSet};
+        let profile = Profile::tiny(8, 4, 16).with_max_loras(1).with_cpu_offload_tokens(cpu_tokens);
+        let mut e = Engine::new(profile, true);
+        let mut held: BTreeMap<(u64, &str), ()> = BTreeMap::new();
+        let apply = |held: &mut BTreeMap<(u64, &str), ()>, events: &[KvEvent]| {
+            for ev in events {
+                match ev {
+                    KvEvent::BlockStored { block_hashes, medium, .. } => {
+                        for h in block_hashes {
+                            held.insert((*h, medium.as_str()), ());
+                        }
+                    }
+                    KvEvent::BlockRemoved { block_hashes, medium } => {
+                        for h in block_hashes {
+                            held.remove(&(*h, medium.as_str()));
+                        }
+                    }
+                    KvEvent::AllBlocksCleared => held.clear(),
+                }
+            }
+        };
+        for (i, (tokens, out, lora)) in prompts.into_iter().enumerate() {
+            // Few distinct tokens in blocks of 4: prompts share prefixes often.
+            let tokens: Vec<u32> = tokens.iter().map(|t| t * 7).collect();
+            let lora = lora.map(|l| if l == 0 { "p" } else { "q" });
+            e.add(lora_req(i as u64, &tokens, out, lora));
+            if i % 3 == 0 {
+                let r = e.step();
+                apply(&mut held, &r.events);
+            }
+        }
+        while e.has_work() {
+            let r = e.step();
+            apply(&mut held, &r.events);
+        }
+        let of = |m: &str| held.keys().filter(|(_, t)| *t == m).map(|(h, _)| *h).collect::<BTreeSet<u64>>();
+        proptest::prop_assert_eq!(of("GPU"), e.cached_hashes().into_iter().collect::<BTreeSet<_>>());
+        proptest::prop_assert_eq!(of("CPU"), e.cpu_hashes().into_iter().collect::<BTreeSet<_>>());
+    }
 }

@@ -11,6 +11,7 @@ use kvroute_tokens::DEFAULT_CHUNK_BYTES;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 
+use super::flow::DetectorParams;
 use super::{BuildContext, ConfigError, approx_producer, precise_producer, prefix_scorer};
 use crate::cycle::BYTES_PER_TOKEN;
 use crate::plugins::active::{ActiveRequestScorer, NoHitLruScorer};
@@ -78,6 +79,7 @@ plugin_types! {
     SessionAffinityScorer => "session-affinity-scorer",
     LoadScorer => "load-scorer",
     TtftScorer => "ttft-scorer",
+    UtilizationDetector => "utilization-detector",
 }
 
 impl PluginType {
@@ -349,6 +351,7 @@ pub(crate) enum Params {
     NoHitLru(NoHitLruParams),
     Token(#[allow(dead_code, reason = "read only to validate the YAML")] TokenProducerParams),
     Session(SessionParams),
+    Detector(DetectorParams),
     None(NoParams),
 }
 
@@ -383,6 +386,7 @@ impl<'de> DeserializeSeed<'de> for ParamsSeed {
             T::NoHitLruScorer => Params::NoHitLru(or_default(d)?),
             T::TokenProducer => Params::Token(or_default(d)?),
             T::SessionAffinityScorer => Params::Session(or_default(d)?),
+            T::UtilizationDetector => Params::Detector(or_default(d)?),
             T::SingleProfileHandler
             | T::PrefillFilter
             | T::DecodeFilter
@@ -643,7 +647,7 @@ pub(super) fn build(
             }
             Arc::new(TtftScorer::new(reads, work_weight))
         }
-        (Params::MetricsDataSource(_) | Params::Extractor(_), t) => {
+        (Params::MetricsDataSource(_) | Params::Extractor(_) | Params::Detector(_), t) => {
             Arc::new(crate::plugins::DataSource(t.as_str()))
         }
         (Params::None(_), T::PrefillFilter) => Arc::new(RoleFilter::prefill()),

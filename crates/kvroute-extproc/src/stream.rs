@@ -17,6 +17,7 @@ use kvroute_endpoints::{EndpointState, InFlightGuard, Registry};
 use kvroute_scheduler::{BodyUse, Decision, ScheduleError, SchedulerHandle, SchedulingRequest};
 use tracing::{debug, warn};
 
+use crate::admission::Dropped;
 use crate::metrics::{Metrics, Outcome};
 use crate::protocol::{self, LocalReply, header};
 use crate::upstream::RequestRecord;
@@ -714,6 +715,13 @@ impl StreamState {
         } else {
             self.resume(job.run(), out);
         }
+    }
+
+    /// Answers the request without reading or routing it: admission dropped it at its
+    /// headers (`reason`). Whatever Envoy sends after is ignored.
+    pub fn refuse_admission(&mut self, reason: Dropped, out: &mut Vec<Outbound>) {
+        self.router.metrics.outcome(reason.outcome());
+        self.reply(reason.reply(), reason.message(), out);
     }
 
     /// Answers the request of a [`DecisionJob`] that could not be queued: 503, counted.

@@ -77,14 +77,8 @@ struct BandSpec {
 }
 
 /// The `utilization-detector` plugin's parameters, checked as upstream checks them.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct DetectorParams(pub(crate) UtilizationDetector);
-
-impl Default for DetectorParams {
-    fn default() -> Self {
-        Self(UtilizationDetector::default())
-    }
-}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -5,6 +5,9 @@
 //!   time each) and many clients at once: while the pool is saturated only `batch` requests
 //!   are answered 429 `rejected-saturated`, every `critical` one is served, every request is
 //!   answered.
+//! - Flow control under the same overload: critical requests wait their turn and are all
+//!   served; sheddable ones are refused once their band is full (429 `rejected-saturated`),
+//!   none is lost.
 //! - Flow control, scale from zero: with no pod, requests wait; one that waits out
 //!   `noEndpointRequestTTL` is answered 503 `rejected-no-endpoints`; those waiting when a pod
 //!   turns Ready are served.
@@ -231,6 +234,117 @@ async fn only_sheddable_work_is_shed_under_overload_and_none_is_lost() {
         sample(&m, "kvroute_requests_total{outcome=\"rejected_saturated\"}") as usize,
         shed.len(),
         "{m}"
+    );
+    // Upstream's error metric names the shed requests' priority and code.
+    assert!(
+        m.contains("priority=\"-1\",error_code=\"ResourceExhausted\"}"),
+        "{m}"
+    );
+    stop.cancel();
+}
+
+const FLOW_UNDER_LOAD: &str = "apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+- type: utilization-detector
+  parameters: {queueDepthThreshold: 2, metricsStalenessThreshold: 1s}
+flowControl:
+  defaultRequestTTL: 20s
+  defaultNegativePriorityBand: {maxRequests: 4}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_control_under_overload_holds_critical_work_and_bounds_sheddable_work() {
+    let dir = scratch("admission-flow-load");
+    let stop = CancellationToken::new();
+    let api = ApiServer::start().await;
+    let port = free_port();
+    api_with_pool(&api, port);
+    api.install(Resource::inference_objective());
+    api.apply(&Resource::inference_objective(), objective("batch", -1));
+    api.apply(&Resource::inference_objective(), objective("critical", 10));
+    let mut pods = Vec::new();
+    for (name, k) in [("a", 2), ("b", 3)] {
+        pods.push(slow_pod(k, port, &stop).await);
+        api.apply(&Resource::pods(), ready_pod(name, k));
+    }
+    let config = write_config(&dir, FLOW_UNDER_LOAD);
+    let kvroute = Kvroute::for_pool(
+        &dir,
+        &api,
+        NS,
+        &[
+            "--config-file",
+            &config,
+            "--refresh-metrics-interval",
+            "50ms",
+        ],
+    )
+    .await;
+    let addrs: Vec<SocketAddr> = pods.iter().map(|p| p.http).collect();
+    let envoy = Envoy::start(&dir, &EnvoyOptions::full_duplex(kvroute.grpc_port, &addrs)).await;
+    let ready = eventually(Duration::from_secs(20), async || {
+        let m = kvroute.metrics().await;
+        sample(&m, "kvroute_inference_objectives") == 2.0
+            && m.contains("kvroute_pool_saturation ")
+            && sample(&m, "kvroute_pool_saturation") < 1.0
+    })
+    .await;
+    assert!(
+        ready,
+        "objectives or scrapes missing: {}",
+        kvroute.metrics().await
+    );
+
+    let mut clients = Vec::new();
+    for c in 0..24 {
+        let objective = if c % 2 == 0 { "critical" } else { "batch" };
+        let port = envoy.port;
+        clients.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in 0..4 {
+                out.push(ask(port, objective, 1 + c * 100 + i, 48).await);
+            }
+            out
+        }));
+    }
+    // The queue holds requests while the pool is saturated.
+    let mut most_waiting = 0.0f64;
+    while clients.iter().any(|c| !c.is_finished()) {
+        let m = kvroute.metrics().await;
+        most_waiting = most_waiting.max(sample(
+            &m,
+            "kvroute_flow_control_queue_size{priority=\"10\"}",
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut answers = Vec::new();
+    for c in clients {
+        answers.extend(c.await.unwrap());
+    }
+    assert_eq!(answers.len(), 24 * 4, "every request came back");
+    for a in &answers {
+        match (a.objective, a.status, a.dropped.as_str()) {
+            (_, Some(200), "") => {}
+            ("batch", Some(429), "rejected-saturated" | "rejected-ttl-expired") => {}
+            _ => panic!("unexpected answer {a:?}"),
+        }
+    }
+    let refused = answers.iter().filter(|a| a.status == Some(429)).count();
+    assert!(refused > 0, "the sheddable band never filled");
+    assert!(most_waiting > 0.0, "no critical request ever waited");
+    println!(
+        "{} requests: 48 critical all served (up to {most_waiting} waiting at once), {refused} sheddable refused",
+        answers.len()
+    );
+    assert!(
+        !kvroute
+            .metrics()
+            .await
+            .contains("kvroute_flow_control_queue_size{"),
+        "nothing left in the queue"
     );
     stop.cancel();
 }

@@ -302,7 +302,9 @@ impl Stream for ResponseStream {
                         }
                     }
                     Err(dropped) => {
-                        this.state.refuse_admission(dropped, &mut this.scratch);
+                        let objective = held.as_ref().and_then(objective_of);
+                        this.state
+                            .refuse_admission(dropped, objective, &mut this.scratch);
                         this.pending.extend(this.scratch.drain(..));
                     }
                 }
@@ -343,6 +345,16 @@ impl Stream for ResponseStream {
     }
 }
 
+/// The objective a request's headers name (upstream's header, or its older form).
+fn objective_of(msg: &Inbound) -> Option<&str> {
+    let Some(InboundKind::RequestHeaders(h)) = &msg.request else {
+        return None;
+    };
+    let headers = h.headers.as_ref();
+    header(headers, "x-llm-d-inference-objective")
+        .or_else(|| header(headers, "x-gateway-inference-objective"))
+}
+
 impl ResponseStream {
     /// Passes the request headers through admission (once per stream): on, held while the
     /// request waits, or answered; any other message goes on at once.
@@ -353,10 +365,8 @@ impl ResponseStream {
         let Some(InboundKind::RequestHeaders(h)) = &msg.request else {
             return self.feed(msg);
         };
-        let headers = h.headers.as_ref();
-        let objective = header(headers, "x-llm-d-inference-objective")
-            .or_else(|| header(headers, "x-gateway-inference-objective"));
-        let bytes = header(headers, "content-length")
+        let objective = objective_of(&msg);
+        let bytes = header(h.headers.as_ref(), "content-length")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let priority = admission.priority(objective);
@@ -368,7 +378,8 @@ impl ResponseStream {
                 self.feed(msg)
             }
             Admit::Refused(dropped) => {
-                self.state.refuse_admission(dropped, &mut self.scratch);
+                self.state
+                    .refuse_admission(dropped, objective, &mut self.scratch);
                 self.pending.extend(self.scratch.drain(..));
                 Ok(())
             }

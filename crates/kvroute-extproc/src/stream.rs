@@ -718,8 +718,15 @@ impl StreamState {
     }
 
     /// Answers the request without reading or routing it: admission dropped it at its
-    /// headers (`reason`). Whatever Envoy sends after is ignored.
-    pub fn refuse_admission(&mut self, reason: Dropped, out: &mut Vec<Outbound>) {
+    /// headers (`reason`); `objective` is the one they named, for upstream's metric labels.
+    /// Whatever Envoy sends after is ignored.
+    pub fn refuse_admission(
+        &mut self,
+        reason: Dropped,
+        objective: Option<&str>,
+        out: &mut Vec<Outbound>,
+    ) {
+        self.hints.objective = objective.map(str::to_owned);
         self.router.metrics.outcome(reason.outcome());
         self.reply(reason.reply(), reason.message(), out);
     }

@@ -16,11 +16,7 @@ pub(super) fn run(
     deployment: Deployment,
     share: f64,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&share),
-        "--sheddable-share must be in [0, 1]"
-    );
-    anyhow::ensure!(args.ttft_slo_ms > 0.0, "--ttft-slo-ms must be positive");
+    check(share, args.ttft_slo_ms)?;
     let mut out = format!(
         "Goodput under overload: {} requests x{} on {} pods of {}, open loop, speedup {}, {:.0}% sheddable, good = TTFT <= {} ms\n\n{:<18} {:>9} {:>16} {:>13} {:>16} {:>13} {:>14} {:>16}\n",
         trace.len(),
@@ -60,6 +56,16 @@ pub(super) fn run(
     Ok(())
 }
 
+/// Refuses a share outside [0, 1] and an SLO that is not a positive number.
+fn check(share: f64, slo_ms: f64) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&share),
+        "--sheddable-share must be in [0, 1]"
+    );
+    anyhow::ensure!(slo_ms > 0.0, "--ttft-slo-ms must be positive");
+    Ok(())
+}
+
 fn row(r: &AdmissionReport) -> String {
     format!(
         "{:<18} {:>9} {:>16} {:>11.0}ms {:>16} {:>14} {:>14.2} {:>16.2}\n",
@@ -72,4 +78,24 @@ fn row(r: &AdmissionReport) -> String {
         r.goodput_rps,
         r.critical_goodput_rps,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_share_or_slo_out_of_range_is_refused() {
+        assert!(check(0.5, 1000.0).is_ok());
+        assert!(check(0.0, 1.0).is_ok() && check(1.0, 1.0).is_ok());
+        for (share, slo) in [
+            (1.5, 1000.0),
+            (-0.1, 1000.0),
+            (f64::NAN, 1000.0),
+            (0.5, 0.0),
+            (0.5, f64::NAN),
+        ] {
+            assert!(check(share, slo).is_err(), "{share} {slo}");
+        }
+    }
 }

@@ -255,8 +255,10 @@ impl Admission {
         }
     }
 
-    /// Dispatches and expires waiting requests until `stop`.
+    /// Dispatches and expires waiting requests until `stop`; then lets whatever still waits
+    /// through, so that the server's drain routes it instead of leaving it unanswered.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let _release = Release(&self);
         loop {
             let next = self.step(Instant::now());
             let sleep = async {
@@ -286,9 +288,7 @@ impl Admission {
         }
         let Some(flow) = &settings.flow else {
             // Flow control turned off while requests waited: let them all through.
-            while let Some((_, tx)) = queue.waiting.pop() {
-                let _ = tx.send(Ok(self.admitted()));
-            }
+            self.release_all(&mut queue);
             return None;
         };
         let since = queue.since;
@@ -325,12 +325,29 @@ impl Admission {
         Some(until_expiry.clamp(Duration::from_millis(1), TICK))
     }
 
+    /// Dispatches every waiting request, whatever the pool's state.
+    fn release_all(&self, queue: &mut Queue) {
+        while let Some((_, tx)) = queue.waiting.pop() {
+            let _ = tx.send(Ok(self.admitted()));
+        }
+    }
+
     /// The pool's saturation now and the requests waiting per priority, for `/metrics`.
     fn observe(&self) -> (f64, Vec<(i32, usize)>) {
         let settings = self.settings.load();
         let saturation = self.saturation(&settings, &self.registry.snapshot());
         let bands = self.lock().waiting.band_lens().collect();
         (saturation, bands)
+    }
+}
+
+/// Lets every waiting request through when the dispatcher ends, however it ends.
+struct Release<'a>(&'a Admission);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.0.lock();
+        self.0.release_all(&mut queue);
     }
 }
 

@@ -220,3 +220,18 @@ fn the_budget_restarts_when_the_pool_changes_but_is_bounded() {
     };
     assert!(!out_of_time(&forever, true, s(0), s(0), s(10_000)));
 }
+
+#[tokio::test]
+async fn at_shutdown_waiting_requests_are_let_through() {
+    let reg = endpoints(1);
+    scraped(&reg, 50);
+    let a = Admission::new(Arc::clone(&reg), None, flow(5, Duration::from_secs(60)));
+    let stop = CancellationToken::new();
+    let dispatcher = tokio::spawn(Arc::clone(&a).run(stop.clone()));
+    let w = waiter(&a, 0);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(a.observe().1, [(0, 1)], "saturated: it waits");
+    stop.cancel();
+    dispatcher.await.unwrap();
+    assert!(w.await.is_ok(), "routed by the drain, not left unanswered");
+}

@@ -16,8 +16,8 @@ use kvroute_events::{EventMetrics, IndexCollector, SubscriberConfig, Subscriptio
 use kvroute_extproc::{
     Admission, AdmissionCollector, BodySendMode, DEFAULT_DECISION_QUEUE,
     DEFAULT_INLINE_DECISION_BYTES, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_STREAMS, ExtProcConfig,
-    ExtProcService, Metrics, Router, Tls, TlsSettings, TlsVersion, UpstreamMetrics,
-    default_decision_threads,
+    ExtProcService, Metrics, Router, Tls, TlsSettings, TlsVersion, UpstreamAdmissionCollector,
+    UpstreamMetrics, default_decision_threads,
 };
 use kvroute_index::{PrefixIndex, Shared};
 use kvroute_scheduler::admission::AdmissionSettings;
@@ -648,6 +648,10 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let admission = Admission::new(Arc::clone(&registry), priorities, admission);
     registry.subscribe(Arc::clone(&admission) as Arc<dyn kvroute_endpoints::EndpointsListener>);
     prom.register_collector(Box::new(AdmissionCollector(Arc::clone(&admission))));
+    upstream_prom.register_collector(Box::new(UpstreamAdmissionCollector::new(
+        Arc::clone(&admission),
+        args.endpoints.pool_name.clone().unwrap_or_default(),
+    )));
     let metrics_path = config.metrics_path().map(str::to_owned);
     let scheduler = Arc::new(SchedulerHandle::new(scheduler));
     registry.subscribe(Arc::clone(&scheduler) as Arc<dyn kvroute_endpoints::EndpointsListener>);

@@ -412,5 +412,55 @@ impl Collector for AdmissionCollector {
     }
 }
 
+/// The same two figures under upstream's names (`llm_d_epp_flow_control_pool_saturation`,
+/// `llm_d_epp_flow_control_queue_size` and their older `inference_extension_` twins), labelled
+/// with the pool's name as upstream labels them, for autoscalers and dispatch gates built on
+/// upstream's picker (KEDA's EPP-saturation trigger reads the first). The queue's series carry
+/// `priority` only of upstream's flow labels: kvroute holds a request before it reads its
+/// model, and its bands are not split by fairness ID.
+#[derive(Debug)]
+pub struct UpstreamAdmissionCollector {
+    admission: Arc<Admission>,
+    pool: String,
+}
+
+impl UpstreamAdmissionCollector {
+    /// Collects from `admission`, for the pool named `pool`.
+    pub fn new(admission: Arc<Admission>, pool: String) -> Self {
+        Self { admission, pool }
+    }
+}
+
+impl Collector for UpstreamAdmissionCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let (saturation, bands) = self.admission.observe();
+        let pool = ("inference_pool", self.pool.as_str());
+        for prefix in ["llm_d_epp", "inference_extension"] {
+            let saturation_name = format!("{prefix}_flow_control_pool_saturation");
+            let queue_name = format!("{prefix}_flow_control_queue_size");
+            let mut metric = encoder.encode_descriptor(
+                &saturation_name,
+                "Pool saturation as the saturation detector sees it: 1.0 or more is saturated.",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(saturation).encode(metric.encode_family(&[pool])?)?;
+            let mut metric = encoder.encode_descriptor(
+                &queue_name,
+                "Requests waiting in the flow-control queue, by priority.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for &(priority, n) in &bands {
+                let p = priority.to_string();
+                let labels = [pool, ("priority", p.as_str())];
+                ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+                    .encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests;

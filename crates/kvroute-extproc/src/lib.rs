@@ -20,7 +20,9 @@ mod upstream;
 pub mod usage;
 pub mod wire;
 
-pub use admission::{Admission, AdmissionCollector, Admit, Admitted, Dropped, Waiter};
+pub use admission::{
+    Admission, AdmissionCollector, Admit, Admitted, Dropped, UpstreamAdmissionCollector, Waiter,
+};
 /// Envoy's body send modes, as [`ExtProcConfig::assumed_body_mode`] names them.
 pub use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 pub use metrics::{Metrics, Outcome};

@@ -235,3 +235,40 @@ async fn at_shutdown_waiting_requests_are_let_through() {
     dispatcher.await.unwrap();
     assert!(w.await.is_ok(), "routed by the drain, not left unanswered");
 }
+
+#[test]
+fn saturation_and_queue_are_exported_under_both_names() {
+    let reg = endpoints(1);
+    scraped(&reg, 10);
+    let a = Admission::new(Arc::clone(&reg), None, flow(5, Duration::from_secs(60)));
+    let _w = waiter(&a, -2);
+    let mut ours = prometheus_client::registry::Registry::with_prefix("kvroute");
+    ours.register_collector(Box::new(AdmissionCollector(Arc::clone(&a))));
+    let mut theirs = prometheus_client::registry::Registry::default();
+    theirs.register_collector(Box::new(UpstreamAdmissionCollector::new(
+        Arc::clone(&a),
+        "pool".into(),
+    )));
+    let text = |r: &prometheus_client::registry::Registry| {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, r).unwrap();
+        out
+    };
+    let ours = text(&ours);
+    assert!(ours.contains("kvroute_pool_saturation 2.0"), "{ours}");
+    assert!(
+        ours.contains("kvroute_flow_control_queue_size{priority=\"-2\"} 1"),
+        "{ours}"
+    );
+    let theirs = text(&theirs);
+    for prefix in ["llm_d_epp", "inference_extension"] {
+        for want in [
+            format!("{prefix}_flow_control_pool_saturation{{inference_pool=\"pool\"}} 2.0"),
+            format!(
+                "{prefix}_flow_control_queue_size{{inference_pool=\"pool\",priority=\"-2\"}} 1"
+            ),
+        ] {
+            assert!(theirs.contains(&want), "{want}: {theirs}");
+        }
+    }
+}

@@ -10,6 +10,8 @@ use kvroute_bench::{
 };
 use kvroute_sim::Profile;
 
+mod admission;
+
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["trace", "workload"])))]
 pub(crate) struct BenchArgs {
@@ -99,6 +101,15 @@ pub(crate) struct BenchArgs {
     /// Also draw the TTFT CDF and throughput of each policy here, as SVG.
     #[arg(long)]
     chart: Option<PathBuf>,
+    /// Goodput under overload with and without admission: this share of the requests is
+    /// sheddable (priority < 0), and each policy runs open loop twice, without admission and
+    /// with upstream's utilization detector refusing sheddable arrivals while the pool is
+    /// saturated (what `serve` does without the flowControl gate).
+    #[arg(long, conflicts_with_all = ["users", "goodput_slo_ms"])]
+    sheddable_share: Option<f64>,
+    /// With --sheddable-share: a request is good when served with TTFT within this.
+    #[arg(long, default_value_t = 1000.0)]
+    ttft_slo_ms: f64,
 }
 
 #[derive(Debug, Args)]
@@ -235,6 +246,9 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
             format!("open loop, speedup {}", args.speedup),
         ),
     };
+    if let Some(share) = args.sheddable_share {
+        return admission::run(args, &trace, &profile, &policies, deployment, share);
+    }
     let reports: Vec<PolicyReport> = policies
         .into_iter()
         .map(|p| run_deployed(&trace, &profile, args.pods, p, load, deployment))

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use kvroute_extproc::Admission;
 use kvroute_index::{PrefixIndex, Shared};
 use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PD, DEFAULT_PRECISE};
 use kvroute_scheduler::{BuildContext, SchedulerHandle};
@@ -57,9 +58,19 @@ pub(crate) fn run(cmd: &ConfigCommand) -> anyhow::Result<()> {
             // Checked as if KV events were followed, so precise plugins build too.
             let mut ctx = BuildContext::new(*block_size);
             ctx.precise_index = Some(Arc::new(Shared::new(PrefixIndex::new())));
-            let (_, scheduler) = build_config(&text, &ctx)
+            let (_, scheduler, admission) = build_config(&text, &ctx)
                 .with_context(|| format!("{} cannot be used", file.display()))?;
-            let mut out = String::new();
+            let mut out = match &admission.flow {
+                Some(flow) => format!(
+                    "admission: flow control, {} configured priority bands, TTL {:?} (no endpoint: {:?})\n",
+                    flow.bands.len(),
+                    flow.ttl,
+                    flow.no_endpoint_ttl
+                ),
+                None => {
+                    "admission: sheddable requests (priority < 0) refused while saturated\n".into()
+                }
+            };
             for p in scheduler.profiles() {
                 out.push_str(&format!("profile {}:", p.name()));
                 for (plugin, weight) in p.plugins() {
@@ -106,13 +117,14 @@ pub(crate) fn register_reloads(prom: &mut prometheus_client::registry::Registry)
 }
 
 /// Re-reads `path` every couple of seconds; a changed configuration that builds replaces the
-/// running one (requests in progress finish with the old one), one that does not is logged
-/// and the running one stays.
+/// running one (requests in progress finish with the old one; requests waiting in the
+/// flow-control queue stay there under the new settings), one that does not is logged and
+/// the running one stays.
 pub(crate) async fn watch(
     path: PathBuf,
     mut current: String,
     ctx: BuildContext,
-    handle: Arc<SchedulerHandle>,
+    (handle, admission): (Arc<SchedulerHandle>, Arc<Admission>),
     reloads: Reloads,
     stop: CancellationToken,
 ) {
@@ -125,8 +137,9 @@ pub(crate) async fn watch(
         }
         if let Some(text) = changed(&path, &current).await {
             match build_config(&text, &ctx) {
-                Ok((_, scheduler)) => {
+                Ok((_, scheduler, settings)) => {
                     handle.store(scheduler);
+                    admission.configure(settings);
                     reloads.get_or_create(&[("result", "applied")]).inc();
                     info!(file = %path.display(), "routing configuration reloaded");
                 }

@@ -14,11 +14,13 @@ use kvroute_endpoints::{
 };
 use kvroute_events::{EventMetrics, IndexCollector, SubscriberConfig, Subscriptions};
 use kvroute_extproc::{
-    BodySendMode, DEFAULT_DECISION_QUEUE, DEFAULT_INLINE_DECISION_BYTES, DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_STREAMS, ExtProcConfig, ExtProcService, Metrics, Router, Tls, TlsSettings,
-    TlsVersion, UpstreamMetrics, default_decision_threads,
+    Admission, AdmissionCollector, BodySendMode, DEFAULT_DECISION_QUEUE,
+    DEFAULT_INLINE_DECISION_BYTES, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_STREAMS, ExtProcConfig,
+    ExtProcService, Metrics, Router, Tls, TlsSettings, TlsVersion, UpstreamAdmissionCollector,
+    UpstreamMetrics, default_decision_threads,
 };
 use kvroute_index::{PrefixIndex, Shared};
+use kvroute_scheduler::admission::AdmissionSettings;
 use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PRECISE, LEAST_IN_FLIGHT};
 use kvroute_scheduler::{BuildContext, EndpointPickerConfig, SchedulerHandle, Tokenizers};
 use kvroute_tokens::ModelTokenizer;
@@ -409,20 +411,27 @@ impl Policy {
     }
 }
 
-/// Parses and builds `text`, logging what kvroute reads but does not act on; returns the
-/// parsed configuration too, for what it says beyond scheduling (the scrape path).
+/// What a routing configuration builds into: the parsed configuration (for what it says
+/// beyond scheduling: the scrape path), the scheduler, and how requests are admitted.
+pub(crate) type Built = (
+    EndpointPickerConfig,
+    kvroute_scheduler::Scheduler,
+    AdmissionSettings,
+);
+
+/// Parses and builds `text`, logging what kvroute reads but does not act on.
 pub(crate) fn build_config(
     text: &str,
     ctx: &BuildContext,
-) -> Result<(EndpointPickerConfig, kvroute_scheduler::Scheduler), kvroute_scheduler::ConfigError> {
+) -> Result<Built, kvroute_scheduler::ConfigError> {
     let config = EndpointPickerConfig::parse(text)?;
     let ignored = config.ignored_sections();
     if !ignored.is_empty() {
-        info!(sections = ?ignored, "configuration sections read but set by kvroute's flags instead");
+        info!(sections = ?ignored, "configuration sections read but not acted on (kvroute's flags set them, or their feature gate is off)");
     }
     let gates: Vec<&str> = config.feature_gates().collect();
     if !gates.is_empty() {
-        info!(?gates, "feature gates read; kvroute acts on none of them");
+        info!(?gates, "feature gates read; kvroute acts on flowControl");
     }
     if let Some(scheme) = config.metrics_scheme()
         && scheme != "http"
@@ -433,7 +442,8 @@ pub(crate) fn build_config(
         );
     }
     let scheduler = config.build_from(text, ctx)?;
-    Ok((config, scheduler))
+    let admission = config.admission_from(text)?;
+    Ok((config, scheduler, admission))
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -576,8 +586,10 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let priorities = discovery
         .as_ref()
         .map(|d| Arc::new(d.objectives()) as Arc<dyn kvroute_core::Priorities>);
-    let metrics = Metrics::register(&mut prom)
-        .with_upstream(UpstreamMetrics::register(&mut upstream_prom, priorities));
+    let metrics = Metrics::register(&mut prom).with_upstream(UpstreamMetrics::register(
+        &mut upstream_prom,
+        priorities.clone(),
+    ));
     registry.subscribe(Arc::new(metrics.clone()));
     upstream_prom.register_collector(Box::new(PoolCollector::new(
         Arc::clone(&registry),
@@ -628,7 +640,18 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         (None, Some(text)) => text.clone(),
         (None, None) => args.policy.config(subscriptions.is_some()).to_owned(),
     };
-    let (config, scheduler) = build_config(&text, &ctx).context("routing configuration")?;
+    let (config, scheduler, admission) =
+        build_config(&text, &ctx).context("routing configuration")?;
+    if admission.flow.is_some() {
+        info!("flow control on: requests wait in priority bands while the pool is saturated");
+    }
+    let admission = Admission::new(Arc::clone(&registry), priorities, admission);
+    registry.subscribe(Arc::clone(&admission) as Arc<dyn kvroute_endpoints::EndpointsListener>);
+    prom.register_collector(Box::new(AdmissionCollector(Arc::clone(&admission))));
+    upstream_prom.register_collector(Box::new(UpstreamAdmissionCollector::new(
+        Arc::clone(&admission),
+        args.endpoints.pool_name.clone().unwrap_or_default(),
+    )));
     let metrics_path = config.metrics_path().map(str::to_owned);
     let scheduler = Arc::new(SchedulerHandle::new(scheduler));
     registry.subscribe(Arc::clone(&scheduler) as Arc<dyn kvroute_endpoints::EndpointsListener>);
@@ -718,7 +741,11 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let grpc_server = tonic::transport::Server::builder()
         .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
         .add_service(health_service)
-        .add_service(ExtProcService::new(router).into_server());
+        .add_service(
+            ExtProcService::new(router)
+                .with_admission(Arc::clone(&admission))
+                .into_server(),
+        );
     let grpc = match &tls {
         Some(tls) => tokio::spawn(grpc_server.serve_with_incoming_shutdown(
             tls.incoming(grpc_listener, token.clone()),
@@ -739,12 +766,13 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let admin = tokio::spawn(admin::serve(admin_listener, admin_state, token.clone()));
     let events = subscriptions.map(|s| tokio::spawn(s.run(Arc::clone(&registry), token.clone())));
     let scrapes = tokio::spawn(scraper.run(Arc::clone(&registry), token.clone()));
+    let dispatcher = tokio::spawn(Arc::clone(&admission).run(token.clone()));
     let reload = args.config.config_file.clone().map(|path| {
         tokio::spawn(crate::config::watch(
             path,
             text,
             ctx,
-            Arc::clone(&scheduler),
+            (Arc::clone(&scheduler), admission),
             reloads,
             token.clone(),
         ))
@@ -789,6 +817,9 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         if let Err(e) = scrapes.await {
             warn!(error = %e, "metrics scraper task failed");
+        }
+        if let Err(e) = dispatcher.await {
+            warn!(error = %e, "flow-control dispatcher task failed");
         }
         if let Some(reload) = reload
             && let Err(e) = reload.await

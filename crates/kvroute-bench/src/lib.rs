@@ -5,6 +5,7 @@
 //! Policies route through the same scheduler code `kvroute serve` uses; the cluster is
 //! `kvroute-sim`'s, which never sees the router's internals.
 
+mod admission;
 mod baselines;
 mod chart;
 mod policy;
@@ -13,6 +14,7 @@ mod report;
 mod synthetic;
 mod trace;
 
+pub use admission::{AdmissionReport, ClassReport, run_admission, sheddable};
 pub use baselines::{DynamoCost, SglangCacheAware, SglangConfig};
 pub use chart::{ChartError, render_svg};
 pub use policy::{Policy, PolicyRouter};

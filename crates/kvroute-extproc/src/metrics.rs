@@ -31,6 +31,10 @@ pub enum Outcome {
     TooManyStreams,
     /// Its stream was ended: no answer within `--stream-request-timeout`.
     RequestTimeout,
+    /// Answered 429 `rejected-saturated` by admission.
+    RejectedSaturated,
+    /// Answered 429 `rejected-ttl-expired`: waited in the flow-control queue for its TTL.
+    RejectedTtlExpired,
 }
 
 impl Outcome {
@@ -44,6 +48,8 @@ impl Outcome {
             Self::Overloaded => "overloaded",
             Self::TooManyStreams => "too_many_streams",
             Self::RequestTimeout => "request_timeout",
+            Self::RejectedSaturated => "rejected_saturated",
+            Self::RejectedTtlExpired => "rejected_ttl_expired",
         }
     }
 }

@@ -256,6 +256,12 @@ pub enum LocalReply {
     NoEndpoints,
     /// 503: kvroute's own decision queue is full.
     Overloaded,
+    /// 429 with `x-llm-d-request-dropped-reason: rejected-saturated`: admission shed the
+    /// request (sheddable while the pool is saturated, or its flow-control band full).
+    Saturated,
+    /// 429 with `x-llm-d-request-dropped-reason: rejected-ttl-expired`: it waited in the
+    /// flow-control queue for its whole TTL.
+    TtlExpired,
 }
 
 /// Upstream's header naming why a request was dropped.
@@ -267,6 +273,17 @@ impl LocalReply {
             Self::BadRequest => 400,
             Self::TooLarge => 413,
             Self::NoEndpoints | Self::Overloaded => 503,
+            Self::Saturated | Self::TtlExpired => 429,
+        }
+    }
+
+    /// Upstream's `x-llm-d-request-dropped-reason` value, for the drops it names.
+    fn dropped_reason(self) -> Option<&'static str> {
+        match self {
+            Self::NoEndpoints => Some("rejected-no-endpoints"),
+            Self::Saturated => Some("rejected-saturated"),
+            Self::TtlExpired => Some("rejected-ttl-expired"),
+            Self::BadRequest | Self::TooLarge | Self::Overloaded => None,
         }
     }
 
@@ -276,17 +293,18 @@ impl LocalReply {
             Self::BadRequest => "BadRequest",
             Self::TooLarge => "RequestEntityTooLarge",
             Self::NoEndpoints | Self::Overloaded => "ServiceUnavailable",
+            Self::Saturated | Self::TtlExpired => "ResourceExhausted",
         }
     }
 }
 
 /// A local reply in place of the upstream one, as upstream's picker words it: the body
-/// `inference error: <Code> - <message>` in plain text, and for a drop for want of
-/// endpoints the dropped-reason header.
+/// `inference error: <Code> - <message>` in plain text, and for the drops upstream names
+/// (no endpoints, saturated, queue TTL) the dropped-reason header.
 pub(crate) fn immediate(reply: LocalReply, message: &str) -> ProcessingResponse {
     let mut set_headers = vec![set_header("content-type", "text/plain; charset=utf-8")];
-    if reply == LocalReply::NoEndpoints {
-        set_headers.push(set_header(DROPPED_REASON_HEADER, "rejected-no-endpoints"));
+    if let Some(reason) = reply.dropped_reason() {
+        set_headers.push(set_header(DROPPED_REASON_HEADER, reason));
     }
     ProcessingResponse {
         response: Some(processing_response::Response::ImmediateResponse(
@@ -343,6 +361,35 @@ mod tests {
         let small: Vec<Bytes> = pieces(Bytes::from(vec![1; 10])).collect();
         assert_eq!(small.iter().map(Bytes::len).collect::<Vec<_>>(), [10]);
         assert_eq!(pieces(Bytes::new()).collect::<Vec<_>>(), vec![Bytes::new()]);
+    }
+
+    #[test]
+    fn drops_carry_upstreams_status_code_and_reason() {
+        for (reply, status, reason) in [
+            (LocalReply::Saturated, 429, Some("rejected-saturated")),
+            (LocalReply::TtlExpired, 429, Some("rejected-ttl-expired")),
+            (LocalReply::NoEndpoints, 503, Some("rejected-no-endpoints")),
+            (LocalReply::Overloaded, 503, None),
+            (LocalReply::BadRequest, 400, None),
+        ] {
+            let Some(processing_response::Response::ImmediateResponse(r)) =
+                immediate(reply, "m").response
+            else {
+                panic!("{reply:?} is not an immediate response");
+            };
+            assert_eq!(r.status.unwrap().code, status);
+            let found = r
+                .headers
+                .unwrap()
+                .set_headers
+                .into_iter()
+                .filter_map(|h| h.header)
+                .find(|h| h.key == DROPPED_REASON_HEADER)
+                .map(|h| String::from_utf8(h.raw_value).unwrap());
+            assert_eq!(found.as_deref(), reason, "{reply:?}");
+            let body = String::from_utf8(r.body).unwrap();
+            assert_eq!(body, format!("inference error: {} - m", reply.code()));
+        }
     }
 
     #[test]

@@ -17,9 +17,11 @@ use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, error};
 
+use crate::admission::{Admission, Admit, Admitted, Waiter};
 use crate::metrics::Outcome;
+use crate::protocol::header;
 use crate::stream::{DecisionJob, DecisionOutcome, Router, StreamState};
-use crate::wire::{ExtProcCodec, Inbound, Outbound};
+use crate::wire::{ExtProcCodec, Inbound, InboundKind, Outbound};
 
 /// The connections `listener` accepts, with Nagle's algorithm off. tonic sets `TCP_NODELAY`
 /// only on sockets it accepts itself, not on an incoming stream it is handed; without it a
@@ -45,6 +47,8 @@ pub struct ExtProcService {
     pool: DecisionPool,
     /// Streams open now.
     open: Arc<AtomicUsize>,
+    /// Admission at each request's headers, when configured.
+    admission: Option<Arc<Admission>>,
 }
 
 /// Threads for decisions too heavy for an async worker (long prompts to parse and tokenize):
@@ -111,7 +115,15 @@ impl ExtProcService {
                 capacity,
             },
             open: Arc::new(AtomicUsize::new(0)),
+            admission: None,
         }
+    }
+
+    /// Admits every request through `admission` at its headers: sheddable work refused while
+    /// the pool is saturated, or requests held in flow-control bands.
+    pub fn with_admission(mut self, admission: Arc<Admission>) -> Self {
+        self.admission = Some(admission);
+        self
     }
 
     /// The gRPC service for a tonic server, accepting messages up to twice the body limit:
@@ -156,6 +168,9 @@ impl StreamingService<Inbound> for ExtProcService {
             deadline: Some(Box::pin(tokio::time::sleep(
                 self.router.config().request_timeout,
             ))),
+            admission: self.admission.clone(),
+            waiting: None,
+            admitted: None,
         })))
     }
 }
@@ -217,6 +232,12 @@ pub struct ResponseStream {
     deciding: Option<PendingDecision>,
     /// Until the request is answered: when the stream gives up on it.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Admission, until the request headers have been through it.
+    admission: Option<Arc<Admission>>,
+    /// The request headers, held while the request waits in a flow-control band.
+    waiting: Option<(Waiter, Inbound)>,
+    /// The request's admission, held until it is routed (it counts in the pool's load).
+    admitted: Option<Admitted>,
 }
 
 impl std::fmt::Debug for ResponseStream {
@@ -224,6 +245,7 @@ impl std::fmt::Debug for ResponseStream {
         f.debug_struct("ResponseStream")
             .field("state", &self.state)
             .field("deciding", &self.deciding.is_some())
+            .field("waiting", &self.waiting.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -254,11 +276,47 @@ impl Stream for ResponseStream {
                 }
                 continue;
             }
+            if let Some((waiter, _)) = &mut this.waiting {
+                let Poll::Ready(verdict) = Pin::new(waiter).poll(cx) else {
+                    // `--stream-request-timeout` bounds a wait in the queue too.
+                    if let Some(deadline) = &mut this.deadline
+                        && deadline.as_mut().poll(cx).is_ready()
+                    {
+                        this.state.router_metrics().outcome(Outcome::RequestTimeout);
+                        this.waiting = None;
+                        this.done = true;
+                        return Poll::Ready(Some(Err(Status::deadline_exceeded(
+                            "no answer to the request within --stream-request-timeout",
+                        ))));
+                    }
+                    return Poll::Pending;
+                };
+                let held = this.waiting.take().map(|(_, msg)| msg);
+                match verdict {
+                    Ok(admitted) => {
+                        this.admitted = Some(admitted);
+                        if let Some(msg) = held
+                            && let Err(status) = this.feed(msg)
+                        {
+                            return Poll::Ready(Some(Err(status)));
+                        }
+                    }
+                    Err(dropped) => {
+                        let objective = held.as_ref().and_then(objective_of);
+                        this.state
+                            .refuse_admission(dropped, objective, &mut this.scratch);
+                        this.pending.extend(this.scratch.drain(..));
+                    }
+                }
+                continue;
+            }
             if this.done {
                 return Poll::Ready(None);
             }
             if this.state.decided() {
                 this.deadline = None;
+                // Routed (or answered): its load is the endpoint's now.
+                this.admitted = None;
             } else if let Some(deadline) = &mut this.deadline
                 && deadline.as_mut().poll(cx).is_ready()
             {
@@ -278,24 +336,79 @@ impl Stream for ResponseStream {
                     this.done = true;
                 }
                 Some(Ok(msg)) => {
-                    if let Err(e) = this.state.on_message(msg, &mut this.scratch) {
-                        this.state.router_metrics().stream_error();
-                        this.done = true;
-                        return Poll::Ready(Some(Err(Status::invalid_argument(e.to_string()))));
-                    }
-                    this.pending.extend(this.scratch.drain(..));
-                    if let Some(job) = this.state.take_job() {
-                        match this.pool.reserve() {
-                            Some(place) => this.deciding = Some(this.pool.run(place, job)),
-                            None => {
-                                this.state.refuse(job, &mut this.scratch);
-                                this.pending.extend(this.scratch.drain(..));
-                            }
-                        }
+                    if let Err(status) = this.admit(msg) {
+                        return Poll::Ready(Some(Err(status)));
                     }
                 }
             }
         }
+    }
+}
+
+/// The objective a request's headers name (upstream's header, or its older form).
+fn objective_of(msg: &Inbound) -> Option<&str> {
+    let Some(InboundKind::RequestHeaders(h)) = &msg.request else {
+        return None;
+    };
+    let headers = h.headers.as_ref();
+    header(headers, "x-llm-d-inference-objective")
+        .or_else(|| header(headers, "x-gateway-inference-objective"))
+}
+
+impl ResponseStream {
+    /// Passes the request headers through admission (once per stream): on, held while the
+    /// request waits, or answered; any other message goes on at once.
+    fn admit(&mut self, msg: Inbound) -> Result<(), Status> {
+        let Some(admission) = &self.admission else {
+            return self.feed(msg);
+        };
+        let Some(InboundKind::RequestHeaders(h)) = &msg.request else {
+            return self.feed(msg);
+        };
+        let objective = objective_of(&msg);
+        let bytes = header(h.headers.as_ref(), "content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let priority = admission.priority(objective);
+        let verdict = admission.admit(priority, bytes);
+        self.admission = None;
+        match verdict {
+            Admit::Now(admitted) => {
+                self.admitted = Some(admitted);
+                self.feed(msg)
+            }
+            Admit::Refused(dropped) => {
+                self.state
+                    .refuse_admission(dropped, objective, &mut self.scratch);
+                self.pending.extend(self.scratch.drain(..));
+                Ok(())
+            }
+            Admit::Wait(waiter) => {
+                self.waiting = Some((waiter, msg));
+                Ok(())
+            }
+        }
+    }
+
+    /// Hands one of Envoy's messages to the state machine, and a heavy decision it leaves to
+    /// the pool.
+    fn feed(&mut self, msg: Inbound) -> Result<(), Status> {
+        if let Err(e) = self.state.on_message(msg, &mut self.scratch) {
+            self.state.router_metrics().stream_error();
+            self.done = true;
+            return Err(Status::invalid_argument(e.to_string()));
+        }
+        self.pending.extend(self.scratch.drain(..));
+        if let Some(job) = self.state.take_job() {
+            match self.pool.reserve() {
+                Some(place) => self.deciding = Some(self.pool.run(place, job)),
+                None => {
+                    self.state.refuse(job, &mut self.scratch);
+                    self.pending.extend(self.scratch.drain(..));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -19,6 +19,7 @@ use kvroute_endpoints::{EndpointState, InFlightGuard, Registry};
 use kvroute_scheduler::{BodyUse, Decision, ScheduleError, SchedulerHandle, SchedulingRequest};
 use tracing::{debug, warn};
 
+use crate::admission::Dropped;
 use crate::metrics::{Metrics, Outcome};
 use crate::protocol::{self, LocalReply, header};
 use crate::upstream::RequestRecord;
@@ -720,6 +721,20 @@ impl StreamState {
         } else {
             self.resume(job.run(), out);
         }
+    }
+
+    /// Answers the request without reading or routing it: admission dropped it at its
+    /// headers (`reason`); `objective` is the one they named, for upstream's metric labels.
+    /// Whatever Envoy sends after is ignored.
+    pub fn refuse_admission(
+        &mut self,
+        reason: Dropped,
+        objective: Option<&str>,
+        out: &mut Vec<Outbound>,
+    ) {
+        self.hints.objective = objective.map(str::to_owned);
+        self.router.metrics.outcome(reason.outcome());
+        self.reply(reason.reply(), reason.message(), out);
     }
 
     /// Answers the request of a [`DecisionJob`] that could not be queued: 503, counted.

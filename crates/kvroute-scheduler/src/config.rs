@@ -7,6 +7,7 @@
 //! line too. Plugins reference each other by name (a scorer's
 //! `prefixMatchInfoProducerName`, kvroute's `ttft-scorer`'s `producers`).
 
+mod flow;
 mod params;
 
 use std::collections::{HashMap, HashSet};
@@ -15,9 +16,11 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use kvroute_index::{ApproxIndex, PrefixIndex, Shared};
 use serde::Deserialize;
 
+use flow::{DetectorRef, FlowControlSpec};
 pub use params::PluginType;
 use params::{Params, PluginSpec};
 
+use crate::admission::{AdmissionSettings, UtilizationDetector};
 use crate::framework::{PrefillStage, Profile, Scheduler};
 use crate::plugins::handler::SingleProfileHandler;
 use crate::plugins::pickers::MaxScorePicker;
@@ -115,6 +118,9 @@ pub enum ConfigError {
         /// What it would run it for.
         role: &'static str,
     },
+    /// Two `flowControl.priorityBands` of one priority.
+    #[error("flowControl: two priority bands have priority {0}")]
+    DuplicateBand(i32),
     /// A plugin whose type kvroute recognises but cannot run here.
     #[error("plugin {name:?} ({plugin_type}): {reason}")]
     Unavailable {
@@ -139,15 +145,18 @@ pub struct EndpointPickerConfig {
     plugins: Vec<PluginSpec>,
     #[serde(default)]
     scheduling_profiles: Vec<ProfileSpec>,
-    /// Upstream's data layer, flow control, saturation detector, request handler and parser
-    /// sections: read so that upstream's configurations load; kvroute's own flags configure
-    /// what they configure upstream (`kvroute serve --help`).
+    /// The flow-control layer (acted on with the `flowControl` gate) and the saturation
+    /// detector it and admission use (here, or at the top level as upstream's deprecated
+    /// form).
+    #[serde(default)]
+    flow_control: Option<FlowControlSpec>,
+    #[serde(default)]
+    saturation_detector: Option<DetectorRef>,
+    /// Upstream's data layer, request handler and parser sections: read so that upstream's
+    /// configurations load; kvroute's own flags configure what they configure upstream
+    /// (`kvroute serve --help`).
     #[serde(default)]
     data_layer: Option<serde_yaml_ng::Value>,
-    #[serde(default)]
-    flow_control: Option<serde_yaml_ng::Value>,
-    #[serde(default)]
-    saturation_detector: Option<serde_yaml_ng::Value>,
     #[serde(default)]
     request_handler: Option<serde_yaml_ng::Value>,
     #[serde(default)]
@@ -160,8 +169,7 @@ pub struct EndpointPickerConfig {
 struct FeatureGates(Vec<FeatureGate>);
 
 /// Upstream's registered gates, and the Inference Extension's older `dataLayer`; kvroute
-/// acts on none of them (flow control and HA are other issues), and refuses other names as
-/// upstream does.
+/// acts on `flowControl` (HA is another issue), and refuses other names as upstream does.
 const FEATURE_GATES: [&str; 3] = ["flowControl", "haPopulateNonLeaderDatastore", "dataLayer"];
 
 /// One gate, checked while the YAML is read so that an unknown one is refused with its line.
@@ -301,6 +309,14 @@ impl ConfigError {
                 lines.nth(1).map(|(i, _)| i)
             }
             Self::TwoPickers(profile) => find(&["name"], profile),
+            Self::DuplicateBand(priority) => {
+                let mut lines = yaml.lines().enumerate().filter(|(_, l)| {
+                    let l = l.trim_start().trim_start_matches("- ");
+                    l.strip_prefix("priority:")
+                        .is_some_and(|v| v.trim() == priority.to_string())
+                });
+                lines.nth(1).map(|(i, _)| i)
+            }
             _ => None,
         };
         line.map(|i| i + 1)
@@ -368,14 +384,15 @@ impl EndpointPickerConfig {
         })
     }
 
-    /// Sections of upstream's configuration that kvroute reads but configures elsewhere,
-    /// for a log line.
+    /// Sections of upstream's configuration that kvroute reads but does not act on (it
+    /// configures them with its flags, or, for `flowControl`, the gate is off), for a log
+    /// line.
     pub fn ignored_sections(&self) -> Vec<&'static str> {
+        let flow_off = !self.feature_gates().any(|g| g == "flowControl");
         let mut out = Vec::new();
         for (name, present) in [
             ("dataLayer", self.data_layer.is_some()),
-            ("flowControl", self.flow_control.is_some()),
-            ("saturationDetector", self.saturation_detector.is_some()),
+            ("flowControl", self.flow_control.is_some() && flow_off),
             ("requestHandler", self.request_handler.is_some()),
             ("parser", self.parser.is_some()),
         ] {
@@ -384,6 +401,75 @@ impl EndpointPickerConfig {
             }
         }
         out
+    }
+
+    /// How requests are admitted: the saturation detector `flowControl.saturationDetector`
+    /// (else the deprecated top-level `saturationDetector`) names, else a plugin named
+    /// `utilization-detector`, else upstream's defaults; with the `flowControl` gate, the
+    /// queue's settings.
+    pub fn admission(&self) -> Result<AdmissionSettings, ConfigError> {
+        let named = self
+            .flow_control
+            .as_ref()
+            .and_then(|f| f.saturation_detector.as_ref())
+            .or(self.saturation_detector.as_ref())
+            .and_then(|r| r.plugin_ref.as_deref());
+        let detector = match named {
+            Some(name) => match self.plugins.iter().find(|p| p.name() == name) {
+                Some(PluginSpec {
+                    params: Params::Detector(d),
+                    ..
+                }) => d.0,
+                Some(p) => {
+                    return Err(ConfigError::WrongRole {
+                        from: "saturationDetector".into(),
+                        name: name.to_owned(),
+                        plugin_type: p.plugin_type.as_str(),
+                        role: "a saturation detector",
+                    });
+                }
+                None => {
+                    return Err(ConfigError::UnknownRef {
+                        from: "saturationDetector".into(),
+                        name: name.to_owned(),
+                    });
+                }
+            },
+            None => self
+                .plugins
+                .iter()
+                .find_map(|p| match &p.params {
+                    Params::Detector(d) if p.name() == PluginType::UtilizationDetector.as_str() => {
+                        Some(d.0)
+                    }
+                    _ => None,
+                })
+                .unwrap_or_else(UtilizationDetector::default),
+        };
+        let flow = if self.feature_gates().any(|g| g == "flowControl") {
+            let spec = self.flow_control.as_ref();
+            Some(
+                spec.map(FlowControlSpec::settings)
+                    .transpose()
+                    .map_err(|d| ConfigError::DuplicateBand(d.0))?
+                    .unwrap_or_default(),
+            )
+        } else {
+            None
+        };
+        Ok(AdmissionSettings { detector, flow })
+    }
+
+    /// [`Self::admission`], giving an error the line of `yaml` where what it names is
+    /// written.
+    pub fn admission_from(&self, yaml: &str) -> Result<AdmissionSettings, ConfigError> {
+        self.admission().map_err(|e| match e.line_in(yaml) {
+            Some(line) => ConfigError::At {
+                line,
+                error: Box::new(e),
+            },
+            None => e,
+        })
     }
 
     /// Builds the scheduler.

@@ -10,6 +10,7 @@
 //! never blocks; a warm scheduling cycle allocates nothing unless it tokenizes or returns
 //! fallbacks.
 
+pub mod admission;
 pub mod config;
 mod cycle;
 mod framework;

@@ -11,6 +11,7 @@ use kvroute_tokens::DEFAULT_CHUNK_BYTES;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 
+use super::flow::DetectorParams;
 use super::{BuildContext, ConfigError, approx_producer, precise_producer, prefix_scorer};
 use crate::cycle::BYTES_PER_TOKEN;
 use crate::plugins::active::{ActiveRequestScorer, NoHitLruScorer};
@@ -86,6 +87,7 @@ plugin_types! {
     SessionAffinityFilter => "session-affinity-filter",
     LoadScorer => "load-scorer",
     TtftScorer => "ttft-scorer",
+    UtilizationDetector => "utilization-detector",
 }
 
 impl PluginType {
@@ -428,6 +430,7 @@ pub(crate) enum Params {
     Disagg(DisaggParams),
     PdDecider(PdDeciderParams),
     TtftPd(TtftPdParams),
+    Detector(DetectorParams),
     None(NoParams),
 }
 
@@ -465,6 +468,7 @@ impl<'de> DeserializeSeed<'de> for ParamsSeed {
             T::DisaggProfileHandler => Params::Disagg(or_default(d)?),
             T::PrefixBasedPdDecider => Params::PdDecider(or_default(d)?),
             T::TtftPdDecider => Params::TtftPd(or_default(d)?),
+            T::UtilizationDetector => Params::Detector(or_default(d)?),
             T::SingleProfileHandler
             | T::AlwaysDisaggPdDecider
             | T::PrefillFilter
@@ -839,7 +843,7 @@ pub(super) fn build(
             }
             Arc::new(TtftScorer::new(reads, work_weight))
         }
-        (Params::MetricsDataSource(_) | Params::Extractor(_), t) => {
+        (Params::MetricsDataSource(_) | Params::Extractor(_) | Params::Detector(_), t) => {
             Arc::new(crate::plugins::DataSource(t.as_str()))
         }
         (Params::None(_), T::PrefillFilter) => Arc::new(RoleFilter::prefill()),

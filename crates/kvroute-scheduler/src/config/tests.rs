@@ -56,6 +56,8 @@ fn upstream_examples_load_or_name_the_plugin_and_line() {
         "llm-d-router__deploy__config__sim-pd-epp-config.yaml",
         "llm-d-router__docs__disaggregation__block1.yaml",
         "gateway-api-inference-extension__site-src__guides__epp-configuration__config-text__block4.yaml",
+        "gateway-api-inference-extension__site-src__guides__epp-configuration__config-text__block5.yaml",
+        "gateway-api-inference-extension__site-src__guides__flow-control__block2.yaml",
     ] {
         assert!(
             loaded.iter().any(|l| l == expected),
@@ -484,6 +486,8 @@ plugins:
   parameters: {scheme: http, path: /metrics, insecureSkipVerify: true}
 - type: core-metrics-extractor
   parameters: {defaultEngine: vllm, engineLabelKey: llm-d.ai/engine-type}
+- type: utilization-detector
+  parameters: {queueDepthThreshold: 5, kvCacheUtilThreshold: 0.8, metricsStalenessThreshold: 200ms, headroom: 0.1, inFlightLoadProducerName: x}
 - type: single-profile-handler
 schedulingProfiles:
 - name: default

@@ -11,9 +11,10 @@ pub(crate) mod ttft;
 
 use crate::Plugin;
 
-/// A data-layer plugin of upstream's (`metrics-data-source`, `core-metrics-extractor`):
-/// kvroute reads the pods' metrics itself (its scraper, configured by flags), so these load
-/// and play no part in scheduling.
+/// A plugin of upstream's that plays no part in a scheduling cycle: the data layer's
+/// (`metrics-data-source`, `core-metrics-extractor`; kvroute reads the pods' metrics itself,
+/// its scraper configured by flags) and the saturation detector (`utilization-detector`,
+/// read by admission: `EndpointPickerConfig::admission`).
 #[derive(Debug)]
 pub(crate) struct DataSource(pub(crate) &'static str);
 

@@ -133,36 +133,63 @@ saturationDetector:
   pluginRef: detector
 ";
 
+/// Two slow pods (two sequences at a time) in a pool from the in-process API server, with
+/// the objectives `batch` (−1, sheddable) and `critical` (10), `kvroute serve` on the pool
+/// with routing configuration `config`, and real Envoy in front.
+struct Overloaded {
+    stop: CancellationToken,
+    _api: ApiServer,
+    kvroute: Kvroute,
+    envoy: Envoy,
+}
+
+impl Overloaded {
+    async fn start(name: &str, config: &str) -> Self {
+        let dir = scratch(name);
+        let stop = CancellationToken::new();
+        let api = ApiServer::start().await;
+        let port = free_port();
+        api_with_pool(&api, port);
+        api.install(Resource::inference_objective());
+        api.apply(&Resource::inference_objective(), objective("batch", -1));
+        api.apply(&Resource::inference_objective(), objective("critical", 10));
+        let mut pods = Vec::new();
+        for (name, k) in [("a", 2), ("b", 3)] {
+            pods.push(slow_pod(k, port, &stop).await);
+            api.apply(&Resource::pods(), ready_pod(name, k));
+        }
+        let config = write_config(&dir, config);
+        let kvroute = Kvroute::for_pool(
+            &dir,
+            &api,
+            NS,
+            &[
+                "--config-file",
+                &config,
+                "--refresh-metrics-interval",
+                "50ms",
+            ],
+        )
+        .await;
+        let addrs: Vec<SocketAddr> = pods.iter().map(|p| p.http).collect();
+        let envoy = Envoy::start(&dir, &EnvoyOptions::full_duplex(kvroute.grpc_port, &addrs)).await;
+        Self {
+            stop,
+            _api: api,
+            kvroute,
+            envoy,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_sheddable_work_is_shed_under_overload_and_none_is_lost() {
-    let dir = scratch("admission-shed");
-    let stop = CancellationToken::new();
-    let api = ApiServer::start().await;
-    let port = free_port();
-    api_with_pool(&api, port);
-    api.install(Resource::inference_objective());
-    api.apply(&Resource::inference_objective(), objective("batch", -1));
-    api.apply(&Resource::inference_objective(), objective("critical", 10));
-    let mut pods = Vec::new();
-    for (name, k) in [("a", 2), ("b", 3)] {
-        pods.push(slow_pod(k, port, &stop).await);
-        api.apply(&Resource::pods(), ready_pod(name, k));
-    }
-    let config = write_config(&dir, SHEDDING);
-    let kvroute = Kvroute::for_pool(
-        &dir,
-        &api,
-        NS,
-        &[
-            "--config-file",
-            &config,
-            "--refresh-metrics-interval",
-            "50ms",
-        ],
-    )
-    .await;
-    let addrs: Vec<SocketAddr> = pods.iter().map(|p| p.http).collect();
-    let envoy = Envoy::start(&dir, &EnvoyOptions::full_duplex(kvroute.grpc_port, &addrs)).await;
+    let Overloaded {
+        stop,
+        _api,
+        kvroute,
+        envoy,
+    } = Overloaded::start("admission-shed", SHEDDING).await;
     // Objectives known and the pods scraped: the idle pool is not saturated.
     let mut m = String::new();
     let calm = eventually(Duration::from_secs(20), async || {
@@ -259,34 +286,12 @@ flowControl:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flow_control_under_overload_holds_critical_work_and_bounds_sheddable_work() {
-    let dir = scratch("admission-flow-load");
-    let stop = CancellationToken::new();
-    let api = ApiServer::start().await;
-    let port = free_port();
-    api_with_pool(&api, port);
-    api.install(Resource::inference_objective());
-    api.apply(&Resource::inference_objective(), objective("batch", -1));
-    api.apply(&Resource::inference_objective(), objective("critical", 10));
-    let mut pods = Vec::new();
-    for (name, k) in [("a", 2), ("b", 3)] {
-        pods.push(slow_pod(k, port, &stop).await);
-        api.apply(&Resource::pods(), ready_pod(name, k));
-    }
-    let config = write_config(&dir, FLOW_UNDER_LOAD);
-    let kvroute = Kvroute::for_pool(
-        &dir,
-        &api,
-        NS,
-        &[
-            "--config-file",
-            &config,
-            "--refresh-metrics-interval",
-            "50ms",
-        ],
-    )
-    .await;
-    let addrs: Vec<SocketAddr> = pods.iter().map(|p| p.http).collect();
-    let envoy = Envoy::start(&dir, &EnvoyOptions::full_duplex(kvroute.grpc_port, &addrs)).await;
+    let Overloaded {
+        stop,
+        _api,
+        kvroute,
+        envoy,
+    } = Overloaded::start("admission-flow-load", FLOW_UNDER_LOAD).await;
     let ready = eventually(Duration::from_secs(20), async || {
         let m = kvroute.metrics().await;
         sample(&m, "kvroute_inference_objectives") == 2.0

@@ -543,11 +543,8 @@ fn own_producer(
     name: &str,
     t: PluginType,
 ) -> Result<Arc<dyn Plugin>, ConfigError> {
-    own.map(|(_, p)| p).ok_or_else(|| ConfigError::Unavailable {
-        name: name.to_owned(),
-        plugin_type: t.as_str(),
-        reason: "a producer cannot read another producer".into(),
-    })
+    own.map(|(_, p)| p)
+        .ok_or_else(|| unavailable_for(name, t)("a producer cannot read another producer".into()))
 }
 
 /// `session-affinity-scorer` or `-filter` from its parameters: kvroute reads the two headers
@@ -557,11 +554,7 @@ fn session_affinity(
     name: &str,
     t: PluginType,
 ) -> Result<Arc<dyn Plugin>, ConfigError> {
-    let unavailable = |reason: String| ConfigError::Unavailable {
-        name: name.to_owned(),
-        plugin_type: t.as_str(),
-        reason,
-    };
+    let unavailable = unavailable_for(name, t);
     let strategy = match p.strategy.as_deref().unwrap_or("encoded_endpoint_header") {
         "encoded_endpoint_header" => Strategy::EncodedEndpoint,
         "session_id" => Strategy::SessionId,
@@ -619,11 +612,7 @@ pub(crate) const DEFAULT_TIER_WEIGHTS: [f64; 3] = [1.0, 0.8, 1.0];
 /// name as the events' `medium` maps to kvroute's tiers (`kvroute_events::Medium::tier`):
 /// `gpu`, then `cpu` or `lmcache-l1`, then any other. Two names of one tier must agree.
 fn tier_weights(p: &PreciseParams, name: &str, t: PluginType) -> Result<[f64; 3], ConfigError> {
-    let unavailable = |reason: String| ConfigError::Unavailable {
-        name: name.to_owned(),
-        plugin_type: t.as_str(),
-        reason,
-    };
+    let unavailable = unavailable_for(name, t);
     let Some(backends) = p
         .indexer_config
         .as_ref()
@@ -662,6 +651,26 @@ fn tier_weights(p: &PreciseParams, name: &str, t: PluginType) -> Result<[f64; 3]
     Ok(weights)
 }
 
+/// The error for plugin `name` of type `t` that cannot run as configured, for `reason`.
+fn unavailable_for(name: &str, t: PluginType) -> impl Fn(String) -> ConfigError + '_ {
+    move |reason| ConfigError::Unavailable {
+        name: name.to_owned(),
+        plugin_type: t.as_str(),
+        reason,
+    }
+}
+
+/// A token count parameter `what` (`default` when absent), refused when negative.
+fn tokens(
+    value: Option<i64>,
+    default: i64,
+    what: &str,
+    unavailable: &dyn Fn(String) -> ConfigError,
+) -> Result<u64, ConfigError> {
+    let n = value.unwrap_or(default);
+    u64::try_from(n).map_err(|_| unavailable(format!("{what} {n} is negative")))
+}
+
 /// `disagg-profile-handler` from its parameters: decode first, P/D when a prefill decider is
 /// named; encode stages (multimodal) and the prefill-first order are refused, not ignored.
 fn disagg_handler(
@@ -669,11 +678,7 @@ fn disagg_handler(
     name: &str,
     t: PluginType,
 ) -> Result<Arc<dyn Plugin>, ConfigError> {
-    let unavailable = |reason: String| ConfigError::Unavailable {
-        name: name.to_owned(),
-        plugin_type: t.as_str(),
-        reason,
-    };
+    let unavailable = unavailable_for(name, t);
     if let Some(order) = &p.stage_order {
         let plain: String = order
             .chars()
@@ -727,11 +732,7 @@ pub(super) fn build(
         (Params::Approx(p), t) => {
             // Upstream's precedence: `blockSizeTokens`, else the deprecated `blockSize` (also
             // tokens); `maxPrefixTokensToMatch`, else the deprecated `maxPrefixBlocksToMatch`.
-            let unavailable = |reason: String| ConfigError::Unavailable {
-                name: name.to_owned(),
-                plugin_type: t.as_str(),
-                reason,
-            };
+            let unavailable = unavailable_for(name, t);
             let tokens = p
                 .block_size_tokens
                 .or(p.block_size)
@@ -775,11 +776,9 @@ pub(super) fn build(
             } else {
                 let weight = p.match_length_weight.unwrap_or(0.0);
                 if !(0.0..=1.0).contains(&weight) {
-                    return Err(ConfigError::Unavailable {
-                        name: name.to_owned(),
-                        plugin_type: t.as_str(),
-                        reason: format!("matchLengthWeight {weight} is not in [0, 1]"),
-                    });
+                    return Err(unavailable(format!(
+                        "matchLengthWeight {weight} is not in [0, 1]"
+                    )));
                 }
                 let scale = p.match_length_scale_tokens.unwrap_or(8192).max(1);
                 Arc::new(
@@ -835,11 +834,9 @@ pub(super) fn build(
                 .collect::<Result<Vec<_>, _>>()?;
             let work_weight = p.work_weight.unwrap_or(0.0);
             if !(work_weight.is_finite() && work_weight >= 0.0) {
-                return Err(ConfigError::Unavailable {
-                    name: name.to_owned(),
-                    plugin_type: t.as_str(),
-                    reason: format!("workWeight {work_weight} is not a number of at least 0"),
-                });
+                return Err(unavailable_for(name, t)(format!(
+                    "workWeight {work_weight} is not a number of at least 0"
+                )));
             }
             Arc::new(TtftScorer::new(reads, work_weight))
         }
@@ -879,28 +876,15 @@ pub(super) fn build(
         (Params::Session(p), t) => session_affinity(p, name, t)?,
         (Params::Disagg(p), t) => disagg_handler(p, name, t)?,
         (Params::PdDecider(p), t) => {
-            let unavailable = |what: &str, n: i64| ConfigError::Unavailable {
-                name: name.to_owned(),
-                plugin_type: t.as_str(),
-                reason: format!("{what} {n} is negative"),
-            };
-            let non_cached = p.non_cached_tokens.unwrap_or(0);
-            let prompt = p.prompt_tokens.unwrap_or(0);
-            let non_cached = u64::try_from(non_cached)
-                .map_err(|_| unavailable("nonCachedTokens", non_cached))?;
-            let prompt = u64::try_from(prompt).map_err(|_| unavailable("promptTokens", prompt))?;
+            let unavailable = unavailable_for(name, t);
+            let non_cached = tokens(p.non_cached_tokens, 0, "nonCachedTokens", &unavailable)?;
+            let prompt = tokens(p.prompt_tokens, 0, "promptTokens", &unavailable)?;
             Arc::new(PrefixBasedDecider::new(non_cached, prompt))
         }
         (Params::None(_), T::AlwaysDisaggPdDecider) => Arc::new(AlwaysDisaggDecider),
         (Params::TtftPd(p), t) => {
-            let unavailable = |reason: String| ConfigError::Unavailable {
-                name: name.to_owned(),
-                plugin_type: t.as_str(),
-                reason,
-            };
-            let non_cached = p.non_cached_tokens.unwrap_or(2048);
-            let non_cached = u64::try_from(non_cached)
-                .map_err(|_| unavailable(format!("nonCachedTokens {non_cached} is negative")))?;
+            let unavailable = unavailable_for(name, t);
+            let non_cached = tokens(p.non_cached_tokens, 2048, "nonCachedTokens", &unavailable)?;
             let ratio = p.max_ttft_ratio.unwrap_or(1.5);
             if !(ratio.is_finite() && ratio > 0.0) {
                 return Err(unavailable(format!(

@@ -235,6 +235,18 @@ fn synthetic_prompts_share_blocks_by_content_id() {
     assert_eq!(p(&[7], 8).tokens(0, 8), p(&[7, 1], 16).tokens(0, 8));
 }
 
+/// Blocks a step reported stored.
+fn stored_blocks(report: &StepReport) -> usize {
+    report
+        .events
+        .iter()
+        .map(|ev| match ev {
+            KvEvent::BlockStored { block_hashes, .. } => block_hashes.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// A prompt computed on a prefill pod arrives with its KV: the engine computes only its
 /// last token, caches (and reports) the loaded blocks, and the next request sharing the
 /// prompt hits them. A partly cached prompt loads only what is missing.
@@ -249,15 +261,11 @@ fn a_transferred_prompt_is_loaded_not_computed() {
         "only the last block's tokens are computed"
     );
     assert_eq!(first.first_tokens, [1]);
-    let stored: usize = first
-        .events
-        .iter()
-        .map(|ev| match ev {
-            KvEvent::BlockStored { block_hashes, .. } => block_hashes.len(),
-            _ => 0,
-        })
-        .sum();
-    assert_eq!(stored, 16, "the 15 loaded blocks and the computed last one");
+    assert_eq!(
+        stored_blocks(&first),
+        16,
+        "the 15 loaded blocks and the computed last one"
+    );
     run_to_end(&mut e);
     assert!(e.add(req(2, &prompt, 1)));
     assert_eq!(
@@ -272,16 +280,9 @@ fn a_transferred_prompt_is_loaded_not_computed() {
     assert!(e.add_transferred(req(3, &longer, 1)));
     let report = e.step();
     assert_eq!(report.prefill_tokens, 4);
-    let loaded: usize = report
-        .events
-        .iter()
-        .map(|ev| match ev {
-            KvEvent::BlockStored { block_hashes, .. } => block_hashes.len(),
-            _ => 0,
-        })
-        .sum();
     assert_eq!(
-        loaded, 8,
+        stored_blocks(&report),
+        8,
         "7 loaded and the last computed; the shared 8 were held"
     );
 }

@@ -18,12 +18,14 @@ settings=(
   "long-revisits h100-llama3.1-8b --workload long-revisits --pods 8 --rate 6"
   "sibling-bursts h100-llama3.1-8b --workload sibling-bursts --pods 8 --rate 24"
   "mooncake-closed h100-llama3.1-8b --trace $trace --pods 16 --users 128"
+  "many-tenants-closed h100-llama3.1-8b --workload many-tenants --pods 4 --users 128 --requests 4000"
   "multi-turn mi300x-llama3.1-70b-tp4 --workload multi-turn --pods 8 --rate 12"
   "shared-prompts mi300x-llama3.1-70b-tp4 --workload shared-prompts --pods 4 --rate 16"
   "doc-qa mi300x-llama3.1-70b-tp4 --workload doc-qa --pods 4 --rate 8"
   "long-revisits mi300x-llama3.1-70b-tp4 --workload long-revisits --pods 8 --rate 2"
   "sibling-bursts mi300x-llama3.1-70b-tp4 --workload sibling-bursts --pods 8 --rate 8"
   "mooncake-closed mi300x-llama3.1-70b-tp4 --trace $trace --pods 16 --users 64"
+  "many-tenants-closed mi300x-llama3.1-70b-tp4 --workload many-tenants --pods 4 --users 128 --requests 4000"
 )
 for s in "${settings[@]}"; do
   read -r name profile args <<<"$s"

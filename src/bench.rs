@@ -124,6 +124,10 @@ pub(crate) struct DemoArgs {
 enum WorkloadKind {
     /// 32 tenants, 2k-token system prompts, a fresh question each.
     SharedPrompts,
+    /// 150 tenants, 8k-token system prompts (1.2M tokens in all: more than a pod caches,
+    /// less than a pool of four), a fresh question each: where spreading every tenant over
+    /// every pod thrashes the caches.
+    ManyTenants,
     /// 64 conversations of up to 8 turns whose history grows each turn.
     MultiTurn,
     /// 8 documents of 16k tokens, many questions.
@@ -144,6 +148,10 @@ impl WorkloadKind {
             Self::SharedPrompts => Workload::SharedPrompts {
                 tenants: 32,
                 system_units: 4,
+            },
+            Self::ManyTenants => Workload::SharedPrompts {
+                tenants: 150,
+                system_units: 16,
             },
             Self::MultiTurn => Workload::MultiTurn {
                 conversations: 64,

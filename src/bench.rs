@@ -86,6 +86,13 @@ pub(crate) struct BenchArgs {
     /// others ignore the roles, serving every request whole).
     #[arg(long, default_value_t = 0)]
     prefill_pods: usize,
+    /// A pool of unlike pods: this many of them run `--slowdown` times slower than the
+    /// profile (an older GPU generation beside newer ones).
+    #[arg(long, default_value_t = 0)]
+    slow_pods: usize,
+    /// With --slow-pods: how many times slower.
+    #[arg(long, default_value_t = 2.0)]
+    slowdown: f64,
     /// A routing configuration (`EndpointPickerConfig` YAML) for kvroute's policies to run
     /// instead of the shipped one: measure your own.
     #[arg(long)]
@@ -193,6 +200,14 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.replicas > 0, "--replicas must be at least 1");
     anyhow::ensure!(args.scrape_ms != Some(0), "--scrape-ms must be at least 1");
     anyhow::ensure!(
+        args.slowdown.is_finite() && (0.1..=100.0).contains(&args.slowdown),
+        "--slowdown must be between 0.1 and 100"
+    );
+    anyhow::ensure!(
+        args.slow_pods <= args.pods,
+        "--slow-pods cannot exceed --pods"
+    );
+    anyhow::ensure!(
         args.prefill_pods < args.pods,
         "--prefill-pods must leave at least one decode pod"
     );
@@ -212,6 +227,8 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         scrape_ms: args.scrape_ms,
         prefill_pods: args.prefill_pods,
         config,
+        slow_pods: args.slow_pods,
+        slowdown_pct: (args.slowdown * 100.0).round() as u32,
     };
     let policies = if args.policies == "all" {
         Policy::ALL.to_vec()
@@ -277,6 +294,12 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.config {
         title.push_str(&format!(", kvroute configured by {}", path.display()));
+    }
+    if args.slow_pods > 0 {
+        title.push_str(&format!(
+            ", {} of them {}x slower",
+            args.slow_pods, args.slowdown
+        ));
     }
     if args.prefill_pods > 0 {
         title.push_str(&format!(

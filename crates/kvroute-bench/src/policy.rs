@@ -1,6 +1,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvroute_core::{ApiKind, Endpoint, EndpointId, InferenceRequest, Prompt, RequestHints};
 use kvroute_endpoints::{EndpointState, InFlightGuard, PodLoad, Registry};
@@ -214,6 +214,9 @@ pub struct PolicyRouter {
     pub decision_ns: Vec<u64>,
     /// Simulated microseconds each pod spent stepping.
     pub busy_us: Vec<u64>,
+    /// Simulated time 0 as an `Instant`: claims are taken and released on the simulated
+    /// clock, so the speeds endpoints learn from them are the simulated pods'.
+    epoch: Instant,
 }
 
 impl std::fmt::Debug for PolicyRouter {
@@ -314,6 +317,7 @@ impl PolicyRouter {
             scrape: None,
             decision_ns: Vec::new(),
             busy_us: vec![0; pods],
+            epoch: Instant::now(),
         }
     }
 
@@ -350,6 +354,11 @@ impl PolicyRouter {
     /// Reads the pods' load if a scrape is due; with the `engines` at hand (the cluster
     /// hands them over) also their `vllm:lora_requests_info` (adapters running, waiting,
     /// slots).
+    /// Simulated time `now_us` on the claims' clock.
+    fn clock(&self, now_us: u64) -> Instant {
+        self.epoch + Duration::from_micros(now_us)
+    }
+
     fn scrape(&mut self, now_us: u64, pods: &[PodView], engines: &[Engine]) {
         let Some((every, next)) = &mut self.scrape else {
             return;
@@ -448,14 +457,15 @@ impl PolicyRouter {
             }
             dynamo.route(request.id, tokens.len(), &blocks, &overlap)
         } else {
-            self.schedule(request, tokens)
+            self.schedule(now_us, request, tokens)
         };
         self.decision_ns
             .push(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
         pod
     }
 
-    fn schedule(&mut self, request: &SimRequest, tokens: Vec<u32>) -> usize {
+    fn schedule(&mut self, now_us: u64, request: &SimRequest, tokens: Vec<u32>) -> usize {
+        let at = self.clock(now_us);
         let Some(scheduler) = &self.scheduler else {
             return 0;
         };
@@ -476,13 +486,15 @@ impl PolicyRouter {
         };
         let primary = decision.primary();
         self.prefill = decision.prefill().map(|(e, tokens)| {
-            self.claims
-                .insert(request.id | PREFILL_ID_BIT, e.acquire_with_prefill(tokens));
+            self.claims.insert(
+                request.id | PREFILL_ID_BIT,
+                e.acquire_with_prefill_at(tokens, at),
+            );
             position(e)
         });
         self.claims.insert(
             request.id,
-            primary.acquire_with_prefill(decision.prefill_tokens()),
+            primary.acquire_with_prefill_at(decision.prefill_tokens(), at),
         );
         position(primary)
     }
@@ -546,7 +558,7 @@ impl RouteFn for PolicyRouter {
         self.prefill.take()
     }
 
-    fn observe(&mut self, _now_us: u64, pod: usize, report: &StepReport) {
+    fn observe(&mut self, now_us: u64, pod: usize, report: &StepReport) {
         if let Some(b) = self.busy_us.get_mut(pod) {
             *b += report.duration_us;
         }
@@ -561,9 +573,10 @@ impl RouteFn for PolicyRouter {
                 dynamo.finished(f.id);
             }
         }
+        let now = self.clock(now_us);
         for id in &report.first_tokens {
             if let Some(claim) = self.claims.get_mut(id) {
-                claim.prefilled();
+                claim.prefilled_at(now);
             }
         }
         for f in &report.finished {

@@ -25,6 +25,10 @@ pub struct Deployment {
     /// The routing configuration kvroute's policies run instead of the shipped one for the
     /// pool (`kvroute bench --config`).
     pub config: Option<&'static str>,
+    /// Pods that run slower than the profile (the first this many)…
+    pub slow_pods: usize,
+    /// …by this factor, in percent (200: twice as slow).
+    pub slowdown_pct: u32,
 }
 
 impl Default for Deployment {
@@ -34,6 +38,8 @@ impl Default for Deployment {
             scrape_ms: None,
             prefill_pods: 0,
             config: None,
+            slow_pods: 0,
+            slowdown_pct: 100,
         }
     }
 }

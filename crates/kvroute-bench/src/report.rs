@@ -163,7 +163,19 @@ pub fn run_deployed(
 ) -> PolicyReport {
     let started = Instant::now();
     let mut router = Replicas::new(policy, pods, profile, deployment);
-    let mut cluster = Cluster::new(profile, pods, policy.uses_events())
+    let slow = profile
+        .clone()
+        .slowed(f64::from(deployment.slowdown_pct) / 100.0);
+    let profiles = (0..pods)
+        .map(|i| {
+            if i < deployment.slow_pods {
+                slow.clone()
+            } else {
+                profile.clone()
+            }
+        })
+        .collect();
+    let mut cluster = Cluster::mixed(profiles, policy.uses_events())
         .with_transfer_us_per_token(kv_transfer_us_per_token(profile));
     let results = match load {
         Load::Open { speedup, copies } => {

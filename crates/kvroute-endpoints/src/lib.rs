@@ -16,6 +16,7 @@ mod metrics;
 mod pool_metrics;
 mod registry;
 mod scrape;
+mod speed;
 mod static_source;
 
 pub use exposition::SyntaxError;

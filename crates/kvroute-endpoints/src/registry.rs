@@ -9,6 +9,7 @@ use kvroute_core::{Endpoint, EndpointId};
 
 use crate::health::{Health, HealthConfig, HealthState};
 use crate::load::{FreshLoad, PodLoad, Scraped, is_fresh};
+use crate::speed::PrefillSpeed;
 
 /// Told when the endpoint set changes, so that whoever keeps per-endpoint state (index
 /// entries, metric series, subscriptions) can drop what belongs to departed endpoints.
@@ -29,6 +30,7 @@ pub struct EndpointState {
     /// Tokens the pod's KV cache holds at most, as it last said; 0 while unknown.
     kv_capacity_tokens: AtomicU64,
     prefill_backlog: AtomicU64,
+    speed: PrefillSpeed,
     events_confirmed: AtomicBool,
     scraped: ArcSwapOption<Scraped>,
     scrape_errors: AtomicU64,
@@ -44,6 +46,7 @@ impl EndpointState {
             routed: AtomicU64::new(0),
             kv_capacity_tokens: AtomicU64::new(0),
             prefill_backlog: AtomicU64::new(0),
+            speed: PrefillSpeed::default(),
             events_confirmed: AtomicBool::new(false),
             scraped: ArcSwapOption::empty(),
             scrape_errors: AtomicU64::new(0),
@@ -91,6 +94,12 @@ impl EndpointState {
     /// request, which is most of its time to first token.
     pub fn prefill_backlog(&self) -> u64 {
         self.prefill_backlog.load(Ordering::Relaxed)
+    }
+
+    /// Microseconds a queued prompt token has cost here, learnt from the requests routed
+    /// here (`PrefillSpeed`); `None` until one long enough has had its first answer bytes.
+    pub fn prefill_us_per_token(&self) -> Option<f64> {
+        self.speed.us_per_token()
     }
 
     /// Whether this endpoint's KV-event stream is followed and in sequence, so that what the
@@ -206,13 +215,25 @@ impl EndpointState {
     /// As [`EndpointState::acquire`], also counting `prefill_tokens` in the prefill backlog
     /// until [`InFlightGuard::prefilled`] is called or the guard dropped.
     pub fn acquire_with_prefill(self: &Arc<Self>, prefill_tokens: u64) -> InFlightGuard {
+        self.acquire_with_prefill_at(prefill_tokens, Instant::now())
+    }
+
+    /// As [`EndpointState::acquire_with_prefill`], routed at `at` (the benchmark's virtual
+    /// clock; see [`InFlightGuard::prefilled_at`]).
+    pub fn acquire_with_prefill_at(
+        self: &Arc<Self>,
+        prefill_tokens: u64,
+        at: Instant,
+    ) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.routed.fetch_add(1, Ordering::Relaxed);
-        self.prefill_backlog
+        let ahead = self
+            .prefill_backlog
             .fetch_add(prefill_tokens, Ordering::Relaxed);
         InFlightGuard {
             endpoint: Arc::clone(self),
             prefill_tokens,
+            routed: Some((at, ahead)),
         }
     }
 }
@@ -223,6 +244,9 @@ impl EndpointState {
 pub struct InFlightGuard {
     endpoint: Arc<EndpointState>,
     prefill_tokens: u64,
+    /// When it was routed and the prefill tokens queued there ahead of it, until its first
+    /// answer bytes teach the endpoint's speed.
+    routed: Option<(Instant, u64)>,
 }
 
 impl InFlightGuard {
@@ -231,8 +255,24 @@ impl InFlightGuard {
         &self.endpoint
     }
 
-    /// The request's first token came back: its prefill no longer waits ahead of others.
+    /// The request's first token came back: its prefill no longer waits ahead of others,
+    /// and the time it took teaches the endpoint's speed.
     pub fn prefilled(&mut self) {
+        self.prefilled_at(Instant::now());
+    }
+
+    /// [`InFlightGuard::prefilled`], at `now` (the benchmark's virtual clock).
+    pub fn prefilled_at(&mut self, now: Instant) {
+        if let Some((at, ahead)) = self.routed.take() {
+            self.endpoint.speed.observe(
+                ahead + self.prefill_tokens,
+                now.saturating_duration_since(at),
+            );
+        }
+        self.release_backlog();
+    }
+
+    fn release_backlog(&mut self) {
         let n = std::mem::take(&mut self.prefill_tokens);
         self.endpoint
             .prefill_backlog
@@ -242,7 +282,8 @@ impl InFlightGuard {
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.prefilled();
+        // An answer that never started teaches nothing.
+        self.release_backlog();
         self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -496,6 +537,26 @@ mod tests {
             "ejected at the first failure"
         );
         assert_eq!(a.ejections(), 1);
+    }
+
+    /// A request whose answer started teaches the endpoint its speed (its queue ahead and
+    /// its own tokens over the time to first bytes); one dropped before it did, nothing.
+    #[test]
+    fn first_answer_bytes_teach_the_endpoints_speed() {
+        let state = EndpointState::detached(ep("a", "127.0.0.1:1"), HealthConfig::default());
+        let t0 = Instant::now();
+        let ahead = state.acquire_with_prefill_at(1_500, t0);
+        let abandoned = state.acquire_with_prefill_at(2_000, t0);
+        drop(abandoned);
+        assert_eq!(state.prefill_us_per_token(), None);
+        let mut g = state.acquire_with_prefill_at(500, t0);
+        g.prefilled_at(t0 + Duration::from_millis(60));
+        // 1,500 queued ahead + 500 of its own in 60 ms.
+        assert_eq!(state.prefill_us_per_token(), Some(30.0));
+        g.prefilled_at(t0 + Duration::from_secs(9));
+        assert_eq!(state.prefill_us_per_token(), Some(30.0), "taught once");
+        drop((g, ahead));
+        assert_eq!(state.prefill_backlog(), 0);
     }
 
     #[test]

@@ -98,9 +98,17 @@ pub struct Cluster {
 impl Cluster {
     /// `n` idle pods of `profile`; with `events`, steps report KV events to the router.
     pub fn new(profile: &Profile, n: usize, events: bool) -> Self {
+        Self::mixed(vec![profile.clone(); n], events)
+    }
+
+    /// A pod of each of `profiles` (a pool of unlike pods); with `events`, steps report KV
+    /// events to the router.
+    pub fn mixed(profiles: Vec<Profile>, events: bool) -> Self {
+        let n = profiles.len();
         Self {
-            pods: (0..n)
-                .map(|_| Engine::new(profile.clone(), events))
+            pods: profiles
+                .into_iter()
+                .map(|p| Engine::new(p, events))
                 .collect(),
             views: vec![PodView::default(); n],
             pending: vec![None; n],

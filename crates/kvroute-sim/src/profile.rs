@@ -45,6 +45,15 @@ impl Profile {
         us.round().max(1.0) as u64
     }
 
+    /// The same pod `factor` times slower at every step (a previous GPU generation, or one
+    /// sharing its GPU): its step, decode and prefill costs multiplied, its capacity kept.
+    pub fn slowed(mut self, factor: f64) -> Self {
+        self.step_base_us *= factor;
+        self.decode_us_per_seq *= factor;
+        self.prefill_us_per_token *= factor;
+        self
+    }
+
     /// The profiles this build knows, by name.
     pub fn named(name: &str) -> Option<Self> {
         Self::all().into_iter().find(|p| p.name == name)

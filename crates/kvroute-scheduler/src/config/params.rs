@@ -260,6 +260,9 @@ pub(crate) struct TtftParams {
     producers: Vec<String>,
     /// Extra weight of the prefill work this request adds, over its own wait (default 0).
     work_weight: Option<f64>,
+    /// Count each endpoint's tokens at the speed learnt there when it is markedly slower
+    /// (default false: for pools of unlike pods).
+    learn_speed: Option<bool>,
 }
 
 /// `load-aware-scorer`.
@@ -838,7 +841,11 @@ pub(super) fn build(
                     "workWeight {work_weight} is not a number of at least 0"
                 )));
             }
-            Arc::new(TtftScorer::new(reads, work_weight))
+            Arc::new(TtftScorer::new(
+                reads,
+                work_weight,
+                p.learn_speed.unwrap_or(false),
+            ))
         }
         (Params::MetricsDataSource(_) | Params::Extractor(_) | Params::Detector(_), t) => {
             Arc::new(crate::plugins::DataSource(t.as_str()))

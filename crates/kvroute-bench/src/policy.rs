@@ -403,7 +403,7 @@ impl PolicyRouter {
         let hints = RequestHints::default();
         let decision = scheduler
             .preview(
-                &SchedulingRequest::new(Some(&parsed), &hints),
+                &SchedulingRequest::new(Some(&parsed), &hints).at(self.clock(now_us)),
                 &self.endpoints,
             )
             .ok()?;
@@ -472,7 +472,7 @@ impl PolicyRouter {
         let parsed = parsed(request, tokens);
         let hints = RequestHints::default();
         let decided = scheduler.schedule(
-            &SchedulingRequest::new(Some(&parsed), &hints),
+            &SchedulingRequest::new(Some(&parsed), &hints).at(at),
             &self.endpoints,
         );
         let Ok(decision) = decided else {

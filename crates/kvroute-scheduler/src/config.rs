@@ -24,7 +24,7 @@ use crate::admission::{AdmissionSettings, UtilizationDetector};
 use crate::framework::{PrefillStage, Profile, Scheduler};
 use crate::plugins::handler::SingleProfileHandler;
 use crate::plugins::pickers::MaxScorePicker;
-use crate::plugins::precise::{PreciseProducer, Tokenizers};
+use crate::plugins::precise::{PreciseProducer, Speculative, Tokenizers};
 use crate::plugins::prefix::{ApproxProducer, PrefixScorer};
 use crate::{Plugin, SlotId};
 
@@ -702,6 +702,7 @@ fn precise_producer(
     slot: SlotId,
     block_size: Option<usize>,
     tier_weights: [f64; 3],
+    speculative: Option<Speculative>,
 ) -> Result<Arc<dyn Plugin>, ConfigError> {
     let Some(index) = &ctx.precise_index else {
         return Err(ConfigError::Unavailable {
@@ -728,6 +729,7 @@ fn precise_producer(
         ctx.block_size,
         tier_weights,
         ctx.tokenizers.clone(),
+        speculative,
     )))
 }
 

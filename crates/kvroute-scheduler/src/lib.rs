@@ -39,12 +39,29 @@ pub struct SchedulingRequest<'a> {
     pub request: Option<&'a InferenceRequest>,
     /// Header-borne hints, present even without a body.
     pub hints: &'a RequestHints,
+    /// When it is scheduled, for plugins that keep time; `None`: now.
+    at: Option<std::time::Instant>,
 }
 
 impl<'a> SchedulingRequest<'a> {
     /// A request to schedule.
     pub fn new(request: Option<&'a InferenceRequest>, hints: &'a RequestHints) -> Self {
-        Self { request, hints }
+        Self {
+            request,
+            hints,
+            at: None,
+        }
+    }
+
+    /// The same request, scheduled at `at` (the benchmark's simulated clock).
+    pub fn at(mut self, at: std::time::Instant) -> Self {
+        self.at = Some(at);
+        self
+    }
+
+    /// When it is scheduled.
+    pub fn now(&self) -> std::time::Instant {
+        self.at.unwrap_or_else(std::time::Instant::now)
     }
 }
 

@@ -23,7 +23,7 @@ use crate::plugins::handler::{
 use crate::plugins::load::LoadScorer;
 use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use crate::plugins::pod_load::{LoadAwareScorer, LoraAffinityScorer, PodLoadScorer, Signal};
-use crate::plugins::precise::TokenProducer;
+use crate::plugins::precise::{Speculative, TokenProducer};
 use crate::plugins::session::{Role, SESSION_TOKEN_HEADER, SessionAffinity, Strategy};
 use crate::plugins::ttft::TtftScorer;
 use crate::{Plugin, SlotId};
@@ -169,10 +169,12 @@ pub(crate) struct PreciseParams {
     #[serde(rename = "kvEventsConfig")]
     _kv_events_config: Option<de::IgnoredAny>,
     indexer_config: Option<IndexerConfig>,
-    #[serde(rename = "speculativeIndexing")]
-    _speculative_indexing: Option<bool>,
+    /// Hold prompts as cached on the endpoint they were routed to until its events report
+    /// them (default false, as upstream).
+    speculative_indexing: Option<bool>,
+    /// How long (a Go duration; default `2s`).
     #[serde(rename = "speculativeTTL")]
-    _speculative_ttl: Option<String>,
+    speculative_ttl: Option<String>,
     prefix_match_info_producer_name: Option<String>,
 }
 
@@ -654,6 +656,28 @@ fn tier_weights(p: &PreciseParams, name: &str, t: PluginType) -> Result<[f64; 3]
     Ok(weights)
 }
 
+/// Upstream's `speculativeIndexing` / `speculativeTTL` of a precise producer.
+fn speculative(
+    p: &PreciseParams,
+    name: &str,
+    t: PluginType,
+) -> Result<Option<Speculative>, ConfigError> {
+    if !p.speculative_indexing.unwrap_or(false) {
+        return Ok(None);
+    }
+    let ttl = match &p.speculative_ttl {
+        Some(text) => super::flow::parse_go_duration(text)
+            .map_err(|e| unavailable_for(name, t)(format!("speculativeTTL {text:?}: {e}")))?,
+        None => Duration::from_secs(2),
+    };
+    if ttl.is_zero() {
+        return Err(unavailable_for(name, t)(
+            "speculativeTTL must be positive".into(),
+        ));
+    }
+    Ok(Some(Speculative::new(ttl)))
+}
+
 /// The error for plugin `name` of type `t` that cannot run as configured, for `reason`.
 fn unavailable_for(name: &str, t: PluginType) -> impl Fn(String) -> ConfigError + '_ {
     move |reason| ConfigError::Unavailable {
@@ -803,7 +827,15 @@ pub(super) fn build(
             let own = match own_slot.filter(|_| named.is_none()) {
                 Some(slot) => Some((
                     slot,
-                    precise_producer(ctx, name, t, slot, block_size, weights)?,
+                    precise_producer(
+                        ctx,
+                        name,
+                        t,
+                        slot,
+                        block_size,
+                        weights,
+                        speculative(p, name, t)?,
+                    )?,
                 )),
                 None => None,
             };

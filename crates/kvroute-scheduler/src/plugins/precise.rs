@@ -1,16 +1,19 @@
 //! The precise prefix-cache producer: what each endpoint's KV cache really holds, from the
 //! index its KV events keep.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use kvroute_core::Prompt;
+use kvroute_core::{BlockHash, EndpointId, Prompt};
 use kvroute_endpoints::EndpointState;
 use kvroute_index::{PrefixIndex, Shared};
 use kvroute_tokens::{BlockHasher, ExtraKeys, ModelTokenizer};
 
 use crate::cycle::TokenState;
-use crate::{BodyUse, CycleState, Plugin, Producer, SchedulingRequest, SlotId, endpoint_index};
+use crate::{
+    BodyUse, CycleState, Decision, Plugin, Producer, SchedulingRequest, SlotId, endpoint_index,
+};
 
 /// The tokenizers of the models served, by model name (as requests name them), and one for
 /// any other name; and the LoRA adapters served, by name, with their base model.
@@ -131,6 +134,133 @@ pub(crate) struct PreciseProducer {
     hasher: BlockHasher,
     weights: [f64; 3],
     tokenizers: Tokenizers,
+    speculative: Option<Speculative>,
+}
+
+/// Most block hashes the speculative entries keep in all (2 MiB, allocated at the first
+/// entry): the oldest entries go first, and a prompt keeps at most this many of its blocks.
+const SPECULATIVE_BLOCKS: usize = 1 << 18;
+/// Most entries kept (prompts routed within the TTL).
+const SPECULATIVE_ENTRIES: usize = 8192;
+
+/// Upstream's `speculativeIndexing`: the prompts routed in the last `ttl`, held as if
+/// cached on the endpoint they went to, since its KV events report them only once they are
+/// computed. A sibling of a prompt still in prefill then finds it where it is going.
+#[derive(Debug)]
+pub(crate) struct Speculative {
+    ttl: Duration,
+    recent: Mutex<Recent>,
+}
+
+/// The entries, oldest first, their block hashes in one ring so that a warm decision
+/// allocates nothing: entry `(at, endpoint, start, len)` holds ring positions
+/// `start..start + len` (counted from the ring's first write, taken modulo its size).
+#[derive(Debug)]
+struct Recent {
+    entries: VecDeque<(Instant, EndpointId, u64, usize)>,
+    ring: Vec<BlockHash>,
+    written: u64,
+    /// The ring's size and the most entries ([`SPECULATIVE_BLOCKS`],
+    /// [`SPECULATIVE_ENTRIES`]; smaller in tests).
+    size: usize,
+    max_entries: usize,
+}
+
+impl Recent {
+    fn new(size: usize, max_entries: usize) -> Self {
+        Self {
+            entries: VecDeque::new(),
+            ring: Vec::new(),
+            written: 0,
+            size,
+            max_entries,
+        }
+    }
+
+    /// Drops entries older than `ttl` at `now`.
+    fn expire(&mut self, now: Instant, ttl: Duration) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|(at, ..)| now.saturating_duration_since(*at) >= ttl)
+        {
+            self.entries.pop_front();
+        }
+    }
+
+    fn push(&mut self, at: Instant, endpoint: &EndpointId, blocks: &[BlockHash]) {
+        if self.ring.is_empty() {
+            self.ring = vec![BlockHash(0); self.size];
+            self.entries = VecDeque::with_capacity(self.max_entries);
+        }
+        let blocks = &blocks[..blocks.len().min(self.size)];
+        let start = self.written;
+        self.written += blocks.len() as u64;
+        // Entries whose blocks this write overwrites, and the oldest past the count bound.
+        let overwritten = self.written.saturating_sub(self.size as u64);
+        while self
+            .entries
+            .front()
+            .is_some_and(|&(_, _, s, _)| s < overwritten)
+            || self.entries.len() >= self.max_entries
+        {
+            self.entries.pop_front();
+        }
+        for (i, b) in blocks.iter().enumerate() {
+            let at = (start + i as u64) as usize % self.size;
+            self.ring[at] = *b;
+        }
+        self.entries
+            .push_back((at, endpoint.clone(), start, blocks.len()));
+    }
+
+    /// How many of `blocks`, from the first, entry `(start, len)` holds.
+    fn common(&self, start: u64, len: usize, blocks: &[BlockHash]) -> usize {
+        blocks
+            .iter()
+            .take(len)
+            .enumerate()
+            .take_while(|&(i, b)| self.ring[(start + i as u64) as usize % self.size] == *b)
+            .count()
+    }
+}
+
+impl Speculative {
+    pub(crate) fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            recent: Mutex::new(Recent::new(SPECULATIVE_BLOCKS, SPECULATIVE_ENTRIES)),
+        }
+    }
+
+    fn record(&self, endpoint: &EndpointId, blocks: &[BlockHash], now: Instant) {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.expire(now, self.ttl);
+        recent.push(now, endpoint, blocks);
+    }
+
+    /// Calls `found(endpoint, n)` for each recent prompt sharing its first `n > 0` blocks
+    /// with `blocks`.
+    fn matches(
+        &self,
+        blocks: &[BlockHash],
+        now: Instant,
+        mut found: impl FnMut(&EndpointId, usize),
+    ) {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.expire(now, self.ttl);
+        for (_, endpoint, start, len) in &recent.entries {
+            let n = recent.common(*start, *len, blocks);
+            if n > 0 {
+                found(endpoint, n);
+            }
+        }
+    }
+
+    fn forget(&self, departed: &[EndpointId]) {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.entries.retain(|(_, e, ..)| !departed.contains(e));
+    }
 }
 
 impl PreciseProducer {
@@ -140,6 +270,7 @@ impl PreciseProducer {
         block_size: usize,
         weights: [f64; 3],
         tokenizers: Tokenizers,
+        speculative: Option<Speculative>,
     ) -> Self {
         Self {
             slot,
@@ -147,6 +278,7 @@ impl PreciseProducer {
             hasher: BlockHasher::new(block_size),
             weights,
             tokenizers,
+            speculative,
         }
     }
 }
@@ -162,6 +294,28 @@ impl Plugin for PreciseProducer {
 
     fn writes(&self) -> Option<SlotId> {
         Some(self.slot)
+    }
+
+    fn decided(&self, request: &SchedulingRequest<'_>, state: &CycleState, decision: &Decision) {
+        let Some(speculative) = &self.speculative else {
+            return;
+        };
+        let Some(info) = state.prefix(self.slot).filter(|p| !p.blocks.is_empty()) else {
+            return;
+        };
+        let now = request.now();
+        let prefill = decision.prefill().map(|(e, _)| e);
+        for holder in std::iter::once(decision.primary()).chain(prefill) {
+            speculative.record(holder.id(), &info.blocks, now);
+        }
+    }
+
+    fn endpoints_changed(&self, _: &[Arc<EndpointState>], departed: &[EndpointId]) {
+        if let Some(speculative) = &self.speculative
+            && !departed.is_empty()
+        {
+            speculative.forget(departed);
+        }
     }
 
     fn body_use(&self) -> BodyUse {
@@ -211,6 +365,15 @@ impl Producer for PreciseProducer {
                 info.held[pos] = held / total;
                 info.cached_tokens[pos] = u64::from(m.blocks) * block;
             }
+        }
+        if let Some(speculative) = &self.speculative {
+            // Routed here in the last `speculativeTTL`: held as if in GPU memory.
+            speculative.matches(&info.blocks, request.now(), |endpoint, n| {
+                if let Some(pos) = endpoint_index(endpoints, endpoint) {
+                    info.held[pos] = info.held[pos].max(n as f64 * self.weights[0] / total);
+                    info.cached_tokens[pos] = info.cached_tokens[pos].max(n as u64 * block);
+                }
+            });
         }
     }
 }

@@ -1,4 +1,4 @@
-use kvroute_core::{BlockHash, RequestHints};
+use kvroute_core::{BlockHash, EndpointId, RequestHints};
 use kvroute_index::Tier;
 
 use super::*;
@@ -25,7 +25,14 @@ fn held(
 }
 
 fn producer(index: &Arc<Shared<PrefixIndex>>, tokenizers: Tokenizers) -> PreciseProducer {
-    PreciseProducer::new(SLOT, Arc::clone(index), 4, [1.0, 0.8, 0.5], tokenizers)
+    PreciseProducer::new(
+        SLOT,
+        Arc::clone(index),
+        4,
+        [1.0, 0.8, 0.5],
+        tokenizers,
+        None,
+    )
 }
 
 #[test]
@@ -124,4 +131,95 @@ fn text_and_chat_prompts_are_tokenized_with_the_models_tokenizer() {
         &mut state,
     );
     assert_eq!(state.tokens(), Some(tokens.as_slice()));
+}
+
+/// `speculativeIndexing`: a prompt routed to an endpoint counts as held there (its shared
+/// prefix, by a sibling) before any event reports it, for `speculativeTTL`, then no more.
+#[test]
+fn a_routed_prompt_is_held_speculatively_until_its_ttl() {
+    let index = Arc::new(Shared::new(PrefixIndex::new()));
+    let eps = registry(2).snapshot();
+    let p = PreciseProducer::new(
+        SLOT,
+        Arc::clone(&index),
+        4,
+        [1.0, 0.8, 0.5],
+        Tokenizers::new(),
+        Some(Speculative::new(Duration::from_secs(2))),
+    );
+    let hints = RequestHints::default();
+    let first = request(Prompt::Tokens((0..16).collect()));
+    let t0 = Instant::now();
+    let mut state = CycleState::new(1);
+    let at = |t: Instant| SchedulingRequest::new(Some(&first), &hints).at(t);
+    p.produce(&at(t0), &eps, &mut state);
+    assert_eq!(state.prefix(SLOT).unwrap().held, [0.0, 0.0]);
+    p.decided(
+        &at(t0),
+        &state,
+        &crate::Decision::new(Arc::clone(&eps[1]), Vec::new(), 16),
+    );
+    // A sibling sharing the first 12 tokens (3 of its 4 blocks), 50 ms later.
+    let mut tokens: Vec<u32> = (0..12).collect();
+    tokens.extend(100..104);
+    let sibling = request(Prompt::Tokens(tokens));
+    let mut state = CycleState::new(1);
+    let then = |t: Instant| SchedulingRequest::new(Some(&sibling), &hints).at(t);
+    p.produce(&then(t0 + Duration::from_millis(50)), &eps, &mut state);
+    let info = state.prefix(SLOT).unwrap();
+    assert_eq!(info.held, [0.0, 0.75]);
+    assert_eq!(info.cached_tokens, [0, 12]);
+    // Past the TTL it is forgotten; an endpoint that leaves takes its entries along.
+    let mut state = CycleState::new(1);
+    p.produce(&then(t0 + Duration::from_secs(3)), &eps, &mut state);
+    assert_eq!(state.prefix(SLOT).unwrap().held, [0.0, 0.0]);
+    p.decided(
+        &at(t0),
+        &state,
+        &crate::Decision::new(Arc::clone(&eps[0]), Vec::new(), 16),
+    );
+    p.endpoints_changed(&eps[1..], &[eps[0].id().clone()]);
+    let mut state = CycleState::new(1);
+    p.produce(&then(t0 + Duration::from_millis(60)), &eps, &mut state);
+    assert_eq!(state.prefix(SLOT).unwrap().held, [0.0, 0.0]);
+}
+
+proptest::proptest! {
+    /// The ring of speculative entries answers as a plain list of the entries it keeps: the
+    /// newest, as many as fit its size and count, each matched block for block.
+    #[test]
+    fn speculative_entries_match_as_a_plain_list_does(
+        pushes in proptest::collection::vec((0u8..3, 1usize..12, 0u64..4), 1..60),
+        probe in proptest::collection::vec(0u64..4, 1..12),
+    ) {
+        let (size, max_entries) = (32usize, 6usize);
+        let mut ring = Recent::new(size, max_entries);
+        let mut model: Vec<(EndpointId, Vec<BlockHash>, u64)> = Vec::new();
+        let mut written = 0u64;
+        let t = Instant::now();
+        for (ep, len, seed) in pushes {
+            let id = EndpointId::new(format!("e{ep}"));
+            let blocks: Vec<BlockHash> = (0..len as u64).map(|i| BlockHash(seed * 100 + i % 3)).collect();
+            ring.push(t, &id, &blocks);
+            model.push((id, blocks.clone(), written));
+            written += blocks.len() as u64;
+            // Kept: entries none of whose blocks were overwritten, at most the newest few.
+            let floor = written.saturating_sub(size as u64);
+            model.retain(|(_, _, start)| *start >= floor);
+            while model.len() > max_entries {
+                model.remove(0);
+            }
+        }
+        let probe: Vec<BlockHash> = probe.into_iter().map(BlockHash).collect();
+        let got: Vec<(EndpointId, usize)> = ring
+            .entries
+            .iter()
+            .map(|(_, e, s, l)| (e.clone(), ring.common(*s, *l, &probe)))
+            .collect();
+        let want: Vec<(EndpointId, usize)> = model
+            .iter()
+            .map(|(e, b, _)| (e.clone(), b.iter().zip(&probe).take_while(|(a, b)| a == b).count()))
+            .collect();
+        proptest::prop_assert_eq!(got, want);
+    }
 }

@@ -133,6 +133,24 @@ saturationDetector:
   pluginRef: detector
 ";
 
+/// `kvroute serve` on the in-process API server's pool with routing configuration `config`,
+/// scraping the pods every 50 ms.
+async fn serve(dir: &std::path::Path, api: &ApiServer, config: &str) -> Kvroute {
+    let config = write_config(dir, config);
+    Kvroute::for_pool(
+        dir,
+        api,
+        NS,
+        &[
+            "--config-file",
+            &config,
+            "--refresh-metrics-interval",
+            "50ms",
+        ],
+    )
+    .await
+}
+
 /// Two slow pods (two sequences at a time) in a pool from the in-process API server, with
 /// the objectives `batch` (−1, sheddable) and `critical` (10), `kvroute serve` on the pool
 /// with routing configuration `config`, and real Envoy in front.
@@ -158,19 +176,7 @@ impl Overloaded {
             pods.push(slow_pod(k, port, &stop).await);
             api.apply(&Resource::pods(), ready_pod(name, k));
         }
-        let config = write_config(&dir, config);
-        let kvroute = Kvroute::for_pool(
-            &dir,
-            &api,
-            NS,
-            &[
-                "--config-file",
-                &config,
-                "--refresh-metrics-interval",
-                "50ms",
-            ],
-        )
-        .await;
+        let kvroute = serve(&dir, &api, config).await;
         let addrs: Vec<SocketAddr> = pods.iter().map(|p| p.http).collect();
         let envoy = Envoy::start(&dir, &EnvoyOptions::full_duplex(kvroute.grpc_port, &addrs)).await;
         Self {
@@ -373,19 +379,7 @@ async fn flow_control_holds_requests_until_a_pod_appears() {
     let api = ApiServer::start().await;
     let port = free_port();
     api_with_pool(&api, port);
-    let config = write_config(&dir, FLOW);
-    let kvroute = Kvroute::for_pool(
-        &dir,
-        &api,
-        NS,
-        &[
-            "--config-file",
-            &config,
-            "--refresh-metrics-interval",
-            "50ms",
-        ],
-    )
-    .await;
+    let kvroute = serve(&dir, &api, FLOW).await;
     let pod_addr = SocketAddr::from(([127, 0, 0, 2], port));
     let envoy = Envoy::start(
         &dir,

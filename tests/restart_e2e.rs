@@ -85,6 +85,23 @@ async fn kvroute_restarted_under_load_rebuilds_from_replay_and_loses_nothing() {
         "the index was not rebuilt from replay: {}",
         second.metrics().await
     );
+    // Blocks stored from one pod's replay do not say the other's is done: its entries count
+    // only once its stream is confirmed in sequence.
+    let confirmed = eventually(Duration::from_secs(10), async || {
+        second
+            .metrics()
+            .await
+            .lines()
+            .filter(|l| l.starts_with("kvroute_endpoint_kv_events_confirmed{") && l.ends_with(" 1"))
+            .count()
+            == pods.len()
+    })
+    .await;
+    assert!(
+        confirmed,
+        "a pod's KV events were not confirmed: {}",
+        second.metrics().await
+    );
     // Envoy's health check takes the new process back within a few seconds.
     let routed_again = eventually(Duration::from_secs(15), async || {
         second

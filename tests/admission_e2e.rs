@@ -153,7 +153,8 @@ async fn serve(dir: &std::path::Path, api: &ApiServer, config: &str) -> Kvroute 
 
 /// Two slow pods (two sequences at a time) in a pool from the in-process API server, with
 /// the objectives `batch` (−1, sheddable) and `critical` (10), `kvroute serve` on the pool
-/// with routing configuration `config`, and real Envoy in front.
+/// with routing configuration `config`, and real Envoy in front, once kvroute knows the
+/// objectives and sees the idle pool unsaturated.
 struct Overloaded {
     stop: CancellationToken,
     _api: ApiServer,
@@ -179,6 +180,16 @@ impl Overloaded {
         let kvroute = serve(&dir, &api, config).await;
         let addrs: Vec<SocketAddr> = pods.iter().map(|p| p.http).collect();
         let envoy = Envoy::start(&dir, &EnvoyOptions::full_duplex(kvroute.grpc_port, &addrs)).await;
+        // Objectives known and the pods scraped: the idle pool is not saturated.
+        let mut m = String::new();
+        let calm = eventually(Duration::from_secs(20), async || {
+            m = kvroute.metrics().await;
+            sample(&m, "kvroute_inference_objectives") == 2.0
+                && m.contains("kvroute_pool_saturation ")
+                && sample(&m, "kvroute_pool_saturation") < 1.0
+        })
+        .await;
+        assert!(calm, "objectives or scrapes missing: {m}");
         Self {
             stop,
             _api: api,
@@ -196,16 +207,6 @@ async fn only_sheddable_work_is_shed_under_overload_and_none_is_lost() {
         kvroute,
         envoy,
     } = Overloaded::start("admission-shed", SHEDDING).await;
-    // Objectives known and the pods scraped: the idle pool is not saturated.
-    let mut m = String::new();
-    let calm = eventually(Duration::from_secs(20), async || {
-        m = kvroute.metrics().await;
-        sample(&m, "kvroute_inference_objectives") == 2.0
-            && m.contains("kvroute_pool_saturation ")
-            && sample(&m, "kvroute_pool_saturation") < 1.0
-    })
-    .await;
-    assert!(calm, "objectives or scrapes missing: {m}");
     // Sheddable work is served while the pool has room.
     let idle = ask(envoy.port, "batch", 0, 4).await;
     assert_eq!(idle.status, Some(200), "{idle:?}");
@@ -298,18 +299,6 @@ async fn flow_control_under_overload_holds_critical_work_and_bounds_sheddable_wo
         kvroute,
         envoy,
     } = Overloaded::start("admission-flow-load", FLOW_UNDER_LOAD).await;
-    let ready = eventually(Duration::from_secs(20), async || {
-        let m = kvroute.metrics().await;
-        sample(&m, "kvroute_inference_objectives") == 2.0
-            && m.contains("kvroute_pool_saturation ")
-            && sample(&m, "kvroute_pool_saturation") < 1.0
-    })
-    .await;
-    assert!(
-        ready,
-        "objectives or scrapes missing: {}",
-        kvroute.metrics().await
-    );
 
     let mut clients = Vec::new();
     for c in 0..24 {

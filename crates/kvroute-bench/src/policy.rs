@@ -533,10 +533,6 @@ fn oracle(request: &SimRequest, engines: &[Engine]) -> usize {
 }
 
 impl RouteFn for PolicyRouter {
-    fn route(&mut self, now_us: u64, request: &SimRequest, pods: &[PodView]) -> usize {
-        self.route_with_engines(now_us, request, pods, &[])
-    }
-
     fn route_with_engines(
         &mut self,
         now_us: u64,

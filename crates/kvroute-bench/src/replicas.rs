@@ -112,10 +112,6 @@ impl Replicas {
 }
 
 impl RouteFn for Replicas {
-    fn route(&mut self, now_us: u64, request: &SimRequest, pods: &[PodView]) -> usize {
-        self.route_with_engines(now_us, request, pods, &[])
-    }
-
     fn route_with_engines(
         &mut self,
         now_us: u64,

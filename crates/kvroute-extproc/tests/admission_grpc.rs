@@ -7,87 +7,44 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
-use kvroute_endpoints::{PodLoad, Registry};
-use kvroute_extproc::{
-    Admission, AdmissionCollector, ExtProcConfig, ExtProcService, Metrics, Router,
-};
+use kvroute_endpoints::PodLoad;
+use kvroute_extproc::{Admission, AdmissionCollector};
 use kvroute_scheduler::admission::{AdmissionSettings, FlowSettings};
-use kvroute_scheduler::{Scheduler, SchedulerHandle};
 use prometheus_client::encoding::text::encode;
+use test_support::chat_body;
 use test_support::envoy::*;
-use test_support::{chat_body, registry};
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
 
-type Answers = tonic::Streaming<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse>;
+mod common;
 
-struct Served {
-    client: ExternalProcessorClient<tonic::transport::Channel>,
-    registry: Arc<Registry>,
-    prom: prometheus_client::registry::Registry,
-    _stop: tokio_util::sync::DropGuard,
-}
+use common::{Served, serve};
 
 /// A server over one endpoint with flow control on, its dispatcher running.
-async fn serve() -> Served {
-    let registry = registry(&[8001]);
-    let mut prom = prometheus_client::registry::Registry::with_prefix("kvroute");
-    let router = Router::new(
-        Arc::clone(&registry),
-        Arc::new(SchedulerHandle::new(Scheduler::least_in_flight(0))),
-        ExtProcConfig::default(),
-        Metrics::register(&mut prom),
-    );
-    let admission = Admission::new(
-        Arc::clone(&registry),
-        None,
-        AdmissionSettings {
-            flow: Some(FlowSettings::default()),
-            ..AdmissionSettings::default()
-        },
-    );
-    prom.register_collector(Box::new(AdmissionCollector(Arc::clone(&admission))));
-    let stop = CancellationToken::new();
-    tokio::spawn(Arc::clone(&admission).run(stop.clone()));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        Server::builder()
-            .add_service(
-                ExtProcService::new(router)
-                    .with_admission(admission)
-                    .into_server(),
-            )
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    let client = ExternalProcessorClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
-    Served {
-        client,
-        registry,
-        prom,
-        _stop: stop.drop_guard(),
-    }
+async fn serve_flow() -> Served {
+    serve(
+        &[8001],
+        Some(&|registry, prom| {
+            let admission = Admission::new(
+                Arc::clone(registry),
+                None,
+                AdmissionSettings {
+                    flow: Some(FlowSettings::default()),
+                    ..AdmissionSettings::default()
+                },
+            );
+            prom.register_collector(Box::new(AdmissionCollector(Arc::clone(&admission))));
+            admission
+        }),
+    )
+    .await
 }
 
-impl Served {
-    async fn open(&mut self) -> (mpsc::Sender<ProcessingRequest>, Answers) {
-        let (tx, rx) = mpsc::channel::<ProcessingRequest>(8);
-        let answers = self
-            .client
-            .process(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        (tx, answers)
-    }
+/// Queue size and scrapes, read and made for these tests.
+trait Flow {
+    fn waiting(&self) -> String;
+    fn scraped(&self, waiting: u32);
+}
 
+impl Flow for Served {
     fn waiting(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.prom).unwrap();
@@ -121,7 +78,7 @@ async fn eventually(mut ok: impl FnMut() -> bool) -> bool {
 
 #[tokio::test]
 async fn a_held_request_is_routed_whole_once_the_pool_has_room() {
-    let mut s = serve().await;
+    let mut s = serve_flow().await;
     // Never scraped: saturated.
     let (tx, mut answers) = s.open().await;
     let body = chat_body(2_000);
@@ -143,7 +100,7 @@ async fn a_held_request_is_routed_whole_once_the_pool_has_room() {
 
 #[tokio::test]
 async fn a_client_gone_while_waiting_leaves_the_queue() {
-    let mut s = serve().await;
+    let mut s = serve_flow().await;
     let (tx, answers) = s.open().await;
     tx.send(full_duplex_chat_headers()).await.unwrap();
     assert!(

@@ -4,74 +4,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
-use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use kvroute_endpoints::Registry;
-use kvroute_extproc::{ExtProcConfig, ExtProcService, Metrics, Router};
-use kvroute_scheduler::{Scheduler, SchedulerHandle};
 use prometheus_client::encoding::text::encode;
+use test_support::chat_body;
 use test_support::envoy::*;
-use test_support::{chat_body, registry};
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::Code;
-use tonic::transport::{Channel, Server};
 
-struct Served {
-    client: ExternalProcessorClient<Channel>,
-    registry: Arc<Registry>,
-    prom: prometheus_client::registry::Registry,
-}
+mod common;
 
-async fn serve() -> Served {
-    let registry = registry(&[8001, 8002]);
-    let mut prom = prometheus_client::registry::Registry::with_prefix("kvroute");
-    let router = Router::new(
-        Arc::clone(&registry),
-        Arc::new(SchedulerHandle::new(Scheduler::least_in_flight(0))),
-        ExtProcConfig::default(),
-        Metrics::register(&mut prom),
-    );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        Server::builder()
-            .add_service(ExtProcService::new(router).into_server())
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    let client = ExternalProcessorClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
-    Served {
-        client,
-        registry,
-        prom,
-    }
-}
-
-impl Served {
-    /// Opens one ext_proc stream, as Envoy does per HTTP request.
-    async fn open(
-        &mut self,
-    ) -> (
-        mpsc::Sender<ProcessingRequest>,
-        tonic::Streaming<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse>,
-    ) {
-        let (tx, rx) = mpsc::channel::<ProcessingRequest>(8);
-        let answers = self
-            .client
-            .process(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        (tx, answers)
-    }
-}
+use common::serve;
 
 fn metrics(prom: &prometheus_client::registry::Registry) -> String {
     let mut out = String::new();
@@ -85,7 +29,7 @@ fn in_flight(r: &Registry) -> usize {
 
 #[tokio::test]
 async fn a_full_duplex_request_is_answered_over_grpc() {
-    let mut s = serve().await;
+    let mut s = serve(&[8001, 8002], None).await;
     let body = chat_body(100_000);
     let (tx, mut answers) = s.open().await;
     tx.send(with_config(
@@ -133,7 +77,7 @@ async fn a_full_duplex_request_is_answered_over_grpc() {
 
 #[tokio::test]
 async fn a_protocol_violation_ends_the_stream_with_invalid_argument() {
-    let mut s = serve().await;
+    let mut s = serve(&[8001, 8002], None).await;
     let (tx, mut answers) = s.open().await;
     tx.send(request_body(b"{}", true)).await.unwrap();
     let status = answers.message().await.unwrap_err();

@@ -245,22 +245,19 @@ impl Scheduler {
                 .min(many.len() - 1),
         };
         let fallback = self.prefill_stage.as_ref().and_then(|s| s.fallback);
-        let (pos, fallbacks) =
-            match self.run_profile(&self.profiles[primary], request, endpoints, cycle, turn) {
-                Ok(picked) => picked,
-                Err(e) => {
-                    return self.run_whole(fallback.ok_or(e)?, request, endpoints, cycle, turn);
-                }
-            };
-        let state = &cycle.state;
-        let Some(prompt) = state.prompt_tokens(request) else {
-            return Ok(Decision::new(Arc::clone(&endpoints[pos]), fallbacks, 0));
+        let (pos, decision) = match self.run_whole(primary, request, endpoints, cycle, turn) {
+            Ok(picked) => picked,
+            Err(e) => {
+                return Ok(self
+                    .run_whole(fallback.ok_or(e)?, request, endpoints, cycle, turn)?
+                    .1);
+            }
         };
-        let cached = state.cached_tokens(&[], pos, prompt);
-        let decision = Decision::new(Arc::clone(&endpoints[pos]), fallbacks, prompt - cached);
-        let Some(stage) = &self.prefill_stage else {
+        let (Some(stage), Some(prompt)) = (&self.prefill_stage, cycle.state.prompt_tokens(request))
+        else {
             return Ok(decision);
         };
+        let cached = prompt - decision.prefill_tokens();
         let approved = stage
             .decider
             .decider()
@@ -291,12 +288,14 @@ impl Scheduler {
                 }
                 Ok(decision.with_prefill(Arc::clone(&endpoints[prefill]), prompt - prefill_cached))
             }
-            Err(e) => self.run_whole(fallback.ok_or(e)?, request, endpoints, cycle, turn),
+            Err(e) => Ok(self
+                .run_whole(fallback.ok_or(e)?, request, endpoints, cycle, turn)?
+                .1),
         }
     }
 
-    /// Routes the request whole with profile `index` (the fallback when a disaggregated
-    /// stage finds no endpoint).
+    /// Routes the request whole with profile `index`: the position of the endpoint picked
+    /// and the decision, which expects it to compute the prompt tokens it does not hold.
     fn run_whole(
         &self,
         index: usize,
@@ -304,17 +303,16 @@ impl Scheduler {
         endpoints: &[Arc<EndpointState>],
         cycle: &mut Cycle,
         turn: u64,
-    ) -> Result<Decision, ScheduleError> {
+    ) -> Result<(usize, Decision), ScheduleError> {
         let (pos, fallbacks) =
             self.run_profile(&self.profiles[index], request, endpoints, cycle, turn)?;
         let prefill = cycle
             .state
             .prompt_tokens(request)
             .map_or(0, |p| p - cycle.state.cached_tokens(&[], pos, p));
-        Ok(Decision::new(
-            Arc::clone(&endpoints[pos]),
-            fallbacks,
-            prefill,
+        Ok((
+            pos,
+            Decision::new(Arc::clone(&endpoints[pos]), fallbacks, prefill),
         ))
     }
 

@@ -20,23 +20,24 @@ pub struct PodView {
 
 /// A routing policy driven by the cluster: asked once per arrival, told what every step did.
 pub trait RouteFn {
-    /// The pod for `request`, arriving at `now_us`.
-    fn route(&mut self, now_us: u64, request: &SimRequest, pods: &[PodView]) -> usize;
-
-    /// A step of `pod` ended at `now_us` with `report` (its KV events, finished requests).
-    fn observe(&mut self, _now_us: u64, _pod: usize, _report: &StepReport) {}
-
-    /// [`RouteFn::route`] with the engines themselves at hand, which no real router has:
-    /// an oracle reads their caches and queues here. By default, `route`.
+    /// The pod for `request`, arriving at `now_us`, with the engines themselves at hand,
+    /// which no real router has: an oracle reads their caches and queues here; every other
+    /// policy ignores them.
     fn route_with_engines(
         &mut self,
         now_us: u64,
         request: &SimRequest,
         pods: &[PodView],
-        _engines: &[Engine],
-    ) -> usize {
-        self.route(now_us, request, pods)
+        engines: &[Engine],
+    ) -> usize;
+
+    /// The pod for `request`, arriving at `now_us`, from what a router may know.
+    fn route(&mut self, now_us: u64, request: &SimRequest, pods: &[PodView]) -> usize {
+        self.route_with_engines(now_us, request, pods, &[])
     }
+
+    /// A step of `pod` ended at `now_us` with `report` (its KV events, finished requests).
+    fn observe(&mut self, _now_us: u64, _pod: usize, _report: &StepReport) {}
 
     /// After a decision: the pod that should compute the request's prompt first
     /// (disaggregated serving; the routed pod then decodes with the KV moved over). By
@@ -51,7 +52,13 @@ pub trait RouteFn {
 pub const PREFILL_ID_BIT: RequestId = 1 << 62;
 
 impl<F: FnMut(u64, &SimRequest, &[PodView]) -> usize> RouteFn for F {
-    fn route(&mut self, now_us: u64, request: &SimRequest, pods: &[PodView]) -> usize {
+    fn route_with_engines(
+        &mut self,
+        now_us: u64,
+        request: &SimRequest,
+        pods: &[PodView],
+        _: &[Engine],
+    ) -> usize {
         self(now_us, request, pods)
     }
 }
@@ -506,7 +513,13 @@ mod tests {
     struct Disaggregated;
 
     impl RouteFn for Disaggregated {
-        fn route(&mut self, _: u64, _: &SimRequest, _: &[PodView]) -> usize {
+        fn route_with_engines(
+            &mut self,
+            _: u64,
+            _: &SimRequest,
+            _: &[PodView],
+            _: &[Engine],
+        ) -> usize {
             1
         }
 

@@ -58,7 +58,7 @@ fn approx_with_lora() -> String {
         )
         .replace(
             "  - pluginRef: max-score-picker",
-            "  - pluginRef: lora-affinity-scorer\n    weight: 3\n  - pluginRef: max-score-picker",
+            "  - pluginRef: lora-affinity-scorer\n    weight: 4\n  - pluginRef: max-score-picker",
         )
 }
 
@@ -90,7 +90,7 @@ pub enum Policy {
     /// kvroute's default profile for a pool publishing KV events
     /// (`Profile::kvroute(Some(index))`): precise 2, approximate 2, load 4.
     Kvroute,
-    /// [`Policy::KvrouteApprox`] with `lora-affinity-scorer` (weight 3), which reads the
+    /// [`Policy::KvrouteApprox`] with `lora-affinity-scorer` (weight 4, as the prefix and TTFT scorers), which reads the
     /// adapters each pod runs from its scraped `vllm:lora_requests_info` (`--scrape-ms`).
     KvrouteLora,
     /// A greedy oracle no router can be: before each decision it asks every pod for its

@@ -549,13 +549,19 @@ mod tests {
         let abandoned = state.acquire_with_prefill_at(2_000, t0);
         drop(abandoned);
         assert_eq!(state.prefill_us_per_token(), None);
-        let mut g = state.acquire_with_prefill_at(500, t0);
-        g.prefilled_at(t0 + Duration::from_millis(60));
-        // 1,500 queued ahead + 500 of its own in 60 ms.
+        // Four requests (the fewest an estimate is given on), each with 1,500 tokens queued
+        // ahead and 500 of its own, answered in 60 ms.
+        let mut guards: Vec<_> = (0..4)
+            .map(|_| {
+                let mut g = state.acquire_with_prefill_at(500, t0);
+                g.prefilled_at(t0 + Duration::from_millis(60));
+                g
+            })
+            .collect();
         assert_eq!(state.prefill_us_per_token(), Some(30.0));
-        g.prefilled_at(t0 + Duration::from_secs(9));
+        guards[3].prefilled_at(t0 + Duration::from_secs(9));
         assert_eq!(state.prefill_us_per_token(), Some(30.0), "taught once");
-        drop((g, ahead));
+        drop((guards, ahead));
         assert_eq!(state.prefill_backlog(), 0);
     }
 

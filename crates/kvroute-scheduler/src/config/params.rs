@@ -263,7 +263,7 @@ pub(crate) struct TtftParams {
     /// Extra weight of the prefill work this request adds, over its own wait (default 0).
     work_weight: Option<f64>,
     /// Count each endpoint's tokens at the speed learnt there when it is markedly slower
-    /// (default false: for pools of unlike pods).
+    /// (default true; false ranks every pod's tokens alike).
     learn_speed: Option<bool>,
 }
 
@@ -876,7 +876,7 @@ pub(super) fn build(
             Arc::new(TtftScorer::new(
                 reads,
                 work_weight,
-                p.learn_speed.unwrap_or(false),
+                p.learn_speed.unwrap_or(true),
             ))
         }
         (Params::MetricsDataSource(_) | Params::Extractor(_) | Params::Detector(_), t) => {

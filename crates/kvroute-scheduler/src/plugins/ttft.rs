@@ -7,7 +7,7 @@ use crate::{BodyUse, Candidates, CycleState, Plugin, SchedulingRequest, Scorer, 
 /// answered, `EndpointState::prefill_backlog`) plus the part of this prompt it does not hold
 /// cached, by the best of the prefix producers it reads (all of them unless its `producers`
 /// parameter names some). Prefill dominates time to first token, so this ranks endpoints by
-/// predicted TTFT. With `learnSpeed` (for pools of unlike pods), an endpoint that has turned
+/// predicted TTFT. With `learnSpeed` (the default), an endpoint that has turned
 /// queued prompt tokens into first tokens more than 1.5x slower than the fastest
 /// (`EndpointState::prefill_us_per_token`, learnt from the first answer bytes of the
 /// requests routed there) counts its tokens at that ratio. The uncached part counts
@@ -109,16 +109,16 @@ mod tests {
     use crate::test_util::{registry, request};
     use crate::{BuildContext, EndpointPickerConfig, SchedulingRequest};
 
-    /// With `learnSpeed`, queues are weighed at the speed each endpoint showed: a pod that has
-    /// been 4x slower loses to a faster one with twice its queue, which it beats while nothing
-    /// is learnt, or without the parameter.
+    /// With `learnSpeed` (the default), queues are weighed at the speed each endpoint
+    /// showed: a pod that has been 4x slower loses to a faster one with twice its queue,
+    /// which it beats while nothing is learnt, or with `learnSpeed: false`.
     #[test]
     fn a_queue_counts_at_the_speed_learnt_there() {
         let reg = registry(2);
         let eps = reg.snapshot();
         let load = |yaml: &str| EndpointPickerConfig::load(yaml, &BuildContext::new(16)).unwrap();
-        let s = load("plugins: [{type: ttft-scorer, parameters: {learnSpeed: true}}]");
-        let blind = load("plugins: [{type: ttft-scorer}]");
+        let s = load("plugins: [{type: ttft-scorer}]");
+        let blind = load("plugins: [{type: ttft-scorer, parameters: {learnSpeed: false}}]");
         let hints = RequestHints::default();
         // About 1,000 tokens, cached nowhere.
         let req = request(Prompt::Text("routing ".repeat(500)));
@@ -133,21 +133,25 @@ mod tests {
         // Endpoint 1 has 2,000 tokens queued, endpoint 2 none: 2 is sooner.
         let queued = eps[0].acquire_with_prefill(2_000);
         assert_eq!(pick(), 2);
-        // Endpoint 1 turned 3,000 tokens (its queue and a request's 1,000) around in 30 ms,
-        // endpoint 2 a lone 1,000 in 40 ms.
+        // Four times, endpoint 1 turned 3,000 tokens (its queue and a request's 1,000) around
+        // in 30 ms, endpoint 2 a lone 1,000 in 40 ms.
         let t0 = Instant::now();
         for (ep, ms) in [(&eps[0], 30), (&eps[1], 40)] {
-            let mut g = ep.acquire_with_prefill_at(1_000, t0);
-            g.prefilled_at(t0 + Duration::from_millis(ms));
+            for _ in 0..4 {
+                assert_eq!(pick(), 2, "nothing learnt before four samples");
+                let mut g = ep.acquire_with_prefill_at(1_000, t0);
+                g.prefilled_at(t0 + Duration::from_millis(ms));
+            }
         }
-        assert_eq!(eps[0].prefill_us_per_token(), Some(10.0));
-        assert_eq!(eps[1].prefill_us_per_token(), Some(40.0));
+        let learnt = |i: usize| eps[i].prefill_us_per_token().unwrap();
+        assert!((learnt(0) - 10.0).abs() < 1e-9, "{}", learnt(0));
+        assert!((learnt(1) - 40.0).abs() < 1e-9, "{}", learnt(1));
         // 10 µs × 3,001 tokens against 40 µs × 1,001: endpoint 1 is sooner now.
         assert_eq!(pick(), 1);
         assert_eq!(
             pick_with(&blind),
             2,
-            "without learnSpeed tokens count alike"
+            "with learnSpeed: false tokens count alike"
         );
         drop(queued);
     }

@@ -272,6 +272,14 @@ impl InFlightGuard {
         self.release_backlog();
     }
 
+    /// The request's prefill is over, but this moment does not time it: a non-streamed
+    /// answer's first bytes come once it is whole, and response headers can come before any
+    /// token. The backlog is released and the endpoint's speed is not taught.
+    pub fn prefilled_untimed(&mut self) {
+        self.routed = None;
+        self.release_backlog();
+    }
+
     fn release_backlog(&mut self) {
         let n = std::mem::take(&mut self.prefill_tokens);
         self.endpoint
@@ -561,6 +569,14 @@ mod tests {
         assert_eq!(state.prefill_us_per_token(), Some(30.0));
         guards[3].prefilled_at(t0 + Duration::from_secs(9));
         assert_eq!(state.prefill_us_per_token(), Some(30.0), "taught once");
+        // An answer whose first bytes do not time its prefill teaches nothing.
+        for _ in 0..8 {
+            let mut g = state.acquire_with_prefill_at(500, t0);
+            g.prefilled_untimed();
+            assert_eq!(state.prefill_backlog(), 1_500, "its backlog is released");
+            g.prefilled_at(t0 + Duration::from_secs(60));
+        }
+        assert_eq!(state.prefill_us_per_token(), Some(30.0));
         drop((guards, ahead));
         assert_eq!(state.prefill_backlog(), 0);
     }

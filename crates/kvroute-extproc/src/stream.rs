@@ -931,8 +931,9 @@ impl StreamState {
         if self.modes.response_body == Some(BodySendMode::None)
             && let Some(guard) = &mut self.guard
         {
-            // No body will be seen: the headers are the last sign of the answer starting.
-            guard.prefilled();
+            // No body will be seen: the headers are the last sign of the answer starting,
+            // though they may come before its first token, so they time nothing.
+            guard.prefilled_untimed();
             self.prefiller = None;
         }
         out.push(Outbound::Message(protocol::response_headers_response(
@@ -973,8 +974,14 @@ impl StreamState {
         if !b.body.is_empty()
             && let Some(guard) = &mut self.guard
         {
-            // The first bytes of the answer: the prompt has been computed.
-            guard.prefilled();
+            // The first bytes of the answer: the prompt has been computed. Only a streamed
+            // answer's first bytes are its first token, which times the endpoint's speed; a
+            // whole answer's include its generation.
+            if self.streaming {
+                guard.prefilled();
+            } else {
+                guard.prefilled_untimed();
+            }
             self.prefiller = None;
             if let (Some(upstream), Some(record)) =
                 (&self.router.metrics.upstream, &mut self.record)

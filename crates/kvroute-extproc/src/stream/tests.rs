@@ -670,6 +670,44 @@ fn the_prefill_backlog_lasts_until_the_first_bytes_of_the_answer() {
     assert_eq!(backlog(), 0);
 }
 
+/// Only a streamed answer's first bytes time the endpoint's prefill speed: a whole answer's
+/// come once it is generated, and response headers (response body mode NONE) may come
+/// before any token.
+#[test]
+fn only_a_streamed_answers_first_bytes_teach_the_endpoints_speed() {
+    let h = Harness::new(&[8001]);
+    let speed = || h.registry.snapshot()[0].prefill_us_per_token();
+    let streamed = chat_body(4000);
+    let whole = String::from_utf8(streamed.clone())
+        .unwrap()
+        .replace(r#""stream":true"#, r#""stream":false"#);
+    assert_ne!(whole.as_bytes(), streamed.as_slice());
+    for _ in 0..8 {
+        let mut s = h.stream();
+        send(&mut s, full_duplex_headers(CHAT));
+        send(&mut s, request_body(whole.as_bytes(), true));
+        send(&mut s, response_headers(200, "application/json", false));
+        send(&mut s, response_body(b"{}", true));
+        let mut s = h.stream();
+        send(
+            &mut s,
+            chat_headers(BodySendMode::Buffered, BodySendMode::None, false),
+        );
+        send(&mut s, request_body(&streamed, true));
+        send(&mut s, response_headers(200, "text/event-stream", true));
+    }
+    assert_eq!(speed(), None, "nothing timed a prefill");
+    for _ in 0..4 {
+        let mut s = h.stream();
+        send(&mut s, full_duplex_headers(CHAT));
+        send(&mut s, request_body(&streamed, true));
+        send(&mut s, response_headers(200, "text/event-stream", false));
+        send(&mut s, response_body(b"data: {}\n\n", true));
+    }
+    assert!(speed().is_some(), "four streamed answers did");
+    assert_eq!(h.registry.snapshot()[0].prefill_backlog(), 0);
+}
+
 #[test]
 fn a_stream_dropped_mid_response_releases_its_slot() {
     let h = Harness::new(&[8001]);

@@ -84,14 +84,17 @@ pub enum Policy {
     /// (as llm-d's precise scorer without speculative entries): precise prefix 3, load 4
     /// with an 8-request headroom.
     PrecisePrefix,
-    /// kvroute's default profile for a pool without KV events (`Profile::kvroute(None)`):
-    /// approximate prefix 3, load 4 with an 8-request headroom.
+    /// kvroute's default profile for a pool without KV events
+    /// (`deploy/config/kvroute.yaml`): approximate prefix 4, TTFT 4, load 2 with an
+    /// 8-request headroom.
     KvrouteApprox,
     /// kvroute's default profile for a pool publishing KV events
-    /// (`Profile::kvroute(Some(index))`): precise 2, approximate 2, load 4.
+    /// (`deploy/config/kvroute-precise.yaml`): precise prefix 2, approximate prefix 2,
+    /// TTFT 4, load 2.
     Kvroute,
-    /// [`Policy::KvrouteApprox`] with `lora-affinity-scorer` (weight 4, as the prefix and TTFT scorers), which reads the
-    /// adapters each pod runs from its scraped `vllm:lora_requests_info` (`--scrape-ms`).
+    /// [`Policy::KvrouteApprox`] with `lora-affinity-scorer` (weight 4, as the prefix and
+    /// TTFT scorers), which reads the adapters each pod runs from its scraped
+    /// `vllm:lora_requests_info` (`--scrape-ms`).
     KvrouteLora,
     /// A greedy oracle no router can be: before each decision it asks every pod for its
     /// exact cache and queue, and sends the request where its own prefill would start and

@@ -107,6 +107,12 @@ pub struct PolicyReport {
     /// where that replica would have chosen the same pod; `null` otherwise.
     #[serde(default)]
     pub agreement: Option<f64>,
+    /// In a goodput search (`--goodput-slo-ms`): the arrival rate offered to the pods in the
+    /// run kept, requests per second, which is what goodput is (`requests_per_s` is what
+    /// finished over the run, drain included, and falls short of it by the tail's length);
+    /// `null` otherwise.
+    #[serde(default)]
+    pub offered_requests_per_s: Option<f64>,
     /// Wall time of the run, seconds.
     pub wall_s: f64,
 }
@@ -257,6 +263,7 @@ pub fn run_deployed(
         decision_p99_us: percentile(&decisions, 0.99),
         replicas: deployment.replicas.max(1),
         agreement: router.agreement(),
+        offered_requests_per_s: None,
         wall_s,
     }
 }

@@ -24,6 +24,7 @@ use crate::plugins::load::LoadScorer;
 use crate::plugins::pickers::{MaxScorePicker, RandomPicker, WeightedRandomPicker};
 use crate::plugins::pod_load::{LoadAwareScorer, LoraAffinityScorer, PodLoadScorer, Signal};
 use crate::plugins::precise::{Speculative, TokenProducer};
+use crate::plugins::replicate::{PrefixReplication, ReplicationPolicy};
 use crate::plugins::session::{Role, SESSION_TOKEN_HEADER, SessionAffinity, Strategy};
 use crate::plugins::ttft::TtftScorer;
 use crate::{Plugin, SlotId};
@@ -87,6 +88,7 @@ plugin_types! {
     SessionAffinityFilter => "session-affinity-filter",
     LoadScorer => "load-scorer",
     TtftScorer => "ttft-scorer",
+    PrefixReplicationFilter => "prefix-replication-filter",
     UtilizationDetector => "utilization-detector",
 }
 
@@ -251,6 +253,23 @@ pub(crate) struct ExtractorParams {
 pub(crate) struct LoadParams {
     /// In-flight spread that counts in full (default 8).
     headroom: Option<usize>,
+}
+
+/// `prefix-replication-filter` (kvroute's).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct ReplicationParams {
+    /// Requests, each halved every `halfLife`, that make a prefix popular (default 4).
+    min_requests: Option<f64>,
+    /// Go duration (default `10s`).
+    half_life: Option<String>,
+    /// Go duration since a prefix was first matched before it is copied (default `2s`).
+    min_age: Option<String>,
+    /// Share of the smallest pod's KV cache the recent prefixes may take on average once
+    /// copied (default 0.25).
+    memory_share: Option<f64>,
+    /// Pods a prefix is copied onto at most, counting the first (default 2).
+    max_copies: Option<u64>,
 }
 
 /// `ttft-scorer` (kvroute's).
@@ -427,6 +446,7 @@ pub(crate) enum Params {
     Extractor(#[allow(dead_code, reason = "read only to validate the YAML")] ExtractorParams),
     Load(LoadParams),
     Ttft(TtftParams),
+    Replication(ReplicationParams),
     LoadAware(LoadAwareParams),
     ActiveRequest(ActiveRequestParams),
     NoHitLru(NoHitLruParams),
@@ -465,6 +485,7 @@ impl<'de> DeserializeSeed<'de> for ParamsSeed {
             T::CoreMetricsExtractor => Params::Extractor(or_default(d)?),
             T::LoadScorer => Params::Load(or_default(d)?),
             T::TtftScorer => Params::Ttft(or_default(d)?),
+            T::PrefixReplicationFilter => Params::Replication(or_default(d)?),
             T::LoadAwareScorer => Params::LoadAware(or_default(d)?),
             T::ActiveRequestScorer => Params::ActiveRequest(or_default(d)?),
             T::NoHitLruScorer => Params::NoHitLru(or_default(d)?),
@@ -676,6 +697,49 @@ fn speculative(
         ));
     }
     Ok(Some(Speculative::new(ttl)))
+}
+
+fn replication(
+    p: &ReplicationParams,
+    name: &str,
+    t: PluginType,
+) -> Result<Arc<dyn Plugin>, ConfigError> {
+    let unavailable = unavailable_for(name, t);
+    let duration = |what: &str, text: &Option<String>, default: Duration| match text {
+        Some(text) => super::flow::parse_go_duration(text)
+            .map_err(|e| unavailable(format!("{what} {text:?}: {e}"))),
+        None => Ok(default),
+    };
+    let half_life = duration("halfLife", &p.half_life, Duration::from_secs(10))?;
+    if half_life.is_zero() {
+        return Err(unavailable("halfLife must be positive".into()));
+    }
+    let min_age = duration("minAge", &p.min_age, Duration::from_secs(2))?;
+    let min_requests = p.min_requests.unwrap_or(4.0);
+    if !(min_requests.is_finite() && min_requests >= 1.0) {
+        return Err(unavailable(format!(
+            "minRequests {min_requests} is not a number of at least 1"
+        )));
+    }
+    let memory_share = p.memory_share.unwrap_or(0.25);
+    if !(memory_share > 0.0 && memory_share <= 1.0) {
+        return Err(unavailable(format!(
+            "memoryShare {memory_share} is not in (0, 1]"
+        )));
+    }
+    let max_copies = p.max_copies.unwrap_or(2);
+    if max_copies < 2 {
+        return Err(unavailable(format!(
+            "maxCopies {max_copies} is less than 2: nothing would be copied"
+        )));
+    }
+    Ok(Arc::new(PrefixReplication::new(ReplicationPolicy {
+        min_requests,
+        half_life,
+        min_age,
+        memory_share,
+        max_copies,
+    })))
 }
 
 /// The error for plugin `name` of type `t` that cannot run as configured, for `reason`.
@@ -913,6 +977,7 @@ pub(super) fn build(
         }
         (Params::Token(_), _) => Arc::new(TokenProducer::new(ctx.tokenizers.clone())),
         (Params::Session(p), t) => session_affinity(p, name, t)?,
+        (Params::Replication(p), t) => replication(p, name, t)?,
         (Params::Disagg(p), t) => disagg_handler(p, name, t)?,
         (Params::PdDecider(p), t) => {
             let unavailable = unavailable_for(name, t);

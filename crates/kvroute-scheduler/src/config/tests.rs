@@ -472,6 +472,8 @@ plugins:
   parameters: {strategy: session_id, sessionIdConfig: {evictionTtlSeconds: 60}}
 - type: load-scorer
   parameters: {headroom: 4}
+- type: prefix-replication-filter
+  parameters: {minRequests: 4, halfLife: 10s, minAge: 2s, memoryShare: 0.25, maxCopies: 2}
 - type: label-selector-filter
   parameters: {matchLabels: {a: b}, matchExpressions: [{key: c, operator: Exists}]}
 - type: decode-filter
@@ -494,6 +496,7 @@ schedulingProfiles:
   plugins:
   - {pluginRef: decode-filter}
   - {pluginRef: session-affinity-filter}
+  - {pluginRef: prefix-replication-filter}
   - {pluginRef: prefix-cache-scorer, weight: 2}
   - {pluginRef: old-style, weight: 1}
   - {pluginRef: precise-prefix-cache-scorer}

@@ -7,6 +7,7 @@ pub(crate) mod load;
 pub(crate) mod pickers;
 pub(crate) mod precise;
 pub(crate) mod prefix;
+pub(crate) mod replicate;
 pub(crate) mod ttft;
 
 use crate::Plugin;

@@ -699,6 +699,8 @@ fn speculative(
     Ok(Some(Speculative::new(ttl)))
 }
 
+/// `prefix-replication-filter` from its parameters, each checked: a copy policy that could
+/// never copy, or never forget, is refused.
 fn replication(
     p: &ReplicationParams,
     name: &str,

@@ -232,6 +232,10 @@ impl Filter for PrefixReplication {
         for (k, (pos, ep)) in keep.iter_mut().zip(candidates.iter()) {
             *k = !holds(pos) && ep.prefill_backlog() == 0;
         }
+        // The idle pod may have been sent a request since it was counted: never empty the set.
+        if !keep.contains(&true) {
+            keep.fill(true);
+        }
     }
 }
 

@@ -49,11 +49,7 @@ async fn a_failing_pod_is_avoided_and_taken_back_when_it_recovers() {
     let stop = CancellationToken::new();
     let pods = sim_pods(3, &stop).await;
     let addrs: Vec<SocketAddr> = pods.iter().map(|p| p.http).collect();
-    let list = addrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+    let list = endpoint_list(&addrs);
     let kvroute = Kvroute::start(&dir, &list, &["--refresh-metrics-interval", "50ms"]).await;
     let envoy = Envoy::start(&dir, &EnvoyOptions::full_duplex(kvroute.grpc_port, &addrs)).await;
     let bad = &pods[0];

@@ -86,11 +86,7 @@ async fn requests_follow_the_adapter_a_pod_runs() {
         pods.push(lora_pod(&stop).await);
     }
     let addrs: Vec<SocketAddr> = pods.iter().map(|p| p.http).collect();
-    let list = addrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+    let list = endpoint_list(&addrs);
     let kvroute = Kvroute::start(
         &dir,
         &list,

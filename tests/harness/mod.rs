@@ -97,12 +97,17 @@ impl Backends {
     }
 
     pub fn list(&self) -> String {
-        self.addrs
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
+        endpoint_list(&self.addrs)
     }
+}
+
+/// `addrs` as `kvroute serve --endpoints` takes them: comma-separated.
+pub fn endpoint_list(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl Drop for Backends {

@@ -131,6 +131,28 @@ impl PrefixReplication {
             .then_some(popular.working_set)
     }
 
+    /// Whether `m`, held by `holders` of `pods` pods (the smallest caching `smallest`
+    /// tokens), busy all, with `idle_others` idle pods lacking it, is to be copied at `now`.
+    fn copies(
+        &self,
+        m: Matched,
+        holders: u64,
+        idle_others: usize,
+        smallest: u64,
+        pods: usize,
+        now: Instant,
+    ) -> bool {
+        if holders == 0 || holders >= self.policy.max_copies || idle_others == 0 {
+            return false;
+        }
+        let Some(working_set) = self.popular(m, now) else {
+            return false;
+        };
+        // On average a pod would hold every recent prefix (holders + 1) / pods times over.
+        let per_pod = working_set.max(m.tokens) as f64 * (holders + 1) as f64 / pods as f64;
+        per_pod <= self.policy.memory_share * smallest as f64
+    }
+
     /// Counts one more request for `m` at `now`.
     fn record(&self, m: Matched, now: Instant) {
         let half_life = self.policy.half_life;
@@ -198,42 +220,35 @@ impl Filter for PrefixReplication {
         let Some(prompt) = state.prompt_tokens(request) else {
             return;
         };
-        // Holders: within half of the longest match, by any producer.
-        let holds = |pos: usize| 2 * state.cached_tokens(&[], pos, prompt) >= m.tokens;
+        // Holders: within half of the longest match, by any producer. `keep` is written in
+        // the same pass as the copy's targets (idle pods without the prefix) and given back
+        // whole if no copy is made, so each pod's queue is read once.
         let (mut holders, mut idle_others, mut smallest) = (0u64, 0usize, u64::MAX);
-        for (pos, ep) in candidates.iter() {
+        for (i, (pos, ep)) in candidates.iter().enumerate() {
             // Without every pod's KV capacity there is no telling what fits.
             let Some(capacity) = ep.kv_capacity_tokens() else {
+                keep.fill(true);
                 return;
             };
             smallest = smallest.min(capacity);
             let idle = ep.prefill_backlog() == 0;
-            if holds(pos) {
-                if idle {
-                    return;
-                }
-                holders += 1;
-            } else if idle {
-                idle_others += 1;
+            let holds = 2 * state.cached_tokens(&[], pos, prompt) >= m.tokens;
+            if holds && idle {
+                keep.fill(true);
+                return;
             }
+            holders += u64::from(holds);
+            keep[i] = !holds && idle;
+            idle_others += usize::from(keep[i]);
         }
-        if holders == 0 || holders >= self.policy.max_copies || idle_others == 0 {
-            return;
-        }
-        let Some(working_set) = self.popular(m, request.now()) else {
-            return;
-        };
-        // On average a pod would hold every recent prefix (holders + 1) / pods times over.
-        let per_pod =
-            working_set.max(m.tokens) as f64 * (holders + 1) as f64 / candidates.len() as f64;
-        if per_pod > self.policy.memory_share * smallest as f64 {
-            return;
-        }
-        for (k, (pos, ep)) in keep.iter_mut().zip(candidates.iter()) {
-            *k = !holds(pos) && ep.prefill_backlog() == 0;
-        }
-        // The idle pod may have been sent a request since it was counted: never empty the set.
-        if !keep.contains(&true) {
+        if !self.copies(
+            m,
+            holders,
+            idle_others,
+            smallest,
+            candidates.len(),
+            request.now(),
+        ) {
             keep.fill(true);
         }
     }

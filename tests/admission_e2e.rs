@@ -199,6 +199,31 @@ impl Overloaded {
     }
 }
 
+/// 12 critical and 12 sheddable clients through Envoy at `port`, each asking `requests`
+/// times in turn (48 tokens each); with `back_off`, a client refused with a 429 waits 50 ms
+/// before its next request, as a well-behaved one would.
+fn clients(
+    port: u16,
+    requests: usize,
+    back_off: bool,
+) -> Vec<tokio::task::JoinHandle<Vec<Answer>>> {
+    (0..24)
+        .map(|c| {
+            let objective = if c % 2 == 0 { "critical" } else { "batch" };
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for i in 0..requests {
+                    out.push(ask(port, objective, 1 + c * 100 + i, 48).await);
+                    if back_off && out.last().is_some_and(|a| a.status == Some(429)) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                out
+            })
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_sheddable_work_is_shed_under_overload_and_none_is_lost() {
     let Overloaded {
@@ -213,22 +238,7 @@ async fn only_sheddable_work_is_shed_under_overload_and_none_is_lost() {
 
     // 12 critical and 12 sheddable clients, 6 requests each, back to back, against four
     // sequences running at once.
-    let mut clients = Vec::new();
-    for c in 0..24 {
-        let objective = if c % 2 == 0 { "critical" } else { "batch" };
-        let port = envoy.port;
-        clients.push(tokio::spawn(async move {
-            let mut out = Vec::new();
-            for i in 0..6 {
-                out.push(ask(port, objective, 1 + c * 100 + i, 48).await);
-                if out.last().is_some_and(|a| a.status == Some(429)) {
-                    // A shed client backs off a little, as a well-behaved one would.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-            out
-        }));
-    }
+    let clients = clients(envoy.port, 6, true);
     let mut answers = Vec::new();
     for c in clients {
         answers.extend(c.await.unwrap());
@@ -300,18 +310,7 @@ async fn flow_control_under_overload_holds_critical_work_and_bounds_sheddable_wo
         envoy,
     } = Overloaded::start("admission-flow-load", FLOW_UNDER_LOAD).await;
 
-    let mut clients = Vec::new();
-    for c in 0..24 {
-        let objective = if c % 2 == 0 { "critical" } else { "batch" };
-        let port = envoy.port;
-        clients.push(tokio::spawn(async move {
-            let mut out = Vec::new();
-            for i in 0..4 {
-                out.push(ask(port, objective, 1 + c * 100 + i, 48).await);
-            }
-            out
-        }));
-    }
+    let clients = clients(envoy.port, 4, false);
     // The queue holds requests while the pool is saturated.
     let mut most_waiting = 0.0f64;
     while clients.iter().any(|c| !c.is_finished()) {

@@ -102,16 +102,7 @@ async fn long_cold_prompts_are_prefilled_on_a_prefill_pod_and_decoded_on_a_decod
     std::fs::write(&endpoints_file, format!("endpoints:\n{endpoints}")).unwrap();
     let config_file = dir.join("pd.yaml");
     std::fs::write(&config_file, CONFIG).unwrap();
-    let kvroute = Kvroute::start_args(
-        &dir,
-        &[
-            "--endpoints-file",
-            endpoints_file.to_str().unwrap(),
-            "--config-file",
-            config_file.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let kvroute = Kvroute::start_files(&dir, &endpoints_file, &config_file).await;
     let addrs: Vec<SocketAddr> = pods.iter().map(|p| p.http).collect();
     let envoy = Envoy::start(&dir, &EnvoyOptions::full_duplex(kvroute.grpc_port, &addrs)).await;
     let prefill_addrs: Vec<String> = prefill.iter().map(|p| p.http.to_string()).collect();

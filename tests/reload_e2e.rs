@@ -95,16 +95,7 @@ async fn config_file_changes_are_applied_or_refused_without_losing_a_request() {
     assert!(default.status.success());
     let config_file = dir.join("kvroute.yaml");
     write_atomically(&config_file, &String::from_utf8(default.stdout).unwrap());
-    let kvroute = Kvroute::start_args(
-        &dir,
-        &[
-            "--endpoints-file",
-            endpoints_file.to_str().unwrap(),
-            "--config-file",
-            config_file.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let kvroute = Kvroute::start_files(&dir, &endpoints_file, &config_file).await;
     let envoy = Envoy::start(&dir, &EnvoyOptions::full_duplex(kvroute.grpc_port, &addrs)).await;
     let zone_b = addrs[1].to_string();
     let traffic = Traffic::start(envoy.port, 4, "reload");

@@ -609,10 +609,16 @@ impl Kvroute {
         Self::spawn_env(dir, &all, &[("KUBECONFIG", kubeconfig.to_str().unwrap())]).await
     }
 
-    /// [`Kvroute::start`] with the endpoints given by `args` (`--endpoints-file`, say)
-    /// instead of an `--endpoints` list.
-    pub async fn start_args(dir: &Path, args: &[&str]) -> Self {
-        Self::spawn(dir, args).await
+    /// [`Kvroute::start`] with its endpoints and routing read from files
+    /// (`--endpoints-file`, `--config-file`), which a test may rewrite to reload them.
+    pub async fn start_files(dir: &Path, endpoints_file: &Path, config_file: &Path) -> Self {
+        let args = [
+            "--endpoints-file",
+            endpoints_file.to_str().unwrap(),
+            "--config-file",
+            config_file.to_str().unwrap(),
+        ];
+        Self::spawn(dir, &args).await
     }
 
     /// How many lines of the log so far contain `text`.

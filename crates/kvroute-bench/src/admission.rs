@@ -80,13 +80,12 @@ impl RouteFn for Admitting {
             && sheddable(request.id, self.share)
         {
             // The simulator's views are what a scrape at this instant would say.
-            let samples = real.iter().map(|v| LoadSample {
-                scraped: Some((
-                    u32::try_from(v.waiting).unwrap_or(u32::MAX),
-                    u32::try_from(v.running).unwrap_or(u32::MAX),
-                    v.kv_usage,
-                )),
-                in_flight: v.in_flight,
+            let samples = real.iter().map(|v| {
+                let load = crate::policy::scraped(v);
+                LoadSample {
+                    scraped: Some((load.waiting, load.running, load.kv_usage)),
+                    in_flight: v.in_flight,
+                }
             });
             if detector.saturation(samples, 0) >= 1.0 {
                 self.shed.insert(request.id);

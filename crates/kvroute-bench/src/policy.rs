@@ -373,12 +373,7 @@ impl PolicyRouter {
         let at = Instant::now();
         let names = |v: Vec<Arc<str>>| v.iter().map(|a| a.to_string()).collect();
         for (i, (ep, view)) in self.endpoints.iter().zip(pods).enumerate() {
-            let mut load = PodLoad {
-                waiting: u32::try_from(view.waiting).unwrap_or(u32::MAX),
-                running: u32::try_from(view.running).unwrap_or(u32::MAX),
-                kv_usage: view.kv_usage,
-                ..PodLoad::default()
-            };
+            let mut load = scraped(view);
             if let Some(e) = engines.get(i)
                 && e.profile().max_loras > 0
             {
@@ -533,6 +528,16 @@ fn oracle(request: &SimRequest, engines: &[Engine]) -> usize {
             )
         })
         .map_or(0, |(i, _)| i)
+}
+
+/// What a scrape of a simulated pod would say of its load at this instant.
+pub(crate) fn scraped(view: &PodView) -> PodLoad {
+    PodLoad {
+        waiting: u32::try_from(view.waiting).unwrap_or(u32::MAX),
+        running: u32::try_from(view.running).unwrap_or(u32::MAX),
+        kv_usage: view.kv_usage,
+        ..PodLoad::default()
+    }
 }
 
 impl RouteFn for PolicyRouter {

@@ -19,6 +19,7 @@ settings=(
   "sibling-bursts h100-llama3.1-8b --workload sibling-bursts --pods 8 --rate 24"
   "mooncake-closed h100-llama3.1-8b --trace $trace --pods 16 --users 128"
   "many-tenants-closed h100-llama3.1-8b --workload many-tenants --pods 4 --users 128 --requests 4000"
+  "long-chats h100-llama3.1-8b --workload long-chats --pods 4 --rate 6"
   "multi-turn mi300x-llama3.1-70b-tp4 --workload multi-turn --pods 8 --rate 12"
   "shared-prompts mi300x-llama3.1-70b-tp4 --workload shared-prompts --pods 4 --rate 16"
   "doc-qa mi300x-llama3.1-70b-tp4 --workload doc-qa --pods 4 --rate 8"
@@ -26,6 +27,7 @@ settings=(
   "sibling-bursts mi300x-llama3.1-70b-tp4 --workload sibling-bursts --pods 8 --rate 8"
   "mooncake-closed mi300x-llama3.1-70b-tp4 --trace $trace --pods 16 --users 64"
   "many-tenants-closed mi300x-llama3.1-70b-tp4 --workload many-tenants --pods 4 --users 128 --requests 4000"
+  "long-chats mi300x-llama3.1-70b-tp4 --workload long-chats --pods 4 --rate 4"
 )
 for s in "${settings[@]}"; do
   read -r name profile args <<<"$s"

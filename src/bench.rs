@@ -137,6 +137,11 @@ enum WorkloadKind {
     ManyTenants,
     /// 64 conversations of up to 8 turns whose history grows each turn.
     MultiTurn,
+    /// 96 long conversations: each opens with 4k–24k tokens (a document, code) and goes on
+    /// for 12 turns, its history growing by a question and an answer each; about as many
+    /// tokens live as four 8B/H100 pods cache, so what is evicted and where each turn goes
+    /// both count.
+    LongChats,
     /// 8 documents of 16k tokens, many questions.
     DocQa,
     /// Conversations opening with 2k–40k tokens, back twice, minutes apart (mean 3 min):
@@ -163,6 +168,12 @@ impl WorkloadKind {
             Self::MultiTurn => Workload::MultiTurn {
                 conversations: 64,
                 turns: 8,
+                opening_units: (1, 1),
+            },
+            Self::LongChats => Workload::MultiTurn {
+                conversations: 96,
+                turns: 12,
+                opening_units: (8, 48),
             },
             Self::DocQa => Workload::DocQa {
                 docs: 8,
@@ -535,6 +546,11 @@ fn table(title: &str, reports: &[PolicyReport]) -> String {
     if agreement {
         out.insert_str(out.len() - 1, &format!(" {:>7}", "agree"));
     }
+    // Shown when a pool ran short of KV cache: tables of runs that never did read as before.
+    let preempted = reports.iter().any(|r| r.preemptions > 0);
+    if preempted {
+        out.insert_str(out.len() - 1, &format!(" {:>9}", "preempted"));
+    }
     for r in reports {
         // Policies that do not use kvroute's scheduler have no decision time to show.
         let decide = r
@@ -558,6 +574,9 @@ fn table(title: &str, reports: &[PolicyReport]) -> String {
                 .agreement
                 .map_or_else(|| "-".to_owned(), |a| format!("{:.1}%", 100.0 * a));
             out.insert_str(out.len() - 1, &format!(" {agree:>7}"));
+        }
+        if preempted {
+            out.insert_str(out.len() - 1, &format!(" {:>9}", r.preemptions));
         }
     }
     out
@@ -716,6 +735,47 @@ mod tests {
             "round-robin,kvroute-lora",
         ])
         .unwrap();
+    }
+
+    /// The preemption column appears when some policy's pods preempted, with each
+    /// policy's count, and stays out of tables where none did.
+    #[test]
+    fn the_table_shows_preemptions_only_where_there_were_some() {
+        let profile = Profile::named("h100-llama3.1-8b").unwrap();
+        let run = |policy, pods, rate| {
+            run_deployed(
+                &WorkloadKind::LongChats
+                    .workload()
+                    .generate(300, rate, 128, 1),
+                &profile,
+                pods,
+                policy,
+                Load::Open {
+                    speedup: 1.0,
+                    copies: 1,
+                },
+                Deployment::default(),
+            )
+        };
+        let calm = [run(Policy::RoundRobin, 8, 1.0)];
+        assert!(
+            !table("t", &calm).contains("preempted"),
+            "{}",
+            table("t", &calm)
+        );
+        let squeezed = [
+            run(Policy::RoundRobin, 1, 20.0),
+            run(Policy::KvrouteApprox, 8, 1.0),
+        ];
+        assert!(squeezed[0].preemptions > 0, "{squeezed:?}");
+        let t = table("t", &squeezed);
+        let header = t.lines().nth(2).unwrap();
+        assert!(header.ends_with("preempted"), "{t}");
+        let row = t.lines().nth(3).unwrap();
+        assert!(
+            row.ends_with(&format!(" {}", squeezed[0].preemptions)),
+            "{t}"
+        );
     }
 
     #[test]

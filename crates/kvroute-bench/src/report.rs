@@ -93,6 +93,11 @@ pub struct PolicyReport {
     pub cached_tokens: u64,
     /// Tokens generated.
     pub output_tokens: u64,
+    /// Preemptions over the run (a request preempted twice counts twice): each one frees a
+    /// running request's KV cache and recomputes it later, work a router that packs every
+    /// pod to the edge of its cache makes its pods do again.
+    #[serde(default)]
+    pub preemptions: u64,
     /// Busiest pod's busy time / mean busy time (1 = perfectly even).
     pub imbalance: f64,
     /// The router's own decision time, median, microseconds; `null` for policies that
@@ -254,6 +259,7 @@ pub fn run_deployed(
         prompt_tokens: prompt as u64,
         cached_tokens: cached as u64,
         output_tokens: output as u64,
+        preemptions: results.iter().map(|r| u64::from(r.preemptions)).sum(),
         imbalance: if mean_busy > 0.0 {
             max_busy / mean_busy
         } else {

@@ -65,6 +65,9 @@ pub enum Workload {
         conversations: u64,
         /// Turns per conversation.
         turns: u64,
+        /// Units (512 tokens) a conversation opens with (a system prompt, a pasted document
+        /// or code), drawn uniformly from this range, both ends included.
+        opening_units: (u64, u64),
     },
     /// `docs` long documents of `doc_units` units, each request one question about one.
     DocQa {
@@ -147,19 +150,34 @@ impl Workload {
             Self::MultiTurn {
                 conversations,
                 turns,
+                opening_units: (lo, hi),
             } => {
+                let (lo, hi) = (lo.max(1), hi.max(lo.max(1)));
+                let opening = |rng: &mut Rng, first: u64, fresh: &mut dyn FnMut() -> u64| {
+                    // No draw for a fixed length: `multi-turn`'s runs repeat as recorded.
+                    let n = if hi > lo {
+                        lo + rng.below(hi - lo + 1)
+                    } else {
+                        lo
+                    };
+                    std::iter::once(first)
+                        .chain((1..n).map(|_| fresh()))
+                        .collect::<Vec<u64>>()
+                };
                 // Each conversation keeps its history; a request picks a conversation that
                 // has turns left, so histories grow as the run goes on.
-                let mut history: Vec<Vec<u64>> =
-                    (0..conversations).map(|c| vec![1_000_000 + c]).collect();
+                let mut history: Vec<Vec<u64>> = (0..conversations)
+                    .map(|c| opening(&mut rng, 1_000_000 + c, &mut next_fresh))
+                    .collect();
                 let mut taken = vec![0u64; conversations as usize];
                 let mut out = Vec::with_capacity(requests);
                 while out.len() < requests {
                     let c = rng.below(conversations) as usize;
                     if taken[c] >= turns {
-                        // Start this conversation over with a new system context.
+                        // Start this conversation over with a new opening.
                         taken[c] = 0;
-                        history[c] = vec![next_fresh()];
+                        let first = next_fresh();
+                        history[c] = opening(&mut rng, first, &mut next_fresh);
                     }
                     taken[c] += 1;
                     history[c].push(next_fresh()); // the new question
@@ -358,6 +376,7 @@ mod tests {
         let chats = Workload::MultiTurn {
             conversations: 3,
             turns: 4,
+            opening_units: (1, 1),
         }
         .generate(30, 10.0, 8, 1);
         // A later turn of a conversation extends an earlier turn's prompt.
@@ -368,6 +387,34 @@ mod tests {
             })
         });
         assert!(extends);
+
+        // A fixed opening is the one content id each conversation starts with.
+        assert!(chats.iter().all(|r| r.hash_ids.len() % 2 == 0));
+
+        // Long chats open with 8–48 units and grow by two a turn.
+        let long = Workload::MultiTurn {
+            conversations: 16,
+            turns: 5,
+            opening_units: (8, 48),
+        }
+        .generate(400, 10.0, 8, 2);
+        let openings: Vec<usize> = long
+            .iter()
+            .filter(|r| {
+                !long.iter().any(|e| {
+                    e.hash_ids.len() < r.hash_ids.len() && r.hash_ids.starts_with(&e.hash_ids)
+                })
+            })
+            .map(|r| r.hash_ids.len() - 1)
+            .collect();
+        assert!(openings.len() >= 80, "{}", openings.len());
+        assert!(
+            openings.iter().all(|n| (8..=48).contains(n)),
+            "{openings:?}"
+        );
+        assert!(openings.iter().any(|&n| n < 20) && openings.iter().any(|&n| n > 36));
+        // The longest: a 48-unit opening, its first question, and four turns of two units.
+        assert!(long.iter().all(|r| r.hash_ids.len() <= 49 + 2 * 4));
 
         let qa = Workload::DocQa {
             docs: 2,

@@ -83,6 +83,9 @@ pub struct RequestResult {
     pub cached_tokens: usize,
     /// Tokens generated.
     pub output_tokens: usize,
+    /// Times its pod preempted it (freed its KV for others' and recomputed it later): what
+    /// a pool packed to its KV cache's edge pays.
+    pub preemptions: u32,
 }
 
 /// Pods stepped by a discrete-event loop in virtual time: no sockets, no sleeping, and the
@@ -228,6 +231,7 @@ impl Cluster {
                         prompt_tokens: req.prompt.len(),
                         cached_tokens: 0,
                         output_tokens: 0,
+                        preemptions: 0,
                     });
                     let (target, queued) = match prefill {
                         Some(p) => {
@@ -310,6 +314,11 @@ impl Cluster {
             }
             if let Some(r) = results.get_mut(id as usize) {
                 r.first_token_us = Some(now);
+            }
+        }
+        for &id in &report.preempted {
+            if let Some(r) = results.get_mut((id & !PREFILL_ID_BIT) as usize) {
+                r.preemptions += 1;
             }
         }
         for f in &report.finished {
@@ -457,6 +466,23 @@ mod tests {
         // 110 µs prefill (first token), then two 110 µs decode steps.
         assert_eq!(r[0].first_token_us, Some(1_110));
         assert_eq!(r[0].finish_us, Some(1_330));
+    }
+
+    /// The engine's test of a pool short of blocks, through the cluster: the request that
+    /// yields its blocks is counted, the one that kept them is not.
+    #[test]
+    fn each_request_counts_its_preemptions() {
+        let mut c = Cluster::new(&Profile::tiny(3, 8, 64), 1, false);
+        let mut route = |_: u64, _: &SimRequest, _: &[PodView]| 0;
+        let r = c.run(
+            [
+                (0, req((0..4).collect(), 3)),
+                (0, req((10..14).collect(), 3)),
+            ],
+            &mut route,
+        );
+        assert!(r.iter().all(|x| x.finish_us.is_some()));
+        assert_eq!(r.iter().map(|x| x.preemptions).collect::<Vec<_>>(), [0, 1]);
     }
 
     #[test]

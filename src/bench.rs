@@ -28,6 +28,11 @@ pub(crate) struct BenchArgs {
     /// Synthetic workload: mean arrival rate, requests per second (Poisson).
     #[arg(long, default_value_t = 4.0)]
     rate: f64,
+    /// Synthetic workload: the gamma shape of the gaps between arrivals, as vLLM's
+    /// `benchmark_serving --burstiness`: 1 is Poisson, below 1 burstier (0.25: gaps four
+    /// times as variable), above 1 more even; the mean rate stays `--rate`.
+    #[arg(long, default_value_t = 1.0)]
+    burstiness: f64,
     /// Synthetic workload: output tokens per request.
     #[arg(long, default_value_t = 128)]
     output_tokens: usize,
@@ -257,8 +262,17 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         (Some(path), _) => load_mooncake(path)?,
         (None, Some(kind)) => {
             anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
-            kind.workload()
-                .generate(args.requests, args.rate, args.output_tokens, args.seed)
+            anyhow::ensure!(
+                args.burstiness.is_finite() && args.burstiness > 0.0,
+                "--burstiness must be positive"
+            );
+            kind.workload().generate_bursty(
+                args.requests,
+                args.rate,
+                args.output_tokens,
+                args.seed,
+                args.burstiness,
+            )
         }
         (None, None) => anyhow::bail!("give --trace or --workload"),
     };
@@ -385,11 +399,12 @@ fn run_goodput(
         let (trace, speedup) = match (&shipped, kind) {
             (Some(trace), _) => (trace.as_slice(), args.speedup * factor),
             (None, Some(kind)) => {
-                generated = kind.workload().generate(
+                generated = kind.workload().generate_bursty(
                     args.requests,
                     args.rate * factor,
                     args.output_tokens,
                     args.seed,
+                    args.burstiness,
                 );
                 (generated.as_slice(), args.speedup)
             }
@@ -713,6 +728,28 @@ mod tests {
         assert_eq!(r["offered_requests_per_s"].as_f64(), Some(64.0), "{r}");
         let served = r["requests_per_s"].as_f64().unwrap();
         assert!(served > 0.0 && served < 64.0, "{served}");
+    }
+
+    #[test]
+    fn burstiness_must_be_positive() {
+        for bad in ["0", "-1", "NaN"] {
+            let arg = format!("--burstiness={bad}");
+            let err = bench(&["--workload", "doc-qa", "--requests", "10", &arg]).unwrap_err();
+            assert!(err.to_string().contains("--burstiness"), "{bad}: {err}");
+        }
+        bench(&[
+            "--workload",
+            "doc-qa",
+            "--requests",
+            "20",
+            "--pods",
+            "2",
+            "--burstiness",
+            "0.25",
+            "--policies",
+            "round-robin",
+        ])
+        .unwrap();
     }
 
     /// The LoRA workload names adapters, so the pods must have slots for them.

@@ -8,6 +8,26 @@ use crate::trace::TraceRequest;
 #[derive(Debug)]
 pub(crate) struct Rng(u64);
 
+/// Gaps between arrivals: Poisson (exponential gaps), or burstier or smoother at the same
+/// mean rate (gamma gaps, as vLLM's `benchmark_serving --burstiness`).
+#[derive(Debug)]
+struct Arrivals {
+    /// The gamma distribution's shape: 1 is Poisson, below 1 burstier (coefficient of
+    /// variation `1/sqrt(shape)`), above 1 more even.
+    shape: f64,
+}
+
+impl Arrivals {
+    /// A gap with mean `mean_ms`. Poisson draws exactly as [`Rng::gap_ms`] always did, so
+    /// runs recorded before `--burstiness` repeat.
+    fn gap_ms(&self, rng: &mut Rng, mean_ms: f64) -> u64 {
+        if self.shape == 1.0 {
+            return rng.gap_ms(mean_ms);
+        }
+        (rng.gamma(self.shape) * mean_ms / self.shape) as u64
+    }
+}
+
 impl Rng {
     /// A generator seeded with `seed`, every seed its own stream. An odd seed is the state
     /// itself (as it always was, so recorded runs repeat); an even one is mixed first
@@ -38,6 +58,35 @@ impl Rng {
     /// Uniform in [0, 1).
     fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// A standard normal variate (Box–Muller).
+    fn normal(&mut self) -> f64 {
+        let u = 1.0 - self.unit();
+        let v = self.unit();
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+
+    /// A gamma variate of shape `k` (> 0) and scale 1: Marsaglia and Tsang's method, with
+    /// `Gamma(k) = Gamma(k + 1) · U^(1/k)` below 1.
+    fn gamma(&mut self, k: f64) -> f64 {
+        if k < 1.0 {
+            let u = 1.0 - self.unit();
+            return self.gamma(k + 1.0) * u.powf(1.0 / k);
+        }
+        let d = k - 1.0 / 3.0;
+        let c = 1.0 / (9.0 * d).sqrt();
+        loop {
+            let x = self.normal();
+            let v = (1.0 + c * x).powi(3);
+            if v <= 0.0 {
+                continue;
+            }
+            let u = 1.0 - self.unit();
+            if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+                return d * v;
+            }
+        }
     }
 
     /// Exponential inter-arrival gap with mean `mean_ms` (Poisson arrivals).
@@ -110,8 +159,8 @@ pub enum Workload {
 }
 
 impl Workload {
-    /// `requests` requests of this workload arriving at `rate` per second on average,
-    /// each generating `output` tokens.
+    /// `requests` requests of this workload arriving at `rate` per second on average
+    /// (Poisson), each generating `output` tokens.
     pub fn generate(
         self,
         requests: usize,
@@ -119,6 +168,27 @@ impl Workload {
         output: usize,
         seed: u64,
     ) -> Vec<TraceRequest> {
+        self.generate_bursty(requests, rate, output, seed, 1.0)
+    }
+
+    /// [`Workload::generate`] with arrivals (of requests, conversations, bursts) gamma
+    /// distributed of shape `burstiness`: 1 is Poisson, 0.25 four times as variable. A
+    /// conversation's pause before coming back (`long-revisits`) stays exponential.
+    pub fn generate_bursty(
+        self,
+        requests: usize,
+        rate: f64,
+        output: usize,
+        seed: u64,
+        burstiness: f64,
+    ) -> Vec<TraceRequest> {
+        let arrivals = Arrivals {
+            shape: if burstiness.is_finite() && burstiness > 0.0 {
+                burstiness
+            } else {
+                1.0
+            },
+        };
         let mut rng = Rng::new(seed);
         let mean_gap = 1000.0 / rate.max(1e-6);
         let mut t = 0;
@@ -134,7 +204,7 @@ impl Workload {
             } => {
                 let prefix = |tenant: u64, u: u64| tenant * 1000 + u;
                 let mut arrive = || {
-                    t += rng.gap_ms(mean_gap);
+                    t += arrivals.gap_ms(&mut rng, mean_gap);
                     (t, rng.below(tenants))
                 };
                 shared_prefix(
@@ -181,7 +251,7 @@ impl Workload {
                     }
                     taken[c] += 1;
                     history[c].push(next_fresh()); // the new question
-                    t += rng.gap_ms(mean_gap);
+                    t += arrivals.gap_ms(&mut rng, mean_gap);
                     out.push(TraceRequest {
                         timestamp: t,
                         input_length: history[c].len() * 512 - 100,
@@ -196,7 +266,7 @@ impl Workload {
             Self::DocQa { docs, doc_units } => {
                 let prefix = |doc: u64, u: u64| 2_000_000 + doc * 10_000 + u;
                 let mut arrive = || {
-                    t += rng.gap_ms(mean_gap);
+                    t += arrivals.gap_ms(&mut rng, mean_gap);
                     (t, rng.below(docs))
                 };
                 shared_prefix(
@@ -224,7 +294,7 @@ impl Workload {
                         .count()
                 };
                 while kept(&out, t) < requests {
-                    t += rng.gap_ms(start_gap);
+                    t += arrivals.gap_ms(&mut rng, start_gap);
                     let mut history: Vec<u64> =
                         (0..4 + rng.below(77)).map(|_| next_fresh()).collect();
                     let mut at = t;
@@ -256,7 +326,7 @@ impl Workload {
                 let burst_gap = mean_gap * siblings as f64;
                 let mut out = Vec::with_capacity(requests + siblings as usize);
                 while out.len() < requests {
-                    t += rng.gap_ms(burst_gap);
+                    t += arrivals.gap_ms(&mut rng, burst_gap);
                     let doc: Vec<u64> = (0..doc_units).map(|_| next_fresh()).collect();
                     for i in 0..siblings {
                         let mut ids = doc.clone();
@@ -283,7 +353,7 @@ impl Workload {
                 }
                 (0..requests)
                     .map(|_| {
-                        t += rng.gap_ms(mean_gap);
+                        t += arrivals.gap_ms(&mut rng, mean_gap);
                         let u = rng.unit() * total;
                         let adapter = cumulative.partition_point(|&c| c <= u) as u32;
                         let ids: Vec<u64> = (0..1 + rng.below(units.max(1)))
@@ -422,6 +492,43 @@ mod tests {
         }
         .generate(20, 10.0, 8, 3);
         assert!(qa.iter().all(|r| r.hash_ids.len() == 17));
+    }
+
+    /// Gamma gaps keep the mean rate and vary as their shape says: a coefficient of
+    /// variation of `1/sqrt(shape)`, 2 at 0.25 and 0.5 at 4 (Poisson's is 1).
+    #[test]
+    fn bursty_arrivals_keep_the_rate_and_vary_as_their_shape_says() {
+        let w = Workload::SharedPrompts {
+            tenants: 4,
+            system_units: 1,
+        };
+        for (shape, cv) in [(0.25, 2.0), (1.0, 1.0), (4.0, 0.5)] {
+            let a = w.generate_bursty(40_000, 100.0, 8, 3, shape);
+            let gaps: Vec<f64> = a
+                .windows(2)
+                .map(|p| (p[1].timestamp - p[0].timestamp) as f64)
+                .collect();
+            let n = gaps.len() as f64;
+            let mean = gaps.iter().sum::<f64>() / n;
+            let sd = (gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / n).sqrt();
+            // 10 ms on average; gaps are whole milliseconds, rounded down.
+            assert!((9.0..10.5).contains(&mean), "shape {shape}: mean {mean}");
+            assert!(
+                (sd / mean - cv).abs() < 0.12 * cv,
+                "shape {shape}: cv {} against {cv}",
+                sd / mean
+            );
+        }
+        // Poisson is what `generate` always drew.
+        assert_eq!(
+            w.generate_bursty(500, 10.0, 8, 5, 1.0),
+            w.generate(500, 10.0, 8, 5)
+        );
+        // A shape that is no shape falls back to Poisson.
+        assert_eq!(
+            w.generate_bursty(500, 10.0, 8, 5, f64::NAN),
+            w.generate(500, 10.0, 8, 5)
+        );
     }
 
     #[test]

@@ -1,13 +1,13 @@
 //! The precise prefix-cache producer: what each endpoint's KV cache really holds, from the
 //! index its KV events keep.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use kvroute_core::{BlockHash, EndpointId, Prompt};
 use kvroute_endpoints::EndpointState;
-use kvroute_index::{PrefixIndex, Shared};
+use kvroute_index::{ApproxIndex, EndpointMatch, MatchScratch, PrefixIndex, Shared};
 use kvroute_tokens::{BlockHasher, ExtraKeys, ModelTokenizer};
 
 use crate::cycle::TokenState;
@@ -137,129 +137,94 @@ pub(crate) struct PreciseProducer {
     speculative: Option<Speculative>,
 }
 
-/// Most block hashes the speculative entries keep in all (2 MiB, allocated at the first
-/// entry): the oldest entries go first, and a prompt keeps at most this many of its blocks.
-const SPECULATIVE_BLOCKS: usize = 1 << 18;
-/// Most entries kept (prompts routed within the TTL).
-const SPECULATIVE_ENTRIES: usize = 8192;
+/// Most blocks the speculative entries keep per endpoint (a million tokens at 16 a block,
+/// routed to one pod within the TTL): the least recently routed go first.
+const SPECULATIVE_BLOCKS: usize = 1 << 16;
 
 /// Upstream's `speculativeIndexing`: the prompts routed in the last `ttl`, held as if
 /// cached on the endpoint they went to, since its KV events report them only once they are
 /// computed. A sibling of a prompt still in prefill then finds it where it is going.
+///
+/// The entries are an approximate index of their own with a TTL (`ApproxIndex`), so a
+/// decision matches them in time of the prompt's length, however many prompts were routed
+/// in the TTL: a list scanned entry by entry cost 290 µs a decision at a few thousand
+/// requests a second (docs/benchmarks.md, "Decision time of the default profiles").
 #[derive(Debug)]
 pub(crate) struct Speculative {
-    ttl: Duration,
+    ttl_ms: u64,
+    /// Instants become milliseconds since this one.
+    epoch: Instant,
     recent: Mutex<Recent>,
 }
 
-/// The entries, oldest first, their block hashes in one ring so that a warm decision
-/// allocates nothing: entry `(at, endpoint, start, len)` holds ring positions
-/// `start..start + len` (counted from the ring's first write, taken modulo its size).
+/// The entries and what matching them reuses, under one lock.
 #[derive(Debug)]
 struct Recent {
-    entries: VecDeque<(Instant, EndpointId, u64, usize)>,
-    ring: Vec<BlockHash>,
-    written: u64,
-    /// The ring's size and the most entries ([`SPECULATIVE_BLOCKS`],
-    /// [`SPECULATIVE_ENTRIES`]; smaller in tests).
-    size: usize,
-    max_entries: usize,
-}
-
-impl Recent {
-    fn new(size: usize, max_entries: usize) -> Self {
-        Self {
-            entries: VecDeque::new(),
-            ring: Vec::new(),
-            written: 0,
-            size,
-            max_entries,
-        }
-    }
-
-    /// Drops entries older than `ttl` at `now`.
-    fn expire(&mut self, now: Instant, ttl: Duration) {
-        while self
-            .entries
-            .front()
-            .is_some_and(|(at, ..)| now.saturating_duration_since(*at) >= ttl)
-        {
-            self.entries.pop_front();
-        }
-    }
-
-    fn push(&mut self, at: Instant, endpoint: &EndpointId, blocks: &[BlockHash]) {
-        if self.ring.is_empty() {
-            self.ring = vec![BlockHash(0); self.size];
-            self.entries = VecDeque::with_capacity(self.max_entries);
-        }
-        let blocks = &blocks[..blocks.len().min(self.size)];
-        let start = self.written;
-        self.written += blocks.len() as u64;
-        // Entries whose blocks this write overwrites, and the oldest past the count bound.
-        let overwritten = self.written.saturating_sub(self.size as u64);
-        while self
-            .entries
-            .front()
-            .is_some_and(|&(_, _, s, _)| s < overwritten)
-            || self.entries.len() >= self.max_entries
-        {
-            self.entries.pop_front();
-        }
-        for (i, b) in blocks.iter().enumerate() {
-            let at = (start + i as u64) as usize % self.size;
-            self.ring[at] = *b;
-        }
-        self.entries
-            .push_back((at, endpoint.clone(), start, blocks.len()));
-    }
-
-    /// How many of `blocks`, from the first, entry `(start, len)` holds.
-    fn common(&self, start: u64, len: usize, blocks: &[BlockHash]) -> usize {
-        blocks
-            .iter()
-            .take(len)
-            .enumerate()
-            .take_while(|&(i, b)| self.ring[(start + i as u64) as usize % self.size] == *b)
-            .count()
-    }
+    index: ApproxIndex,
+    scratch: MatchScratch,
+    matches: Vec<EndpointMatch>,
+    /// When every endpoint's expired entries were last dropped, ms.
+    expired_ms: u64,
 }
 
 impl Speculative {
     pub(crate) fn new(ttl: Duration) -> Self {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         Self {
-            ttl,
-            recent: Mutex::new(Recent::new(SPECULATIVE_BLOCKS, SPECULATIVE_ENTRIES)),
+            ttl_ms,
+            epoch: Instant::now(),
+            recent: Mutex::new(Recent {
+                index: ApproxIndex::new(SPECULATIVE_BLOCKS, Some(ttl_ms)),
+                scratch: MatchScratch::default(),
+                matches: Vec::new(),
+                expired_ms: 0,
+            }),
         }
     }
 
-    fn record(&self, endpoint: &EndpointId, blocks: &[BlockHash], now: Instant) {
-        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-        recent.expire(now, self.ttl);
-        recent.push(now, endpoint, blocks);
+    fn ms(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Calls `found(endpoint, n)` for each recent prompt sharing its first `n > 0` blocks
-    /// with `blocks`.
+    fn record(&self, endpoint: &EndpointId, blocks: &[BlockHash], now: Instant) {
+        let now_ms = self.ms(now);
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.index.record(endpoint, blocks, now_ms);
+    }
+
+    /// Calls `found(endpoint, n)` for each endpoint a prompt routed in the TTL went to that
+    /// shares its first `n > 0` blocks with `blocks`. Expired entries are dropped for every
+    /// endpoint at most every sixteenth of the TTL (recording drops the recorded endpoint's
+    /// at once), so one may answer up to that much past its TTL.
     fn matches(
         &self,
         blocks: &[BlockHash],
         now: Instant,
         mut found: impl FnMut(&EndpointId, usize),
     ) {
+        let now_ms = self.ms(now);
         let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-        recent.expire(now, self.ttl);
-        for (_, endpoint, start, len) in &recent.entries {
-            let n = recent.common(*start, *len, blocks);
-            if n > 0 {
-                found(endpoint, n);
-            }
+        let Recent {
+            index,
+            scratch,
+            matches,
+            expired_ms,
+        } = &mut *recent;
+        if now_ms.saturating_sub(*expired_ms) >= (self.ttl_ms / 16).max(1) || now_ms < *expired_ms {
+            index.expire(now_ms);
+            *expired_ms = now_ms;
+        }
+        index.match_prefix_into(blocks, scratch, matches);
+        for m in matches.iter().filter(|m| m.blocks > 0) {
+            found(&m.endpoint, m.blocks as usize);
         }
     }
 
     fn forget(&self, departed: &[EndpointId]) {
         let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-        recent.entries.retain(|(_, e, ..)| !departed.contains(e));
+        for endpoint in departed {
+            recent.index.remove_endpoint(endpoint);
+        }
     }
 }
 

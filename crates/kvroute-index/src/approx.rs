@@ -94,6 +94,11 @@ impl ApproxIndex {
         self.index.match_prefix_into(blocks, scratch, out);
     }
 
+    /// See [`PrefixIndex::held_run`].
+    pub fn held_run(&self, endpoint: &EndpointId, blocks: &[BlockHash]) -> usize {
+        self.index.held_run(endpoint, blocks)
+    }
+
     /// Records that a request with `blocks` was sent to `endpoint` at `now_ms`. The prefix
     /// is marked most recent, so an endpoint loses the tails of old prompts before their
     /// shared beginnings, as a model server's LRU does.

@@ -106,6 +106,26 @@ impl PrefixIndex {
             .collect()
     }
 
+    /// How many of `blocks`, from the first, `endpoint` holds in any tier: a run that
+    /// continues another index's match from where it stopped.
+    pub fn held_run(&self, endpoint: &EndpointId, blocks: &[BlockHash]) -> usize {
+        // A first block nobody holds answers before the endpoint's name is hashed: asked for
+        // every endpoint a precise match names, most are answered so.
+        let Some(first) = blocks.first().and_then(|b| self.nodes.get(b.0)) else {
+            return 0;
+        };
+        let Some(&slot) = self.slots.get(endpoint) else {
+            return 0;
+        };
+        if first.tiers(slot) == 0 {
+            return 0;
+        }
+        1 + blocks[1..]
+            .iter()
+            .take_while(|b| self.nodes.get(b.0).is_some_and(|h| h.tiers(slot) != 0))
+            .count()
+    }
+
     fn endpoint(&self, slot: u32) -> Option<&EndpointBlocks> {
         self.endpoints.get(slot as usize)?.as_ref()
     }

@@ -35,6 +35,19 @@ fn longest_consecutive_prefix_per_endpoint() {
     assert_eq!(idx.entries(), 9);
 }
 
+/// A run held from any point on, not only from the first block: ep-3 holds 2, 3, 4.
+#[test]
+fn a_held_run_starts_where_it_is_asked_to() {
+    let mut idx = PrefixIndex::new();
+    idx.store(&ep(3), &hs(&[2, 3, 4]), Tier::Gpu);
+    idx.store(&ep(1), &hs(&[5]), Tier::Cpu);
+    assert_eq!(idx.held_run(&ep(3), &hs(&[2, 3, 9, 4])), 2);
+    assert_eq!(idx.held_run(&ep(3), &hs(&[1, 2, 3])), 0);
+    assert_eq!(idx.held_run(&ep(3), &[]), 0);
+    assert_eq!(idx.held_run(&ep(1), &hs(&[5, 2])), 1, "any tier");
+    assert_eq!(idx.held_run(&ep(2), &hs(&[2])), 0, "an endpoint never seen");
+}
+
 #[test]
 fn tiers_are_counted_by_the_best_copy() {
     let mut idx = PrefixIndex::new();

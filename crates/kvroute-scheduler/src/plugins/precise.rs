@@ -148,7 +148,9 @@ const SPECULATIVE_BLOCKS: usize = 1 << 16;
 /// The entries are an approximate index of their own with a TTL (`ApproxIndex`), so a
 /// decision matches them in time of the prompt's length, however many prompts were routed
 /// in the TTL: a list scanned entry by entry cost 290 µs a decision at a few thousand
-/// requests a second (docs/benchmarks.md, "Decision time of the default profiles").
+/// requests a second (docs/benchmarks.md, "Decision time of the default profiles"). A
+/// prompt is recorded from where its pod's events already report it (a conversation's new
+/// turn: its new blocks only), and matched on from there.
 #[derive(Debug)]
 pub(crate) struct Speculative {
     ttl_ms: u64,
@@ -193,12 +195,17 @@ impl Speculative {
     }
 
     /// Calls `found(endpoint, n)` for each endpoint a prompt routed in the TTL went to that
-    /// shares its first `n > 0` blocks with `blocks`. Expired entries are dropped for every
-    /// endpoint at most every sixteenth of the TTL (recording drops the recorded endpoint's
-    /// at once), so one may answer up to that much past its TTL.
+    /// shares its first `n > 0` blocks with `blocks`: a prompt recorded whole matches from
+    /// the first block, one recorded from where its endpoint's events stopped (`reported`,
+    /// the precise index's matches, for the endpoints `confirmed`) matches on from there.
+    /// Expired entries are dropped for every endpoint at most every sixteenth of the TTL
+    /// (recording drops the recorded endpoint's at once), so one may answer up to that much
+    /// past its TTL.
     fn matches(
         &self,
         blocks: &[BlockHash],
+        reported: &[EndpointMatch],
+        confirmed: impl Fn(&EndpointId) -> bool,
         now: Instant,
         mut found: impl FnMut(&EndpointId, usize),
     ) {
@@ -217,6 +224,17 @@ impl Speculative {
         index.match_prefix_into(blocks, scratch, matches);
         for m in matches.iter().filter(|m| m.blocks > 0) {
             found(&m.endpoint, m.blocks as usize);
+        }
+        // Most endpoints a precise match names hold nothing after it here, which `held_run`
+        // answers from the block alone: the endpoint is looked up only for the others.
+        for m in reported {
+            let from = m.blocks as usize;
+            let run = blocks
+                .get(from..)
+                .map_or(0, |rest| index.held_run(&m.endpoint, rest));
+            if run > 0 && confirmed(&m.endpoint) {
+                found(&m.endpoint, from + run);
+            }
         }
     }
 
@@ -271,7 +289,19 @@ impl Plugin for PreciseProducer {
         let now = request.now();
         let prefill = decision.prefill().map(|(e, _)| e);
         for holder in std::iter::once(decision.primary()).chain(prefill) {
-            speculative.record(holder.id(), &info.blocks, now);
+            // What its events already report is matched there; only the rest is recorded,
+            // to be matched on from where that match stops.
+            let reported = if holder.events_confirmed() {
+                info.matches
+                    .iter()
+                    .find(|m| &m.endpoint == holder.id())
+                    .map_or(0, |m| m.blocks as usize)
+            } else {
+                0
+            };
+            if let Some(rest) = info.blocks.get(reported..).filter(|r| !r.is_empty()) {
+                speculative.record(holder.id(), rest, now);
+            }
         }
     }
 
@@ -333,12 +363,21 @@ impl Producer for PreciseProducer {
         }
         if let Some(speculative) = &self.speculative {
             // Routed here in the last `speculativeTTL`: held as if in GPU memory.
-            speculative.matches(&info.blocks, request.now(), |endpoint, n| {
-                if let Some(pos) = endpoint_index(endpoints, endpoint) {
-                    info.held[pos] = info.held[pos].max(n as f64 * self.weights[0] / total);
-                    info.cached_tokens[pos] = info.cached_tokens[pos].max(n as u64 * block);
-                }
-            });
+            let confirmed = |e: &EndpointId| {
+                endpoint_index(endpoints, e).is_some_and(|pos| endpoints[pos].events_confirmed())
+            };
+            speculative.matches(
+                &info.blocks,
+                &info.matches,
+                confirmed,
+                request.now(),
+                |endpoint, n| {
+                    if let Some(pos) = endpoint_index(endpoints, endpoint) {
+                        info.held[pos] = info.held[pos].max(n as f64 * self.weights[0] / total);
+                        info.cached_tokens[pos] = info.cached_tokens[pos].max(n as u64 * block);
+                    }
+                },
+            );
         }
     }
 }

@@ -184,6 +184,68 @@ fn a_routed_prompt_is_held_speculatively_until_its_ttl() {
     assert_eq!(state.prefix(SLOT).unwrap().held, [0.0, 0.0]);
 }
 
+/// A conversation's next turn, routed to the pod whose events report its history, is
+/// recorded from there: only its new blocks enter the speculative entries, and a turn
+/// after it, within the TTL, still matches it whole there.
+#[test]
+fn a_turn_is_recorded_from_where_its_pods_events_stop() {
+    let index = Arc::new(Shared::new(PrefixIndex::new()));
+    let eps = registry(2).snapshot();
+    eps.iter().for_each(|e| e.set_events_confirmed(true));
+    let p = PreciseProducer::new(
+        SLOT,
+        Arc::clone(&index),
+        4,
+        [1.0, 0.8, 0.5],
+        Tokenizers::new(),
+        Some(Speculative::new(Duration::from_secs(2))),
+    );
+    // The history (3 blocks) is reported on endpoint 1; the turn adds a fourth.
+    let turn: Vec<u32> = (0..16).collect();
+    let history = hashes(&turn[..12], &ExtraKeys::default());
+    index.write().store(eps[1].id(), &history, Tier::Gpu);
+    let hints = RequestHints::default();
+    let req = request(Prompt::Tokens(turn.clone()));
+    let t0 = Instant::now();
+    let mut state = CycleState::new(1);
+    p.produce(
+        &SchedulingRequest::new(Some(&req), &hints).at(t0),
+        &eps,
+        &mut state,
+    );
+    assert_eq!(state.prefix(SLOT).unwrap().held, [0.0, 0.75]);
+    p.decided(
+        &SchedulingRequest::new(Some(&req), &hints).at(t0),
+        &state,
+        &crate::Decision::new(Arc::clone(&eps[1]), Vec::new(), 4),
+    );
+    let recorded = |i: usize| {
+        p.speculative
+            .as_ref()
+            .unwrap()
+            .recent
+            .lock()
+            .unwrap()
+            .index
+            .index()
+            .endpoint_blocks(eps[i].id())
+    };
+    assert_eq!((recorded(0), recorded(1)), (0, 1), "the new block only");
+    // The next turn, 50 ms later, before any event reports the fourth block.
+    let mut next = turn;
+    next.extend(200..204);
+    let req = request(Prompt::Tokens(next));
+    let mut state = CycleState::new(1);
+    p.produce(
+        &SchedulingRequest::new(Some(&req), &hints).at(t0 + Duration::from_millis(50)),
+        &eps,
+        &mut state,
+    );
+    let info = state.prefix(SLOT).unwrap();
+    assert_eq!(info.held, [0.0, 0.8]);
+    assert_eq!(info.cached_tokens, [0, 16]);
+}
+
 /// Chained block hashes of `tokens`, one block per token: a block's hash names its whole
 /// prefix, as the model servers' do.
 fn chained(tokens: &[u8]) -> Vec<BlockHash> {
@@ -197,26 +259,46 @@ fn chained(tokens: &[u8]) -> Vec<BlockHash> {
 }
 
 proptest::proptest! {
-    /// Within the TTL the speculative entries answer as a plain list of the prompts routed
-    /// does: for each endpoint, the longest prefix any prompt routed there shares with the
-    /// probe.
+    /// Within the TTL, speculative entries recorded from where each pod's events stopped,
+    /// read on from where the precise index's match stops, answer as a plain list of the
+    /// whole prompts routed does: for each endpoint, the longest prefix any prompt routed
+    /// there shares with the probe.
     #[test]
     fn speculative_entries_match_as_a_plain_list_does(
-        pushes in proptest::collection::vec((0u8..3, proptest::collection::vec(0u8..3, 4..48)), 1..40),
+        pushes in proptest::collection::vec(
+            (0u8..3, proptest::collection::vec(0u8..3, 4..48), 0usize..14),
+            1..40,
+        ),
         probe in proptest::collection::vec(0u8..3, 4..48),
     ) {
         let spec = Speculative::new(Duration::from_secs(2));
+        let mut precise = PrefixIndex::new();
         let t = Instant::now();
         let mut model: Vec<(EndpointId, Vec<BlockHash>)> = Vec::new();
-        for (ep, tokens) in pushes {
+        for (ep, tokens, reported) in pushes {
             let id = EndpointId::new(format!("e{ep}"));
             let blocks = chained(&tokens);
-            spec.record(&id, &blocks, t);
+            // The pod's events had reported the first `reported` blocks when it was routed.
+            let reported = reported.min(blocks.len());
+            precise.store(&id, &blocks[..reported], Tier::Gpu);
+            if reported < blocks.len() {
+                spec.record(&id, &blocks[reported..], t);
+            }
             model.push((id, blocks));
         }
         let probe = chained(&probe);
-        let mut got: Vec<(EndpointId, usize)> = Vec::new();
-        spec.matches(&probe, t + Duration::from_millis(10), |e, n| got.push((e.clone(), n)));
+        let reported = precise.match_prefix(&probe);
+        let mut got: Vec<(EndpointId, usize)> = reported
+            .iter()
+            .map(|m| (m.endpoint.clone(), m.blocks as usize))
+            .collect();
+        spec.matches(&probe, &reported, |_| true, t + Duration::from_millis(10), |e, n| {
+            match got.iter_mut().find(|(g, _)| g == e) {
+                Some((_, m)) => *m = (*m).max(n),
+                None => got.push((e.clone(), n)),
+            }
+        });
+        got.retain(|&(_, n)| n > 0);
         got.sort();
         let mut want: Vec<(EndpointId, usize)> = Vec::new();
         for (e, blocks) in &model {

@@ -133,20 +133,25 @@ fn text_and_chat_prompts_are_tokenized_with_the_models_tokenizer() {
     assert_eq!(state.tokens(), Some(tokens.as_slice()));
 }
 
+/// A producer over `index` with 4-token blocks and speculative entries kept 2 s.
+fn speculating(index: &Arc<Shared<PrefixIndex>>) -> PreciseProducer {
+    PreciseProducer::new(
+        SLOT,
+        Arc::clone(index),
+        4,
+        [1.0, 0.8, 0.5],
+        Tokenizers::new(),
+        Some(Speculative::new(Duration::from_secs(2))),
+    )
+}
+
 /// `speculativeIndexing`: a prompt routed to an endpoint counts as held there (its shared
 /// prefix, by a sibling) before any event reports it, for `speculativeTTL`, then no more.
 #[test]
 fn a_routed_prompt_is_held_speculatively_until_its_ttl() {
     let index = Arc::new(Shared::new(PrefixIndex::new()));
     let eps = registry(2).snapshot();
-    let p = PreciseProducer::new(
-        SLOT,
-        Arc::clone(&index),
-        4,
-        [1.0, 0.8, 0.5],
-        Tokenizers::new(),
-        Some(Speculative::new(Duration::from_secs(2))),
-    );
+    let p = speculating(&index);
     let hints = RequestHints::default();
     let first = request(Prompt::Tokens((0..16).collect()));
     let t0 = Instant::now();
@@ -192,14 +197,7 @@ fn a_turn_is_recorded_from_where_its_pods_events_stop() {
     let index = Arc::new(Shared::new(PrefixIndex::new()));
     let eps = registry(2).snapshot();
     eps.iter().for_each(|e| e.set_events_confirmed(true));
-    let p = PreciseProducer::new(
-        SLOT,
-        Arc::clone(&index),
-        4,
-        [1.0, 0.8, 0.5],
-        Tokenizers::new(),
-        Some(Speculative::new(Duration::from_secs(2))),
-    );
+    let p = speculating(&index);
     // The history (3 blocks) is reported on endpoint 1; the turn adds a fourth.
     let turn: Vec<u32> = (0..16).collect();
     let history = hashes(&turn[..12], &ExtraKeys::default());

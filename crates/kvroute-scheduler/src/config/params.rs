@@ -686,11 +686,12 @@ fn speculative(
     if !p.speculative_indexing.unwrap_or(false) {
         return Ok(None);
     }
-    let ttl = match &p.speculative_ttl {
-        Some(text) => super::flow::parse_go_duration(text)
-            .map_err(|e| unavailable_for(name, t)(format!("speculativeTTL {text:?}: {e}")))?,
-        None => Duration::from_secs(2),
-    };
+    let ttl = go_duration(
+        &unavailable_for(name, t),
+        "speculativeTTL",
+        &p.speculative_ttl,
+        Duration::from_secs(2),
+    )?;
     if ttl.is_zero() {
         return Err(unavailable_for(name, t)(
             "speculativeTTL must be positive".into(),
@@ -707,16 +708,16 @@ fn replication(
     t: PluginType,
 ) -> Result<Arc<dyn Plugin>, ConfigError> {
     let unavailable = unavailable_for(name, t);
-    let duration = |what: &str, text: &Option<String>, default: Duration| match text {
-        Some(text) => super::flow::parse_go_duration(text)
-            .map_err(|e| unavailable(format!("{what} {text:?}: {e}"))),
-        None => Ok(default),
-    };
-    let half_life = duration("halfLife", &p.half_life, Duration::from_secs(10))?;
+    let half_life = go_duration(
+        &unavailable,
+        "halfLife",
+        &p.half_life,
+        Duration::from_secs(10),
+    )?;
     if half_life.is_zero() {
         return Err(unavailable("halfLife must be positive".into()));
     }
-    let min_age = duration("minAge", &p.min_age, Duration::from_secs(2))?;
+    let min_age = go_duration(&unavailable, "minAge", &p.min_age, Duration::from_secs(2))?;
     let min_requests = p.min_requests.unwrap_or(4.0);
     if !(min_requests.is_finite() && min_requests >= 1.0) {
         return Err(unavailable(format!(
@@ -742,6 +743,21 @@ fn replication(
         memory_share,
         max_copies,
     })))
+}
+
+/// A plugin's Go duration parameter `what` (`text`, or `default` when not given); a value
+/// that does not parse is refused through `unavailable`, naming the parameter and its text.
+fn go_duration(
+    unavailable: &impl Fn(String) -> ConfigError,
+    what: &str,
+    text: &Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match text {
+        Some(text) => super::flow::parse_go_duration(text)
+            .map_err(|e| unavailable(format!("{what} {text:?}: {e}"))),
+        None => Ok(default),
+    }
 }
 
 /// The error for plugin `name` of type `t` that cannot run as configured, for `reason`.

@@ -213,6 +213,10 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     );
     anyhow::ensure!(args.pods > 0, "--pods must be at least 1");
     anyhow::ensure!(args.speedup > 0.0, "--speedup must be positive");
+    anyhow::ensure!(
+        args.burstiness.is_finite() && args.burstiness > 0.0,
+        "--burstiness must be positive"
+    );
     anyhow::ensure!(args.replicas > 0, "--replicas must be at least 1");
     anyhow::ensure!(args.scrape_ms != Some(0), "--scrape-ms must be at least 1");
     anyhow::ensure!(
@@ -262,10 +266,6 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         (Some(path), _) => load_mooncake(path)?,
         (None, Some(kind)) => {
             anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
-            anyhow::ensure!(
-                args.burstiness.is_finite() && args.burstiness > 0.0,
-                "--burstiness must be positive"
-            );
             kind.workload().generate_bursty(
                 args.requests,
                 args.rate,
@@ -735,6 +735,18 @@ mod tests {
         for bad in ["0", "-1", "NaN"] {
             let arg = format!("--burstiness={bad}");
             let err = bench(&["--workload", "doc-qa", "--requests", "10", &arg]).unwrap_err();
+            assert!(err.to_string().contains("--burstiness"), "{bad}: {err}");
+            // The goodput search too, before it runs anything.
+            let err = bench(&[
+                "--workload",
+                "doc-qa",
+                "--requests",
+                "10",
+                "--goodput-slo-ms",
+                "1000",
+                &arg,
+            ])
+            .unwrap_err();
             assert!(err.to_string().contains("--burstiness"), "{bad}: {err}");
         }
         bench(&[

@@ -50,6 +50,8 @@ pub struct Scraped {
     pub at: Instant,
     /// Requests this router had routed to the endpoint when the answer was stored.
     pub routed_before: u64,
+    /// Of those, the ones whose response had ended.
+    pub ended_before: u64,
 }
 
 /// The last scrape, checked fresh; derefs to its [`PodLoad`]. Holding it pins that scrape
@@ -59,6 +61,7 @@ pub struct FreshLoad {
     pub(crate) guard: arc_swap::Guard<Option<Arc<Scraped>>>,
     pub(crate) at: Instant,
     pub(crate) routed_since: u64,
+    pub(crate) ended_since: u64,
 }
 
 /// Why a body could not be read as a model server's load.
@@ -96,6 +99,23 @@ impl FreshLoad {
     /// lags by up to an interval).
     pub fn routed_since(&self) -> u64 {
         self.routed_since
+    }
+
+    /// Requests of this router whose response ended after the scrape: the pod may have
+    /// counted them running then, and they are gone now.
+    pub fn ended_since(&self) -> u64 {
+        self.ended_since
+    }
+
+    /// The pod's requests now, as near as a replica can tell: those it reported running and
+    /// waiting, plus those this router sent it since, less those of this router's that
+    /// ended since. Between two scrapes this follows the router's own traffic both ways
+    /// (without the ended ones, every request answered since the scrape would still count,
+    /// and a busy pod would look busier the longer since its scrape); other routers'
+    /// traffic shows a scrape late.
+    pub fn requests_now(&self) -> u64 {
+        (u64::from(self.running) + u64::from(self.waiting) + self.routed_since)
+            .saturating_sub(self.ended_since)
     }
 }
 

@@ -27,6 +27,8 @@ pub struct EndpointState {
     in_flight: AtomicUsize,
     /// Requests ever routed here by this router (never decreases).
     routed: AtomicU64,
+    /// Of those, the ones whose response has ended (never decreases).
+    ended: AtomicU64,
     /// Tokens the pod's KV cache holds at most, as it last said; 0 while unknown.
     kv_capacity_tokens: AtomicU64,
     prefill_backlog: AtomicU64,
@@ -44,6 +46,7 @@ impl EndpointState {
             endpoint,
             in_flight: AtomicUsize::new(0),
             routed: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
             kv_capacity_tokens: AtomicU64::new(0),
             prefill_backlog: AtomicU64::new(0),
             speed: PrefillSpeed::default(),
@@ -123,21 +126,29 @@ impl EndpointState {
     /// scrape is never read as fresh). No allocation, no lock: an `arc_swap` guard.
     pub fn fresh_load(&self, now: Instant, staleness: Duration) -> Option<FreshLoad> {
         let guard = self.scraped.load();
-        let (at, routed_before) = guard.as_ref().map(|s| (s.at, s.routed_before))?;
+        let (at, routed_before, ended_before) = guard
+            .as_ref()
+            .map(|s| (s.at, s.routed_before, s.ended_before))?;
         let routed_since = self
             .routed
             .load(Ordering::Relaxed)
             .saturating_sub(routed_before);
+        let ended_since = self
+            .ended
+            .load(Ordering::Relaxed)
+            .saturating_sub(ended_before);
         is_fresh(at, now, staleness).then_some(FreshLoad {
             guard,
             at,
             routed_since,
+            ended_since,
         })
     }
 
     /// Stores a successful scrape taken at `at`, noting how many requests this router had
-    /// routed here by then, so that those routed after it can be added to what it said
-    /// ([`FreshLoad::routed_since`]). It is not a health success: a pod whose
+    /// routed here by then and how many of them had ended, so that those routed after it
+    /// can be added to what it said and those ended after it taken off
+    /// ([`FreshLoad::requests_now`]). It is not a health success: a pod whose
     /// `/metrics` answers while its API fails every request must still be ejected, and
     /// scrapes come far more often than a quiet pod's requests. Only a request answered
     /// without a 5xx clears failures.
@@ -149,6 +160,7 @@ impl EndpointState {
             load,
             at,
             routed_before: self.routed.load(Ordering::Relaxed),
+            ended_before: self.ended.load(Ordering::Relaxed),
         })));
     }
 
@@ -292,6 +304,7 @@ impl Drop for InFlightGuard {
     fn drop(&mut self) {
         // An answer that never started teaches nothing.
         self.release_backlog();
+        self.endpoint.ended.fetch_add(1, Ordering::Relaxed);
         self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -637,13 +650,51 @@ mod tests {
         assert_eq!(state.fresh_load(t0, stale).unwrap().routed_since(), 0);
         let after = [state.acquire(), state.acquire_with_prefill(10)];
         assert_eq!(state.fresh_load(t0, stale).unwrap().routed_since(), 2);
-        // Routed, not in flight: a request that ended since the scrape may still be in the
-        // pod's figures, and a new scrape starts the count again.
+        // Routed, not in flight: they stay routed since the scrape, and now ended since it
+        // too; a new scrape starts both counts again.
         drop(after);
         drop(before);
         assert_eq!(state.fresh_load(t0, stale).unwrap().routed_since(), 2);
+        assert_eq!(state.fresh_load(t0, stale).unwrap().ended_since(), 3);
         state.record_scrape(PodLoad::default(), t0);
         assert_eq!(state.fresh_load(t0, stale).unwrap().routed_since(), 0);
+        assert_eq!(state.fresh_load(t0, stale).unwrap().ended_since(), 0);
+    }
+
+    /// One router alone: between two scrapes, what the pod said plus what this router sent
+    /// since, less what of its own ended since, is what it has in flight; another router's
+    /// requests in the pod's figures stay counted until the next scrape says otherwise.
+    #[test]
+    fn requests_now_follow_the_routers_own_traffic_both_ways() {
+        let state = EndpointState::detached(ep("a", "127.0.0.1:1"), HealthConfig::default());
+        let t0 = Instant::now();
+        let stale = Duration::from_secs(2);
+        let now = |s: &EndpointState| s.fresh_load(t0, stale).unwrap().requests_now();
+        let mut mine: Vec<_> = (0..3).map(|_| state.acquire()).collect();
+        // The pod runs these 3 and 2 of another router's.
+        let said = |running| PodLoad {
+            running,
+            ..PodLoad::default()
+        };
+        state.record_scrape(said(5), t0);
+        assert_eq!(now(&state), 5);
+        mine.truncate(1);
+        assert_eq!(now(&state), 3, "two of mine answered since the scrape");
+        mine.push(state.acquire());
+        assert_eq!(now(&state), 4, "one more sent since");
+        mine.clear();
+        assert_eq!(
+            now(&state),
+            2,
+            "the other router's, until a scrape says otherwise"
+        );
+        state.record_scrape(said(0), t0);
+        assert_eq!(now(&state), 0);
+        // A scrape that had not yet seen requests that end after it never goes below 0.
+        let late: Vec<_> = (0..2).map(|_| state.acquire()).collect();
+        state.record_scrape(said(0), t0);
+        drop(late);
+        assert_eq!(now(&state), 0);
     }
 
     #[test]

@@ -9,11 +9,14 @@ use crate::{Candidates, CycleState, Plugin, SchedulingRequest, Scorer};
 /// scorer, but a spread smaller than `headroom` requests only costs its share, so a
 /// prefix-cache hit is not given up for one request of imbalance. `n` is the larger of the
 /// requests this router has in flight there and, when its last scrape is fresh, the
-/// requests the pod reports running and waiting plus those this router sent it since: the
-/// router's own count is immediate but sees only its share of the traffic (other replicas,
-/// other routers), the pod's sees all of it but lags a scrape, and without the requests
-/// sent since, every decision between two scrapes would see the same stale queue and herd
-/// onto the pod that looked shortest.
+/// requests the pod reports running and waiting plus those this router sent it since, less
+/// those of this router's that ended since (`FreshLoad::requests_now`): the router's own
+/// count is immediate but sees only its share of the traffic (other replicas, other
+/// routers), the pod's sees all of it but lags a scrape. Without the requests sent since,
+/// every decision between two scrapes would see the same stale queue and herd onto the pod
+/// that looked shortest; without those ended since, a pod would look busier the more it
+/// had answered since its scrape, and one router alone would route otherwise than on its
+/// own exact count.
 #[derive(Debug)]
 pub(crate) struct LoadScorer {
     headroom: usize,
@@ -54,8 +57,7 @@ impl Scorer for LoadScorer {
             let now = Instant::now();
             for (s, (_, ep)) in scores.iter_mut().zip(candidates.iter()) {
                 if let Some(load) = ep.fresh_load(now, staleness) {
-                    let queued = f64::from(load.running) + f64::from(load.waiting);
-                    *s = s.max(queued + load.routed_since() as f64);
+                    *s = s.max(load.requests_now() as f64);
                 }
             }
         }
@@ -139,7 +141,7 @@ mod tests {
         assert_eq!(s, [0.75, 0.0, 1.0]);
         // Two more sent to endpoint 1 since its scrape: its queue is 10 now, whatever this
         // router holds there.
-        let _sent = [eps[1].acquire(), eps[1].acquire()];
+        let mut sent = vec![eps[1].acquire(), eps[1].acquire()];
         LoadScorer::new(1, Some(Duration::from_secs(2))).score(
             &SchedulingRequest::new(None, &hints),
             &CycleState::new(0),
@@ -147,5 +149,14 @@ mod tests {
             &mut s,
         );
         assert_eq!(s, [0.8, 0.0, 1.0]);
+        // One of them answered: 9.
+        sent.pop();
+        LoadScorer::new(1, Some(Duration::from_secs(2))).score(
+            &SchedulingRequest::new(None, &hints),
+            &CycleState::new(0),
+            &Candidates::new(&eps, &kept),
+            &mut s,
+        );
+        assert_eq!(s, [7.0 / 9.0, 0.0, 1.0]);
     }
 }

@@ -20,6 +20,7 @@ settings=(
   "mooncake-closed h100-llama3.1-8b --trace $trace --pods 16 --users 128"
   "many-tenants-closed h100-llama3.1-8b --workload many-tenants --pods 4 --users 128 --requests 4000"
   "long-chats h100-llama3.1-8b --workload long-chats --pods 4 --rate 6"
+  "mixed h100-llama3.1-8b --workload mixed --pods 8 --rate 30 --block-size 16"
   "multi-turn mi300x-llama3.1-70b-tp4 --workload multi-turn --pods 8 --rate 12"
   "shared-prompts mi300x-llama3.1-70b-tp4 --workload shared-prompts --pods 4 --rate 16"
   "doc-qa mi300x-llama3.1-70b-tp4 --workload doc-qa --pods 4 --rate 8"
@@ -28,6 +29,7 @@ settings=(
   "mooncake-closed mi300x-llama3.1-70b-tp4 --trace $trace --pods 16 --users 64"
   "many-tenants-closed mi300x-llama3.1-70b-tp4 --workload many-tenants --pods 4 --users 128 --requests 4000"
   "long-chats mi300x-llama3.1-70b-tp4 --workload long-chats --pods 4 --rate 4"
+  "mixed mi300x-llama3.1-70b-tp4 --workload mixed --pods 8 --rate 10 --block-size 16"
 )
 for s in "${settings[@]}"; do
   read -r name profile args <<<"$s"

@@ -157,24 +157,48 @@ enum WorkloadKind {
     /// 48 LoRA adapters of Zipf popularity, fresh 0.5k–2k-token prompts sharing nothing
     /// (with `--max-loras`).
     Lora,
+    /// Several at once on one pool, each in content of its own: multi-turn conversations
+    /// (40 % of requests), shared system prompts (30 %), sibling bursts (20 %) and long
+    /// revisits (10 %).
+    Mixed,
 }
+
+const SHARED_PROMPTS: Workload = Workload::SharedPrompts {
+    tenants: 32,
+    system_units: 4,
+};
+const MULTI_TURN: Workload = Workload::MultiTurn {
+    conversations: 64,
+    turns: 8,
+    opening_units: (1, 1),
+};
+const LONG_REVISITS: Workload = Workload::LongRevisits {
+    turns: 3,
+    revisit_s: 180,
+};
+const SIBLING_BURSTS: Workload = Workload::SiblingBursts {
+    doc_units: 16,
+    siblings: 8,
+    window_ms: 50,
+};
+
+/// `--workload mixed`: each part with its share of the requests.
+const MIXED: &[(Workload, f64)] = &[
+    (MULTI_TURN, 0.4),
+    (SHARED_PROMPTS, 0.3),
+    (SIBLING_BURSTS, 0.2),
+    (LONG_REVISITS, 0.1),
+];
 
 impl WorkloadKind {
     fn workload(self) -> Workload {
         match self {
-            Self::SharedPrompts => Workload::SharedPrompts {
-                tenants: 32,
-                system_units: 4,
-            },
+            Self::SharedPrompts => SHARED_PROMPTS,
             Self::ManyTenants => Workload::SharedPrompts {
                 tenants: 150,
                 system_units: 16,
             },
-            Self::MultiTurn => Workload::MultiTurn {
-                conversations: 64,
-                turns: 8,
-                opening_units: (1, 1),
-            },
+            Self::MultiTurn => MULTI_TURN,
             Self::LongChats => Workload::MultiTurn {
                 conversations: 96,
                 turns: 12,
@@ -184,19 +208,13 @@ impl WorkloadKind {
                 docs: 8,
                 doc_units: 32,
             },
-            Self::LongRevisits => Workload::LongRevisits {
-                turns: 3,
-                revisit_s: 180,
-            },
-            Self::SiblingBursts => Workload::SiblingBursts {
-                doc_units: 16,
-                siblings: 8,
-                window_ms: 50,
-            },
+            Self::LongRevisits => LONG_REVISITS,
+            Self::SiblingBursts => SIBLING_BURSTS,
             Self::Lora => Workload::Lora {
                 adapters: 48,
                 units: 4,
             },
+            Self::Mixed => Workload::Mixed(MIXED),
         }
     }
 }
@@ -343,6 +361,10 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         ));
     }
     let mut out = table(&title, &reports);
+    if let Some(Workload::Mixed(parts)) = args.workload.map(WorkloadKind::workload) {
+        let names: Vec<&str> = parts.iter().map(|(w, _)| w.name()).collect();
+        out.push_str(&parts_table(&names, &reports));
+    }
     if let Some(path) = &args.chart {
         write_chart(path, &title, &reports)?;
         out.push_str(&format!("chart: {}\n", path.display()));
@@ -597,6 +619,30 @@ fn table(title: &str, reports: &[PolicyReport]) -> String {
     out
 }
 
+/// Each part's TTFT on a mixed workload, one policy and part a row: which part pays for
+/// what the whole mix's percentiles show.
+fn parts_table(names: &[&str], reports: &[PolicyReport]) -> String {
+    let mut out = format!(
+        "\nby part:\n{:<18} {:<15} {:>8} {:>10} {:>10} {:>10} {:>10}\n",
+        "policy", "part", "requests", "TTFT p50", "TTFT p90", "TTFT p99", "TTFT mean"
+    );
+    for r in reports {
+        for p in &r.parts {
+            out.push_str(&format!(
+                "{:<18} {:<15} {:>8} {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms\n",
+                r.policy,
+                names.get(usize::from(p.part)).copied().unwrap_or("?"),
+                p.finished,
+                p.ttft_p50_ms,
+                p.ttft_p90_ms,
+                p.ttft_p99_ms,
+                p.ttft_mean_ms
+            ));
+        }
+    }
+    out
+}
+
 /// The shipped Mooncake-format trace (3,993 requests), built into the binary for the demo.
 const SHIPPED_TRACE: &str = include_str!("../benches/traces/mooncake_synthetic_trace.jsonl");
 
@@ -825,6 +871,46 @@ mod tests {
             row.ends_with(&format!(" {}", squeezed[0].preemptions)),
             "{t}"
         );
+    }
+
+    /// `--workload mixed` is the four parts its help names, and its table gives each
+    /// part's row under each policy.
+    #[test]
+    fn the_mixed_workload_is_tabled_by_part() {
+        let Workload::Mixed(parts) = WorkloadKind::Mixed.workload() else {
+            panic!("not mixed");
+        };
+        let names: Vec<&str> = parts.iter().map(|(w, _)| w.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "multi-turn",
+                "shared-prompts",
+                "sibling-bursts",
+                "long-revisits"
+            ]
+        );
+        let shares: Vec<f64> = parts.iter().map(|&(_, s)| s).collect();
+        assert_eq!(shares, [0.4, 0.3, 0.2, 0.1]);
+        let report = run_deployed(
+            &WorkloadKind::Mixed.workload().generate(400, 8.0, 16, 1),
+            &Profile::named("h100-llama3.1-8b").unwrap(),
+            4,
+            Policy::RoundRobin,
+            Load::Open {
+                speedup: 1.0,
+                copies: 1,
+            },
+            Deployment::default(),
+        );
+        let t = parts_table(&names, &[report]);
+        for name in names {
+            assert!(
+                t.lines()
+                    .any(|l| l.starts_with("round-robin") && l.contains(name)),
+                "{t}"
+            );
+        }
     }
 
     #[test]

@@ -138,6 +138,7 @@ mod tests {
                 output_length: 8,
                 hash_ids: vec![i % 4, 100 + i],
                 adapter: None,
+                part: None,
             })
             .collect();
         let profile = kvroute_sim::Profile::h100_llama31_8b().with_block_size(512);

@@ -19,6 +19,6 @@ pub use baselines::{DynamoCost, SglangCacheAware, SglangConfig};
 pub use chart::{ChartError, render_svg};
 pub use policy::{Policy, PolicyRouter};
 pub use replicas::{Deployment, Replicas};
-pub use report::{BenchReport, Load, PolicyReport, run, run_deployed};
+pub use report::{BenchReport, Load, PartReport, PolicyReport, run, run_deployed};
 pub use synthetic::Workload;
 pub use trace::{BenchError, TraceRequest, arrivals, load_mooncake};

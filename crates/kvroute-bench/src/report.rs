@@ -120,6 +120,47 @@ pub struct PolicyReport {
     pub offered_requests_per_s: Option<f64>,
     /// Wall time of the run, seconds.
     pub wall_s: f64,
+    /// Each part's own TTFT on a mixed workload (`--workload mixed`), in the workload's
+    /// order; empty otherwise. One percentile over the whole mix hides which part pays.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<PartReport>,
+}
+
+/// The TTFT one part of a mixed workload got (its finished requests).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PartReport {
+    /// The part's index in the mixed workload.
+    pub part: u8,
+    /// Its requests that finished.
+    pub finished: usize,
+    /// TTFT percentiles and mean, milliseconds.
+    pub ttft_p50_ms: f64,
+    /// 90th percentile TTFT.
+    pub ttft_p90_ms: f64,
+    /// 99th percentile TTFT.
+    pub ttft_p99_ms: f64,
+    /// Mean TTFT.
+    pub ttft_mean_ms: f64,
+}
+
+/// Each part's TTFTs from `(part, ttft_ms)` pairs, parts in index order.
+fn part_reports(mut ttfts: Vec<(u8, f64)>) -> Vec<PartReport> {
+    ttfts.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    ttfts
+        .chunk_by(|a, b| a.0 == b.0)
+        .map(|run| {
+            let v: Vec<f64> = run.iter().map(|&(_, t)| t).collect();
+            let pct = |p| percentile(&v, p).unwrap_or(0.0);
+            PartReport {
+                part: run[0].0,
+                finished: v.len(),
+                ttft_p50_ms: pct(0.5),
+                ttft_p90_ms: pct(0.9),
+                ttft_p99_ms: pct(0.99),
+                ttft_mean_ms: v.iter().sum::<f64>() / v.len() as f64,
+            }
+        })
+        .collect()
 }
 
 fn one() -> usize {
@@ -211,6 +252,16 @@ pub fn run_deployed(
         .iter()
         .filter_map(|r| Some(ms(r.first_token_us? - r.arrival_us)))
         .collect();
+    // Requests are numbered in arrival order, the trace's (copy after copy).
+    let part_of = |id: u64| {
+        let i = usize::try_from(id).ok()? % trace.len().max(1);
+        trace.get(i)?.part
+    };
+    let parts = part_reports(
+        done.iter()
+            .filter_map(|r| Some((part_of(r.id)?, ms(r.first_token_us? - r.arrival_us))))
+            .collect(),
+    );
     ttft.sort_by(f64::total_cmp);
     let mut e2e: Vec<f64> = done
         .iter()
@@ -271,6 +322,7 @@ pub fn run_deployed(
         agreement: router.agreement(),
         offered_requests_per_s: None,
         wall_s,
+        parts,
     }
 }
 
@@ -294,6 +346,7 @@ mod tests {
                     output_length: 20,
                     hash_ids,
                     adapter: None,
+                    part: None,
                 }
             })
             .collect()
@@ -415,6 +468,59 @@ mod tests {
         assert_eq!(
             (a.ttft_p50_ms, a.hit_rate, a.imbalance),
             (b.ttft_p50_ms, b.hit_rate, b.imbalance)
+        );
+    }
+
+    /// Each part's figures are of its own requests only, parts in index order.
+    #[test]
+    fn parts_are_reported_each_of_its_own_requests() {
+        let mut ttfts: Vec<(u8, f64)> = (1..=100).map(|t| (1, f64::from(t))).collect();
+        ttfts.extend([(0, 5.0), (0, 7.0), (0, 6.0)]);
+        let parts = part_reports(ttfts);
+        assert_eq!(parts.len(), 2);
+        assert_eq!((parts[0].part, parts[0].finished), (0, 3));
+        assert_eq!(parts[0].ttft_p50_ms, 6.0);
+        assert_eq!(parts[0].ttft_mean_ms, 6.0);
+        assert_eq!((parts[1].part, parts[1].finished), (1, 100));
+        assert_eq!(parts[1].ttft_p90_ms, 90.0);
+        assert_eq!(parts[1].ttft_p99_ms, 99.0);
+        assert!(part_reports(Vec::new()).is_empty());
+    }
+
+    /// A run of a mixed workload reports each part, and its parts' requests add up to the
+    /// run's; a trace that is not mixed reports none.
+    #[test]
+    fn a_mixed_run_is_reported_by_part() {
+        const PARTS: &[(crate::Workload, f64)] = &[
+            (
+                crate::Workload::SharedPrompts {
+                    tenants: 4,
+                    system_units: 4,
+                },
+                0.5,
+            ),
+            (
+                crate::Workload::SiblingBursts {
+                    doc_units: 4,
+                    siblings: 4,
+                    window_ms: 50,
+                },
+                0.5,
+            ),
+        ];
+        let mixed = crate::Workload::Mixed(PARTS).generate(300, 20.0, 8, 1);
+        let profile = small_cache();
+        let r = run(&mixed, &profile, 2, Policy::RoundRobin, OPEN);
+        assert_eq!(r.parts.len(), 2);
+        assert_eq!(
+            r.parts.iter().map(|p| p.finished).sum::<usize>(),
+            r.finished
+        );
+        assert!(r.parts.iter().all(|p| p.ttft_p50_ms > 0.0));
+        assert!(
+            run(&trace(), &profile, 2, Policy::RoundRobin, OPEN)
+                .parts
+                .is_empty()
         );
     }
 }

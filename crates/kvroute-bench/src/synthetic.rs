@@ -156,9 +156,28 @@ pub enum Workload {
         /// Most units (512 tokens) per prompt.
         units: u64,
     },
+    /// Several workloads at once on one pool, each with its share of the requests and of
+    /// the rate, in content of its own: a pool serves chats, tenants' system prompts,
+    /// document bursts and long sessions side by side, and a router tuned on each alone may
+    /// not hold on them together (a long prefill queued where a chat's history is).
+    Mixed(&'static [(Workload, f64)]),
 }
 
 impl Workload {
+    /// The generator's name: the `--workload` it serves (`shared-prompts` also serves
+    /// `many-tenants`, `multi-turn` also `long-chats`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::SharedPrompts { .. } => "shared-prompts",
+            Self::MultiTurn { .. } => "multi-turn",
+            Self::DocQa { .. } => "doc-qa",
+            Self::LongRevisits { .. } => "long-revisits",
+            Self::SiblingBursts { .. } => "sibling-bursts",
+            Self::Lora { .. } => "lora",
+            Self::Mixed(_) => "mixed",
+        }
+    }
+
     /// `requests` requests of this workload arriving at `rate` per second on average
     /// (Poisson), each generating `output` tokens.
     pub fn generate(
@@ -258,6 +277,7 @@ impl Workload {
                         output_length: output,
                         hash_ids: history[c].clone(),
                         adapter: None,
+                        part: None,
                     });
                     history[c].push(next_fresh()); // the answer joins the history
                 }
@@ -310,6 +330,7 @@ impl Workload {
                             output_length: output,
                             hash_ids: history.clone(),
                             adapter: None,
+                            part: None,
                         });
                     }
                 }
@@ -338,8 +359,34 @@ impl Workload {
                             output_length: output,
                             hash_ids: ids,
                             adapter: None,
+                            part: None,
                         });
                     }
+                }
+                by_arrival(out, requests)
+            }
+            Self::Mixed(parts) => {
+                let total: f64 = parts.iter().map(|&(_, share)| share.max(0.0)).sum();
+                let mut out = Vec::new();
+                for (k, &(part, share)) in (0u8..).zip(parts) {
+                    let share = share.max(0.0) / total.max(f64::MIN_POSITIVE);
+                    // A quarter more than its share: every part still arrives when the
+                    // merged run is cut at `requests`, whatever its own run's length.
+                    let n = (requests as f64 * share * 1.25).ceil() as usize;
+                    // Content of its own: every generator's ids stay below 2^48.
+                    let shift = (u64::from(k) + 1) << 48;
+                    let mut reqs = part.generate_bursty(
+                        n,
+                        rate * share,
+                        output,
+                        seed ^ (u64::from(k) << 32),
+                        burstiness,
+                    );
+                    for r in &mut reqs {
+                        r.hash_ids.iter_mut().for_each(|id| *id += shift);
+                        r.part = Some(k);
+                    }
+                    out.extend(reqs);
                 }
                 by_arrival(out, requests)
             }
@@ -365,6 +412,7 @@ impl Workload {
                             output_length: output,
                             hash_ids: ids,
                             adapter: Some(adapter.min(adapters - 1)),
+                            part: None,
                         }
                     })
                     .collect()
@@ -403,6 +451,7 @@ fn shared_prefix(
                 output_length: output,
                 hash_ids: ids,
                 adapter: None,
+                part: None,
             }
         })
         .collect()
@@ -619,5 +668,69 @@ mod tests {
             assert!(hi - lo <= 50);
         }
         assert!(bursts.values().filter(|t| t.len() == 8).count() >= 45);
+    }
+
+    /// A mixed run: each part's share of the requests, all of them arriving over the whole
+    /// run, in content no other part shares (a part's own sharing kept), tagged with its
+    /// part; seeded like every generator.
+    #[test]
+    fn a_mixed_run_keeps_each_parts_share_span_and_content() {
+        const PARTS: &[(Workload, f64)] = &[
+            (
+                Workload::MultiTurn {
+                    conversations: 8,
+                    turns: 4,
+                    opening_units: (1, 1),
+                },
+                0.5,
+            ),
+            (
+                Workload::SharedPrompts {
+                    tenants: 4,
+                    system_units: 2,
+                },
+                0.3,
+            ),
+            (
+                Workload::SiblingBursts {
+                    doc_units: 2,
+                    siblings: 4,
+                    window_ms: 50,
+                },
+                0.2,
+            ),
+        ];
+        let w = Workload::Mixed(PARTS);
+        let a = w.generate(2_000, 20.0, 8, 5);
+        assert_eq!(a, w.generate(2_000, 20.0, 8, 5));
+        assert_ne!(a, w.generate(2_000, 20.0, 8, 6));
+        assert_eq!(a.len(), 2_000);
+        assert!(a.windows(2).all(|p| p[0].timestamp <= p[1].timestamp));
+        let end = a.last().unwrap().timestamp;
+        // About 100 s at 20 req/s.
+        assert!((80_000..120_000).contains(&end), "{end}");
+        for (k, &(_, share)) in PARTS.iter().enumerate() {
+            let mine: Vec<_> = a.iter().filter(|r| r.part == Some(k as u8)).collect();
+            let got = mine.len() as f64 / a.len() as f64;
+            assert!((got - share).abs() < 0.05, "part {k}: {got} for {share}");
+            // Over the whole run, not bunched at its start.
+            assert!(mine.last().unwrap().timestamp > end * 9 / 10, "part {k}");
+        }
+        assert!(a.iter().all(|r| r.part.is_some()));
+        // No content id is in two parts; within a part, sharing is as its generator made it
+        // (tenants' system prompts recur).
+        let mut owner = std::collections::HashMap::new();
+        for r in &a {
+            for id in &r.hash_ids {
+                assert_eq!(*owner.entry(*id).or_insert(r.part), r.part, "id {id}");
+            }
+        }
+        let systems: std::collections::HashSet<u64> = a
+            .iter()
+            .filter(|r| r.part == Some(1))
+            .map(|r| r.hash_ids[0])
+            .collect();
+        assert!(systems.len() <= 4);
+        assert_eq!(w.name(), "mixed");
     }
 }

@@ -49,6 +49,10 @@ pub struct TraceRequest {
     /// when present.
     #[serde(default)]
     pub adapter: Option<u32>,
+    /// Which part of a mixed synthetic workload it belongs to (`Workload::Mixed`'s index),
+    /// so a report can give each its own figures; never read from a trace.
+    #[serde(skip)]
+    pub part: Option<u8>,
 }
 
 /// Reads a Mooncake trace: one JSON object per line (`timestamp`, `input_length`,

@@ -18,6 +18,18 @@ impl EndpointId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether `other` is a clone of this very id (one shared name), which says it is equal
+    /// without comparing names; an equal name allocated apart is not.
+    pub fn is(&self, other: &EndpointId) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// The address of the shared name: a key every clone of this id shares, for a lookup
+    /// on the hot path that must not compare names byte by byte.
+    pub fn addr(&self) -> usize {
+        Arc::as_ptr(&self.0).cast::<u8>() as usize
+    }
 }
 
 impl fmt::Display for EndpointId {

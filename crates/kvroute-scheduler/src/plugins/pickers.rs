@@ -39,15 +39,21 @@ impl Picker for MaxScorePicker {
         // Totals compared at a resolution of TIE; equal keys go by their distance from the
         // rotating start. `+ 0.0` makes a rounded -0.0 equal to 0.0. A selection pass per
         // endpoint returned: O(k·n) without allocating, and k is 1 unless fallbacks are asked.
-        let key = |i: usize| ((totals[i] / TIE).round() + 0.0, (i + n - start) % n);
+        // The best so far is kept with its key, so each candidate's key is made once a pass.
         for _ in 0..self.max_endpoints.min(n) {
-            let best = (0..n).filter(|i| !out.contains(i)).min_by(|&a, &b| {
-                let (ka, da) = key(a);
-                let (kb, db) = key(b);
-                kb.total_cmp(&ka).then(da.cmp(&db))
-            });
+            let mut best: Option<(f64, usize, usize)> = None;
+            for i in (0..n).filter(|i| !out.contains(i)) {
+                let k = (totals[i] / TIE).round() + 0.0;
+                let d = if i >= start { i - start } else { i + n - start };
+                let better = best.is_none_or(|(bk, bd, _)| {
+                    k.total_cmp(&bk).then(bd.cmp(&d)) == std::cmp::Ordering::Greater
+                });
+                if better {
+                    best = Some((k, d, i));
+                }
+            }
             match best {
-                Some(b) => out.push(b),
+                Some((_, _, b)) => out.push(b),
                 None => break,
             }
         }
@@ -173,6 +179,7 @@ fn splitmix64(mut x: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn max_score_returns_the_best_then_fallbacks_and_rotates_ties() {
@@ -187,6 +194,38 @@ mod tests {
             })
             .collect();
         assert_eq!(firsts, [0, 1, 2], "ties take turns");
+    }
+
+    proptest! {
+        /// The picks are the candidates in order of total (at the TIE resolution, NaN
+        /// above all as `total_cmp` has it), equal totals by distance from the rotating
+        /// start: as a full sort would give them.
+        #[test]
+        fn max_score_picks_as_a_sort_would(
+            totals in proptest::collection::vec(
+                prop_oneof![
+                    (0u8..4).prop_map(|v| f64::from(v) / 4.0),
+                    -1.0f64..1.0,
+                    Just(f64::NAN),
+                ],
+                1..12,
+            ),
+            turn in 0u64..50,
+            k in 1usize..5,
+        ) {
+            let n = totals.len();
+            let start = (turn % n as u64) as usize;
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| {
+                let key = |i: usize| ((totals[i] / TIE).round() + 0.0, (i + n - start) % n);
+                let ((ka, da), (kb, db)) = (key(a), key(b));
+                kb.total_cmp(&ka).then(da.cmp(&db))
+            });
+            order.truncate(k);
+            let mut out = Vec::new();
+            MaxScorePicker::new(k).pick(&totals, turn, &mut out);
+            prop_assert_eq!(out, order);
+        }
     }
 
     #[test]

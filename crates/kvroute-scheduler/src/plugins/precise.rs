@@ -11,9 +11,7 @@ use kvroute_index::{ApproxIndex, EndpointMatch, MatchScratch, PrefixIndex, Share
 use kvroute_tokens::{BlockHasher, ExtraKeys, ModelTokenizer};
 
 use crate::cycle::TokenState;
-use crate::{
-    BodyUse, CycleState, Decision, Plugin, Producer, SchedulingRequest, SlotId, endpoint_index,
-};
+use crate::{BodyUse, CycleState, Decision, Plugin, Producer, SchedulingRequest, SlotId};
 
 /// The tokenizers of the models served, by model name (as requests name them), and one for
 /// any other name; and the LoRA adapters served, by name, with their base model.
@@ -347,8 +345,10 @@ impl Producer for PreciseProducer {
             .match_prefix_into(&info.blocks, &mut scratch.matching, &mut info.matches);
         let total = info.blocks.len() as f64;
         let block = self.hasher.block_size() as u64;
+        scratch.positions.build(endpoints);
+        let positions = &scratch.positions;
         for m in &info.matches {
-            if let Some(pos) = endpoint_index(endpoints, &m.endpoint)
+            if let Some(pos) = positions.find(endpoints, &m.endpoint)
                 && endpoints[pos].events_confirmed()
             {
                 let held: f64 = m
@@ -364,7 +364,9 @@ impl Producer for PreciseProducer {
         if let Some(speculative) = &self.speculative {
             // Routed here in the last `speculativeTTL`: held as if in GPU memory.
             let confirmed = |e: &EndpointId| {
-                endpoint_index(endpoints, e).is_some_and(|pos| endpoints[pos].events_confirmed())
+                positions
+                    .find(endpoints, e)
+                    .is_some_and(|pos| endpoints[pos].events_confirmed())
             };
             speculative.matches(
                 &info.blocks,
@@ -372,7 +374,7 @@ impl Producer for PreciseProducer {
                 confirmed,
                 request.now(),
                 |endpoint, n| {
-                    if let Some(pos) = endpoint_index(endpoints, endpoint) {
+                    if let Some(pos) = positions.find(endpoints, endpoint) {
                         info.held[pos] = info.held[pos].max(n as f64 * self.weights[0] / total);
                         info.cached_tokens[pos] = info.cached_tokens[pos].max(n as u64 * block);
                     }

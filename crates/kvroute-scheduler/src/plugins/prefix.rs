@@ -12,7 +12,6 @@ use kvroute_tokens::ApproxHasher;
 use crate::cycle::{BYTES_PER_TOKEN, estimate_tokens};
 use crate::{
     BodyUse, Candidates, CycleState, Decision, Plugin, Producer, SchedulingRequest, Scorer, SlotId,
-    endpoint_index,
 };
 
 /// Guesses what each endpoint caches from where earlier prompts were sent
@@ -144,8 +143,9 @@ impl Producer for ApproxProducer {
             .match_prefix_into(&info.blocks, &mut scratch.matching, &mut info.matches);
         let total = info.blocks.len() as f64;
         let per_block = (self.hasher.chunk_bytes() / BYTES_PER_TOKEN).max(1) as u64;
+        scratch.positions.build(endpoints);
         for m in &info.matches {
-            if let Some(pos) = endpoint_index(endpoints, &m.endpoint) {
+            if let Some(pos) = scratch.positions.find(endpoints, &m.endpoint) {
                 info.held[pos] = f64::from(m.blocks) / total;
                 info.cached_tokens[pos] = u64::from(m.blocks) * per_block;
             }

@@ -101,18 +101,27 @@ impl HealthState {
         }
         let threshold = self.config.consecutive_failures;
         // Failures older than a first ejection would last are forgotten: an endpoint scored
-        // down until nothing is sent to it could not otherwise show it recovered.
-        let forgotten = u64::try_from(self.config.base_ejection.as_nanos()).unwrap_or(u64::MAX);
+        // down until nothing is sent to it could not otherwise show it recovered. Without
+        // failures there is no clock to read (every candidate's health is read every
+        // decision).
         let n = if self.probation.load(Ordering::Acquire) {
             threshold - 1
-        } else if self
-            .ns(now)
-            .saturating_sub(self.last_failure.load(Ordering::Relaxed))
-            > forgotten
-        {
-            0
         } else {
-            self.failures.load(Ordering::Relaxed).min(threshold - 1)
+            match self.failures.load(Ordering::Relaxed) {
+                0 => 0,
+                failures => {
+                    let forgotten =
+                        u64::try_from(self.config.base_ejection.as_nanos()).unwrap_or(u64::MAX);
+                    let since = self
+                        .ns(now)
+                        .saturating_sub(self.last_failure.load(Ordering::Relaxed));
+                    if since > forgotten {
+                        0
+                    } else {
+                        failures.min(threshold - 1)
+                    }
+                }
+            }
         };
         match n {
             0 => Health::Healthy,

@@ -4,8 +4,11 @@
 # baselines, kvroute's two default profiles and a greedy oracle; then goodput (the highest
 # open-loop rate with TTFT p90 within 2 s) on the 8B pods.
 # Usage: benches/quality.sh [path/to/kvroute]   (default: target/release/kvroute)
+# SEEDS="1" runs fewer seeds; BLOCK_SIZE=16 simulates vLLM's 16-token blocks in every setting
+# (docs/benchmarks.md, "At vLLM's 16-token blocks"; about 3x slower).
 set -euo pipefail
 bin=${1:-target/release/kvroute}
+block_size=${BLOCK_SIZE:-}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 policies=round-robin,sglang-cache-aware,dynamo-kv,kvroute-approx,kvroute,oracle
@@ -31,9 +34,14 @@ settings=(
   "long-chats mi300x-llama3.1-70b-tp4 --workload long-chats --pods 4 --rate 4"
   "mixed mi300x-llama3.1-70b-tp4 --workload mixed --pods 8 --rate 10 --block-size 16"
 )
+if [[ -n $block_size ]]; then
+  for i in "${!settings[@]}"; do
+    settings[i]="${settings[i]/ --block-size 16/} --block-size $block_size"
+  done
+fi
 for s in "${settings[@]}"; do
   read -r name profile args <<<"$s"
-  seeds="1 2 3"
+  seeds=${SEEDS:-1 2 3}
   [[ $args == --trace* ]] && seeds=1 # the trace has no seed
   for seed in $seeds; do
     # shellcheck disable=SC2086

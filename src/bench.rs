@@ -107,6 +107,11 @@ pub(crate) struct BenchArgs {
     /// within this many milliseconds, found by doubling then bisecting.
     #[arg(long, conflicts_with = "users")]
     goodput_slo_ms: Option<f64>,
+    /// A load sweep instead of one run: every policy open loop at each of these factors on
+    /// the offered load (`--rate` for a workload, `--speedup` for a trace), comma-separated,
+    /// e.g. `0.5,1,1.5,2`.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["users", "goodput_slo_ms"])]
+    sweep: Option<Vec<f64>>,
     /// Also write the reports as JSON here (schema in docs/benchmarks.md).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -117,7 +122,7 @@ pub(crate) struct BenchArgs {
     /// sheddable (priority < 0), and each policy runs open loop twice, without admission and
     /// with upstream's utilization detector refusing sheddable arrivals while the pool is
     /// saturated (what `serve` does without the flowControl gate).
-    #[arg(long, conflicts_with_all = ["users", "goodput_slo_ms"])]
+    #[arg(long, conflicts_with_all = ["users", "goodput_slo_ms", "sweep"])]
     sheddable_share: Option<f64>,
     /// With --sheddable-share: a request is good when served with TTFT within this.
     #[arg(long, default_value_t = 1000.0)]
@@ -238,6 +243,12 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.replicas > 0, "--replicas must be at least 1");
     anyhow::ensure!(args.scrape_ms != Some(0), "--scrape-ms must be at least 1");
     anyhow::ensure!(
+        args.sweep
+            .as_ref()
+            .is_none_or(|f| !f.is_empty() && f.iter().all(|f| f.is_finite() && *f > 0.0)),
+        "--sweep takes positive load factors"
+    );
+    anyhow::ensure!(
         args.slowdown.is_finite() && (0.1..=100.0).contains(&args.slowdown),
         "--slowdown must be between 0.1 and 100"
     );
@@ -279,6 +290,9 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     if let Some(slo) = args.goodput_slo_ms {
         anyhow::ensure!(slo > 0.0, "--goodput-slo-ms must be positive");
         return run_goodput(args, &profile, &policies, deployment, slo);
+    }
+    if let Some(factors) = &args.sweep {
+        return run_sweep(args, &profile, &policies, deployment, factors);
     }
     let trace = match (&args.trace, args.workload) {
         (Some(path), _) => load_mooncake(path)?,
@@ -387,38 +401,56 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
 /// Doublings, then halvings, of the offered load a goodput search makes per policy.
 const GOODPUT_STEPS: (u32, u32) = (8, 7);
 
-/// `kvroute bench --goodput-slo-ms`: per policy, the highest offered load (a factor on
-/// `--rate` or `--speedup`) whose TTFT p90 is within `slo` ms, and that run's report.
-fn run_goodput(
-    args: &BenchArgs,
-    profile: &Profile,
-    policies: &[Policy],
+/// Open-loop runs of `--trace` or `--workload` at a factor on the load it offers
+/// (`--speedup` for a trace, `--rate` for a workload): what goodput searches and sweeps
+/// scale.
+struct OpenLoad<'a> {
+    args: &'a BenchArgs,
+    profile: &'a Profile,
     deployment: Deployment,
-    slo: f64,
-) -> anyhow::Result<()> {
-    let shipped = match &args.trace {
-        Some(path) => Some(load_mooncake(path)?),
-        None => None,
-    };
-    let kind = args.workload;
-    anyhow::ensure!(
-        shipped.is_some() || kind.is_some(),
-        "give --trace or --workload"
-    );
-    anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
-    // The mean arrival rate a load factor of 1 offers: the workload's, or the trace's over
-    // its span (with --speedup).
-    let base_rate = match &shipped {
-        Some(trace) => {
-            let span_s = trace.last().map_or(0, |r| r.timestamp) as f64 / 1000.0;
-            anyhow::ensure!(span_s > 0.0, "the trace's arrivals span no time");
-            trace.len() as f64 / span_s * args.speedup
-        }
-        None => args.rate,
-    };
-    let run_at = |policy: Policy, factor: f64| -> PolicyReport {
+    trace: Option<Vec<TraceRequest>>,
+    /// The mean arrival rate a factor of 1 offers: the workload's, or the trace's over its
+    /// span (with --speedup).
+    base_rate: f64,
+}
+
+impl<'a> OpenLoad<'a> {
+    fn new(
+        args: &'a BenchArgs,
+        profile: &'a Profile,
+        deployment: Deployment,
+    ) -> anyhow::Result<Self> {
+        let trace = match &args.trace {
+            Some(path) => Some(load_mooncake(path)?),
+            None => None,
+        };
+        anyhow::ensure!(
+            trace.is_some() || args.workload.is_some(),
+            "give --trace or --workload"
+        );
+        anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
+        let base_rate = match &trace {
+            Some(trace) => {
+                let span_s = trace.last().map_or(0, |r| r.timestamp) as f64 / 1000.0;
+                anyhow::ensure!(span_s > 0.0, "the trace's arrivals span no time");
+                trace.len() as f64 / span_s * args.speedup
+            }
+            None => args.rate,
+        };
+        Ok(Self {
+            args,
+            profile,
+            deployment,
+            trace,
+            base_rate,
+        })
+    }
+
+    /// `policy`'s run at `factor` times the load, its offered rate noted in the report.
+    fn run(&self, policy: Policy, factor: f64) -> PolicyReport {
+        let args = self.args;
         let generated: Vec<TraceRequest>;
-        let (trace, speedup) = match (&shipped, kind) {
+        let (trace, speedup) = match (&self.trace, args.workload) {
             (Some(trace), _) => (trace.as_slice(), args.speedup * factor),
             (None, Some(kind)) => {
                 generated = kind.workload().generate_bursty(
@@ -436,10 +468,30 @@ fn run_goodput(
             speedup,
             copies: args.copies,
         };
-        let mut report = run_deployed(trace, profile, args.pods, policy, load, deployment);
-        report.offered_requests_per_s = Some(base_rate * factor);
+        let mut report = run_deployed(
+            trace,
+            self.profile,
+            args.pods,
+            policy,
+            load,
+            self.deployment,
+        );
+        report.offered_requests_per_s = Some(self.base_rate * factor);
         report
-    };
+    }
+}
+
+/// `kvroute bench --goodput-slo-ms`: per policy, the highest offered load (a factor on
+/// `--rate` or `--speedup`) whose TTFT p90 is within `slo` ms, and that run's report.
+fn run_goodput(
+    args: &BenchArgs,
+    profile: &Profile,
+    policies: &[Policy],
+    deployment: Deployment,
+    slo: f64,
+) -> anyhow::Result<()> {
+    let load = OpenLoad::new(args, profile, deployment)?;
+    let run_at = |policy: Policy, factor: f64| load.run(policy, factor);
     let mut out = format!(
         "Goodput: the highest offered load with TTFT p90 <= {slo} ms, {} pods of {}\n\n{:<18} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10} {:>9}\n",
         args.pods,
@@ -482,6 +534,55 @@ fn run_goodput(
     if let Some(path) = &args.json {
         let title = format!("goodput at TTFT p90 <= {slo} ms");
         write_json(path, &title, profile, args.pods, reports)?;
+        out.push_str(&format!("json: {}\n", path.display()));
+    }
+    use std::io::Write;
+    std::io::stdout().write_all(out.as_bytes())?;
+    Ok(())
+}
+
+/// `kvroute bench --sweep`: every policy at each of `factors` times the offered load, so
+/// TTFT can be read against load (the curve a goodput search finds one point of).
+fn run_sweep(
+    args: &BenchArgs,
+    profile: &Profile,
+    policies: &[Policy],
+    deployment: Deployment,
+    factors: &[f64],
+) -> anyhow::Result<()> {
+    let load = OpenLoad::new(args, profile, deployment)?;
+    let mut out = format!(
+        "Load sweep, {} pods of {} ({}-token blocks), open loop\n\n{:>10} {:<18} {:>10} {:>10} {:>10} {:>12} {:>9}\n",
+        args.pods,
+        profile.name,
+        profile.block_size,
+        "offered/s",
+        "policy",
+        "TTFT p50",
+        "TTFT p90",
+        "TTFT p99",
+        "output tok/s",
+        "hit rate"
+    );
+    let mut reports = Vec::new();
+    for &factor in factors {
+        for &policy in policies {
+            let r = load.run(policy, factor);
+            out.push_str(&format!(
+                "{:>10.2} {:<18} {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>12.0} {:>8.1}%\n",
+                r.offered_requests_per_s.unwrap_or(0.0),
+                r.policy,
+                r.ttft_p50_ms,
+                r.ttft_p90_ms,
+                r.ttft_p99_ms,
+                r.output_tokens_per_s,
+                100.0 * r.hit_rate
+            ));
+            reports.push(r);
+        }
+    }
+    if let Some(path) = &args.json {
+        write_json(path, "load sweep", profile, args.pods, reports)?;
         out.push_str(&format!("json: {}\n", path.display()));
     }
     use std::io::Write;
@@ -774,6 +875,65 @@ mod tests {
         assert_eq!(r["offered_requests_per_s"].as_f64(), Some(64.0), "{r}");
         let served = r["requests_per_s"].as_f64().unwrap();
         assert!(served > 0.0 && served < 64.0, "{served}");
+    }
+
+    /// A sweep runs every policy at every load asked for, each report with the rate it
+    /// offered, in load order; more load never lowers what the pool serves here.
+    #[test]
+    fn a_sweep_runs_every_policy_at_every_load() {
+        let path = std::env::temp_dir().join(format!("kvroute-sweep-{}.json", std::process::id()));
+        bench(&[
+            "--workload",
+            "multi-turn",
+            "--requests",
+            "300",
+            "--pods",
+            "2",
+            "--rate",
+            "4",
+            "--policies",
+            "round-robin,kvroute-approx",
+            "--sweep",
+            "0.5,1,2",
+            "--json",
+            path.to_str().unwrap(),
+        ])
+        .unwrap();
+        let doc: BenchReport =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let runs: Vec<(f64, &str)> = doc
+            .policies
+            .iter()
+            .map(|r| (r.offered_requests_per_s.unwrap(), r.policy.as_str()))
+            .collect();
+        assert_eq!(
+            runs,
+            [
+                (2.0, "round-robin"),
+                (2.0, "kvroute-approx"),
+                (4.0, "round-robin"),
+                (4.0, "kvroute-approx"),
+                (8.0, "round-robin"),
+                (8.0, "kvroute-approx"),
+            ]
+        );
+        let served: Vec<f64> = doc
+            .policies
+            .iter()
+            .filter(|r| r.policy == "kvroute-approx")
+            .map(|r| r.requests_per_s)
+            .collect();
+        assert!(served.windows(2).all(|w| w[0] < w[1]), "{served:?}");
+    }
+
+    #[test]
+    fn sweep_factors_must_be_positive() {
+        for bad in ["0", "-1,1", "NaN", "1,inf"] {
+            let arg = format!("--sweep={bad}");
+            let err = bench(&["--workload", "doc-qa", "--requests", "10", &arg]).unwrap_err();
+            assert!(err.to_string().contains("--sweep"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -64,7 +64,8 @@ impl ApproxIndex {
     /// At most `capacity` blocks per endpoint; entries older than `ttl_ms` (if given) expire.
     pub fn new(capacity: usize, ttl_ms: Option<u64>) -> Self {
         Self {
-            index: PrefixIndex::new(),
+            // Each endpoint's LRU lists its blocks; the index need not too.
+            index: PrefixIndex::without_endpoint_sets(),
             lru: HashMap::new(),
             capacity: capacity.max(1),
             capacities: HashMap::new(),
@@ -162,7 +163,11 @@ impl ApproxIndex {
     /// Forgets an endpoint that left the pool.
     pub fn remove_endpoint(&mut self, endpoint: &EndpointId) {
         self.capacities.remove(endpoint);
-        self.lru.remove(endpoint);
+        // Its blocks, named from its LRU, so the index need not scan for them.
+        if let Some(lru) = self.lru.remove(endpoint) {
+            let blocks: Vec<BlockHash> = lru.index.keys().map(|&h| BlockHash(h)).collect();
+            self.index.remove(endpoint, &blocks, None);
+        }
         self.index.remove_endpoint(endpoint);
     }
 }

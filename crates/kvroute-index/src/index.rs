@@ -43,11 +43,12 @@ pub struct EndpointMatch {
 }
 
 /// The blocks one endpoint holds; the reverse map that makes clearing or dropping an
-/// endpoint cost O(its blocks).
+/// endpoint cost O(its blocks). Without endpoint sets only their count is kept.
 #[derive(Debug)]
 struct EndpointBlocks {
     id: EndpointId,
     blocks: Set,
+    held: usize,
 }
 
 /// Which endpoints hold which blocks, in which tiers.
@@ -62,12 +63,25 @@ pub struct PrefixIndex {
     slots: HashMap<EndpointId, u32>,
     free: Vec<u32>,
     entries: usize,
+    /// No per-endpoint sets (`PrefixIndex::without_endpoint_sets`).
+    lean: bool,
 }
 
 impl PrefixIndex {
     /// An empty index.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty index that keeps no set of each endpoint's blocks, for an owner that keeps
+    /// them itself (the approximate index's LRUs): a store or removal then updates one map
+    /// instead of two, which is most of recording a routed prompt. Clearing or dropping an
+    /// endpoint costs a scan of every block unless its blocks were removed first.
+    pub fn without_endpoint_sets() -> Self {
+        Self {
+            lean: true,
+            ..Self::default()
+        }
     }
 
     /// Distinct blocks held by anyone.
@@ -85,7 +99,7 @@ impl PrefixIndex {
         self.slots
             .get(endpoint)
             .and_then(|&s| self.endpoint(s))
-            .map_or(0, |e| e.blocks.len())
+            .map_or(0, |e| e.held)
     }
 
     /// Endpoints known to the index, in no particular order.
@@ -137,6 +151,7 @@ impl PrefixIndex {
         let blocks = EndpointBlocks {
             id: endpoint.clone(),
             blocks: Set::default(),
+            held: 0,
         };
         let slot = match self.free.pop() {
             Some(s) => {
@@ -167,7 +182,10 @@ impl PrefixIndex {
             if new {
                 added += 1;
                 if let Some(Some(e)) = self.endpoints.get_mut(slot as usize) {
-                    e.blocks.insert(h);
+                    e.held += 1;
+                    if !self.lean {
+                        e.blocks.insert(h);
+                    }
                 }
             }
         }
@@ -192,7 +210,10 @@ impl PrefixIndex {
             if self.remove_one(slot, h, mask) {
                 gone += 1;
                 if let Some(Some(e)) = self.endpoints.get_mut(slot as usize) {
-                    e.blocks.remove(&h);
+                    e.held -= 1;
+                    if !self.lean {
+                        e.blocks.remove(&h);
+                    }
                 }
             }
         }
@@ -221,10 +242,23 @@ impl PrefixIndex {
         let Some(Some(e)) = self.endpoints.get_mut(slot as usize) else {
             return 0;
         };
+        let n = std::mem::take(&mut e.held);
         let blocks = std::mem::take(&mut e.blocks);
-        let n = blocks.len();
-        for h in blocks {
-            self.remove_one(slot, h, u8::MAX);
+        if self.lean && n > 0 {
+            // No set to walk: find its blocks among all of them.
+            let held: Vec<u64> = self
+                .nodes
+                .iter()
+                .filter(|(_, holders)| holders.tiers(slot) != 0)
+                .map(|(h, _)| h)
+                .collect();
+            for h in held {
+                self.remove_one(slot, h, u8::MAX);
+            }
+        } else {
+            for h in blocks {
+                self.remove_one(slot, h, u8::MAX);
+            }
         }
         self.entries -= n;
         n

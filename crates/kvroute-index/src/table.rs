@@ -134,6 +134,16 @@ impl NodeTable {
         }
     }
 
+    /// Every key held with its holders, in table order: a scan of the whole table.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, &Holders)> {
+        self.zero.iter().map(|h| (EMPTY, h)).chain(
+            self.slots
+                .iter()
+                .filter(|s| s.key != EMPTY)
+                .map(|s| (s.key, &s.holders)),
+        )
+    }
+
     /// Removes `key`, moving later entries of its probe run up (no tombstones).
     pub(crate) fn remove(&mut self, key: u64) {
         if key == EMPTY {

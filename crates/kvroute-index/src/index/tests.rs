@@ -191,8 +191,9 @@ fn op() -> impl Strategy<Value = Op> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
     #[test]
-    fn behaves_like_a_map_of_sets(ops in proptest::collection::vec(op(), 1..80)) {
-        let mut idx = PrefixIndex::new();
+    fn behaves_like_a_map_of_sets(ops in proptest::collection::vec(op(), 1..80), lean in any::<bool>()) {
+        // With or without per-endpoint sets, the same behaviour.
+        let mut idx = if lean { PrefixIndex::without_endpoint_sets() } else { PrefixIndex::new() };
         let mut model = Model::default();
         for op in ops {
             match op {
@@ -231,6 +232,9 @@ proptest! {
             }
             let entries: usize = model.0.values().map(HashMap::len).sum();
             prop_assert_eq!(idx.entries(), entries);
+            for e in 0u32..5 {
+                prop_assert_eq!(idx.endpoint_blocks(&ep(e)), model.0.get(&e).map_or(0, HashMap::len));
+            }
             let distinct: std::collections::HashSet<u64> =
                 model.0.values().flat_map(|h| h.keys().copied()).collect();
             prop_assert_eq!(idx.blocks(), distinct.len());

@@ -298,13 +298,7 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         (Some(path), _) => load_mooncake(path)?,
         (None, Some(kind)) => {
             anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
-            kind.workload().generate_bursty(
-                args.requests,
-                args.rate,
-                args.output_tokens,
-                args.seed,
-                args.burstiness,
-            )
+            generate(args, kind, args.rate)
         }
         (None, None) => anyhow::bail!("give --trace or --workload"),
     };
@@ -401,6 +395,17 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
 /// Doublings, then halvings, of the offered load a goodput search makes per policy.
 const GOODPUT_STEPS: (u32, u32) = (8, 7);
 
+/// `--workload`'s requests as the arguments ask for them, arriving at `rate` a second.
+fn generate(args: &BenchArgs, kind: WorkloadKind, rate: f64) -> Vec<TraceRequest> {
+    kind.workload().generate_bursty(
+        args.requests,
+        rate,
+        args.output_tokens,
+        args.seed,
+        args.burstiness,
+    )
+}
+
 /// Open-loop runs of `--trace` or `--workload` at a factor on the load it offers
 /// (`--speedup` for a trace, `--rate` for a workload): what goodput searches and sweeps
 /// scale.
@@ -453,13 +458,7 @@ impl<'a> OpenLoad<'a> {
         let (trace, speedup) = match (&self.trace, args.workload) {
             (Some(trace), _) => (trace.as_slice(), args.speedup * factor),
             (None, Some(kind)) => {
-                generated = kind.workload().generate_bursty(
-                    args.requests,
-                    args.rate * factor,
-                    args.output_tokens,
-                    args.seed,
-                    args.burstiness,
-                );
+                generated = generate(args, kind, args.rate * factor);
                 (generated.as_slice(), args.speedup)
             }
             (None, None) => (&[][..], 1.0),

@@ -100,33 +100,31 @@ impl HealthState {
             return Health::Ejected;
         }
         let threshold = self.config.consecutive_failures;
-        // Failures older than a first ejection would last are forgotten: an endpoint scored
-        // down until nothing is sent to it could not otherwise show it recovered. Without
-        // failures there is no clock to read (every candidate's health is read every
-        // decision).
         let n = if self.probation.load(Ordering::Acquire) {
             threshold - 1
         } else {
-            match self.failures.load(Ordering::Relaxed) {
-                0 => 0,
-                failures => {
-                    let forgotten =
-                        u64::try_from(self.config.base_ejection.as_nanos()).unwrap_or(u64::MAX);
-                    let since = self
-                        .ns(now)
-                        .saturating_sub(self.last_failure.load(Ordering::Relaxed));
-                    if since > forgotten {
-                        0
-                    } else {
-                        failures.min(threshold - 1)
-                    }
-                }
-            }
+            self.recent_failures(now).min(threshold - 1)
         };
         match n {
             0 => Health::Healthy,
             n => Health::Degraded(1.0 / (f64::from(n) + 1.0)),
         }
+    }
+
+    /// Failures since the last success, unless the last of them is older than a first
+    /// ejection would last: forgotten, since an endpoint scored down until nothing is sent
+    /// to it could not otherwise show it recovered. Without failures there is no clock to
+    /// read (every candidate's health is read every decision).
+    fn recent_failures(&self, now: Instant) -> u32 {
+        let failures = self.failures.load(Ordering::Relaxed);
+        if failures == 0 {
+            return 0;
+        }
+        let forgotten = u64::try_from(self.config.base_ejection.as_nanos()).unwrap_or(u64::MAX);
+        let since = self
+            .ns(now)
+            .saturating_sub(self.last_failure.load(Ordering::Relaxed));
+        if since > forgotten { 0 } else { failures }
     }
 
     pub(crate) fn success(&self, now: Instant) {

@@ -353,25 +353,31 @@ mod tests {
     }
 
     proptest! {
-        /// Against a model that keeps, per endpoint, the `cap` most recently recorded blocks.
+        /// Against a model that keeps, per endpoint, the `cap` most recently recorded blocks,
+        /// and with a TTL only those recorded within it as of that endpoint's last record.
         #[test]
         fn behaves_like_a_per_endpoint_lru(records in proptest::collection::vec(
-            (0u32..3, proptest::collection::vec(0u64..12, 0..6)), 1..60), cap in 1usize..8) {
-            let mut idx = ApproxIndex::new(cap, None);
-            let mut model: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+            (0u32..3, proptest::collection::vec(0u64..24, 0..8)), 1..200), cap in 1usize..24,
+            ttl in proptest::option::of(1u64..60)) {
+            let mut idx = ApproxIndex::new(cap, ttl);
+            let mut model: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
             for (t, (e, blocks)) in records.iter().enumerate() {
-                idx.record(&ep(*e), &hs(blocks), t as u64);
+                let t = t as u64;
+                idx.record(&ep(*e), &hs(blocks), t);
                 let list = model.entry(*e).or_default();
                 for b in blocks.iter().rev() {
-                    list.retain(|x| x != b);
-                    list.push(*b);
+                    list.retain(|x| x.0 != *b);
+                    list.push((*b, t));
                 }
                 let excess = list.len().saturating_sub(cap);
                 list.drain(..excess);
+                if let Some(ttl) = ttl {
+                    list.retain(|x| x.1 >= t.saturating_sub(ttl));
+                }
             }
             for (e, list) in &model {
                 prop_assert_eq!(idx.index().endpoint_blocks(&ep(*e)), list.len());
-                for b in list {
+                for (b, _) in list {
                     prop_assert_eq!(depth(&idx, *e, &[*b]), 1);
                 }
             }

@@ -6,6 +6,10 @@
 # Usage: benches/quality.sh [path/to/kvroute]   (default: target/release/kvroute)
 # SEEDS="1" runs fewer seeds; BLOCK_SIZE=16 simulates vLLM's 16-token blocks in every setting
 # (docs/benchmarks.md, "At vLLM's 16-token blocks"; about 3x slower).
+# SWEEP=0.5,0.75,1.25,1.5 instead runs every open-loop setting at those factors on its load
+# (`--sweep`, first seed only) and lists where kvroute's two profiles lose a percentile to a
+# baseline or their p90 is more than 5 % above the oracle's (docs/benchmarks.md, "Against
+# load, every workload").
 set -euo pipefail
 bin=${1:-target/release/kvroute}
 block_size=${BLOCK_SIZE:-}
@@ -38,6 +42,49 @@ if [[ -n $block_size ]]; then
   for i in "${!settings[@]}"; do
     settings[i]="${settings[i]/ --block-size 16/} --block-size $block_size"
   done
+fi
+if [[ -n ${SWEEP:-} ]]; then
+  seed=${SEEDS:-1}
+  for s in "${settings[@]}"; do
+    read -r name profile args <<<"$s"
+    [[ $args == *--users* ]] && continue # closed loops have no offered load to scale
+    echo "== $name $profile"
+    # shellcheck disable=SC2086
+    "$bin" bench $args --profile "$profile" --seed "${seed%% *}" --policies "$policies" \
+      --sweep "$SWEEP"
+  done | tee "$out/sweeps.txt"
+  python3 - "$out/sweeps.txt" <<'PY'
+import re, sys
+rows, order, cur = {}, [], None
+for line in open(sys.argv[1]):
+    if line.startswith("== "):
+        cur = line[3:].strip()
+        continue
+    m = re.match(r"\s+([0-9.]+) (\S+)\s+(\d+)ms\s+(\d+)ms\s+(\d+)ms", line)
+    if m and cur:
+        key = (cur, m.group(1))
+        if key not in rows:
+            rows[key] = {}
+            order.append(key)
+        rows[key][m.group(2)] = [int(m.group(i)) for i in (3, 4, 5)]
+baselines = ["round-robin", "sglang-cache-aware", "dynamo-kv"]
+print("\n| setting | offered/s | kvroute-approx | kvroute |")
+print("|---|---|---|---|")
+for key in order:
+    r = rows[key]
+    cells = []
+    for me in ("kvroute-approx", "kvroute"):
+        lost = []
+        for i, pct in enumerate(("p50", "p90", "p99")):
+            best = min(baselines, key=lambda b: r[b][i])
+            if r[me][i] > r[best][i]:
+                lost.append(f"{pct} {r[me][i]} vs {best} {r[best][i]}")
+        if r[me][1] > 1.05 * r["oracle"][1]:
+            lost.append(f"p90 {r[me][1]} vs oracle {r['oracle'][1]}")
+        cells.append("; ".join(lost) or "leads")
+    print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+PY
+  exit 0
 fi
 for s in "${settings[@]}"; do
   read -r name profile args <<<"$s"

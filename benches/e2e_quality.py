@@ -26,7 +26,8 @@ default without events), `kvroute-precise` (the default with events, which the p
 publish), `least-in-flight` (`kvroute serve --policy least-in-flight`), `sglang` (the real SGLang
 router from PyPI, `sglang_router.launch_router --policy cache_aware` with its defaults, as
 its own proxy in Envoy's place; `--sglang-python` names a Python that has `sglang-router`
-installed). Pods are restarted
+installed), `vllm-router` (vLLM's router from PyPI, `vllm-router --policy cache_aware`, the
+executable `--vllm-router` names). Pods are restarted
 for each mode, so every mode starts from cold caches. With `--tokenizer FILE` the pods
 tokenize with that `tokenizer.json` (and kvroute, which precise routing needs, with the
 same); without it they cut text into 4-byte tokens, which kvroute cannot reproduce, so
@@ -109,6 +110,9 @@ def shared_prompts(rng: random.Random, requests: int, tenants: int = 32, units: 
 def many_tenants(rng: random.Random, requests: int):
     return shared_prompts(rng, requests, tenants=150, units=16)
 
+
+# The peers' routers, each its own proxy in front of the pods.
+PEERS = ("sglang", "vllm-router")
 
 WORKLOADS = {"long-chats": long_chats, "shared-prompts": shared_prompts, "many-tenants": many_tenants}
 
@@ -204,6 +208,8 @@ def main() -> None:
     ap.add_argument("--keep", help="keep every process's log in this directory")
     ap.add_argument("--sglang-python", default="python3",
                     help="a Python with sglang-router installed, for the sglang mode")
+    ap.add_argument("--vllm-router", default="vllm-router",
+                    help="the vllm-router executable (pip install vllm-router), for its mode")
     ap.add_argument("--json", help="write the figures here as JSON")
     args = ap.parse_args()
     if "kvroute-precise" in args.modes.split(",") and not args.tokenizer:
@@ -246,7 +252,7 @@ def main() -> None:
                         f"http://{ip}:{pod_port}/health", timeout=1).status == 200)
                 grpc, kv_admin, listen, admin = free_port(), free_port(), free_port(), free_port()
                 kv = None
-                if mode not in ("round-robin", "sglang"):
+                if mode != "round-robin" and mode not in PEERS:
                     argv = [str(kvroute), "serve", "--endpoints", ",".join(f"{ip}:{pod_port}" for ip in pods),
                             "--grpc-addr", f"127.0.0.1:{grpc}", "--admin-addr", f"127.0.0.1:{kv_admin}",
                             "--grpc-health-port", "0", "--worker-threads", "1"]
@@ -257,10 +263,12 @@ def main() -> None:
                     kv = procs.start(argv, work / f"kvroute-{mode}.log", env=dict(os.environ, KVROUTE_LOG="warn"))
                     wait_until("kvroute", lambda: urllib.request.urlopen(
                         f"http://127.0.0.1:{kv_admin}/readyz", timeout=1).status == 200)
-                if mode == "sglang":
-                    ev = procs.start([args.sglang_python, "-m", "sglang_router.launch_router",
-                                      "--policy", "cache_aware", "--host", "127.0.0.1", "--port", str(listen),
-                                      "--prometheus-port", str(free_port()), "--log-level", "warn",
+                if mode in PEERS:
+                    router = ([args.sglang_python, "-m", "sglang_router.launch_router"] if mode == "sglang"
+                              else [args.vllm_router])
+                    ev = procs.start([*router, "--policy", "cache_aware", "--host", "127.0.0.1",
+                                      "--port", str(listen), "--prometheus-port", str(free_port()),
+                                      "--log-level", os.environ.get("PEER_LOG", "warn" if mode == "sglang" else "warning"),
                                       "--worker-urls", *(f"http://{ip}:{pod_port}" for ip in pods)],
                                      work / f"router-{mode}.log")
                 else:

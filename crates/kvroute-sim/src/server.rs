@@ -701,7 +701,21 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                 }
             }
         }
-        _ => error(StatusCode::NOT_FOUND, "not found"),
+        _ => {
+            // Read what is sent to a path not served, so the connection stays usable for
+            // the client's next request: hyper drains a short unread body itself, but
+            // closes the connection after a long one, which a client that pools
+            // connections (vllm-router asking for `/v1/chat/completions/render`) then
+            // finds closed on its next request.
+            let mut r = error(StatusCode::NOT_FOUND, "not found");
+            if read_body(req).await.is_err() {
+                r.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
+            r
+        }
     }
 }
 

@@ -594,3 +594,56 @@ async fn a_decode_pod_has_its_prompt_prefilled_where_the_header_says() {
     stop_p.cancel();
     stop_d.cancel();
 }
+
+/// Reads one HTTP/1.1 response with a `content-length` off `stream`: its status line and
+/// headers (lowercased), and its body.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).await.unwrap();
+        assert_eq!(
+            n,
+            1,
+            "the connection closed mid-response: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf).unwrap().to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    (head, String::from_utf8(body).unwrap())
+}
+
+/// A client that pools connections (vllm-router's does) sends what the pod does not serve
+/// (its `/v1/chat/completions/render`) and then its next request on the same connection:
+/// the pod reads the unserved request's body, so the connection stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_outlives_a_request_the_pod_does_not_serve() {
+    use tokio::io::AsyncWriteExt;
+    let (bound, stop) = start().await;
+    let mut stream = tokio::net::TcpStream::connect(bound.http).await.unwrap();
+    // A long chat's worth: hyper drains a short unread body by itself, not a long one.
+    let body = completion(&document().repeat(40), false);
+    let unserved = format!(
+        "POST /v1/chat/completions/render HTTP/1.1\r\nhost: pod\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(unserved.as_bytes()).await.unwrap();
+    let (head, _) = read_response(&mut stream).await;
+    assert!(head.starts_with("http/1.1 404"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nhost: pod\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut stream).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    stop.cancel();
+}

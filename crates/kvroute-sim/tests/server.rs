@@ -647,3 +647,28 @@ async fn a_connection_outlives_a_request_the_pod_does_not_serve() {
     assert!(head.starts_with("http/1.1 200"), "{head}");
     stop.cancel();
 }
+
+/// A body over the pod's limit sent where the pod serves nothing is not read to its end: the
+/// answer says the connection closes, so no client sends another request on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_unserved_request_closes_its_connection() {
+    use tokio::io::AsyncWriteExt;
+    let (bound, stop) = start().await;
+    let mut stream = tokio::net::TcpStream::connect(bound.http).await.unwrap();
+    let length = (64 << 20) + 1;
+    let head = format!(
+        "POST /v1/chat/completions/render HTTP/1.1\r\nhost: pod\r\ncontent-length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b' '; 1 << 20];
+    let mut sent = 0;
+    while sent < length {
+        let n = chunk.len().min(length - sent);
+        stream.write_all(&chunk[..n]).await.unwrap();
+        sent += n;
+    }
+    let (head, _) = read_response(&mut stream).await;
+    assert!(head.starts_with("http/1.1 404"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    stop.cancel();
+}

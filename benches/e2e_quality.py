@@ -20,6 +20,9 @@ Workload (`--workload`):
   and a fresh question.
 - `many-tenants`: the same with 150 tenants of 16 units (more than a pod caches, less than
   four): `kvroute bench --workload many-tenants`.
+- `sibling-bursts`: a new 16-unit document, then 7 more questions on it, the 8 within
+  50 ms; bursts arrive Poisson at `--rate` / 8 (the other workloads' requests arrive
+  Poisson at `--rate`).
 
 Modes (`--modes`): `round-robin` (Envoy alone: its ROUND_ROBIN pool), `kvroute` (the
 default without events), `kvroute-precise` (the default with events, which the pods always
@@ -111,10 +114,47 @@ def many_tenants(rng: random.Random, requests: int):
     return shared_prompts(rng, requests, tenants=150, units=16)
 
 
+SIBLINGS, SIBLING_WINDOW_S = 8, 0.05
+
+
+def sibling_bursts(rng: random.Random, requests: int):
+    """A new 16-unit document, then 8 questions on it (`SiblingBursts`' arrivals)."""
+    for i in range(requests):
+        if i % SIBLINGS == 0:
+            doc = text(rng, 16)
+        yield [{"role": "user", "content": doc + "\n" + text(rng, 1)}]
+
+
+def poisson(rng: random.Random, n: int, rate: float) -> list[float]:
+    """Arrival times (s) of `n` requests at `rate` a second."""
+    at, out = 0.0, []
+    for _ in range(n):
+        at += rng.expovariate(rate)
+        out.append(at)
+    return out
+
+
+def bursts(rng: random.Random, n: int, rate: float) -> list[float]:
+    """Bursts of `SIBLINGS` requests at `rate / SIBLINGS` a second, each burst's requests
+    uniform over its first `SIBLING_WINDOW_S`, the first at its start."""
+    out, start = [], 0.0
+    while len(out) < n:
+        start += rng.expovariate(rate / SIBLINGS)
+        gaps = sorted(rng.uniform(0, SIBLING_WINDOW_S) for _ in range(SIBLINGS - 1))
+        out += [start] + [start + g for g in gaps]
+    return out[:n]
+
+
 # The peers' routers, each its own proxy in front of the pods.
 PEERS = ("sglang", "vllm-router")
 
-WORKLOADS = {"long-chats": long_chats, "shared-prompts": shared_prompts, "many-tenants": many_tenants}
+# Each workload's prompts, and when they arrive.
+WORKLOADS = {
+    "long-chats": (long_chats, poisson),
+    "shared-prompts": (shared_prompts, poisson),
+    "many-tenants": (many_tenants, poisson),
+    "sibling-bursts": (sibling_bursts, bursts),
+}
 
 
 async def one_request(port: int, body: bytes, out: list, t0: float) -> None:
@@ -161,14 +201,11 @@ async def one_request(port: int, body: bytes, out: list, t0: float) -> None:
     out.append((sent - t0, ttft, prompt, cached, ok and ttft is not None))
 
 
-async def replay(port: int, bodies: list[bytes], rate: float, seed: int) -> list:
-    rng = random.Random(seed)
+async def replay(port: int, bodies: list[bytes], times: list[float]) -> list:
     out: list = []
     tasks = []
     t0 = time.monotonic()
-    at = 0.0
-    for body in bodies:
-        at += rng.expovariate(rate)
+    for body, at in zip(bodies, times):
         delay = t0 + at - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -222,7 +259,8 @@ def main() -> None:
     rng = random.Random(args.seed)
     bodies = [json.dumps({"model": MODEL, "stream": True, "max_tokens": args.output_tokens,
                           "stream_options": {"include_usage": True}, "messages": m}).encode()
-              for m in WORKLOADS[args.workload](rng, args.requests)]
+              for m in WORKLOADS[args.workload][0](rng, args.requests)]
+    times = WORKLOADS[args.workload][1](random.Random(args.seed), len(bodies), args.rate)
     pods = [f"127.0.0.{10 + i}" for i in range(args.pods)]
     pod_port = free_port()
     results = {}
@@ -286,7 +324,7 @@ def main() -> None:
                         return r.status == 200
                 wait_until(f"the proxy ({mode})", ready, timeout=60)
                 started = time.monotonic()
-                out = asyncio.run(replay(listen, bodies, args.rate, args.seed))
+                out = asyncio.run(replay(listen, bodies, times))
                 wall = time.monotonic() - started
                 good = [r for r in out if r[4]]
                 ttft = [r[1] * 1000 for r in good]

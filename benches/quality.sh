@@ -51,38 +51,34 @@ if [[ -n ${SWEEP:-} ]]; then
     echo "== $name $profile"
     # shellcheck disable=SC2086
     "$bin" bench $args --profile "$profile" --seed "${seed%% *}" --policies "$policies" \
-      --sweep "$SWEEP"
-  done | tee "$out/sweeps.txt"
-  python3 - "$out/sweeps.txt" <<'PY'
-import re, sys
-rows, order, cur = {}, [], None
-for line in open(sys.argv[1]):
-    if line.startswith("== "):
-        cur = line[3:].strip()
-        continue
-    m = re.match(r"\s+([0-9.]+) (\S+)\s+(\d+)ms\s+(\d+)ms\s+(\d+)ms", line)
-    if m and cur:
-        key = (cur, m.group(1))
-        if key not in rows:
-            rows[key] = {}
-            order.append(key)
-        rows[key][m.group(2)] = [int(m.group(i)) for i in (3, 4, 5)]
+      --sweep "$SWEEP" --json "$out/sweep@$name@$profile.json"
+    echo "$name $profile" >>"$out/sweeps"
+  done
+  python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
 baselines = ["round-robin", "sglang-cache-aware", "dynamo-kv"]
 print("\n| setting | offered/s | kvroute-approx | kvroute |")
 print("|---|---|---|---|")
-for key in order:
-    r = rows[key]
-    cells = []
-    for me in ("kvroute-approx", "kvroute"):
-        lost = []
-        for i, pct in enumerate(("p50", "p90", "p99")):
-            best = min(baselines, key=lambda b: r[b][i])
-            if r[me][i] > r[best][i]:
-                lost.append(f"{pct} {r[me][i]} vs {best} {r[best][i]}")
-        if r[me][1] > 1.05 * r["oracle"][1]:
-            lost.append(f"p90 {r[me][1]} vs oracle {r['oracle'][1]}")
-        cells.append("; ".join(lost) or "leads")
-    print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+for setting in open(out + "/sweeps").read().splitlines():
+    name, profile = setting.split()
+    rows = {}
+    for p in json.load(open(f"{out}/sweep@{name}@{profile}.json"))["policies"]:
+        # As the table printed them: whole milliseconds.
+        rows.setdefault(f"{p['offered_requests_per_s']:.2f}", {})[p["policy"]] = [
+            round(p[k]) for k in ("ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms")]
+    for rate, r in rows.items():
+        cells = []
+        for me in ("kvroute-approx", "kvroute"):
+            lost = []
+            for i, pct in enumerate(("p50", "p90", "p99")):
+                best = min(baselines, key=lambda b: r[b][i])
+                if r[me][i] > r[best][i]:
+                    lost.append(f"{pct} {r[me][i]} vs {best} {r[best][i]}")
+            if r[me][1] > 1.05 * r["oracle"][1]:
+                lost.append(f"p90 {r[me][1]} vs oracle {r['oracle'][1]}")
+            cells.append("; ".join(lost) or "leads")
+        print(f"| {setting} | {rate} | " + " | ".join(cells) + " |")
 PY
   exit 0
 fi

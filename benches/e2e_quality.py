@@ -247,6 +247,8 @@ class Run:
                     "--profile", self.args.profile, "--model", MODEL, "--worker-threads", "1"]
             if self.args.tokenizer:
                 argv += ["--tokenizer", self.args.tokenizer]
+            if self.args.context_cost:
+                argv.append("--context-cost")
             started.append(self.procs.start(argv, self.work / f"pod-{mode}-{i}.log",
                                             env=dict(os.environ, KVROUTE_LOG="warn")))
         for ip in self.pods:
@@ -338,6 +340,8 @@ def main() -> None:
     ap.add_argument("--output-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--tokenizer", help="tokenizer.json the pods and kvroute tokenize with")
+    ap.add_argument("--context-cost", action="store_true",
+                    help="pods also pay attention's cost per token of context (kvroute sim --context-cost)")
     ap.add_argument("--keep", help="keep every process's log in this directory")
     ap.add_argument("--sglang-python", default="python3",
                     help="a Python with sglang-router installed, for the sglang mode")

@@ -10,9 +10,12 @@
 # (`--sweep`, first seed only) and lists where kvroute's two profiles lose a percentile to a
 # baseline or their p90 is more than 5 % above the oracle's (docs/benchmarks.md, "Against
 # load, every workload").
+# EXTRA="--context-cost" adds arguments to every run (docs/benchmarks.md, "When attention
+# costs per token of context").
 set -euo pipefail
 bin=${1:-target/release/kvroute}
 block_size=${BLOCK_SIZE:-}
+read -r -a extra <<<"${EXTRA:-}"
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 policies=round-robin,sglang-cache-aware,dynamo-kv,kvroute-approx,kvroute,oracle
@@ -50,7 +53,7 @@ if [[ -n ${SWEEP:-} ]]; then
     [[ $args == *--users* ]] && continue # closed loops have no offered load to scale
     echo "== $name $profile"
     # shellcheck disable=SC2086
-    "$bin" bench $args --profile "$profile" --seed "${seed%% *}" --policies "$policies" \
+    "$bin" bench $args "${extra[@]}" --profile "$profile" --seed "${seed%% *}" --policies "$policies" \
       --sweep "$SWEEP" --json "$out/sweep@$name@$profile.json"
     echo "$name $profile" >>"$out/sweeps"
   done
@@ -88,7 +91,7 @@ for s in "${settings[@]}"; do
   [[ $args == --trace* ]] && seeds=1 # the trace has no seed
   for seed in $seeds; do
     # shellcheck disable=SC2086
-    "$bin" bench $args --profile "$profile" --seed "$seed" --policies "$policies" \
+    "$bin" bench $args "${extra[@]}" --profile "$profile" --seed "$seed" --policies "$policies" \
       --json "$out/$name@$profile@$seed.json" >/dev/null
   done
 done
@@ -120,6 +123,6 @@ for s in "${settings[@]}"; do
   [[ $profile == h100* && $args != *--users* ]] || continue
   echo "### $name, $profile"
   # shellcheck disable=SC2086
-  "$bin" bench $args --profile "$profile" --requests 2000 --policies "$policies" \
+  "$bin" bench $args "${extra[@]}" --profile "$profile" --requests 2000 --policies "$policies" \
     --goodput-slo-ms 2000 | tail -n +3
 done

@@ -59,6 +59,12 @@ pub(crate) struct BenchArgs {
     /// offloading): a second, slower tier, announced in the pods' KV events.
     #[arg(long, default_value_t = 0)]
     cpu_offload_tokens: usize,
+    /// Pods whose steps also pay attention's cost per token of context (each prefilled
+    /// token's attention to what precedes it, each decode's read of its KV cache), which
+    /// the profiles' linear figures leave out: a check that routing does not hinge on them
+    /// (`docs/simulator.md`).
+    #[arg(long)]
+    context_cost: bool,
     /// Policies to compare, comma-separated, or `all`: round-robin, random, least-load,
     /// sglang-cache-aware, dynamo-kv, approx-prefix, precise-prefix, kvroute-approx,
     /// kvroute, kvroute-lora, oracle.
@@ -225,11 +231,14 @@ impl WorkloadKind {
 }
 
 pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
-    let profile = Profile::named(&args.profile)
+    let mut profile = Profile::named(&args.profile)
         .with_context(|| format!("unknown profile {:?}", args.profile))?
         .with_block_size(args.block_size)
         .with_max_loras(args.max_loras)
         .with_cpu_offload_tokens(args.cpu_offload_tokens);
+    if args.context_cost {
+        profile = profile.with_context_cost();
+    }
     anyhow::ensure!(
         !matches!(args.workload, Some(WorkloadKind::Lora)) || args.max_loras > 0,
         "--workload lora needs --max-loras (the adapters a pod's batch may use at once)"
@@ -358,6 +367,9 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
             args.prefill_pods,
             args.pods - args.prefill_pods
         ));
+    }
+    if profile.context_cost {
+        title.push_str(", attention paid per token of context");
     }
     if profile.max_loras > 0 {
         title.push_str(&format!(", {} LoRA slots a pod", profile.max_loras));

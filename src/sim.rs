@@ -62,6 +62,11 @@ pub(crate) struct SimArgs {
     /// offloading); 0: none. Hits there are copied back instead of recomputed.
     #[arg(long, default_value_t = 0)]
     cpu_offload_tokens: usize,
+    /// Steps also pay attention's cost per token of context (each prefilled token's
+    /// attention to what precedes it, each decode's read of its KV cache), which the
+    /// profile's linear figures leave out (`docs/simulator.md`).
+    #[arg(long)]
+    context_cost: bool,
     /// Its part in prefill/decode disaggregation: `decode` and `both` honour
     /// `x-prefiller-host-port` as llm-d's routing sidecar does (the prefill pod computes the
     /// prompt, its KV comes over, this pod decodes); `prefill` serves what it is sent.
@@ -100,6 +105,9 @@ pub(crate) async fn run(args: SimArgs) -> anyhow::Result<()> {
         "--kv-transfer-us-per-token must be a number of at least 0"
     );
     let mut profile = profile.with_cpu_offload_tokens(args.cpu_offload_tokens);
+    if args.context_cost {
+        profile = profile.with_context_cost();
+    }
     if !args.lora_adapters.is_empty() {
         anyhow::ensure!(args.max_loras > 0, "--max-loras must be at least 1");
         anyhow::ensure!(

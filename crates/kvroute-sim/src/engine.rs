@@ -386,16 +386,21 @@ impl Engine {
         let loads = self.loras.hold(&batch_loras);
         self.extra_us += loads as f64 * self.profile.lora_load_us;
 
-        // Execute the plan.
+        // Execute the plan. Attention's work (with the profile's context cost): each prompt
+        // token prefilled attends to every token up to itself, a decode reads its context.
         let mut done = Vec::new();
+        let (mut attended, mut decode_context) = (0u64, 0u64);
         for (idx, &tokens) in plan.iter().enumerate() {
             let s = &mut self.running[idx];
             let was_prefill = s.computed < s.prefill_len;
+            let (before, chunk) = (s.computed as u64, tokens as u64);
             s.computed += tokens;
             if was_prefill {
                 report.prefill_tokens += tokens;
+                attended += chunk * before + chunk * (chunk + 1) / 2;
             } else {
                 report.decode_seqs += 1;
+                decode_context += before;
             }
             let full = (s.computed.min(s.req.prompt.len()) / bs).min(s.hashes.len());
             if full > s.cached_blocks {
@@ -435,7 +440,8 @@ impl Engine {
         if report.prefill_tokens > 0 || report.decode_seqs > 0 {
             report.duration_us = self
                 .profile
-                .step_us(report.prefill_tokens, report.decode_seqs);
+                .step_us(report.prefill_tokens, report.decode_seqs)
+                + self.profile.context_us(attended, decode_context).round() as u64;
         }
         let extra = std::mem::take(&mut self.extra_us);
         if report.duration_us > 0 {

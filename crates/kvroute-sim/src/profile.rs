@@ -34,6 +34,25 @@ pub struct Profile {
     /// Copying a prefix-cache hit back from host memory, µs per token (cheaper than
     /// prefilling it again).
     pub cpu_load_us_per_token: f64,
+    /// What attention costs beyond the linear figures above, paid only with
+    /// [`Profile::with_context_cost`]: the figures above were fit on short contexts, where a
+    /// step's cost hardly depends on how long each sequence's context is.
+    pub context: ContextCost,
+    /// Whether steps pay [`Profile::context`] (`--context-cost`).
+    pub context_cost: bool,
+}
+
+/// Attention's cost per token of context, from the model's shape and the hardware's
+/// figures (`docs/simulator.md`, "Context-dependent cost"): each prompt token prefilled
+/// attends to every token before it, and each decoding sequence reads its whole KV cache
+/// every step. Both grow with the context, so a pod of long conversations steps slower and a
+/// turn over a long cached history costs more than the same tokens alone.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ContextCost {
+    /// µs per prompt token prefilled, per 1,000 tokens it attends to (itself included).
+    pub prefill_us_per_ktoken: f64,
+    /// µs per decoding sequence, per 1,000 tokens of its context.
+    pub decode_us_per_ktoken: f64,
 }
 
 impl Profile {
@@ -45,12 +64,34 @@ impl Profile {
         us.round().max(1.0) as u64
     }
 
+    /// What a step's attention adds with [`Profile::with_context_cost`], µs: `attended` is
+    /// the (prompt token, token it attends to) pairs the step prefills, `decode_context` the
+    /// context tokens of the sequences it decodes, summed. 0 without it.
+    pub fn context_us(&self, attended: u64, decode_context: u64) -> f64 {
+        if !self.context_cost {
+            return 0.0;
+        }
+        (self.context.prefill_us_per_ktoken * attended as f64
+            + self.context.decode_us_per_ktoken * decode_context as f64)
+            / 1000.0
+    }
+
+    /// The same pod paying attention's cost per token of context ([`Profile::context`]):
+    /// a pool whose pods slow down with long contexts, as real ones do, to check that what
+    /// routing was tuned on does not hinge on the linear model (`--context-cost`).
+    pub fn with_context_cost(mut self) -> Self {
+        self.context_cost = true;
+        self
+    }
+
     /// The same pod `factor` times slower at every step (a previous GPU generation, or one
     /// sharing its GPU): its step, decode and prefill costs multiplied, its capacity kept.
     pub fn slowed(mut self, factor: f64) -> Self {
         self.step_base_us *= factor;
         self.decode_us_per_seq *= factor;
         self.prefill_us_per_token *= factor;
+        self.context.prefill_us_per_ktoken *= factor;
+        self.context.decode_us_per_ktoken *= factor;
         self
     }
 
@@ -82,6 +123,13 @@ impl Profile {
             // 128 KiB of KV per token (32 layers x 8 KV heads x 128 x 2 x bf16) over ~25 GB/s
             // of PCIe 5 host-to-device copy.
             cpu_load_us_per_token: 5.0,
+            // At the MFU and bandwidth of the figures above: 4 x 32 layers x 4,096 FLOP a
+            // (query, key) pair, 128 KiB of KV read a context token.
+            context: ContextCost {
+                prefill_us_per_ktoken: 1.18,
+                decode_us_per_ktoken: 48.9,
+            },
+            context_cost: false,
         }
     }
 
@@ -102,6 +150,13 @@ impl Profile {
             cpu_blocks: 0,
             // 320 KiB of KV per token (80 layers), a quarter per GPU, copied in parallel.
             cpu_load_us_per_token: 3.3,
+            // 4 x 80 layers x 8,192 FLOP a pair at the prefill MFU above; a quarter of
+            // 320 KiB read a context token on each GPU at 0.8 x 5.3 TB/s.
+            context: ContextCost {
+                prefill_us_per_ktoken: 1.43,
+                decode_us_per_ktoken: 19.3,
+            },
+            context_cost: false,
         }
     }
 
@@ -145,6 +200,11 @@ impl Profile {
             lora_load_us: 50.0,
             cpu_blocks: 0,
             cpu_load_us_per_token: 0.25,
+            context: ContextCost {
+                prefill_us_per_ktoken: 1.0,
+                decode_us_per_ktoken: 10.0,
+            },
+            context_cost: false,
         }
     }
 }

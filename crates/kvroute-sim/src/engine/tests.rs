@@ -90,6 +90,38 @@ fn chunked_prefill_spreads_a_long_prompt_over_steps() {
     );
 }
 
+/// With the context cost on, a prefilled token costs in proportion to what it attends to
+/// (every token up to itself, cached ones too) and a decode to its context: here 1 µs a pair
+/// and 1 µs a context token, on top of the linear 100 µs + 10 µs a decode + 1 µs a token.
+#[test]
+fn attention_costs_grow_with_the_context() {
+    let profile = Profile {
+        context: crate::profile::ContextCost {
+            prefill_us_per_ktoken: 1000.0,
+            decode_us_per_ktoken: 1000.0,
+        },
+        ..Profile::tiny(100, 8, 8)
+    };
+    let mut e = Engine::new(profile.clone().with_context_cost(), true);
+    assert!(e.add(req(1, &seq(0, 20), 2)));
+    let durations: Vec<u64> = run_to_end(&mut e).iter().map(|s| s.duration_us).collect();
+    // Chunks of 8, 8 and 4 tokens attend to 1+…+8, 9+…+16 and 17+…+20 tokens; the decode
+    // reads 20.
+    assert_eq!(durations, [108 + 36, 108 + 100, 104 + 74, 110 + 20]);
+    // A turn over a cached history pays attention to it: 4 new tokens after 12 cached.
+    let mut b = seq(0, 12);
+    b.extend(seq(100, 4));
+    assert!(e.add(req(2, &b, 1)));
+    let steps = run_to_end(&mut e);
+    assert_eq!(steps[0].prefill_tokens, 4);
+    assert_eq!(steps[0].duration_us, 104 + (13 + 14 + 15 + 16));
+    // Off (the default), the same figures cost nothing.
+    let mut off = Engine::new(profile, true);
+    assert!(off.add(req(1, &seq(0, 20), 2)));
+    let durations: Vec<u64> = run_to_end(&mut off).iter().map(|s| s.duration_us).collect();
+    assert_eq!(durations, [108, 108, 104, 110]);
+}
+
 #[test]
 fn a_shared_prefix_is_served_from_the_cache() {
     let mut e = Engine::new(Profile::tiny(100, 8, 64), true);

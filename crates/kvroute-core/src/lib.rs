@@ -15,8 +15,8 @@ pub use endpoint::{Endpoint, EndpointId};
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
 pub struct BlockHash(pub u64);
 pub use request::{
-    ApiKind, ChatMessage, ChatOptions, ContentPart, InferenceRequest, MessageContent, ParseError,
-    Prompt, RequestHints,
+    ApiKind, BYTES_PER_TOKEN, ChatMessage, ChatOptions, ContentPart, InferenceRequest,
+    MessageContent, ParseError, Prompt, RequestHints,
 };
 
 /// Where a request's priority comes from: its `InferenceObjective`, by name (the cluster's

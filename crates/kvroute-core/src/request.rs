@@ -90,6 +90,41 @@ pub enum Prompt {
     Chat(Vec<ChatMessage>),
 }
 
+/// Bytes of text per token, for prompts kvroute has not tokenized (the Inference Extension's
+/// estimate; a pod's own ratio is learnt from the usage its answers report).
+pub const BYTES_PER_TOKEN: usize = 4;
+
+impl Prompt {
+    /// The prompt's length as kvroute reads it without a tokenizer: its text's bytes (chat:
+    /// each message's role and text), or [`BYTES_PER_TOKEN`] per token id, which is what
+    /// the approximate index hashes a token id as.
+    pub fn index_bytes(&self) -> usize {
+        match self {
+            Self::Text(t) => t.len(),
+            Self::Texts(ts) => ts.iter().map(String::len).sum(),
+            Self::Tokens(t) => t.len() * BYTES_PER_TOKEN,
+            Self::TokenBatches(b) => b.iter().map(Vec::len).sum::<usize>() * BYTES_PER_TOKEN,
+            Self::Chat(messages) => messages
+                .iter()
+                .map(|m| {
+                    m.role.len()
+                        + match &m.content {
+                            MessageContent::Empty => 0,
+                            MessageContent::Text(t) => t.len(),
+                            MessageContent::Parts(parts) => parts
+                                .iter()
+                                .map(|p| match p {
+                                    ContentPart::Text(t) => t.len(),
+                                    ContentPart::Other { .. } => 0,
+                                })
+                                .sum(),
+                        }
+                })
+                .sum(),
+        }
+    }
+}
+
 /// One chat message.
 #[derive(Clone, Default, PartialEq, Debug, Deserialize)]
 pub struct ChatMessage {

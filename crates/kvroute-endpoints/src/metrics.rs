@@ -59,6 +59,26 @@ impl Collector for InFlightCollector {
             ConstGauge::new(i64::from(ep.events_confirmed()))
                 .encode(metric.encode_family(&labels)?)?;
         }
+        family(
+            &mut encoder,
+            &snapshot,
+            (
+                "endpoint_prefill_us_per_token",
+                "Microseconds a queued prompt token has cost the endpoint, learnt from its first answer bytes (endpoints that have taught it).",
+                MetricType::Gauge,
+            ),
+            |ep| ep.prefill_us_per_token().map(ConstGauge::new),
+        )?;
+        family(
+            &mut encoder,
+            &snapshot,
+            (
+                "endpoint_prompt_bytes_per_token",
+                "Prompt bytes per token of the endpoint's tokenizer, learnt from the prompt_tokens its answers report (endpoints that have taught it).",
+                MetricType::Gauge,
+            ),
+            |ep| ep.prompt_bytes_per_token().map(ConstGauge::new),
+        )?;
         let metric = encoder.encode_descriptor(
             "endpoints",
             "Endpoints currently known to the router.",
@@ -226,6 +246,19 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("kvroute_endpoints 1"), "{out}");
+        assert!(
+            !out.contains("kvroute_endpoint_prompt_bytes_per_token{"),
+            "not learnt: {out}"
+        );
+        for _ in 0..4 {
+            reg.snapshot()[0].observe_prompt_tokens(2_500, 1_000);
+        }
+        let mut out = String::new();
+        encode(&mut out, &prom).unwrap();
+        assert!(
+            out.contains(r#"kvroute_endpoint_prompt_bytes_per_token{endpoint="127.0.0.1:1"} 2.5"#),
+            "{out}"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use kvroute_core::{Endpoint, EndpointId};
 
 use crate::health::{Health, HealthConfig, HealthState};
 use crate::load::{FreshLoad, PodLoad, Scraped, is_fresh};
-use crate::speed::PrefillSpeed;
+use crate::speed::{PrefillSpeed, PromptBytes};
 
 /// Told when the endpoint set changes, so that whoever keeps per-endpoint state (index
 /// entries, metric series, subscriptions) can drop what belongs to departed endpoints.
@@ -33,6 +33,7 @@ pub struct EndpointState {
     kv_capacity_tokens: AtomicU64,
     prefill_backlog: AtomicU64,
     speed: PrefillSpeed,
+    prompt_bytes: PromptBytes,
     events_confirmed: AtomicBool,
     scraped: ArcSwapOption<Scraped>,
     scrape_errors: AtomicU64,
@@ -50,6 +51,7 @@ impl EndpointState {
             kv_capacity_tokens: AtomicU64::new(0),
             prefill_backlog: AtomicU64::new(0),
             speed: PrefillSpeed::default(),
+            prompt_bytes: PromptBytes::default(),
             events_confirmed: AtomicBool::new(false),
             scraped: ArcSwapOption::empty(),
             scrape_errors: AtomicU64::new(0),
@@ -103,6 +105,32 @@ impl EndpointState {
     /// here (`PrefillSpeed`); `None` until one long enough has had its first answer bytes.
     pub fn prefill_us_per_token(&self) -> Option<f64> {
         self.speed.us_per_token()
+    }
+
+    /// A prompt of `index_bytes` (`Prompt::index_bytes`) was `tokens` tokens, as the pod's
+    /// answer reported (its `usage.prompt_tokens`): teaches
+    /// [`EndpointState::prompt_bytes_per_token`].
+    pub fn observe_prompt_tokens(&self, index_bytes: u64, tokens: u64) {
+        self.prompt_bytes.observe(index_bytes, tokens);
+    }
+
+    /// Prompt bytes per token of the pod's tokenizer, learnt from the token counts its
+    /// answers report; `None` until a few long enough prompts were answered.
+    pub fn prompt_bytes_per_token(&self) -> Option<f64> {
+        self.prompt_bytes.per_token()
+    }
+
+    /// The pod's KV capacity in prompt bytes as the approximate index reads prompts: its
+    /// capacity in tokens at the bytes per token learnt here, or at `BYTES_PER_TOKEN` until
+    /// then (exact for token-id prompts). What sizes the approximate index's memory of the
+    /// pod: at a fixed 4 bytes a token, a tokenizer that makes 2 bytes a token would have it
+    /// remember twice what the pod holds.
+    pub fn kv_capacity_index_bytes(&self) -> Option<u64> {
+        let tokens = self.kv_capacity_tokens()?;
+        let per_token = self
+            .prompt_bytes_per_token()
+            .unwrap_or(kvroute_core::BYTES_PER_TOKEN as f64);
+        Some((tokens as f64 * per_token).round() as u64)
     }
 
     /// Whether this endpoint's KV-event stream is followed and in sequence, so that what the
@@ -711,5 +739,11 @@ mod tests {
         // A scrape that does not say (vLLM before profiling: "None") changes nothing.
         state.record_scrape(PodLoad::default(), Instant::now());
         assert_eq!(state.kv_capacity_tokens(), Some(160));
+        // In the approximate index's prompt bytes: 4 a token until the pod's answers say.
+        assert_eq!(state.kv_capacity_index_bytes(), Some(640));
+        for _ in 0..4 {
+            state.observe_prompt_tokens(3_000, 1_000);
+        }
+        assert_eq!(state.kv_capacity_index_bytes(), Some(480));
     }
 }

@@ -12,6 +12,9 @@
 //! the mix of short and long requests a pod happened to get, and on a pool of like pods it
 //! told them apart by more than 1.5x; the ratio of sums is carried by the long requests,
 //! where that fixed part is small (docs/benchmarks.md, "Learning each pod's speed").
+//!
+//! The same ratio of sums learns how many prompt bytes a pod's tokenizer makes a token
+//! (`PromptBytes`), from the token counts the pod's answers report.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,51 +30,99 @@ const DECAY: f64 = 0.99;
 /// Samples before an estimate is given: one request says little of a pod.
 const MIN_SAMPLES: u32 = 4;
 
-/// Recent microseconds and tokens, each decayed by [`DECAY`] per sample, and how many
+/// Recent numerators and denominators, each decayed by [`DECAY`] per sample, and how many
 /// samples there were (up to [`MIN_SAMPLES`]).
 #[derive(Debug, Default)]
 struct Sums {
-    us: f64,
-    tokens: f64,
+    num: f64,
+    den: f64,
     samples: u32,
 }
 
-/// A running estimate of microseconds per queued prompt token: updated under a lock once per
-/// request answered, read without one (the last estimate, as an `f64`'s bits; 0 while
+/// A running ratio of sums (recent numerators over recent denominators): updated under a
+/// lock once per sample, read without one (the last value, as an `f64`'s bits; 0 while
 /// nothing has been learnt).
 #[derive(Debug, Default)]
-pub(crate) struct PrefillSpeed {
+pub(crate) struct DecayedRatio {
     sums: Mutex<Sums>,
-    us_per_token: AtomicU64,
+    value: AtomicU64,
 }
+
+impl DecayedRatio {
+    /// The ratio, once [`MIN_SAMPLES`] samples have come.
+    pub(crate) fn value(&self) -> Option<f64> {
+        let v = f64::from_bits(self.value.load(Ordering::Relaxed));
+        (v > 0.0).then_some(v)
+    }
+
+    /// One more sample of `num` over `den`.
+    pub(crate) fn observe(&self, num: f64, den: f64) {
+        // A poisoned lock only means another observer panicked mid-update of two floats;
+        // they are still numbers.
+        let mut sums = self.sums.lock().unwrap_or_else(|e| e.into_inner());
+        sums.num = sums.num * DECAY + num;
+        sums.den = sums.den * DECAY + den;
+        sums.samples = (sums.samples + 1).min(MIN_SAMPLES);
+        if sums.samples == MIN_SAMPLES {
+            let v = sums.num / sums.den;
+            if v.is_finite() && v > 0.0 {
+                self.value.store(v.to_bits(), Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Microseconds per queued prompt token: a [`DecayedRatio`] of time over tokens.
+#[derive(Debug, Default)]
+pub(crate) struct PrefillSpeed(DecayedRatio);
 
 impl PrefillSpeed {
     /// Microseconds a queued prompt token costs here, once learnt.
     pub(crate) fn us_per_token(&self) -> Option<f64> {
-        let v = f64::from_bits(self.us_per_token.load(Ordering::Relaxed));
-        (v > 0.0).then_some(v)
+        self.0.value()
     }
 
     /// A request that had `tokens` prompt tokens to wait for (those queued ahead of it and
     /// its own uncached ones) got its first answer bytes `elapsed` after it was routed.
     /// Samples under [`MIN_SAMPLE_TOKENS`] are ignored.
     pub(crate) fn observe(&self, tokens: u64, elapsed: Duration) {
-        if tokens < MIN_SAMPLE_TOKENS {
+        if tokens >= MIN_SAMPLE_TOKENS {
+            self.0.observe(elapsed.as_secs_f64() * 1e6, tokens as f64);
+        }
+    }
+}
+
+/// Fewest tokens a prompt must have for its usage to teach [`PromptBytes`]: a short prompt's
+/// count is mostly its chat template's tokens.
+const MIN_PROMPT_TOKENS: u64 = 64;
+
+/// Bytes a token can plausibly stand for; a sample outside is a pod's miscount (or a
+/// hostile peer's), not a tokenizer.
+const BYTES_PER_TOKEN_RANGE: std::ops::RangeInclusive<f64> = 0.5..=32.0;
+
+/// Prompt bytes (as the approximate index reads a prompt, `Prompt::index_bytes`) per token
+/// the pod counted: a [`DecayedRatio`] of bytes over the `prompt_tokens` its answers report.
+/// A tokenizer turns text into tokens at its own rate (about 4 bytes a token for English
+/// with Llama 3's, half that for some text), and the approximate index, which cuts text
+/// into fixed byte chunks, needs it to know how many chunks a pod's KV cache holds.
+#[derive(Debug, Default)]
+pub(crate) struct PromptBytes(DecayedRatio);
+
+impl PromptBytes {
+    /// Bytes per token, once learnt.
+    pub(crate) fn per_token(&self) -> Option<f64> {
+        self.0.value()
+    }
+
+    /// A prompt of `bytes` (`Prompt::index_bytes`) was `tokens` tokens, as the pod said.
+    /// Short prompts and implausible ratios are ignored.
+    pub(crate) fn observe(&self, bytes: u64, tokens: u64) {
+        if tokens < MIN_PROMPT_TOKENS
+            || !BYTES_PER_TOKEN_RANGE.contains(&(bytes as f64 / tokens as f64))
+        {
             return;
         }
-        let us = elapsed.as_secs_f64() * 1e6;
-        // A poisoned lock only means another observer panicked mid-update of two floats;
-        // they are still numbers.
-        let mut sums = self.sums.lock().unwrap_or_else(|e| e.into_inner());
-        sums.us = sums.us * DECAY + us;
-        sums.tokens = sums.tokens * DECAY + tokens as f64;
-        sums.samples = (sums.samples + 1).min(MIN_SAMPLES);
-        if sums.samples == MIN_SAMPLES {
-            let v = sums.us / sums.tokens;
-            if v.is_finite() && v > 0.0 {
-                self.us_per_token.store(v.to_bits(), Ordering::Relaxed);
-            }
-        }
+        self.0.observe(bytes as f64, tokens as f64);
     }
 }
 
@@ -119,6 +170,29 @@ mod tests {
         );
         assert!((44.0..46.0).contains(&a), "{a}");
         assert!(b / a < 1.5, "{b} against {a}");
+    }
+
+    /// The bytes per token of the prompts a pod answered, once four long enough ones said;
+    /// short prompts (mostly template) and implausible counts teach nothing.
+    #[test]
+    fn prompt_bytes_are_learnt_from_plausible_long_prompts() {
+        let b = PromptBytes::default();
+        for _ in 0..3 {
+            b.observe(10_000, 4_000);
+        }
+        assert_eq!(b.per_token(), None, "three prompts say little");
+        b.observe(10_000, 6_000);
+        // (3 x 10,000 + 10,000) / (3 x 4,000 + 6,000), each older sample decayed.
+        let v = b.per_token().unwrap();
+        assert!((2.2..2.3).contains(&v), "{v}");
+        let short = PromptBytes::default();
+        let absurd = PromptBytes::default();
+        for _ in 0..10 {
+            short.observe(200, 50);
+            absurd.observe(1_000_000, 100);
+            absurd.observe(100, 1_000);
+        }
+        assert_eq!((short.per_token(), absurd.per_token()), (None, None));
     }
 
     proptest! {

@@ -247,6 +247,9 @@ pub struct StreamState {
     /// The request's model and whether it streams its answer, once its body was parsed.
     model: String,
     streaming: bool,
+    /// The prompt's `Prompt::index_bytes`, once parsed: with the `prompt_tokens` the answer
+    /// reports, it teaches the endpoint its tokenizer's bytes per token.
+    prompt_bytes: u64,
     /// The request as upstream's metrics see it, from its first decision on.
     record: Option<RequestRecord>,
 }
@@ -277,6 +280,8 @@ pub struct DecisionOutcome {
     /// The parsed request's model (empty when it did not parse) and `stream` flag.
     model: String,
     streaming: bool,
+    /// The parsed prompt's `Prompt::index_bytes` (0 when it did not parse).
+    prompt_bytes: u64,
 }
 
 impl DecisionJob {
@@ -287,9 +292,10 @@ impl DecisionJob {
         let body = join(self.chunks);
         // The hints move into the request, which carries them to the scheduler.
         let parsed = InferenceRequest::parse(self.api, &body, self.hints);
-        let (model, streaming) = parsed
-            .as_ref()
-            .map_or_else(|_| (String::new(), false), |r| (r.model.clone(), r.stream));
+        let (model, streaming, prompt_bytes) = parsed.as_ref().map_or_else(
+            |_| (String::new(), false, 0),
+            |r| (r.model.clone(), r.stream, r.prompt.index_bytes() as u64),
+        );
         let result = parsed.map(|request| {
             schedule(
                 &self.router,
@@ -306,6 +312,7 @@ impl DecisionJob {
             trailers_follow: self.trailers_follow,
             model,
             streaming,
+            prompt_bytes,
         }
     }
 }
@@ -378,6 +385,7 @@ impl StreamState {
             fairness_id: String::new(),
             model: String::new(),
             streaming: false,
+            prompt_bytes: 0,
             record: None,
         }
     }
@@ -762,10 +770,12 @@ impl StreamState {
             trailers_follow,
             model,
             streaming,
+            prompt_bytes,
         } = outcome;
         self.subset = subset;
         self.model = model;
         self.streaming = streaming;
+        self.prompt_bytes = prompt_bytes;
         let decided = match result {
             Ok(decided) => decided,
             Err(e) => {
@@ -1014,6 +1024,11 @@ impl StreamState {
         if let Some(guard) = self.guard.take() {
             if let Some(usage) = usage {
                 self.router.metrics.usage(guard.endpoint(), &usage);
+                if self.status == Some(200) {
+                    guard
+                        .endpoint()
+                        .observe_prompt_tokens(self.prompt_bytes, usage.prompt_tokens);
+                }
             }
             self.router.metrics.response(self.status);
         }

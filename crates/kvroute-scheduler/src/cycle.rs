@@ -5,15 +5,11 @@
 
 use std::sync::Arc;
 
-use kvroute_core::{BlockHash, ContentPart, EndpointId, MessageContent, Prompt};
+use kvroute_core::{BYTES_PER_TOKEN, BlockHash, EndpointId, Prompt};
 use kvroute_endpoints::EndpointState;
 use kvroute_index::{EndpointMatch, MatchScratch};
 
 use crate::{SchedulingRequest, endpoint_index};
-
-/// Bytes of text per token, for prompts kvroute has not tokenized (the Inference Extension's
-/// estimate).
-pub(crate) const BYTES_PER_TOKEN: usize = 4;
 
 /// Names one prefix producer's slot in the cycle state; resolved from the producer's plugin
 /// name when the configuration is built.
@@ -309,29 +305,10 @@ impl<'a> Candidates<'a> {
     }
 }
 
-/// Tokens in a prompt kvroute has not tokenized, estimated from its text.
+/// Tokens in a prompt kvroute has not tokenized, estimated from its text (exact for token
+/// ids).
 pub(crate) fn estimate_tokens(prompt: &Prompt) -> u64 {
-    let bytes: usize = match prompt {
-        Prompt::Text(t) => t.len(),
-        Prompt::Texts(ts) => ts.iter().map(String::len).sum(),
-        Prompt::Tokens(t) => return t.len() as u64,
-        Prompt::TokenBatches(b) => return b.iter().map(Vec::len).sum::<usize>() as u64,
-        Prompt::Chat(messages) => messages
-            .iter()
-            .map(|m| match &m.content {
-                MessageContent::Empty => 0,
-                MessageContent::Text(t) => t.len(),
-                MessageContent::Parts(parts) => parts
-                    .iter()
-                    .map(|p| match p {
-                        ContentPart::Text(t) => t.len(),
-                        ContentPart::Other { .. } => 0,
-                    })
-                    .sum(),
-            })
-            .sum(),
-    };
-    (bytes / BYTES_PER_TOKEN) as u64
+    (prompt.index_bytes() / BYTES_PER_TOKEN) as u64
 }
 
 #[cfg(test)]

@@ -529,3 +529,33 @@ fn what_chat_templates_read_is_kept() {
     .unwrap();
     assert_eq!(plain.chat, ChatOptions::default());
 }
+
+/// A prompt's length as the approximate index reads it: text bytes (a chat's roles and
+/// text parts, not its other parts), or 4 bytes a token id.
+#[test]
+fn index_bytes_count_text_and_token_ids() {
+    assert_eq!(Prompt::Text("abcdef".into()).index_bytes(), 6);
+    assert_eq!(
+        Prompt::Texts(vec!["ab".into(), "c".into()]).index_bytes(),
+        3
+    );
+    assert_eq!(Prompt::Tokens(vec![1, 2, 3]).index_bytes(), 12);
+    assert_eq!(
+        Prompt::TokenBatches(vec![vec![1], vec![2, 3]]).index_bytes(),
+        12
+    );
+    let chat = Prompt::Chat(vec![
+        ChatMessage::text("system", "be brief"),
+        ChatMessage {
+            role: "user".into(),
+            content: MessageContent::Parts(vec![
+                ContentPart::Text("hi".into()),
+                ContentPart::Other {
+                    kind: "image_url".into(),
+                },
+            ]),
+            ..ChatMessage::default()
+        },
+    ]);
+    assert_eq!(chat.index_bytes(), "system".len() + 8 + "user".len() + 2);
+}

@@ -708,6 +708,44 @@ fn only_a_streamed_answers_first_bytes_teach_the_endpoints_speed() {
     assert_eq!(h.registry.snapshot()[0].prefill_backlog(), 0);
 }
 
+/// The `prompt_tokens` an answer reports, against the prompt's text, teach the endpoint its
+/// tokenizer's bytes per token; an answer without usage, or a failed one, teaches nothing.
+#[test]
+fn the_usage_an_answer_reports_teaches_the_endpoints_bytes_per_token() {
+    let h = Harness::new(&[8001]);
+    let learnt = || h.registry.snapshot()[0].prompt_bytes_per_token();
+    let body = chat_body(4000);
+    let bytes = InferenceRequest::parse(ApiKind::ChatCompletions, &body, Default::default())
+        .unwrap()
+        .prompt
+        .index_bytes() as u64;
+    let answer = |status: u16, usage: bool| {
+        let mut s = h.stream();
+        send(&mut s, full_duplex_headers(CHAT));
+        send(&mut s, request_body(&body, true));
+        send(&mut s, response_headers(status, "text/event-stream", false));
+        send(&mut s, response_body(b"data: {\"choices\":[]}\n\n", false));
+        if usage {
+            let tokens = bytes / 2;
+            let event = format!(
+                "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{tokens},\"completion_tokens\":3}}}}\n\n"
+            );
+            send(&mut s, response_body(event.as_bytes(), false));
+        }
+        send(&mut s, response_body(b"data: [DONE]\n\n", true));
+    };
+    for _ in 0..4 {
+        answer(200, false);
+        answer(500, true);
+    }
+    assert_eq!(learnt(), None);
+    for _ in 0..4 {
+        answer(200, true);
+    }
+    let v = learnt().unwrap();
+    assert!((1.99..=2.01).contains(&v), "{v}");
+}
+
 #[test]
 fn a_stream_dropped_mid_response_releases_its_slot() {
     let h = Harness::new(&[8001]);

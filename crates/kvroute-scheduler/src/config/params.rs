@@ -13,7 +13,6 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 
 use super::flow::DetectorParams;
 use super::{BuildContext, ConfigError, approx_producer, precise_producer, prefix_scorer};
-use crate::cycle::BYTES_PER_TOKEN;
 use crate::plugins::active::{ActiveRequestScorer, NoHitLruScorer};
 use crate::plugins::filters::{LabelSelectorFilter, RoleFilter, Selector};
 use crate::plugins::handler::{
@@ -28,6 +27,7 @@ use crate::plugins::replicate::{PrefixReplication, ReplicationPolicy};
 use crate::plugins::session::{Role, SESSION_TOKEN_HEADER, SessionAffinity, Strategy};
 use crate::plugins::ttft::TtftScorer;
 use crate::{Plugin, SlotId};
+use kvroute_core::BYTES_PER_TOKEN;
 
 /// Upstream's default `maxPrefixTokensToMatch`.
 const DEFAULT_MAX_PREFIX_TOKENS: usize = 131_072;

@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kvroute_core::{BlockHash, EndpointId};
+use kvroute_core::{BYTES_PER_TOKEN, BlockHash, EndpointId};
 use kvroute_endpoints::EndpointState;
 use kvroute_index::{ApproxIndex, Shared, WRITE_BATCH_BLOCKS};
 use kvroute_tokens::ApproxHasher;
 
-use crate::cycle::{BYTES_PER_TOKEN, estimate_tokens};
+use crate::cycle::estimate_tokens;
 use crate::{
     BodyUse, Candidates, CycleState, Decision, Plugin, Producer, SchedulingRequest, Scorer, SlotId,
 };
@@ -24,8 +24,9 @@ pub(crate) struct ApproxProducer {
     hasher: ApproxHasher,
     index: Arc<Shared<ApproxIndex>>,
     epoch: Instant,
-    /// With `autoTune`, tokens per chunk: an endpoint's capacity is what its pod reports it
-    /// caches (`EndpointState::kv_capacity_tokens`) in chunks, else the configured one.
+    /// With `autoTune`, bytes per chunk: an endpoint's capacity is what its pod reports it
+    /// caches, in prompt bytes at its tokenizer's learnt rate
+    /// (`EndpointState::kv_capacity_index_bytes`), in chunks; else the configured one.
     auto_tune: Option<u64>,
 }
 
@@ -42,7 +43,7 @@ impl ApproxProducer {
             hasher: ApproxHasher::new(chunk_bytes, max_blocks),
             index,
             epoch: Instant::now(),
-            auto_tune: auto_tune.then(|| (chunk_bytes / BYTES_PER_TOKEN).max(1) as u64),
+            auto_tune: auto_tune.then(|| chunk_bytes.max(1) as u64),
         }
     }
 
@@ -55,9 +56,9 @@ impl ApproxProducer {
         let endpoint = holder.id();
         // The pod's own cache size, in chunks, when it reports one: a guess bounded by a
         // fixed count forgets what a large pod still holds, or keeps what a small one lost.
-        let capacity = self.auto_tune.and_then(|chunk_tokens| {
-            let tokens = holder.kv_capacity_tokens()?;
-            Some(usize::try_from(tokens / chunk_tokens).unwrap_or(usize::MAX))
+        let capacity = self.auto_tune.and_then(|chunk_bytes| {
+            let bytes = holder.kv_capacity_index_bytes()?;
+            Some(usize::try_from(bytes / chunk_bytes).unwrap_or(usize::MAX))
         });
         // Short write holds keep readers' latency flat (docs/index.md, "Sharing"); the last
         // chunk goes first so the prompt's beginning ends up most recently used.

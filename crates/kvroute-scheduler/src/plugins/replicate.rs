@@ -19,6 +19,8 @@
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use kvroute_core::BYTES_PER_TOKEN;
+
 use crate::{Candidates, CycleState, Decision, Filter, Plugin, SchedulingRequest};
 
 /// Slots of the popularity table, direct-mapped by a prefix's last block hash.
@@ -225,8 +227,12 @@ impl Filter for PrefixReplication {
         // whole if no copy is made, so each pod's queue is read once.
         let (mut holders, mut idle_others, mut smallest) = (0u64, 0usize, u64::MAX);
         for (i, (pos, ep)) in candidates.iter().enumerate() {
-            // Without every pod's KV capacity there is no telling what fits.
-            let Some(capacity) = ep.kv_capacity_tokens() else {
+            // Without every pod's KV capacity there is no telling what fits. In tokens as
+            // kvroute estimates a prompt's (at the pod's learnt bytes per token).
+            let Some(capacity) = ep
+                .kv_capacity_index_bytes()
+                .map(|bytes| bytes / BYTES_PER_TOKEN as u64)
+            else {
                 keep.fill(true);
                 return;
             };

@@ -126,11 +126,16 @@ impl EndpointState {
     /// pod: at a fixed 4 bytes a token, a tokenizer that makes 2 bytes a token would have it
     /// remember twice what the pod holds.
     pub fn kv_capacity_index_bytes(&self) -> Option<u64> {
-        let tokens = self.kv_capacity_tokens()?;
+        Some(self.index_bytes_of(self.kv_capacity_tokens()?))
+    }
+
+    /// `tokens` of this pod's tokenizer in prompt bytes as the approximate index reads
+    /// prompts: at the bytes per token learnt here, or `BYTES_PER_TOKEN` until then.
+    pub fn index_bytes_of(&self, tokens: u64) -> u64 {
         let per_token = self
             .prompt_bytes_per_token()
             .unwrap_or(kvroute_core::BYTES_PER_TOKEN as f64);
-        Some((tokens as f64 * per_token).round() as u64)
+        (tokens as f64 * per_token).round() as u64
     }
 
     /// Whether this endpoint's KV-event stream is followed and in sequence, so that what the

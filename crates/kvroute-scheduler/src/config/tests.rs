@@ -242,22 +242,27 @@ fn auto_tune_sizes_each_endpoints_memory_from_its_pods_kv_capacity() {
 
 /// A pod whose answers say its tokenizer makes 2 bytes of text a token holds half the text
 /// a 4-byte estimate would have it hold: `autoTune` sizes the index's memory of it by what
-/// the pod reports, the learnt rate included.
+/// the pod reports (else by the configured capacity, read as tokens), at the learnt rate.
 #[test]
 fn auto_tune_reads_the_pods_bytes_per_token_once_learnt() {
-    let ctx = BuildContext::new(16);
-    let s = build("plugins:\n- type: prefix-cache-scorer\n", &ctx).unwrap();
-    let reg = registry(1);
-    let ep = reg.snapshot()[0].clone();
-    ep.set_kv_capacity_tokens(65_536);
-    for _ in 0..4 {
-        ep.observe_prompt_tokens(2_000, 1_000);
+    // 65,536 tokens at 2 bytes: 2,048 chunks of 64 bytes; 31,250 blocks of 16 tokens at 2
+    // bytes: 15,625.
+    for (capacity, want) in [(Some(65_536), 2_048), (None, 15_625)] {
+        let ctx = BuildContext::new(16);
+        let s = build("plugins:\n- type: prefix-cache-scorer\n", &ctx).unwrap();
+        let reg = registry(1);
+        let ep = reg.snapshot()[0].clone();
+        if let Some(tokens) = capacity {
+            ep.set_kv_capacity_tokens(tokens);
+        }
+        for _ in 0..4 {
+            ep.observe_prompt_tokens(2_000, 1_000);
+        }
+        assert_eq!(ep.prompt_bytes_per_token(), Some(2.0));
+        route(&s, &reg, &"You are a helpful assistant. ".repeat(10));
+        let index = &ctx.approx_indexes()[0];
+        assert_eq!(index.read().capacity_of(ep.id()), want, "{capacity:?}");
     }
-    assert_eq!(ep.prompt_bytes_per_token(), Some(2.0));
-    route(&s, &reg, &"You are a helpful assistant. ".repeat(10));
-    let index = &ctx.approx_indexes()[0];
-    // 65,536 tokens at 2 bytes: 2,048 chunks of 64 bytes.
-    assert_eq!(index.read().capacity_of(ep.id()), 2_048);
 }
 
 #[test]

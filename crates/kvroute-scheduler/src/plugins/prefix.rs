@@ -25,9 +25,13 @@ pub(crate) struct ApproxProducer {
     index: Arc<Shared<ApproxIndex>>,
     epoch: Instant,
     /// With `autoTune`, bytes per chunk: an endpoint's capacity is what its pod reports it
-    /// caches, in prompt bytes at its tokenizer's learnt rate
-    /// (`EndpointState::kv_capacity_index_bytes`), in chunks; else the configured one.
+    /// caches (else the configured capacity, read as tokens), in prompt bytes at its
+    /// tokenizer's learnt rate (`EndpointState::index_bytes_of`), in chunks. Without it,
+    /// the configured capacity in chunks.
     auto_tune: Option<u64>,
+    /// The configured capacity (`lruCapacityPerServer` blocks of `blockSizeTokens`) in
+    /// tokens.
+    configured_tokens: u64,
 }
 
 impl ApproxProducer {
@@ -35,7 +39,7 @@ impl ApproxProducer {
         slot: SlotId,
         chunk_bytes: usize,
         max_blocks: usize,
-        index: Arc<Shared<ApproxIndex>>,
+        (index, capacity): (Arc<Shared<ApproxIndex>>, usize),
         auto_tune: bool,
     ) -> Self {
         Self {
@@ -44,6 +48,7 @@ impl ApproxProducer {
             index,
             epoch: Instant::now(),
             auto_tune: auto_tune.then(|| chunk_bytes.max(1) as u64),
+            configured_tokens: (capacity.saturating_mul(chunk_bytes) / BYTES_PER_TOKEN) as u64,
         }
     }
 
@@ -54,11 +59,15 @@ impl ApproxProducer {
     /// Remembers that `holder` now caches `blocks`.
     fn record(&self, holder: &EndpointState, blocks: &[BlockHash], now: u64) {
         let endpoint = holder.id();
-        // The pod's own cache size, in chunks, when it reports one: a guess bounded by a
-        // fixed count forgets what a large pod still holds, or keeps what a small one lost.
-        let capacity = self.auto_tune.and_then(|chunk_bytes| {
-            let bytes = holder.kv_capacity_index_bytes()?;
-            Some(usize::try_from(bytes / chunk_bytes).unwrap_or(usize::MAX))
+        // The pod's own cache size when it reports one, in chunks of its tokenizer's text:
+        // a guess bounded by a fixed count forgets what a large pod still holds, or keeps
+        // what a small one lost, and so does one that takes a token for 4 bytes of text
+        // when the pod's tokenizer makes 2.
+        let capacity = self.auto_tune.map(|chunk_bytes| {
+            let tokens = holder
+                .kv_capacity_tokens()
+                .unwrap_or(self.configured_tokens);
+            usize::try_from(holder.index_bytes_of(tokens) / chunk_bytes).unwrap_or(usize::MAX)
         });
         // Short write holds keep readers' latency flat (docs/index.md, "Sharing"); the last
         // chunk goes first so the prompt's beginning ends up most recently used.

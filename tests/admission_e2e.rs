@@ -160,6 +160,8 @@ struct Overloaded {
     _api: ApiServer,
     kvroute: Kvroute,
     envoy: Envoy,
+    /// Last, so it goes once the processes writing there have.
+    _dir: Scratch,
 }
 
 impl Overloaded {
@@ -195,6 +197,7 @@ impl Overloaded {
             _api: api,
             kvroute,
             envoy,
+            _dir: dir,
         }
     }
 }
@@ -227,6 +230,7 @@ fn clients(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_sheddable_work_is_shed_under_overload_and_none_is_lost() {
     let Overloaded {
+        _dir,
         stop,
         _api,
         kvroute,
@@ -304,6 +308,7 @@ flowControl:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flow_control_under_overload_holds_critical_work_and_bounds_sheddable_work() {
     let Overloaded {
+        _dir,
         stop,
         _api,
         kvroute,

@@ -159,6 +159,8 @@ struct Pool {
     pods: Vec<Bound>,
     kvroute: Kvroute,
     envoy: Envoy,
+    /// Last, so it goes once the processes writing there have.
+    _dir: Scratch,
 }
 
 impl Pool {
@@ -188,6 +190,7 @@ impl Pool {
             pods,
             kvroute,
             envoy,
+            _dir: dir,
         };
         // Without a replay, what a pod publishes before kvroute's subscription reaches it is
         // lost for good (ZMQ's slow joiner): reset each (still empty) cache, which publishes

@@ -130,6 +130,8 @@ struct Tokenized {
     kvroute: Kvroute,
     envoy: Envoy,
     tokenizer: Arc<tokenizers::Tokenizer>,
+    /// Last, so it goes once the processes reading and writing there have.
+    _dir: Scratch,
 }
 
 impl Tokenized {
@@ -181,6 +183,7 @@ impl Tokenized {
             kvroute,
             envoy,
             tokenizer,
+            _dir: dir,
         }
     }
 

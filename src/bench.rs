@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use kvroute_bench::{
-    BenchReport, Deployment, Load, Policy, PolicyReport, PolicyRouter, TraceRequest, Workload,
-    load_mooncake, render_svg, run, run_deployed,
+    BenchReport, Deployment, Load, Policy, PolicyReport, PolicyRouter, TextPrompts, TraceRequest,
+    Workload, load_mooncake, render_svg, run, run_deployed,
 };
 use kvroute_sim::Profile;
 
@@ -65,6 +65,15 @@ pub(crate) struct BenchArgs {
     /// (`docs/simulator.md`).
     #[arg(long)]
     context_cost: bool,
+    /// Prompts reach the policies without KV events as text of this many bytes a token
+    /// (1 to 8), as when the pods tokenize with a tokenizer of that rate; kvroute learns it
+    /// from the usage the answers report. The precise policies keep token ids.
+    #[arg(long)]
+    text_bytes_per_token: Option<usize>,
+    /// With --text-bytes-per-token: answers report no usage (a client that streams without
+    /// `stream_options.include_usage`), so kvroute cannot learn the rate.
+    #[arg(long, requires = "text_bytes_per_token")]
+    no_usage: bool,
     /// Policies to compare, comma-separated, or `all`: round-robin, random, least-load,
     /// sglang-cache-aware, dynamo-kv, approx-prefix, precise-prefix, kvroute-approx,
     /// kvroute, kvroute-lora, oracle.
@@ -252,6 +261,11 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.replicas > 0, "--replicas must be at least 1");
     anyhow::ensure!(args.scrape_ms != Some(0), "--scrape-ms must be at least 1");
     anyhow::ensure!(
+        args.text_bytes_per_token
+            .is_none_or(|b| (1..=8).contains(&b)),
+        "--text-bytes-per-token must be between 1 and 8"
+    );
+    anyhow::ensure!(
         args.sweep
             .as_ref()
             .is_none_or(|f| !f.is_empty() && f.iter().all(|f| f.is_finite() && *f > 0.0)),
@@ -287,6 +301,12 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         config,
         slow_pods: args.slow_pods,
         slowdown_pct: (args.slowdown * 100.0).round() as u32,
+        text: args
+            .text_bytes_per_token
+            .map(|bytes_per_token| TextPrompts {
+                bytes_per_token,
+                usage: !args.no_usage,
+            }),
     };
     let policies = if args.policies == "all" {
         Policy::ALL.to_vec()
@@ -370,6 +390,12 @@ pub(crate) fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if profile.context_cost {
         title.push_str(", attention paid per token of context");
+    }
+    if let Some(b) = args.text_bytes_per_token {
+        title.push_str(&format!(", prompts as text of {b} bytes a token"));
+        if args.no_usage {
+            title.push_str(" (no usage reported)");
+        }
     }
     if profile.max_loras > 0 {
         title.push_str(&format!(", {} LoRA slots a pod", profile.max_loras));

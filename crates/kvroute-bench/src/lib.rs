@@ -17,7 +17,7 @@ mod trace;
 pub use admission::{AdmissionReport, ClassReport, run_admission, sheddable};
 pub use baselines::{DynamoCost, SglangCacheAware, SglangConfig};
 pub use chart::{ChartError, render_svg};
-pub use policy::{Policy, PolicyRouter};
+pub use policy::{Policy, PolicyRouter, TextPrompts};
 pub use replicas::{Deployment, Replicas};
 pub use report::{BenchReport, Load, PartReport, PolicyReport, run, run_deployed};
 pub use synthetic::Workload;

@@ -220,6 +220,34 @@ pub struct PolicyRouter {
     /// Simulated time 0 as an `Instant`: claims are taken and released on the simulated
     /// clock, so the speeds endpoints learn from them are the simulated pods'.
     epoch: Instant,
+    /// Prompts sent as text of this many bytes a token, not as token ids (policies without
+    /// events, which read text as `serve` does without a tokenizer).
+    text: Option<TextPrompts>,
+}
+
+/// Prompts as text: what a client sends when the pods tokenize, at a tokenizer's rate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TextPrompts {
+    /// Bytes of text each token stands for (1 to 8).
+    pub bytes_per_token: usize,
+    /// Whether answers report their usage (`prompt_tokens`), from which kvroute learns
+    /// each pod's rate; a client that streams without `include_usage` gets none.
+    pub usage: bool,
+}
+
+/// Letters a token's text is spelt with: ASCII, so every token is `bytes_per_token` bytes.
+const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// `tokens` as text, `bytes_per_token` letters each, spelt from a hash of the id: equal
+/// token sequences give equal text, so shared prefixes stay shared.
+fn render(tokens: &[u32], bytes_per_token: usize) -> String {
+    let mut text = Vec::with_capacity(tokens.len() * bytes_per_token);
+    for &t in tokens {
+        let h = u64::from(t).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        text.extend((0..bytes_per_token).map(|i| ALPHABET[((h >> (58 - 6 * i)) & 63) as usize]));
+    }
+    // Only ASCII letters went in.
+    String::from_utf8(text).unwrap_or_default()
 }
 
 impl std::fmt::Debug for PolicyRouter {
@@ -321,6 +349,7 @@ impl PolicyRouter {
             decision_ns: Vec::new(),
             busy_us: vec![0; pods],
             epoch: Instant::now(),
+            text: None,
         }
     }
 
@@ -351,6 +380,16 @@ impl PolicyRouter {
     /// in-flight requests.
     pub fn with_scrapes(mut self, every_us: u64, phase_us: u64) -> Self {
         self.scrape = Some((every_us.max(1), phase_us));
+        self
+    }
+
+    /// Sends prompts as text (`text`) to policies without events: kvroute's approximate
+    /// index then reads bytes, and learns each pod's bytes per token from the usage answers
+    /// report, as `serve` does.
+    pub fn with_text_prompts(mut self, text: TextPrompts) -> Self {
+        if !self.policy.uses_events() {
+            self.text = Some(text);
+        }
         self
     }
 
@@ -467,7 +506,10 @@ impl PolicyRouter {
         let Some(scheduler) = &self.scheduler else {
             return 0;
         };
-        let parsed = parsed(request, tokens);
+        let mut parsed = parsed(request, tokens);
+        if let (Some(text), Prompt::Tokens(ids)) = (self.text, &parsed.prompt) {
+            parsed.prompt = Prompt::Text(render(ids, text.bytes_per_token));
+        }
         let hints = RequestHints::default();
         let decided = scheduler.schedule(
             &SchedulingRequest::new(Some(&parsed), &hints).at(at),
@@ -585,6 +627,14 @@ impl RouteFn for PolicyRouter {
         }
         for f in &report.finished {
             self.claims.remove(&f.id);
+            // The answer's usage, as a pod reports it: the prompt's tokens, against the
+            // text it was sent as.
+            if let (Some(text), Some(ep)) = (self.text, self.endpoints.get(pod))
+                && text.usage
+            {
+                let tokens = f.prompt_tokens as u64;
+                ep.observe_prompt_tokens(tokens * text.bytes_per_token as u64, tokens);
+            }
         }
     }
 }
@@ -662,6 +712,58 @@ pub(crate) mod tests {
         assert_eq!(lora.route_with_engines(0, &next, &views, &engines), 2);
         let mut plain = PolicyRouter::new(Policy::KvrouteApprox, 4, 512).with_scrapes(1_000, 0);
         assert_ne!(plain.route_with_engines(0, &next, &views, &engines), 2);
+    }
+
+    /// Token ids as text: the same letters for the same ids, `bytes_per_token` a token,
+    /// so a shared token prefix is a shared text prefix and nothing else is.
+    #[test]
+    fn rendered_text_keeps_prefixes_and_length() {
+        let a = render(&[1, 2, 3], 2);
+        let b = render(&[1, 2, 4], 2);
+        assert_eq!((a.len(), b.len()), (6, 6));
+        assert_eq!(a[..4], b[..4]);
+        assert_ne!(a, b);
+        assert_eq!(render(&[7; 5], 8).len(), 40);
+    }
+
+    /// With prompts as text, kvroute's approximate profile reads bytes; answers that report
+    /// their usage teach each pod the rate, and without usage nothing is learnt. The precise
+    /// profile keeps token ids.
+    #[test]
+    fn text_prompts_teach_the_pods_bytes_per_token_through_usage() {
+        let views = vec![PodView::default(); 2];
+        let finish = |r: &mut PolicyRouter, pod: usize, id: RequestId| {
+            let report = StepReport {
+                first_tokens: vec![id],
+                finished: vec![kvroute_sim::Finished {
+                    id,
+                    prompt_tokens: 4 * 512,
+                    cached_tokens: 0,
+                    output_tokens: 1,
+                }],
+                ..StepReport::default()
+            };
+            r.observe(0, pod, &report);
+        };
+        for (usage, learnt) in [(true, Some(3.0)), (false, None)] {
+            let text = TextPrompts {
+                bytes_per_token: 3,
+                usage,
+            };
+            let mut r = PolicyRouter::new(Policy::KvrouteApprox, 2, 512).with_text_prompts(text);
+            for i in 0..8 {
+                let pod = r.route(0, &req(i, &[i, i + 1, i + 2, i + 3]), &views);
+                finish(&mut r, pod, i);
+            }
+            for ep in r.endpoints.iter() {
+                assert_eq!(ep.prompt_bytes_per_token(), learnt, "usage {usage}");
+            }
+        }
+        let precise = PolicyRouter::new(Policy::Kvroute, 2, 512).with_text_prompts(TextPrompts {
+            bytes_per_token: 3,
+            usage: true,
+        });
+        assert_eq!(precise.text, None);
     }
 
     #[test]

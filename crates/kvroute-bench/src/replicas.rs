@@ -6,7 +6,7 @@
 
 use kvroute_sim::{Engine, PodView, Profile, RouteFn, SimRequest, StepReport};
 
-use crate::policy::{Policy, PolicyRouter};
+use crate::policy::{Policy, PolicyRouter, TextPrompts};
 
 /// How the router is deployed in a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +29,9 @@ pub struct Deployment {
     pub slow_pods: usize,
     /// …by this factor, in percent (200: twice as slow).
     pub slowdown_pct: u32,
+    /// Prompts sent as text to the policies without events, at this many bytes a token;
+    /// `None`: token ids.
+    pub text: Option<TextPrompts>,
 }
 
 impl Default for Deployment {
@@ -40,6 +43,7 @@ impl Default for Deployment {
             config: None,
             slow_pods: 0,
             slowdown_pct: 100,
+            text: None,
         }
     }
 }
@@ -74,6 +78,10 @@ impl Replicas {
                     deployment.config,
                 )
                 .with_pod_capacity(capacity);
+                let router = match deployment.text {
+                    Some(text) => router.with_text_prompts(text),
+                    None => router,
+                };
                 match deployment.scrape_ms {
                     Some(ms) => {
                         let every = ms * 1000;

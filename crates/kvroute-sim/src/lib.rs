@@ -22,6 +22,6 @@ mod table;
 pub mod wire;
 
 pub use cluster::{Cluster, PREFILL_ID_BIT, PodView, RequestResult, RouteFn};
-pub use engine::{Engine, KvEvent, Medium, RequestId, SimRequest, StepReport};
+pub use engine::{Engine, Finished, KvEvent, Medium, RequestId, SimRequest, StepReport};
 pub use profile::Profile;
 pub use prompt::PromptTokens;

@@ -104,7 +104,9 @@ const BYTES_PER_TOKEN_RANGE: std::ops::RangeInclusive<f64> = 0.5..=32.0;
 /// the pod counted: a [`DecayedRatio`] of bytes over the `prompt_tokens` its answers report.
 /// A tokenizer turns text into tokens at its own rate (about 4 bytes a token for English
 /// with Llama 3's, half that for some text), and the approximate index, which cuts text
-/// into fixed byte chunks, needs it to know how many chunks a pod's KV cache holds.
+/// into fixed byte chunks, needs it to know how many chunks a pod's KV cache holds. What
+/// the index never reads but the pod caches (a chat template's tokens, tool definitions)
+/// counts in the ratio too, as it should for that.
 #[derive(Debug, Default)]
 pub(crate) struct PromptBytes(DecayedRatio);
 

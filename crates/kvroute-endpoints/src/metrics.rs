@@ -26,39 +26,44 @@ impl InFlightCollector {
 impl Collector for InFlightCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let snapshot = self.0.snapshot();
-        let mut metric = encoder.encode_descriptor(
-            "endpoint_in_flight_requests",
-            "Requests routed to the endpoint whose response has not ended.",
-            None,
-            MetricType::Gauge,
+        family(
+            &mut encoder,
+            &snapshot,
+            (
+                "endpoint_in_flight_requests",
+                "Requests routed to the endpoint whose response has not ended.",
+                MetricType::Gauge,
+            ),
+            |ep| {
+                Some(ConstGauge::new(
+                    i64::try_from(ep.in_flight()).unwrap_or(i64::MAX),
+                ))
+            },
         )?;
-        for ep in snapshot.iter() {
-            let labels = [("endpoint", ep.id().as_str())];
-            let gauge = ConstGauge::new(i64::try_from(ep.in_flight()).unwrap_or(i64::MAX));
-            gauge.encode(metric.encode_family(&labels)?)?;
-        }
-        let mut metric = encoder.encode_descriptor(
-            "endpoint_prefill_backlog_tokens",
-            "Prompt tokens routed to the endpoint, expected uncached, whose first output token has not come back.",
-            None,
-            MetricType::Gauge,
+        family(
+            &mut encoder,
+            &snapshot,
+            (
+                "endpoint_prefill_backlog_tokens",
+                "Prompt tokens routed to the endpoint, expected uncached, whose first output token has not come back.",
+                MetricType::Gauge,
+            ),
+            |ep| {
+                Some(ConstGauge::new(
+                    i64::try_from(ep.prefill_backlog()).unwrap_or(i64::MAX),
+                ))
+            },
         )?;
-        for ep in snapshot.iter() {
-            let labels = [("endpoint", ep.id().as_str())];
-            let gauge = ConstGauge::new(i64::try_from(ep.prefill_backlog()).unwrap_or(i64::MAX));
-            gauge.encode(metric.encode_family(&labels)?)?;
-        }
-        let mut metric = encoder.encode_descriptor(
-            "endpoint_kv_events_confirmed",
-            "1 while the endpoint's KV-event stream is followed and in sequence (its precise cache entries are trusted), else 0.",
-            None,
-            MetricType::Gauge,
+        family(
+            &mut encoder,
+            &snapshot,
+            (
+                "endpoint_kv_events_confirmed",
+                "1 while the endpoint's KV-event stream is followed and in sequence (its precise cache entries are trusted), else 0.",
+                MetricType::Gauge,
+            ),
+            |ep| Some(ConstGauge::new(i64::from(ep.events_confirmed()))),
         )?;
-        for ep in snapshot.iter() {
-            let labels = [("endpoint", ep.id().as_str())];
-            ConstGauge::new(i64::from(ep.events_confirmed()))
-                .encode(metric.encode_family(&labels)?)?;
-        }
         family(
             &mut encoder,
             &snapshot,

@@ -689,10 +689,8 @@ fn approx_producer(
         slot,
         chunk_bytes,
         max_blocks,
-        (
-            ctx.approx_index((name.to_owned(), chunk_bytes, max_blocks, capacity)),
-            capacity,
-        ),
+        ctx.approx_index((name.to_owned(), chunk_bytes, max_blocks, capacity)),
+        capacity,
         auto_tune,
     ))
 }

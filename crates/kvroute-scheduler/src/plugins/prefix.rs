@@ -24,11 +24,11 @@ pub(crate) struct ApproxProducer {
     hasher: ApproxHasher,
     index: Arc<Shared<ApproxIndex>>,
     epoch: Instant,
-    /// With `autoTune`, bytes per chunk: an endpoint's capacity is what its pod reports it
-    /// caches (else the configured capacity, read as tokens), in prompt bytes at its
-    /// tokenizer's learnt rate (`EndpointState::index_bytes_of`), in chunks. Without it,
-    /// the configured capacity in chunks.
-    auto_tune: Option<u64>,
+    /// `autoTune`: an endpoint's capacity is what its pod reports it caches (else the
+    /// configured capacity, read as tokens), in prompt bytes at its tokenizer's learnt rate
+    /// (`EndpointState::index_bytes_of`), in chunks. Without it, the configured capacity in
+    /// chunks.
+    auto_tune: bool,
     /// The configured capacity (`lruCapacityPerServer` blocks of `blockSizeTokens`) in
     /// tokens.
     configured_tokens: u64,
@@ -39,7 +39,8 @@ impl ApproxProducer {
         slot: SlotId,
         chunk_bytes: usize,
         max_blocks: usize,
-        (index, capacity): (Arc<Shared<ApproxIndex>>, usize),
+        index: Arc<Shared<ApproxIndex>>,
+        capacity: usize,
         auto_tune: bool,
     ) -> Self {
         Self {
@@ -47,7 +48,7 @@ impl ApproxProducer {
             hasher: ApproxHasher::new(chunk_bytes, max_blocks),
             index,
             epoch: Instant::now(),
-            auto_tune: auto_tune.then(|| chunk_bytes.max(1) as u64),
+            auto_tune,
             configured_tokens: (capacity.saturating_mul(chunk_bytes) / BYTES_PER_TOKEN) as u64,
         }
     }
@@ -63,11 +64,12 @@ impl ApproxProducer {
         // a guess bounded by a fixed count forgets what a large pod still holds, or keeps
         // what a small one lost, and so does one that takes a token for 4 bytes of text
         // when the pod's tokenizer makes 2.
-        let capacity = self.auto_tune.map(|chunk_bytes| {
+        let capacity = self.auto_tune.then(|| {
             let tokens = holder
                 .kv_capacity_tokens()
                 .unwrap_or(self.configured_tokens);
-            usize::try_from(holder.index_bytes_of(tokens) / chunk_bytes).unwrap_or(usize::MAX)
+            let chunks = holder.index_bytes_of(tokens) / self.hasher.chunk_bytes() as u64;
+            usize::try_from(chunks).unwrap_or(usize::MAX)
         });
         // Short write holds keep readers' latency flat (docs/index.md, "Sharing"); the last
         // chunk goes first so the prompt's beginning ends up most recently used.

@@ -436,7 +436,7 @@ impl PolicyRouter {
     ) -> Option<usize> {
         self.scrape(now_us, pods, engines);
         let scheduler = self.scheduler.as_ref()?;
-        let parsed = parsed(request, self.tokens(request));
+        let parsed = self.parsed(request, self.tokens(request));
         let hints = RequestHints::default();
         let decision = scheduler
             .preview(
@@ -454,6 +454,26 @@ impl PolicyRouter {
     /// the whole prompt's length, as it does in `kvroute serve`.
     fn tokens(&self, request: &SimRequest) -> Vec<u32> {
         request.prompt.tokens(0, request.prompt.len())
+    }
+
+    /// The completion request a client would send for `request`, carrying `tokens` (as
+    /// text, with [`PolicyRouter::with_text_prompts`]): its adapter's name as the model, if
+    /// it names one.
+    fn parsed(&self, request: &SimRequest, tokens: Vec<u32>) -> InferenceRequest {
+        let prompt = match self.text {
+            Some(text) => Prompt::Text(render(&tokens, text.bytes_per_token)),
+            None => Prompt::Tokens(tokens),
+        };
+        InferenceRequest {
+            api: ApiKind::Completions,
+            model: request.lora.as_deref().unwrap_or("bench").into(),
+            prompt,
+            cache_salt: None,
+            stream: true,
+            max_tokens: Some(request.max_tokens as u64),
+            chat: Default::default(),
+            hints: RequestHints::default(),
+        }
     }
 
     fn pick(
@@ -506,10 +526,7 @@ impl PolicyRouter {
         let Some(scheduler) = &self.scheduler else {
             return 0;
         };
-        let mut parsed = parsed(request, tokens);
-        if let (Some(text), Prompt::Tokens(ids)) = (self.text, &parsed.prompt) {
-            parsed.prompt = Prompt::Text(render(ids, text.bytes_per_token));
-        }
+        let parsed = self.parsed(request, tokens);
         let hints = RequestHints::default();
         let decided = scheduler.schedule(
             &SchedulingRequest::new(Some(&parsed), &hints).at(at),
@@ -537,21 +554,6 @@ impl PolicyRouter {
             primary.acquire_with_prefill_at(decision.prefill_tokens(), at),
         );
         position(primary)
-    }
-}
-
-/// The completion request a client would send for `request`, carrying `tokens`: its
-/// adapter's name as the model, if it names one.
-fn parsed(request: &SimRequest, tokens: Vec<u32>) -> InferenceRequest {
-    InferenceRequest {
-        api: ApiKind::Completions,
-        model: request.lora.as_deref().unwrap_or("bench").into(),
-        prompt: Prompt::Tokens(tokens),
-        cache_salt: None,
-        stream: true,
-        max_tokens: Some(request.max_tokens as u64),
-        chat: Default::default(),
-        hints: RequestHints::default(),
     }
 }
 
@@ -765,6 +767,39 @@ pub(crate) mod tests {
             usage: true,
         });
         assert_eq!(precise.text, None);
+    }
+
+    /// A replica asked where it would send a request (`preview`, the replicas' agreement)
+    /// reads it as `route` does: as text, with text prompts.
+    #[test]
+    fn a_preview_reads_text_prompts_as_routing_does() {
+        let views = vec![PodView::default(); 4];
+        let mut r =
+            PolicyRouter::new(Policy::KvrouteApprox, 4, 512).with_text_prompts(TextPrompts {
+                bytes_per_token: 2,
+                usage: true,
+            });
+        let engines: Vec<Engine> = Vec::new();
+        for i in 0..4 {
+            let pod = r.route(0, &req(i, &[10 * i, 10 * i + 1, 10 * i + 2]), &views);
+            let report = StepReport {
+                first_tokens: vec![i],
+                finished: vec![kvroute_sim::Finished {
+                    id: i,
+                    prompt_tokens: 3 * 512,
+                    cached_tokens: 0,
+                    output_tokens: 1,
+                }],
+                ..StepReport::default()
+            };
+            r.observe(0, pod, &report);
+            let follow_up = req(10 + i, &[10 * i, 10 * i + 1, 10 * i + 2, 99]);
+            assert_eq!(
+                r.preview(0, &follow_up, &views, &engines),
+                Some(pod),
+                "prompt {i}"
+            );
+        }
     }
 
     #[test]

@@ -34,7 +34,10 @@ executable `--vllm-router` names). Pods are restarted
 for each mode, so every mode starts from cold caches. With `--tokenizer FILE` the pods
 tokenize with that `tokenizer.json` (and kvroute, which precise routing needs, with the
 same); without it they cut text into 4-byte tokens, which kvroute cannot reproduce, so
-`kvroute-precise` then needs `--tokenizer`.
+`kvroute-precise` then needs `--tokenizer`. With `--no-usage` the client streams without
+`stream_options.include_usage`, so no answer reports its tokens (kvroute then learns each
+pod's bytes per token from the pods' `vllm:request_prompt_tokens`), and the hit rate
+printed is the pods' own (`vllm:prefix_cache_hits_total` over `_queries_total`).
 
     benches/e2e_quality.py                                   # long chats, 4 pods, ~8 minutes
     benches/e2e_quality.py --workload shared-prompts --rate 40 --requests 2000
@@ -256,6 +259,20 @@ class Run:
                 f"http://{ip}:{self.pod_port}/health", timeout=1).status == 200)
         return started
 
+    def pod_counts(self) -> tuple[float, float, float]:
+        """The pods' prefix-cache hits and queries (tokens) and the prompt tokens of the
+        requests they finished, summed over the pods, from their /metrics."""
+        names = ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
+                 "vllm:request_prompt_tokens_sum")
+        totals = dict.fromkeys(names, 0.0)
+        for ip in self.pods:
+            with urllib.request.urlopen(f"http://{ip}:{self.pod_port}/metrics", timeout=5) as m:
+                for line in m.read().decode().splitlines():
+                    name = line.split("{", 1)[0].split(" ", 1)[0]
+                    if name in totals:
+                        totals[name] += float(line.rsplit(" ", 1)[1])
+        return tuple(totals[n] for n in names)
+
     def start_kvroute(self, mode: str, grpc: int, kv_admin: int):
         argv = [str(self.kvroute), "serve", "--endpoints", ",".join(f"{ip}:{self.pod_port}" for ip in self.pods),
                 "--grpc-addr", f"127.0.0.1:{grpc}", "--admin-addr", f"127.0.0.1:{kv_admin}",
@@ -305,11 +322,17 @@ class Run:
         good = [r for r in out if r[4]]
         ttft = [r[1] * 1000 for r in good]
         prompt = sum(r[2] for r in good)
+        hit_rate = sum(r[3] for r in good) / prompt if prompt else 0.0
+        if self.args.no_usage:
+            # No answer says its tokens: the pods' own counters do (the readiness probe's
+            # one short prompt included).
+            hits, queries, prompt = self.pod_counts()
+            hit_rate = hits / queries if queries else 0.0
         r = {
             "requests": len(out), "errors": len(out) - len(good),
             "ttft_p50_ms": pct(ttft, 0.5), "ttft_p90_ms": pct(ttft, 0.9), "ttft_p99_ms": pct(ttft, 0.99),
             "ttft_mean_ms": sum(ttft) / len(ttft) if ttft else float("nan"),
-            "hit_rate": sum(r[3] for r in good) / prompt if prompt else 0.0,
+            "hit_rate": hit_rate,
             "prompt_tokens_mean": prompt / len(good) if good else 0.0,
             "wall_s": wall,
         }
@@ -342,6 +365,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", help="tokenizer.json the pods and kvroute tokenize with")
     ap.add_argument("--context-cost", action="store_true",
                     help="pods also pay attention's cost per token of context (kvroute sim --context-cost)")
+    ap.add_argument("--no-usage", action="store_true",
+                    help="stream without stream_options.include_usage: no answer reports its tokens")
     ap.add_argument("--keep", help="keep every process's log in this directory")
     ap.add_argument("--sglang-python", default="python3",
                     help="a Python with sglang-router installed, for the sglang mode")
@@ -357,8 +382,9 @@ def main() -> None:
         sys.exit(f"e2e_quality: {kvroute} not found (cargo build --release)")
     envoy = envoy_binary()
     rng = random.Random(args.seed)
+    usage = {} if args.no_usage else {"stream_options": {"include_usage": True}}
     bodies = [json.dumps({"model": MODEL, "stream": True, "max_tokens": args.output_tokens,
-                          "stream_options": {"include_usage": True}, "messages": m}).encode()
+                          **usage, "messages": m}).encode()
               for m in WORKLOADS[args.workload][0](rng, args.requests)]
     times = WORKLOADS[args.workload][1](random.Random(args.seed), len(bodies), args.rate)
     pods = [f"127.0.0.{10 + i}" for i in range(args.pods)]

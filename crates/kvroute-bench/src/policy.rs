@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvroute_core::{ApiKind, Endpoint, EndpointId, InferenceRequest, Prompt, RequestHints};
-use kvroute_endpoints::{EndpointState, InFlightGuard, PodLoad, Registry};
+use kvroute_endpoints::{EndpointState, InFlightGuard, PodLoad, PromptTotals, Registry};
 use kvroute_events::{Applier, BlockStored, FirstExtra, KvEvent, Medium};
 use kvroute_index::{PrefixIndex, Shared};
 use kvroute_scheduler::config::{DEFAULT_APPROX, DEFAULT_PD, DEFAULT_PRECISE};
@@ -580,6 +580,10 @@ pub(crate) fn scraped(view: &PodView) -> PodLoad {
         waiting: u32::try_from(view.waiting).unwrap_or(u32::MAX),
         running: u32::try_from(view.running).unwrap_or(u32::MAX),
         kv_usage: view.kv_usage,
+        prompts: Some(PromptTotals {
+            tokens: view.finished_prompt_tokens as f64,
+            requests: view.finished as f64,
+        }),
         ..PodLoad::default()
     }
 }
@@ -629,13 +633,12 @@ impl RouteFn for PolicyRouter {
         }
         for f in &report.finished {
             self.claims.remove(&f.id);
-            // The answer's usage, as a pod reports it: the prompt's tokens, against the
-            // text it was sent as.
-            if let (Some(text), Some(ep)) = (self.text, self.endpoints.get(pod))
-                && text.usage
-            {
+            // The answer, and its usage when the client asked for it, as a pod reports it:
+            // the prompt's tokens, against the text it was sent as.
+            if let (Some(text), Some(ep)) = (self.text, self.endpoints.get(pod)) {
                 let tokens = f.prompt_tokens as u64;
-                ep.observe_prompt_tokens(tokens * text.bytes_per_token as u64, tokens);
+                let usage = text.usage.then_some(tokens);
+                ep.observe_answer(tokens * text.bytes_per_token as u64, usage);
             }
         }
     }
@@ -767,6 +770,41 @@ pub(crate) mod tests {
             usage: true,
         });
         assert_eq!(precise.text, None);
+    }
+
+    /// Without usage, a router that scrapes learns each pod's rate from the pod's count of
+    /// the prompts it finished (`vllm:request_prompt_tokens`), as `serve` does.
+    #[test]
+    fn without_usage_scrapes_teach_the_pods_bytes_per_token() {
+        let mut views = vec![PodView::default(); 2];
+        let text = TextPrompts {
+            bytes_per_token: 3,
+            usage: false,
+        };
+        let mut r = PolicyRouter::new(Policy::KvrouteApprox, 2, 512)
+            .with_text_prompts(text)
+            .with_scrapes(1, 0);
+        for i in 0..10 {
+            r.route(i, &req(i, &[i, i + 1, i + 2, i + 3]), &views);
+            let pod = (i % 2) as usize;
+            let report = StepReport {
+                first_tokens: vec![i],
+                finished: vec![kvroute_sim::Finished {
+                    id: i,
+                    prompt_tokens: 4 * 512,
+                    cached_tokens: 0,
+                    output_tokens: 1,
+                }],
+                ..StepReport::default()
+            };
+            views[pod].finished += 1;
+            views[pod].finished_prompt_tokens += 4 * 512;
+            r.observe(i, pod, &report);
+        }
+        for ep in r.endpoints.iter() {
+            let v = ep.prompt_bytes_per_token().unwrap();
+            assert!((v - 3.0).abs() < 1e-9, "{v}");
+        }
     }
 
     /// A replica asked where it would send a request (`preview`, the replicas' agreement)

@@ -21,7 +21,7 @@ mod static_source;
 
 pub use exposition::SyntaxError;
 pub use health::{Health, HealthConfig};
-pub use load::{FreshLoad, LoadError, PodLoad, Scraped, parse_load};
+pub use load::{FreshLoad, LoadError, PodLoad, PromptTotals, Scraped, parse_load};
 pub use metrics::{InFlightCollector, LoadCollector};
 pub use pool_metrics::PoolCollector;
 pub use registry::{EndpointState, EndpointsListener, InFlightGuard, Registry};

@@ -31,6 +31,20 @@ pub struct PodLoad {
     /// KV blocks the engine has: `vllm:cache_config_info`'s `num_gpu_blocks` (absent, or
     /// `None`, before vLLM has profiled its memory).
     pub kv_blocks: Option<u64>,
+    /// The prompts the pod has finished since it started, as it counts them:
+    /// `vllm:request_prompt_tokens`, a histogram observed once per finished request (its
+    /// `_sum` and `_count`, summed over series). What teaches each pod's bytes per token
+    /// when answers carry no usage.
+    pub prompts: Option<PromptTotals>,
+}
+
+/// A pod's running totals of the prompts it finished.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PromptTotals {
+    /// Their tokens, as its tokenizer counted them.
+    pub tokens: f64,
+    /// How many.
+    pub requests: f64,
 }
 
 impl PodLoad {
@@ -134,6 +148,7 @@ impl Deref for FreshLoad {
             max_lora: None,
             block_size: None,
             kv_blocks: None,
+            prompts: None,
         };
         self.guard.as_deref().map_or(&EMPTY, |s| &s.load)
     }
@@ -158,6 +173,8 @@ struct Acc<'a> {
     lora: Option<Sample<'a>>,
     block_size: Option<u32>,
     kv_blocks: Option<u64>,
+    prompt_tokens: Sum,
+    prompt_requests: Sum,
 }
 
 /// A family's finite values, summed and counted.
@@ -228,6 +245,8 @@ impl<'a> Acc<'a> {
                 }
             }
             "sglang:cache_config_info" => self.block_size(&s, "page_size"),
+            "vllm:request_prompt_tokens_sum" => self.prompt_tokens.add(s.value),
+            "vllm:request_prompt_tokens_count" => self.prompt_requests.add(s.value),
             _ => {}
         }
     }
@@ -236,6 +255,18 @@ impl<'a> Acc<'a> {
         if self.block_size.is_none() {
             self.block_size = s.label(label).and_then(|v| v.trim().parse().ok());
         }
+    }
+
+    /// Both halves of the histogram, each finite and not negative (a sum of finite values can
+    /// still overflow); the pod's totals, or none.
+    fn prompts(&self) -> Option<PromptTotals> {
+        let (t, r) = (self.prompt_tokens, self.prompt_requests);
+        let totals = PromptTotals {
+            tokens: t.total,
+            requests: r.total,
+        };
+        let sane = |v: f64| v.is_finite() && v >= 0.0;
+        (t.n > 0 && r.n > 0 && sane(totals.tokens) && sane(totals.requests)).then_some(totals)
     }
 
     fn finish(self) -> Result<PodLoad, LoadError> {
@@ -255,6 +286,7 @@ impl<'a> Acc<'a> {
                 .fraction("KV-cache usage (vllm:kv_cache_usage_perc)")?,
             block_size: self.block_size,
             kv_blocks: self.kv_blocks,
+            prompts: self.prompts(),
             ..PodLoad::default()
         };
         if let Some(lora) = self.lora {

@@ -23,10 +23,48 @@ fn reads_vllm() {
             max_lora: Some(4),
             block_size: Some(16),
             kv_blocks: Some(28_320),
+            prompts: None,
         },
         "LoRA lists from the newest of three series"
     );
     assert_eq!(load.kv_capacity_tokens(), Some(28_320 * 16));
+}
+
+/// `vllm:request_prompt_tokens` as vLLM writes it (one series per engine, `_sum`, `_count`
+/// and buckets): the totals summed over engines; half a histogram, or a negative or
+/// non-finite total, is none.
+#[test]
+fn reads_the_pods_count_of_prompts() {
+    let m = "model_name=\"meta-llama/Llama-3.1-8B-Instruct\"";
+    let histogram = |engine: u32, sum: &str, count: &str| {
+        format!(
+            "vllm:request_prompt_tokens_sum{{engine=\"{engine}\",{m}}} {sum}\n\
+             vllm:request_prompt_tokens_bucket{{engine=\"{engine}\",le=\"1000.0\",{m}}} 5.0\n\
+             vllm:request_prompt_tokens_bucket{{engine=\"{engine}\",le=\"+Inf\",{m}}} {count}\n\
+             vllm:request_prompt_tokens_count{{engine=\"{engine}\",{m}}} {count}\n"
+        )
+    };
+    let head = "# HELP vllm:request_prompt_tokens Number of prefill tokens processed.\n\
+                # TYPE vllm:request_prompt_tokens histogram\n";
+    let text = format!(
+        "{VLLM}{head}{}{}",
+        histogram(0, "1.2288e+06", "1200.0"),
+        histogram(1, "2048.0", "2.0")
+    );
+    assert_eq!(
+        parse_load(&text).unwrap().prompts,
+        Some(PromptTotals {
+            tokens: 1_230_848.0,
+            requests: 1_202.0,
+        })
+    );
+    assert_eq!(parse_load(VLLM).unwrap().prompts, None);
+    let count_only = format!("{VLLM}vllm:request_prompt_tokens_count{{{m}}} 3\n");
+    assert_eq!(parse_load(&count_only).unwrap().prompts, None);
+    for sum in ["-1.0", "NaN", "+Inf"] {
+        let odd = format!("{VLLM}{}", histogram(0, sum, "3.0"));
+        assert_eq!(parse_load(&odd).unwrap().prompts, None, "{sum}");
+    }
 }
 
 #[test]
@@ -91,7 +129,13 @@ fn the_simulator_is_read_like_vllm() {
                 vllm:cache_config_info{model_name=\"m\",block_size=\"16\",num_gpu_blocks=\"4096\",enable_prefix_caching=\"True\"} 1\n\
                 # HELP vllm:lora_requests_info Running stats on LoRA requests.\n\
                 # TYPE vllm:lora_requests_info gauge\n\
-                vllm:lora_requests_info{model_name=\"m\",max_lora=\"0\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"} 1\n";
+                vllm:lora_requests_info{model_name=\"m\",max_lora=\"0\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"} 1\n\
+                # HELP vllm:request_prompt_tokens Number of prefill tokens processed.\n\
+                # TYPE vllm:request_prompt_tokens histogram\n\
+                vllm:request_prompt_tokens_bucket{le=\"1.0\",model_name=\"m\"} 0\n\
+                vllm:request_prompt_tokens_bucket{le=\"+Inf\",model_name=\"m\"} 7\n\
+                vllm:request_prompt_tokens_count{model_name=\"m\"} 7\n\
+                vllm:request_prompt_tokens_sum{model_name=\"m\"} 35840\n";
     let load = parse_load(text).unwrap();
     assert_eq!(
         load,
@@ -104,6 +148,10 @@ fn the_simulator_is_read_like_vllm() {
             max_lora: Some(0),
             block_size: Some(16),
             kv_blocks: Some(4096),
+            prompts: Some(PromptTotals {
+                tokens: 35_840.0,
+                requests: 7.0,
+            }),
         }
     );
 }
@@ -196,6 +244,8 @@ fn series() -> impl Strategy<Value = Series> {
         "sglang:num_running_reqs",
         "sglang:token_usage",
         "vllm:prompt_tokens_total",
+        "vllm:request_prompt_tokens_sum",
+        "vllm:request_prompt_tokens_count",
         "vllm:time_to_first_token_seconds_bucket",
         "process_resident_memory_bytes",
     ]);
@@ -322,6 +372,14 @@ fn model(series: &[Series]) -> Option<PodLoad> {
             .and_then(|s| label(s, "block_size")?.parse().ok()),
         ..PodLoad::default()
     };
+    let total = |name: &str| {
+        let v = finite(name);
+        let t: f64 = v.iter().sum();
+        (!v.is_empty() && t.is_finite() && t >= 0.0).then_some(t)
+    };
+    load.prompts = total("vllm:request_prompt_tokens_sum")
+        .zip(total("vllm:request_prompt_tokens_count"))
+        .map(|(tokens, requests)| PromptTotals { tokens, requests });
     let mut newest: Option<&Series> = None;
     for s in series
         .iter()

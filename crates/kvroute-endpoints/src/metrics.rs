@@ -256,7 +256,7 @@ mod tests {
             "not learnt: {out}"
         );
         for _ in 0..4 {
-            reg.snapshot()[0].observe_prompt_tokens(2_500, 1_000);
+            reg.snapshot()[0].observe_answer(2_500, Some(1_000));
         }
         let mut out = String::new();
         encode(&mut out, &prom).unwrap();

@@ -9,7 +9,7 @@ use kvroute_core::{Endpoint, EndpointId};
 
 use crate::health::{Health, HealthConfig, HealthState};
 use crate::load::{FreshLoad, PodLoad, Scraped, is_fresh};
-use crate::speed::{PrefillSpeed, PromptBytes};
+use crate::speed::{CountedPromptBytes, PrefillSpeed, PromptBytes, PromptCounts};
 
 /// Told when the endpoint set changes, so that whoever keeps per-endpoint state (index
 /// entries, metric series, subscriptions) can drop what belongs to departed endpoints.
@@ -34,6 +34,11 @@ pub struct EndpointState {
     prefill_backlog: AtomicU64,
     speed: PrefillSpeed,
     prompt_bytes: PromptBytes,
+    /// Bytes (`Prompt::index_bytes`) of the prompts answered here with a 200 (never
+    /// decreases), and how many: this router's side of `counted_bytes`.
+    answered_bytes: AtomicU64,
+    answered: AtomicU64,
+    counted_bytes: CountedPromptBytes,
     events_confirmed: AtomicBool,
     scraped: ArcSwapOption<Scraped>,
     scrape_errors: AtomicU64,
@@ -52,6 +57,9 @@ impl EndpointState {
             prefill_backlog: AtomicU64::new(0),
             speed: PrefillSpeed::default(),
             prompt_bytes: PromptBytes::default(),
+            answered_bytes: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+            counted_bytes: CountedPromptBytes::default(),
             events_confirmed: AtomicBool::new(false),
             scraped: ArcSwapOption::empty(),
             scrape_errors: AtomicU64::new(0),
@@ -107,17 +115,30 @@ impl EndpointState {
         self.speed.us_per_token()
     }
 
-    /// A prompt of `index_bytes` (`Prompt::index_bytes`) was `tokens` tokens, as the pod's
-    /// answer reported (its `usage.prompt_tokens`): teaches
-    /// [`EndpointState::prompt_bytes_per_token`].
-    pub fn observe_prompt_tokens(&self, index_bytes: u64, tokens: u64) {
-        self.prompt_bytes.observe(index_bytes, tokens);
+    /// The pod answered (200) a prompt of `index_bytes` (`Prompt::index_bytes`; 0 when
+    /// the body had none), reporting it `usage_tokens` tokens when the answer carried usage:
+    /// teaches [`EndpointState::prompt_bytes_per_token`], from the usage, and from the pod's
+    /// count of its prompts at the next scrape.
+    pub fn observe_answer(&self, index_bytes: u64, usage_tokens: Option<u64>) {
+        if index_bytes == 0 {
+            return;
+        }
+        if let Some(tokens) = usage_tokens {
+            self.prompt_bytes.observe(index_bytes, tokens);
+        }
+        self.answered_bytes
+            .fetch_add(index_bytes, Ordering::Relaxed);
+        self.answered.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Prompt bytes per token of the pod's tokenizer, learnt from the token counts its
-    /// answers report; `None` until a few long enough prompts were answered.
+    /// Prompt bytes per token of the pod's tokenizer: learnt from the token counts its
+    /// answers report, or where they report none, from the pod's own count of the prompts
+    /// it finished (`vllm:request_prompt_tokens`, scraped) against the prompts this router
+    /// saw answered there; `None` until a few long enough prompts were answered.
     pub fn prompt_bytes_per_token(&self) -> Option<f64> {
-        self.prompt_bytes.per_token()
+        self.prompt_bytes
+            .per_token()
+            .or_else(|| self.counted_bytes.per_token())
     }
 
     /// The pod's KV capacity in prompt bytes as the approximate index reads prompts: its
@@ -188,6 +209,14 @@ impl EndpointState {
     pub fn record_scrape(&self, load: PodLoad, at: Instant) {
         if let Some(tokens) = load.kv_capacity_tokens() {
             self.set_kv_capacity_tokens(tokens);
+        }
+        if let Some(prompts) = load.prompts {
+            self.counted_bytes.observe(PromptCounts {
+                pod_tokens: prompts.tokens,
+                pod_requests: prompts.requests,
+                own_bytes: self.answered_bytes.load(Ordering::Relaxed),
+                own_requests: self.answered.load(Ordering::Relaxed),
+            });
         }
         self.scraped.store(Some(Arc::new(Scraped {
             load,
@@ -747,8 +776,39 @@ mod tests {
         // In the approximate index's prompt bytes: 4 a token until the pod's answers say.
         assert_eq!(state.kv_capacity_index_bytes(), Some(640));
         for _ in 0..4 {
-            state.observe_prompt_tokens(3_000, 1_000);
+            state.observe_answer(3_000, Some(1_000));
         }
         assert_eq!(state.kv_capacity_index_bytes(), Some(480));
+    }
+
+    /// Answers without usage teach the bytes per token through the pod's own count of the
+    /// prompts it finished (scraped); answers with usage, when there are any, are read
+    /// first, and a prompt kvroute could not read (0 bytes) is not counted.
+    #[test]
+    fn without_usage_the_pods_prompt_count_teaches_bytes_per_token() {
+        let state = EndpointState::detached(ep("a", "127.0.0.1:1"), HealthConfig::default());
+        let scrape = |requests: u64| {
+            let load = PodLoad {
+                prompts: Some(crate::PromptTotals {
+                    tokens: (requests * 2_000) as f64,
+                    requests: requests as f64,
+                }),
+                ..PodLoad::default()
+            };
+            state.record_scrape(load, Instant::now());
+        };
+        scrape(0);
+        for n in 1..=5 {
+            state.observe_answer(5_000, None);
+            state.observe_answer(0, None);
+            scrape(n);
+        }
+        let v = state.prompt_bytes_per_token().unwrap();
+        assert!((v - 2.5).abs() < 1e-9, "{v}");
+        for _ in 0..4 {
+            state.observe_answer(3_000, Some(1_000));
+        }
+        let v = state.prompt_bytes_per_token().unwrap();
+        assert!((v - 3.0).abs() < 1e-9, "usage first: {v}");
     }
 }

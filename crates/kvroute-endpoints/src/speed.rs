@@ -14,7 +14,8 @@
 //! where that fixed part is small (docs/benchmarks.md, "Learning each pod's speed").
 //!
 //! The same ratio of sums learns how many prompt bytes a pod's tokenizer makes a token
-//! (`PromptBytes`), from the token counts the pod's answers report.
+//! (`PromptBytes`), from the token counts the pod's answers report; where answers report
+//! none, `CountedPromptBytes` learns it from the pod's own count of the prompts it finished.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -128,6 +129,98 @@ impl PromptBytes {
     }
 }
 
+/// A pod's totals of the prompts it finished (`vllm:request_prompt_tokens`: tokens and
+/// requests) and this router's of the prompts it saw answered there (their bytes as the
+/// index reads them, and how many), all read at one scrape.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct PromptCounts {
+    pub(crate) pod_tokens: f64,
+    pub(crate) pod_requests: f64,
+    pub(crate) own_bytes: u64,
+    pub(crate) own_requests: u64,
+}
+
+/// What [`CountedPromptBytes`] keeps between scrapes: the last totals, the recent
+/// increments (decayed by [`DECAY`] a request) and how many requests each side has counted
+/// in all (up to the [`MIN_SAMPLES`] an estimate waits for).
+#[derive(Debug, Default)]
+struct Counted {
+    last: Option<PromptCounts>,
+    pod_tokens: f64,
+    pod_requests: f64,
+    own_bytes: f64,
+    own_requests: f64,
+    pod_seen: f64,
+    own_seen: u64,
+}
+
+/// Prompt bytes per token from counts, for answers that carry no usage (a client that
+/// streams without `stream_options.include_usage`): the mean bytes of the prompts this
+/// router saw answered by a pod, over the mean tokens of the prompts the pod says it
+/// finished, over the same recent stretch (the increments between scrapes, decayed a
+/// request at a time).
+///
+/// A ratio of means, not of sums: with several replicas routing to a pod each sees only
+/// its share of the pod's requests, but a random share of like traffic, so its mean prompt
+/// is the pod's, and the pod's count need not match its own. With one router the two sets
+/// are the same requests and the ratio of means is the ratio of sums the usage gives, up to
+/// the requests a scrape catches on one side of the count and not yet on the other.
+#[derive(Debug, Default)]
+pub(crate) struct CountedPromptBytes {
+    counted: Mutex<Counted>,
+    value: AtomicU64,
+}
+
+impl CountedPromptBytes {
+    /// Bytes per token, once both sides have counted [`MIN_SAMPLES`] requests of a mean
+    /// long enough to say ([`MIN_PROMPT_TOKENS`]) and the ratio is plausible.
+    pub(crate) fn per_token(&self) -> Option<f64> {
+        let v = f64::from_bits(self.value.load(Ordering::Relaxed));
+        (v > 0.0).then_some(v)
+    }
+
+    /// The totals at one more scrape. A pod whose count went down restarted: its next
+    /// scrape's increments count, not this one's.
+    pub(crate) fn observe(&self, now: PromptCounts) {
+        let mut c = self.counted.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(last) = c.last.replace(now) else {
+            return;
+        };
+        let pod_tokens = now.pod_tokens - last.pod_tokens;
+        let pod_requests = now.pod_requests - last.pod_requests;
+        let own_bytes = now.own_bytes.saturating_sub(last.own_bytes) as f64;
+        let own_requests = now.own_requests.saturating_sub(last.own_requests) as f64;
+        // Written to be false for NaN too.
+        if !(pod_tokens >= 0.0 && pod_requests >= 0.0 && pod_tokens.is_finite()) {
+            return;
+        }
+        let requests = pod_requests.max(own_requests);
+        if requests == 0.0 {
+            return;
+        }
+        let decay = DECAY.powf(requests);
+        c.pod_tokens = c.pod_tokens * decay + pod_tokens;
+        c.pod_requests = c.pod_requests * decay + pod_requests;
+        c.own_bytes = c.own_bytes * decay + own_bytes;
+        c.own_requests = c.own_requests * decay + own_requests;
+        c.pod_seen = (c.pod_seen + pod_requests).min(f64::from(MIN_SAMPLES));
+        c.own_seen = (c.own_seen + now.own_requests.saturating_sub(last.own_requests))
+            .min(u64::from(MIN_SAMPLES));
+        if c.pod_seen < f64::from(MIN_SAMPLES)
+            || c.own_seen < u64::from(MIN_SAMPLES)
+            || c.pod_requests <= 0.0
+            || c.own_requests <= 0.0
+        {
+            return;
+        }
+        let pod_mean = c.pod_tokens / c.pod_requests;
+        let v = c.own_bytes / c.own_requests / pod_mean;
+        if pod_mean >= MIN_PROMPT_TOKENS as f64 && BYTES_PER_TOKEN_RANGE.contains(&v) {
+            self.value.store(v.to_bits(), Ordering::Relaxed);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +290,106 @@ mod tests {
         assert_eq!((short.per_token(), absurd.per_token()), (None, None));
     }
 
+    /// Totals after `n` requests of `bytes` bytes and `tokens` tokens, all of them this
+    /// router's.
+    fn alone(n: u64, bytes: u64, tokens: u64) -> PromptCounts {
+        PromptCounts {
+            pod_tokens: (n * tokens) as f64,
+            pod_requests: n as f64,
+            own_bytes: n * bytes,
+            own_requests: n,
+        }
+    }
+
+    /// One router: the pod's count and the router's are the same requests, and the ratio is
+    /// theirs once each side has counted four.
+    #[test]
+    fn counts_teach_bytes_per_token_without_usage() {
+        let c = CountedPromptBytes::default();
+        c.observe(alone(0, 0, 0));
+        for n in 1..4 {
+            c.observe(alone(n, 6_000, 2_000));
+            assert_eq!(c.per_token(), None, "{n} requests say little");
+        }
+        c.observe(alone(4, 6_000, 2_000));
+        let v = c.per_token().unwrap();
+        assert!((v - 3.0).abs() < 1e-9, "{v}");
+        // A scrape that sees nothing new changes nothing.
+        c.observe(alone(4, 6_000, 2_000));
+        assert_eq!(c.per_token(), Some(v));
+    }
+
+    /// Three replicas route to the pod; this one sees every third request, of the same
+    /// kind of prompts (two sizes), and a request the pod counted a scrape before the router
+    /// did. The ratio of means still comes to the tokenizer's 2 bytes a token.
+    #[test]
+    fn a_share_of_the_pods_requests_is_enough() {
+        let c = CountedPromptBytes::default();
+        let mut t = PromptCounts::default();
+        for i in 0..600u64 {
+            let tokens = if i % 2 == 0 { 1_000 } else { 9_000 };
+            t.pod_tokens += tokens as f64;
+            t.pod_requests += 1.0;
+            // Every third request of each size is this router's, counted one scrape late.
+            if (i / 2) % 3 == 0 {
+                c.observe(t);
+                t.own_bytes += 2 * tokens;
+                t.own_requests += 1;
+            }
+            c.observe(t);
+        }
+        let v = c.per_token().unwrap();
+        assert!((1.9..2.1).contains(&v), "{v}");
+    }
+
+    /// A restarted pod counts from zero: the scrape that sees the drop teaches nothing, the
+    /// next ones go on from the new totals.
+    #[test]
+    fn a_restarted_pod_is_read_from_its_new_totals() {
+        let c = CountedPromptBytes::default();
+        for n in 0..=8 {
+            c.observe(alone(n, 4_000, 1_000));
+        }
+        let before = c.per_token().unwrap();
+        assert!((before - 4.0).abs() < 1e-9, "{before}");
+        let mut restarted = alone(1, 4_000, 1_000);
+        restarted.own_bytes = 9 * 4_000;
+        restarted.own_requests = 9;
+        c.observe(restarted);
+        assert_eq!(c.per_token(), Some(before), "the drop teaches nothing");
+        restarted.pod_tokens += 2_000.0;
+        restarted.pod_requests += 1.0;
+        restarted.own_bytes += 4_000;
+        restarted.own_requests += 1;
+        c.observe(restarted);
+        let v = c.per_token().unwrap();
+        assert!(
+            v < 4.0 && v > 3.5,
+            "one request at 2 bytes a token moves it: {v}"
+        );
+    }
+
+    /// Short prompts (mostly template), an implausible ratio and a pod's nonsense totals
+    /// teach nothing.
+    #[test]
+    fn counts_that_cannot_say_teach_nothing() {
+        let short = CountedPromptBytes::default();
+        let absurd = CountedPromptBytes::default();
+        let broken = CountedPromptBytes::default();
+        for n in 0..10 {
+            short.observe(alone(n, 120, 40));
+            absurd.observe(alone(n, 100, 1_000));
+            broken.observe(PromptCounts {
+                pod_tokens: if n % 2 == 0 { f64::NAN } else { -1.0 },
+                ..alone(n, 4_000, 1_000)
+            });
+        }
+        assert_eq!(
+            (short.per_token(), absurd.per_token(), broken.per_token()),
+            (None, None, None)
+        );
+    }
+
     proptest! {
         /// The estimate, once given (from the fourth sample on), always lies within the
         /// samples seen.
@@ -214,6 +407,23 @@ mod tests {
                     continue;
                 };
                 prop_assert!(v >= lo * (1.0 - 1e-9) && v <= hi * (1.0 + 1e-9), "{} not in [{}, {}]", v, lo, hi);
+            }
+        }
+
+        /// Whatever totals a pod reports, an estimate from counts is a plausible ratio or none.
+        #[test]
+        fn counts_give_a_plausible_ratio_or_none(
+            scrapes in proptest::collection::vec(
+                (prop_oneof![Just(f64::NAN), -1e3..1e12f64], prop_oneof![Just(f64::INFINITY), -5.0..1e6f64], 0u64..1 << 40, 0u64..1 << 20),
+                1..40,
+            )
+        ) {
+            let c = CountedPromptBytes::default();
+            for (pod_tokens, pod_requests, own_bytes, own_requests) in scrapes {
+                c.observe(PromptCounts { pod_tokens, pod_requests, own_bytes, own_requests });
+                if let Some(v) = c.per_token() {
+                    prop_assert!(BYTES_PER_TOKEN_RANGE.contains(&v), "{}", v);
+                }
             }
         }
     }

@@ -1022,13 +1022,13 @@ impl StreamState {
             upstream.ended(record, usage.as_ref(), true);
         }
         if let Some(guard) = self.guard.take() {
-            if let Some(usage) = usage {
-                self.router.metrics.usage(guard.endpoint(), &usage);
-                if self.status == Some(200) {
-                    guard
-                        .endpoint()
-                        .observe_prompt_tokens(self.prompt_bytes, usage.prompt_tokens);
-                }
+            if let Some(usage) = &usage {
+                self.router.metrics.usage(guard.endpoint(), usage);
+            }
+            if self.status == Some(200) {
+                guard
+                    .endpoint()
+                    .observe_answer(self.prompt_bytes, usage.map(|u| u.prompt_tokens));
             }
             self.router.metrics.response(self.status);
         }

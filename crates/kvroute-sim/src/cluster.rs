@@ -16,6 +16,10 @@ pub struct PodView {
     pub kv_usage: f64,
     /// Routed here and not finished.
     pub in_flight: usize,
+    /// Requests finished here since the run began (`vllm:request_prompt_tokens_count`).
+    pub finished: u64,
+    /// Their prompt tokens (`vllm:request_prompt_tokens_sum`).
+    pub finished_prompt_tokens: u64,
 }
 
 /// A routing policy driven by the cluster: asked once per arrival, told what every step did.
@@ -322,7 +326,10 @@ impl Cluster {
             }
         }
         for f in &report.finished {
-            self.views[pod].in_flight = self.views[pod].in_flight.saturating_sub(1);
+            let view = &mut self.views[pod];
+            view.in_flight = view.in_flight.saturating_sub(1);
+            view.finished += 1;
+            view.finished_prompt_tokens += f.prompt_tokens as u64;
             if f.id & PREFILL_ID_BIT != 0 {
                 // The prompt is computed: its KV now moves to the decode pod.
                 let id = f.id & !PREFILL_ID_BIT;

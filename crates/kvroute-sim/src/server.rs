@@ -191,7 +191,17 @@ struct Stats {
     prompt_tokens: u64,
     generation_tokens: u64,
     finished: u64,
+    /// `vllm:request_prompt_tokens`: each finished request's prompt length, by bucket
+    /// ([`PROMPT_BUCKETS`], then +Inf), and their sum.
+    prompt_buckets: [u64; PROMPT_BUCKETS.len() + 1],
+    finished_prompt_tokens: u64,
 }
+
+/// `vllm:request_prompt_tokens`' upper bounds: vLLM's 1-2-5 series (`build_1_2_5_buckets`),
+/// here up to 100,000 tokens.
+const PROMPT_BUCKETS: [u64; 16] = [
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000,
+];
 
 struct Shared {
     config: ServerConfig,
@@ -377,6 +387,12 @@ async fn drive(
         stats.prompt_tokens += report.prefill_tokens as u64;
         stats.generation_tokens += report.generated.len() as u64;
         stats.finished += report.finished.len() as u64;
+        for f in &report.finished {
+            let tokens = f.prompt_tokens as u64;
+            let bucket = PROMPT_BUCKETS.partition_point(|&le| le < tokens);
+            stats.prompt_buckets[bucket] += 1;
+            stats.finished_prompt_tokens += tokens;
+        }
         drop(stats);
         if shared.config.profile.max_loras > 0 {
             shared
@@ -1087,6 +1103,25 @@ fn metrics(shared: &Shared) -> String {
         ),
         "1".into(),
     );
+    // A histogram, as vLLM observes each finished request's prompt length.
+    let name = "vllm:request_prompt_tokens";
+    out.push_str(&format!(
+        "# HELP {name} Number of prefill tokens processed.\n# TYPE {name} histogram\n"
+    ));
+    let mut below = 0;
+    for (i, n) in s.prompt_buckets.iter().enumerate() {
+        below += n;
+        let le = PROMPT_BUCKETS
+            .get(i)
+            .map_or_else(|| "+Inf".to_owned(), |b| format!("{b}.0"));
+        out.push_str(&format!(
+            "{name}_bucket{{le=\"{le}\",model_name=\"{m}\"}} {below}\n"
+        ));
+    }
+    out.push_str(&format!(
+        "{name}_count{{model_name=\"{m}\"}} {below}\n{name}_sum{{model_name=\"{m}\"}} {}\n",
+        s.finished_prompt_tokens
+    ));
     if p.max_loras > 0 {
         // Served only with LoRA enabled, as vLLM registers it; every series it holds, the
         // value the time it was last set (the newest says what is loaded now). Before the

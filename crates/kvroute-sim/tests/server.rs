@@ -260,6 +260,16 @@ async fn serves_the_openai_api_metrics_and_kv_events() {
     assert_eq!(value("vllm:prefix_cache_hits_total"), 240.0);
     assert_eq!(value("vllm:num_requests_running"), 0.0);
     assert_eq!(value("vllm:request_success_total"), 3.0);
+    // Each finished request's prompt length, as vLLM's histogram has it.
+    let PrometheusValue::Histogram(finished) = sample("vllm:request_prompt_tokens").value else {
+        panic!("vllm:request_prompt_tokens is not a histogram");
+    };
+    let tokens: u64 = usages
+        .iter()
+        .map(|u| u["prompt_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(finished.count, Some(3));
+    assert_eq!(finished.sum.map(|s| s.as_f64()), Some(tokens as f64));
     let info = sample("vllm:cache_config_info");
     let labels = info.get_labelset().unwrap();
     assert_eq!(labels.get_label_value("block_size"), Some("16"));

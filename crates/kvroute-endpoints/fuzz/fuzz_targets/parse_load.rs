@@ -1,5 +1,6 @@
 //! Any text as a pod's `/metrics` body: a `PodLoad` or a `LoadError`, never a panic; and a
-//! load read is in range (KV-cache usage a fraction in 0..=1).
+//! load read is in range (KV-cache usage a fraction in 0..=1, the prompt totals finite and
+//! not negative).
 //!
 //! The scraper refuses bodies that are not UTF-8 before parsing; invalid bytes are replaced
 //! here rather than skipped, so that every input reaches the parser.
@@ -19,5 +20,9 @@ fuzz_target!(|data: &[u8]| {
         );
         assert!(load.running_loras.iter().all(|a| !a.is_empty()));
         assert!(load.waiting_loras.iter().all(|a| !a.is_empty()));
+        if let Some(p) = load.prompts {
+            let sane = |v: f64| v.is_finite() && v >= 0.0;
+            assert!(sane(p.tokens) && sane(p.requests), "prompt totals {p:?}");
+        }
     }
 });

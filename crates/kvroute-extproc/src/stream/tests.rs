@@ -708,42 +708,81 @@ fn only_a_streamed_answers_first_bytes_teach_the_endpoints_speed() {
     assert_eq!(h.registry.snapshot()[0].prefill_backlog(), 0);
 }
 
+/// One streamed chat answer with `status` to `body`, reporting `usage_tokens` prompt
+/// tokens when given.
+fn answer(h: &Harness, body: &[u8], status: u16, usage_tokens: Option<u64>) {
+    let mut s = h.stream();
+    send(&mut s, full_duplex_headers(CHAT));
+    send(&mut s, request_body(body, true));
+    send(&mut s, response_headers(status, "text/event-stream", false));
+    send(&mut s, response_body(b"data: {\"choices\":[]}\n\n", false));
+    if let Some(tokens) = usage_tokens {
+        let event = format!(
+            "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{tokens},\"completion_tokens\":3}}}}\n\n"
+        );
+        send(&mut s, response_body(event.as_bytes(), false));
+    }
+    send(&mut s, response_body(b"data: [DONE]\n\n", true));
+}
+
+/// A chat body of about `bytes` bytes of prompt, and its prompt's bytes as the index reads
+/// them.
+fn chat_prompt(bytes: usize) -> (Vec<u8>, u64) {
+    let body = chat_body(bytes);
+    let read = InferenceRequest::parse(ApiKind::ChatCompletions, &body, Default::default())
+        .unwrap()
+        .prompt
+        .index_bytes() as u64;
+    (body, read)
+}
+
 /// The `prompt_tokens` an answer reports, against the prompt's text, teach the endpoint its
 /// tokenizer's bytes per token; an answer without usage, or a failed one, teaches nothing.
 #[test]
 fn the_usage_an_answer_reports_teaches_the_endpoints_bytes_per_token() {
     let h = Harness::new(&[8001]);
     let learnt = || h.registry.snapshot()[0].prompt_bytes_per_token();
-    let body = chat_body(4000);
-    let bytes = InferenceRequest::parse(ApiKind::ChatCompletions, &body, Default::default())
-        .unwrap()
-        .prompt
-        .index_bytes() as u64;
-    let answer = |status: u16, usage: bool| {
-        let mut s = h.stream();
-        send(&mut s, full_duplex_headers(CHAT));
-        send(&mut s, request_body(&body, true));
-        send(&mut s, response_headers(status, "text/event-stream", false));
-        send(&mut s, response_body(b"data: {\"choices\":[]}\n\n", false));
-        if usage {
-            let tokens = bytes / 2;
-            let event = format!(
-                "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{tokens},\"completion_tokens\":3}}}}\n\n"
-            );
-            send(&mut s, response_body(event.as_bytes(), false));
-        }
-        send(&mut s, response_body(b"data: [DONE]\n\n", true));
-    };
+    let (body, bytes) = chat_prompt(4000);
     for _ in 0..4 {
-        answer(200, false);
-        answer(500, true);
+        answer(&h, &body, 200, None);
+        answer(&h, &body, 500, Some(bytes / 2));
     }
     assert_eq!(learnt(), None);
     for _ in 0..4 {
-        answer(200, true);
+        answer(&h, &body, 200, Some(bytes / 2));
     }
     let v = learnt().unwrap();
     assert!((1.99..=2.01).contains(&v), "{v}");
+}
+
+/// Answers without usage count their prompts' bytes, which the pod's own count of the
+/// prompts it finished (`vllm:request_prompt_tokens`, scraped) turns into bytes per token;
+/// a failed answer counts nothing.
+#[test]
+fn answers_without_usage_teach_bytes_per_token_through_the_pods_count() {
+    let h = Harness::new(&[8001]);
+    let ep = h.registry.snapshot()[0].clone();
+    let (body, bytes) = chat_prompt(4000);
+    let scrape = |finished: u64| {
+        let prompts = kvroute_endpoints::PromptTotals {
+            tokens: (finished * bytes / 3) as f64,
+            requests: finished as f64,
+        };
+        let load = kvroute_endpoints::PodLoad {
+            prompts: Some(prompts),
+            ..Default::default()
+        };
+        ep.record_scrape(load, std::time::Instant::now());
+    };
+    scrape(0);
+    for finished in 1..=4 {
+        answer(&h, &body, 200, None);
+        answer(&h, &body, 500, None);
+        assert_eq!(ep.prompt_bytes_per_token(), None);
+        scrape(finished);
+    }
+    let v = ep.prompt_bytes_per_token().unwrap();
+    assert!((2.99..=3.01).contains(&v), "{v}");
 }
 
 #[test]

@@ -256,7 +256,7 @@ fn auto_tune_reads_the_pods_bytes_per_token_once_learnt() {
             ep.set_kv_capacity_tokens(tokens);
         }
         for _ in 0..4 {
-            ep.observe_prompt_tokens(2_000, 1_000);
+            ep.observe_answer(2_000, Some(1_000));
         }
         assert_eq!(ep.prompt_bytes_per_token(), Some(2.0));
         route(&s, &reg, &"You are a helpful assistant. ".repeat(10));

@@ -33,8 +33,9 @@ pub struct PodLoad {
     pub kv_blocks: Option<u64>,
     /// The prompts the pod has finished since it started, as it counts them:
     /// `vllm:request_prompt_tokens`, a histogram observed once per finished request (its
-    /// `_sum` and `_count`, summed over series). What teaches each pod's bytes per token
-    /// when answers carry no usage.
+    /// `_sum` and `_count`, summed over series; SGLang: `sglang:prompt_tokens_total` and
+    /// `sglang:num_requests_total`). What teaches each pod's bytes per token when answers
+    /// carry no usage.
     pub prompts: Option<PromptTotals>,
 }
 
@@ -175,6 +176,8 @@ struct Acc<'a> {
     kv_blocks: Option<u64>,
     prompt_tokens: Sum,
     prompt_requests: Sum,
+    sglang_prompt_tokens: Sum,
+    sglang_requests: Sum,
 }
 
 /// A family's finite values, summed and counted.
@@ -247,6 +250,8 @@ impl<'a> Acc<'a> {
             "sglang:cache_config_info" => self.block_size(&s, "page_size"),
             "vllm:request_prompt_tokens_sum" => self.prompt_tokens.add(s.value),
             "vllm:request_prompt_tokens_count" => self.prompt_requests.add(s.value),
+            "sglang:prompt_tokens_total" => self.sglang_prompt_tokens.add(s.value),
+            "sglang:num_requests_total" => self.sglang_requests.add(s.value),
             _ => {}
         }
     }
@@ -257,16 +262,20 @@ impl<'a> Acc<'a> {
         }
     }
 
-    /// Both halves of the histogram, each finite and not negative (a sum of finite values can
-    /// still overflow); the pod's totals, or none.
+    /// The pod's totals: vLLM's histogram, else SGLang's two counters (both counted as a
+    /// request finishes), each pair only whole and each total finite and not negative (a sum
+    /// of finite values can still overflow).
     fn prompts(&self) -> Option<PromptTotals> {
-        let (t, r) = (self.prompt_tokens, self.prompt_requests);
-        let totals = PromptTotals {
-            tokens: t.total,
-            requests: r.total,
+        let pair = |t: Sum, r: Sum| {
+            let sane = |s: Sum| s.n > 0 && s.total.is_finite() && s.total >= 0.0;
+            (sane(t) && sane(r)).then_some(PromptTotals {
+                tokens: t.total,
+                requests: r.total,
+            })
         };
-        let sane = |v: f64| v.is_finite() && v >= 0.0;
-        (t.n > 0 && r.n > 0 && sane(totals.tokens) && sane(totals.requests)).then_some(totals)
+        let vllm = (self.prompt_tokens.n > 0 || self.prompt_requests.n > 0)
+            .then(|| pair(self.prompt_tokens, self.prompt_requests));
+        vllm.unwrap_or_else(|| pair(self.sglang_prompt_tokens, self.sglang_requests))
     }
 
     fn finish(self) -> Result<PodLoad, LoadError> {

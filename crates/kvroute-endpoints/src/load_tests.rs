@@ -67,6 +67,33 @@ fn reads_the_pods_count_of_prompts() {
     }
 }
 
+/// SGLang counts its prompts in two counters, both increased as a request finishes; with
+/// only one of them (older releases) there are no totals.
+#[test]
+fn reads_sglangs_count_of_prompts() {
+    assert_eq!(parse_load(SGLANG).unwrap().prompts, None);
+    let text = format!(
+        "{SGLANG}# TYPE sglang:num_requests_total counter\n\
+         sglang:num_requests_total{{model_name=\"m\"}} 4000.0\n"
+    );
+    assert_eq!(
+        parse_load(&text).unwrap().prompts,
+        Some(PromptTotals {
+            tokens: 8_128_902.0,
+            requests: 4_000.0,
+        })
+    );
+    // vLLM's histogram is read first, and a broken one is not made up from SGLang's.
+    let both =
+        format!("{text}vllm:request_prompt_tokens_count 2\nvllm:request_prompt_tokens_sum 10\n");
+    assert_eq!(
+        parse_load(&both).unwrap().prompts.map(|p| p.requests),
+        Some(2.0)
+    );
+    let broken = format!("{text}vllm:request_prompt_tokens_count 2\n");
+    assert_eq!(parse_load(&broken).unwrap().prompts, None);
+}
+
 #[test]
 fn an_engine_that_has_not_profiled_its_memory_reports_no_capacity() {
     let text = VLLM.replace("num_gpu_blocks=\"28320\"", "num_gpu_blocks=\"None\"");
@@ -246,6 +273,8 @@ fn series() -> impl Strategy<Value = Series> {
         "vllm:prompt_tokens_total",
         "vllm:request_prompt_tokens_sum",
         "vllm:request_prompt_tokens_count",
+        "sglang:prompt_tokens_total",
+        "sglang:num_requests_total",
         "vllm:time_to_first_token_seconds_bucket",
         "process_resident_memory_bytes",
     ]);
@@ -377,9 +406,20 @@ fn model(series: &[Series]) -> Option<PodLoad> {
         let t: f64 = v.iter().sum();
         (!v.is_empty() && t.is_finite() && t >= 0.0).then_some(t)
     };
-    load.prompts = total("vllm:request_prompt_tokens_sum")
-        .zip(total("vllm:request_prompt_tokens_count"))
-        .map(|(tokens, requests)| PromptTotals { tokens, requests });
+    let pair = |tokens: &str, requests: &str| {
+        total(tokens)
+            .zip(total(requests))
+            .map(|(tokens, requests)| PromptTotals { tokens, requests })
+    };
+    let vllm = [
+        "vllm:request_prompt_tokens_sum",
+        "vllm:request_prompt_tokens_count",
+    ];
+    load.prompts = if vllm.iter().any(|n| !finite(n).is_empty()) {
+        pair(vllm[0], vllm[1])
+    } else {
+        pair("sglang:prompt_tokens_total", "sglang:num_requests_total")
+    };
     let mut newest: Option<&Series> = None;
     for s in series
         .iter()

@@ -246,7 +246,7 @@ class Run:
     def start_pods(self, mode: str) -> list:
         started = []
         for i, ip in enumerate(self.pods):
-            argv = [str(self.kvroute), "sim", "--host", ip, "--port", str(self.pod_port),
+            argv = [self.args.sim or str(self.kvroute), "sim", "--host", ip, "--port", str(self.pod_port),
                     "--profile", self.args.profile, "--model", MODEL, "--worker-threads", "1"]
             if self.args.tokenizer:
                 argv += ["--tokenizer", self.args.tokenizer]
@@ -354,6 +354,7 @@ class Run:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kvroute", default=str(ROOT / "target" / "release" / "kvroute"))
+    ap.add_argument("--sim", help="the kvroute binary whose `sim` runs the pods (default: --kvroute)")
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="long-chats")
     ap.add_argument("--modes", default="round-robin,kvroute")
     ap.add_argument("--pods", type=int, default=4)

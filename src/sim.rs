@@ -51,6 +51,10 @@ pub(crate) struct SimArgs {
     /// it (its blocks rooted at it, as vLLM's are).
     #[arg(long, value_delimiter = ',')]
     lora_adapters: Vec<String>,
+    /// End every streamed answer with its usage, asked for or not (vLLM's flag); otherwise
+    /// only where the request's `stream_options.include_usage` asks, as vLLM answers.
+    #[arg(long)]
+    enable_force_include_usage: bool,
     /// Adapters a step's batch may use at once (vLLM's `--max-loras`); requests for others
     /// wait. Each adapter not yet on the GPU costs a load.
     #[arg(long, default_value_t = 1)]
@@ -171,6 +175,7 @@ pub(crate) async fn run(args: SimArgs) -> anyhow::Result<()> {
             transfer_us_per_token: args.kv_transfer_us_per_token,
         },
         lora_adapters,
+        force_include_usage: args.enable_force_include_usage,
     };
     let token = CancellationToken::new();
     let bound = server::start(config, token.clone()).await?;

@@ -48,6 +48,7 @@ async fn slow_pod(k: u8, port: u16, stop: &CancellationToken) -> Bound {
             tokenizer: None,
             chat_template: None,
             lora_adapters: Vec::new(),
+            force_include_usage: false,
             pd: kvroute_sim::server::PdConfig::default(),
         },
         stop.child_token(),

@@ -42,6 +42,7 @@ async fn lora_pod(stop: &CancellationToken) -> Bound {
             tokenizer: None,
             chat_template: None,
             lora_adapters: vec!["a".into(), "b".into()],
+            force_include_usage: false,
             pd: kvroute_sim::server::PdConfig::default(),
         },
         stop.child_token(),

@@ -886,6 +886,7 @@ pub async fn two_pods(
             chat_template: chat_template.clone(),
             pd: kvroute_sim::server::PdConfig::default(),
             lora_adapters: Vec::new(),
+            force_include_usage: false,
         }
     };
     for _ in 0..10 {
@@ -970,6 +971,7 @@ pub async fn sim_pod_pd(
             chat_template: None,
             pd,
             lora_adapters: Vec::new(),
+            force_include_usage: false,
         },
         stop,
     )

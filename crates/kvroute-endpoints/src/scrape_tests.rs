@@ -168,6 +168,7 @@ async fn scrapes_the_simulator() {
             chat_template: None,
             pd: kvroute_sim::server::PdConfig::default(),
             lora_adapters: vec!["sql".into()],
+            force_include_usage: false,
         },
         sim_stop.clone(),
     )

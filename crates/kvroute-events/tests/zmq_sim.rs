@@ -73,6 +73,7 @@ async fn start_sim_on(
             chat_template: None,
             pd: kvroute_sim::server::PdConfig::default(),
             lora_adapters: Vec::new(),
+            force_include_usage: false,
         },
         stop.clone(),
     )

@@ -85,6 +85,10 @@ pub struct ServerConfig {
     pub lora_adapters: Vec<String>,
     /// Its part in disaggregated serving.
     pub pd: PdConfig,
+    /// Usage in every streamed answer, asked for or not (vLLM's
+    /// `--enable-force-include-usage`); otherwise only where the request's
+    /// `stream_options.include_usage` asks, as vLLM and OpenAI answer.
+    pub force_include_usage: bool,
 }
 
 /// A pod's part in prefill/decode disaggregation (llm-d's `llm-d.ai/role`).
@@ -693,8 +697,9 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                 Ok(parsed) => parsed,
                 Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
             };
+            let usage = shared.config.force_include_usage || asks_for_usage(&body);
             let Some(prefiller) = prefiller else {
-                return generate(shared, api, &parsed, false).await;
+                return generate(shared, api, &parsed, usage, false).await;
             };
             // llm-d's sidecar: the prefill pod computes the prompt (one token asked of it),
             // its KV comes over, then this pod decodes. A prefill pod that fails costs the
@@ -705,7 +710,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                         / 1e6
                         / shared.config.speed.max(1e-6);
                     tokio::time::sleep(Duration::from_secs_f64(pause)).await;
-                    let mut r = generate(shared, api, &parsed, true).await;
+                    let mut r = generate(shared, api, &parsed, usage, true).await;
                     if let Ok(v) = hyper::header::HeaderValue::from_str(&prefiller) {
                         r.headers_mut().insert(PREFILLED_BY_HEADER, v);
                     }
@@ -713,7 +718,7 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                 }
                 Err(e) => {
                     warn!(prefiller = %prefiller, error = %e, "remote prefill failed; prefilling here");
-                    generate(shared, api, &parsed, false).await
+                    generate(shared, api, &parsed, usage, false).await
                 }
             }
         }
@@ -866,10 +871,29 @@ async fn remote_prefill(host_port: &str, path: &str, body: &[u8]) -> Result<u64,
         .map_err(|_| "timed out".to_owned())?
 }
 
+/// Whether a request's `stream_options.include_usage` asks a streamed answer for its usage.
+fn asks_for_usage(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Options {
+        include_usage: Option<bool>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Body {
+        stream_options: Option<Options>,
+    }
+    serde_json::from_slice::<Body>(body)
+        .ok()
+        .and_then(|b| b.stream_options?.include_usage)
+        .unwrap_or(false)
+}
+
+/// Runs a parsed request and answers it, streamed or whole; a streamed answer ends with its
+/// usage when `usage` (a whole one always has it).
 async fn generate(
     shared: &Shared,
     api: ApiKind,
     parsed: &InferenceRequest,
+    usage_streamed: bool,
     transferred: bool,
 ) -> Response<Body> {
     let model = PromptModel {
@@ -964,14 +988,20 @@ async fn generate(
                     serde_json::json!({"id": rid, "object": chunk_object, "model": model, "choices": [c]})
                 }
                 Tok::Done { prompt, cached, output } => {
-                    // The finish reason, then usage in a chunk of its own with no choices (as
-                    // OpenAI's `stream_options.include_usage`), then the end marker.
+                    // The finish reason, then, when asked, usage in a chunk of its own with no
+                    // choices (as OpenAI's `stream_options.include_usage`), then the end
+                    // marker.
                     let last = serde_json::json!({"id": rid, "object": chunk_object, "model": model,
                         "choices": [choice("", Some("length"))]});
-                    let counts = serde_json::json!({"id": rid, "object": chunk_object, "model": model,
-                        "choices": [], "usage": usage(prompt, cached, output)});
+                    let counts = if usage_streamed {
+                        let counts = serde_json::json!({"id": rid, "object": chunk_object, "model": model,
+                            "choices": [], "usage": usage(prompt, cached, output)});
+                        format!("data: {counts}\n\n")
+                    } else {
+                        String::new()
+                    };
                     return Ok(Frame::data(Bytes::from(format!(
-                        "data: {last}\n\ndata: {counts}\n\ndata: [DONE]\n\n"
+                        "data: {last}\n\n{counts}data: [DONE]\n\n"
                     ))));
                 }
             };

@@ -29,7 +29,7 @@ async fn start() -> (Bound, CancellationToken) {
 
 /// A pod with a part in disaggregated serving.
 async fn start_pd(pd: PdConfig) -> (Bound, CancellationToken) {
-    start_full(profile(), &[], pd).await.unwrap()
+    start_full(profile(), &[], pd, false).await.unwrap()
 }
 
 /// A pod of `profile` serving LoRA `adapters`.
@@ -37,13 +37,14 @@ async fn start_with(
     profile: Profile,
     adapters: &[&str],
 ) -> Result<(Bound, CancellationToken), server::StartError> {
-    start_full(profile, adapters, PdConfig::default()).await
+    start_full(profile, adapters, PdConfig::default(), false).await
 }
 
 async fn start_full(
     profile: Profile,
     adapters: &[&str],
     pd: PdConfig,
+    force_include_usage: bool,
 ) -> Result<(Bound, CancellationToken), server::StartError> {
     let stop = CancellationToken::new();
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
@@ -60,6 +61,7 @@ async fn start_full(
             tokenizer: None,
             chat_template: None,
             lora_adapters: adapters.iter().map(|a| (*a).to_owned()).collect(),
+            force_include_usage,
             pd,
         },
         stop.clone(),
@@ -74,9 +76,14 @@ async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, S
     (reply.status, reply.text())
 }
 
+/// A completion request; a streamed one asks for its usage.
 fn completion(prompt: &str, stream: bool) -> String {
-    serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 3, "stream": stream})
-        .to_string()
+    let mut body =
+        serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 3, "stream": stream});
+    if stream {
+        body["stream_options"] = serde_json::json!({"include_usage": true});
+    }
+    body.to_string()
 }
 
 /// A 1,000-byte shared document: 250 tokens, 15 full blocks, under the byte-chunk tokenizer.
@@ -313,6 +320,50 @@ async fn serves_the_openai_api_metrics_and_kv_events() {
         .collect();
     assert_eq!(live, engine.cached_hashes());
     stop.cancel();
+}
+
+/// A streamed answer ends with its usage only when the request's
+/// `stream_options.include_usage` asks, or the pod forces it (vLLM's
+/// `--enable-force-include-usage`); a whole answer always has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_comes_in_a_stream_when_asked() {
+    let ask = |options: serde_json::Value| {
+        let mut body = serde_json::json!({"model": "m", "prompt": document(), "max_tokens": 2, "stream": true});
+        if !options.is_null() {
+            body["stream_options"] = options;
+        }
+        body.to_string()
+    };
+    let asks = [
+        (serde_json::Value::Null, false),
+        (serde_json::json!({"include_usage": false}), false),
+        (serde_json::json!({"include_usage": true}), true),
+    ];
+    for force in [false, true] {
+        let (bound, stop) = start_full(profile(), &[], PdConfig::default(), force)
+            .await
+            .unwrap();
+        for (options, asked) in &asks {
+            let (status, body) =
+                http(bound.http, "POST", "/v1/completions", &ask(options.clone())).await;
+            assert_eq!(status, 200, "{body}");
+            assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+            assert_eq!(
+                body.contains("\"usage\":") && body.contains("\"prompt_tokens\":250"),
+                *asked || force,
+                "{options} force {force}: {body}"
+            );
+        }
+        let (_, whole) = http(
+            bound.http,
+            "POST",
+            "/v1/completions",
+            &completion("hi", false),
+        )
+        .await;
+        assert!(whole.contains("\"usage\""), "{whole}");
+        stop.cancel();
+    }
 }
 
 /// A request naming an adapter runs with it: its blocks are rooted at the adapter (the

@@ -29,7 +29,8 @@ pub struct PodLoad {
     /// `sglang:cache_config_info`'s `page_size`).
     pub block_size: Option<u32>,
     /// KV blocks the engine has: `vllm:cache_config_info`'s `num_gpu_blocks` (absent, or
-    /// `None`, before vLLM has profiled its memory).
+    /// `None`, before vLLM has profiled its memory; SGLang: `sglang:cache_config_info`'s
+    /// `num_pages`).
     pub kv_blocks: Option<u64>,
     /// The prompts the pod has finished since it started, as it counts them:
     /// `vllm:request_prompt_tokens`, a histogram observed once per finished request (its
@@ -241,18 +242,23 @@ impl<'a> Acc<'a> {
             }
             "vllm:cache_config_info" => {
                 self.block_size(&s, "block_size");
-                if self.kv_blocks.is_none() {
-                    self.kv_blocks = s
-                        .label("num_gpu_blocks")
-                        .and_then(|v| v.trim().parse().ok());
-                }
+                self.kv_blocks(&s, "num_gpu_blocks");
             }
-            "sglang:cache_config_info" => self.block_size(&s, "page_size"),
+            "sglang:cache_config_info" => {
+                self.block_size(&s, "page_size");
+                self.kv_blocks(&s, "num_pages");
+            }
             "vllm:request_prompt_tokens_sum" => self.prompt_tokens.add(s.value),
             "vllm:request_prompt_tokens_count" => self.prompt_requests.add(s.value),
             "sglang:prompt_tokens_total" => self.sglang_prompt_tokens.add(s.value),
             "sglang:num_requests_total" => self.sglang_requests.add(s.value),
             _ => {}
+        }
+    }
+
+    fn kv_blocks(&mut self, s: &Sample<'a>, label: &str) {
+        if self.kv_blocks.is_none() {
+            self.kv_blocks = s.label(label).and_then(|v| v.trim().parse().ok());
         }
     }
 

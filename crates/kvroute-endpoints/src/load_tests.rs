@@ -111,8 +111,14 @@ fn reads_sglang() {
             running: 28,
             kv_usage: 0.28,
             block_size: Some(1),
+            kv_blocks: Some(637_384),
             ..PodLoad::default()
         }
+    );
+    assert_eq!(
+        parse_load(SGLANG).unwrap().kv_capacity_tokens(),
+        Some(637_384),
+        "num_pages pages of page_size tokens"
     );
 }
 

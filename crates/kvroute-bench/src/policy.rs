@@ -731,25 +731,26 @@ pub(crate) mod tests {
         assert_eq!(render(&[7; 5], 8).len(), 40);
     }
 
+    /// A step in which request `id`, of `prompt_tokens`, got its one token and finished.
+    fn answered(id: RequestId, prompt_tokens: usize) -> StepReport {
+        StepReport {
+            first_tokens: vec![id],
+            finished: vec![kvroute_sim::Finished {
+                id,
+                prompt_tokens,
+                cached_tokens: 0,
+                output_tokens: 1,
+            }],
+            ..StepReport::default()
+        }
+    }
+
     /// With prompts as text, kvroute's approximate profile reads bytes; answers that report
     /// their usage teach each pod the rate, and without usage nothing is learnt. The precise
     /// profile keeps token ids.
     #[test]
     fn text_prompts_teach_the_pods_bytes_per_token_through_usage() {
         let views = vec![PodView::default(); 2];
-        let finish = |r: &mut PolicyRouter, pod: usize, id: RequestId| {
-            let report = StepReport {
-                first_tokens: vec![id],
-                finished: vec![kvroute_sim::Finished {
-                    id,
-                    prompt_tokens: 4 * 512,
-                    cached_tokens: 0,
-                    output_tokens: 1,
-                }],
-                ..StepReport::default()
-            };
-            r.observe(0, pod, &report);
-        };
         for (usage, learnt) in [(true, Some(3.0)), (false, None)] {
             let text = TextPrompts {
                 bytes_per_token: 3,
@@ -759,7 +760,7 @@ pub(crate) mod tests {
             // Four answers from each pod, wherever the requests were routed.
             for i in 0..8 {
                 r.route(0, &req(i, &[i, i + 1, i + 2, i + 3]), &views);
-                finish(&mut r, (i % 2) as usize, i);
+                r.observe(0, (i % 2) as usize, &answered(i, 4 * 512));
             }
             for ep in r.endpoints.iter() {
                 assert_eq!(ep.prompt_bytes_per_token(), learnt, "usage {usage}");
@@ -787,19 +788,9 @@ pub(crate) mod tests {
         for i in 0..10 {
             r.route(i, &req(i, &[i, i + 1, i + 2, i + 3]), &views);
             let pod = (i % 2) as usize;
-            let report = StepReport {
-                first_tokens: vec![i],
-                finished: vec![kvroute_sim::Finished {
-                    id: i,
-                    prompt_tokens: 4 * 512,
-                    cached_tokens: 0,
-                    output_tokens: 1,
-                }],
-                ..StepReport::default()
-            };
             views[pod].finished += 1;
             views[pod].finished_prompt_tokens += 4 * 512;
-            r.observe(i, pod, &report);
+            r.observe(i, pod, &answered(i, 4 * 512));
         }
         for ep in r.endpoints.iter() {
             let v = ep.prompt_bytes_per_token().unwrap();
@@ -820,17 +811,7 @@ pub(crate) mod tests {
         let engines: Vec<Engine> = Vec::new();
         for i in 0..4 {
             let pod = r.route(0, &req(i, &[10 * i, 10 * i + 1, 10 * i + 2]), &views);
-            let report = StepReport {
-                first_tokens: vec![i],
-                finished: vec![kvroute_sim::Finished {
-                    id: i,
-                    prompt_tokens: 3 * 512,
-                    cached_tokens: 0,
-                    output_tokens: 1,
-                }],
-                ..StepReport::default()
-            };
-            r.observe(0, pod, &report);
+            r.observe(0, pod, &answered(i, 3 * 512));
             let follow_up = req(10 + i, &[10 * i, 10 * i + 1, 10 * i + 2, 99]);
             assert_eq!(
                 r.preview(0, &follow_up, &views, &engines),

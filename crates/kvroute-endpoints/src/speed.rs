@@ -40,20 +40,34 @@ struct Sums {
     samples: u32,
 }
 
+/// The last value learnt, read without a lock: an `f64`'s bits, 0 while nothing has been
+/// learnt.
+#[derive(Debug, Default)]
+struct Learnt(AtomicU64);
+
+impl Learnt {
+    fn get(&self) -> Option<f64> {
+        let v = f64::from_bits(self.0.load(Ordering::Relaxed));
+        (v > 0.0).then_some(v)
+    }
+
+    fn set(&self, v: f64) {
+        self.0.store(v.to_bits(), Ordering::Relaxed);
+    }
+}
+
 /// A running ratio of sums (recent numerators over recent denominators): updated under a
-/// lock once per sample, read without one (the last value, as an `f64`'s bits; 0 while
-/// nothing has been learnt).
+/// lock once per sample, read without one.
 #[derive(Debug, Default)]
 pub(crate) struct DecayedRatio {
     sums: Mutex<Sums>,
-    value: AtomicU64,
+    value: Learnt,
 }
 
 impl DecayedRatio {
     /// The ratio, once [`MIN_SAMPLES`] samples have come.
     pub(crate) fn value(&self) -> Option<f64> {
-        let v = f64::from_bits(self.value.load(Ordering::Relaxed));
-        (v > 0.0).then_some(v)
+        self.value.get()
     }
 
     /// One more sample of `num` over `den`.
@@ -67,7 +81,7 @@ impl DecayedRatio {
         if sums.samples == MIN_SAMPLES {
             let v = sums.num / sums.den;
             if v.is_finite() && v > 0.0 {
-                self.value.store(v.to_bits(), Ordering::Relaxed);
+                self.value.set(v);
             }
         }
     }
@@ -168,15 +182,14 @@ struct Counted {
 #[derive(Debug, Default)]
 pub(crate) struct CountedPromptBytes {
     counted: Mutex<Counted>,
-    value: AtomicU64,
+    value: Learnt,
 }
 
 impl CountedPromptBytes {
     /// Bytes per token, once both sides have counted [`MIN_SAMPLES`] requests of a mean
     /// long enough to say ([`MIN_PROMPT_TOKENS`]) and the ratio is plausible.
     pub(crate) fn per_token(&self) -> Option<f64> {
-        let v = f64::from_bits(self.value.load(Ordering::Relaxed));
-        (v > 0.0).then_some(v)
+        self.value.get()
     }
 
     /// The totals at one more scrape. A pod whose count went down restarted: its next
@@ -216,7 +229,7 @@ impl CountedPromptBytes {
         let pod_mean = c.pod_tokens / c.pod_requests;
         let v = c.own_bytes / c.own_requests / pod_mean;
         if pod_mean >= MIN_PROMPT_TOKENS as f64 && BYTES_PER_TOKEN_RANGE.contains(&v) {
-            self.value.store(v.to_bits(), Ordering::Relaxed);
+            self.value.set(v);
         }
     }
 }

@@ -79,7 +79,7 @@ impl Collector for InFlightCollector {
             &snapshot,
             (
                 "endpoint_prompt_bytes_per_token",
-                "Prompt bytes per token of the endpoint's tokenizer, learnt from the prompt_tokens its answers report (endpoints that have taught it).",
+                "Prompt bytes per token of the endpoint's tokenizer, learnt from the prompt_tokens its answers report, or from the pod's own count of its prompts (endpoints that have taught it).",
                 MetricType::Gauge,
             ),
             |ep| ep.prompt_bytes_per_token().map(ConstGauge::new),

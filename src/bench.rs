@@ -71,7 +71,8 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     text_bytes_per_token: Option<usize>,
     /// With --text-bytes-per-token: answers report no usage (a client that streams without
-    /// `stream_options.include_usage`), so kvroute cannot learn the rate.
+    /// `stream_options.include_usage`), so kvroute learns the rate only from the pods'
+    /// counts of their prompts, which it reads with --scrape-ms.
     #[arg(long, requires = "text_bytes_per_token")]
     no_usage: bool,
     /// Policies to compare, comma-separated, or `all`: round-robin, random, least-load,

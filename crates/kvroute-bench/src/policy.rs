@@ -385,7 +385,7 @@ impl PolicyRouter {
 
     /// Sends prompts as text (`text`) to policies without events: kvroute's approximate
     /// index then reads bytes, and learns each pod's bytes per token from the usage answers
-    /// report, as `serve` does.
+    /// report, or with scrapes from the pods' counts of their prompts, as `serve` does.
     pub fn with_text_prompts(mut self, text: TextPrompts) -> Self {
         if !self.policy.uses_events() {
             self.text = Some(text);

@@ -165,7 +165,7 @@ struct Counted {
     own_bytes: f64,
     own_requests: f64,
     pod_seen: f64,
-    own_seen: u64,
+    own_seen: f64,
 }
 
 /// Prompt bytes per token from counts, for answers that carry no usage (a client that
@@ -217,10 +217,8 @@ impl CountedPromptBytes {
         c.own_bytes = c.own_bytes * decay + own_bytes;
         c.own_requests = c.own_requests * decay + own_requests;
         c.pod_seen = (c.pod_seen + pod_requests).min(f64::from(MIN_SAMPLES));
-        c.own_seen = (c.own_seen + now.own_requests.saturating_sub(last.own_requests))
-            .min(u64::from(MIN_SAMPLES));
-        if c.pod_seen < f64::from(MIN_SAMPLES)
-            || c.own_seen < u64::from(MIN_SAMPLES)
+        c.own_seen = (c.own_seen + own_requests).min(f64::from(MIN_SAMPLES));
+        if c.pod_seen.min(c.own_seen) < f64::from(MIN_SAMPLES)
             || c.pod_requests <= 0.0
             || c.own_requests <= 0.0
         {
